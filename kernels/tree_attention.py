@@ -1,0 +1,435 @@
+"""Tree attention over a packed rollout tree: FlashAttention-2 style Triton forward and backward.
+
+Layout (see trace_core/packing.py): the nodes of one or more trees are laid out in DFS pre-order, so
+the subtree of a token's node is the contiguous range [j, end[j]). Query i attends key j iff
+    j <= i < end[j]
+which needs one int per token instead of a [T, T] mask. Several trees concatenated need nothing more.
+
+Block skipping works from O(T) metadata at a fixed granularity of META tokens (independent of the
+kernel's tile sizes, so autotuning tiles never changes the metadata):
+    kv_max_end[b]  = max(end[b*META : (b+1)*META])
+    first_kv[b]    = first META-block whose kv_max_end exceeds b*META (searchsorted on its prefix max)
+A query tile [i0, i1) starts its key loop at first_kv and skips every key tile whose max end is
+<= i0 (no key of it reaches the tile: e.g. a sibling branch). Keys past i1 - 1 are never visited.
+T is a runtime argument (not specialised), so a new packed length does not recompile.
+
+Public op: `tree_attention(q, k, v, end, *, scale=None)` (functional wrapper of
+`TreeAttentionFunction`); dispatch through `trace_kernels._runtime.select_backend`, the pure-torch
+reference (`tree_attention_reference`) being the fallback.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import Backend, interpreter_enabled, select_backend
+from .tree_attention_reference import tree_attention_reference
+
+META = 16  # granularity of the block-skipping metadata; every tile size is a multiple of it
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+_INTERPRET = interpreter_enabled()
+
+
+def _configs(kernel: str) -> list[triton.Config]:
+    """Autotune candidates. The interpreter cannot autotune, so it gets one (small, unequal) tile."""
+    if _INTERPRET:
+        bm, bn = (16, 32) if kernel == "dkdv" else (32, 16)
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
+    if kernel == "dkdv":  # outer loop over a key tile, inner over query tiles
+        shapes = [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 8, 3)]
+    else:  # forward and dq: outer query tile, inner key tiles
+        shapes = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 2), (64, 32, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+@triton.jit
+def _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N: tl.constexpr, META_: tl.constexpr):
+    """max(end) over the key tile [j0, j0 + BLOCK_N), read from the per-META-block maxima."""
+    if BLOCK_N == META_:
+        result = tl.load(KV_MAX_END + j0 // META_)
+    else:
+        idx = j0 // META_ + tl.arange(0, BLOCK_N // META_)
+        result = tl.max(tl.load(KV_MAX_END + idx, mask=idx < n_meta, other=0), 0)
+    return result
+
+
+@triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "GROUP"])
+@triton.jit(do_not_specialize=["T"])
+def _tree_attn_fwd_kernel(
+    Q, K, V, END, KV_MAX_END, FIRST_KV, O, LSE,
+    T, n_meta, qk_scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, META_: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    i0 = pid_m * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    d_ok = offs_d < HEAD_DIM
+    rows = offs_m.to(tl.int64)
+
+    q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:  # the interpreter's tl.dot is wrong on bf16
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    lo = (tl.load(FIRST_KV + i0 // META_) * META_) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(i0 + BLOCK_M, T)
+    for j0 in range(lo, hi, BLOCK_N):
+        if _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N, META_) > i0:
+            offs_n = j0 + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < T
+            cols = offs_n.to(tl.int64)
+            k = tl.load(K + cols[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + cols[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            end_j = tl.load(END + offs_n, mask=col_ok, other=0)
+            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :])
+
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # rows that saw no visible key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(qk - m_shift[:, None])
+            alpha = tl.exp2(m_i - m_shift)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    # every real row sees at least itself (end[i] > i), so l_i > 0 there; padding rows are not stored
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
+    tl.store(LSE + head * T + offs_m, lse, mask=row_ok)
+
+
+@triton.autotune(configs=_configs("dq"), key=["HEAD_DIM", "GROUP"])
+@triton.jit(do_not_specialize=["T"])
+def _tree_attn_bwd_dq_kernel(
+    Q, K, V, END, KV_MAX_END, FIRST_KV, DO, LSE, DELTA, DQ,
+    T, n_meta, qk_scale_log2, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, META_: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    i0 = pid_m * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    d_ok = offs_d < HEAD_DIM
+    rows = offs_m.to(tl.int64)
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=tile_ok, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=tile_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse_log2 = tl.load(LSE + head * T + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + head * T + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    lo = (tl.load(FIRST_KV + i0 // META_) * META_) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(i0 + BLOCK_M, T)
+    for j0 in range(lo, hi, BLOCK_N):
+        if _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N, META_) > i0:
+            offs_n = j0 + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < T
+            cols = offs_n.to(tl.int64)
+            k = tl.load(K + cols[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + cols[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            end_j = tl.load(END + offs_n, mask=col_ok, other=0)
+            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :])
+
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+            p = tl.exp2(tl.where(visible, qk, float("-inf")) - lse_log2[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=tile_ok)
+
+
+@triton.autotune(configs=_configs("dkdv"), key=["HEAD_DIM", "GROUP"])
+@triton.jit(do_not_specialize=["T"])
+def _tree_attn_bwd_dkdv_kernel(
+    Q, K, V, END, DO, LSE, DELTA, DK, DV,
+    T, qk_scale_log2, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One key tile of one kv head; loops over the GROUP query heads sharing it (GQA) and over the
+    query tiles that can see it: [j0, max(end over the tile)), a contiguous range since each key's
+    visible queries [j, end[j]) start inside the tile."""
+    pid_n = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    j0 = pid_n * BLOCK_N
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < T
+    d_ok = offs_d < HEAD_DIM
+    cols = offs_n.to(tl.int64)
+    key_tile_ok = col_ok[:, None] & d_ok[None, :]
+
+    k = tl.load(K + cols[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=key_tile_ok, other=0.0)
+    v = tl.load(V + cols[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=key_tile_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    end_j = tl.load(END + offs_n, mask=col_ok, other=0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    lo = j0 // BLOCK_M * BLOCK_M
+    hi = tl.max(end_j, 0)  # end <= T, so this never runs past the last query
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        for i0 in range(lo, hi, BLOCK_M):
+            offs_m = i0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < T
+            rows = offs_m.to(tl.int64)
+            tile_ok = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=tile_ok, other=0.0)
+            do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=tile_ok, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse_log2 = tl.load(LSE + head * T + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + head * T + offs_m, mask=row_ok, other=0.0)
+            visible_t = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < end_j[:, None])
+
+            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK_N, BLOCK_M]
+            p_t = tl.exp2(tl.where(visible_t, qk_t, float("-inf")) - lse_log2[None, :])
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + cols[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=key_tile_ok)
+    tl.store(DV + cols[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=key_tile_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+
+
+def block_skip_metadata(end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """O(T) metadata for block skipping, computed on end's device.
+
+    end: int32 [T]. Returns (kv_max_end, first_kv), both int32 [ceil(T / META)]:
+    kv_max_end[b] = max(end[b*META:(b+1)*META]); first_kv[b] = the first META-block whose
+    kv_max_end is > b*META, i.e. the first key block any query of block b can see.
+    """
+    T = end.shape[0]
+    n_meta = triton.cdiv(T, META)
+    padded = torch.nn.functional.pad(end, (0, n_meta * META - T))  # padding keys end at 0: invisible
+    kv_max_end = padded.view(n_meta, META).amax(dim=1)
+    prefix_max = torch.cummax(kv_max_end, dim=0).values
+    block_starts = torch.arange(n_meta, device=end.device, dtype=torch.int32) * META
+    first_kv = torch.searchsorted(prefix_max, block_starts, right=True, out_int32=True)
+    return kv_max_end.contiguous(), first_kv.contiguous()
+
+
+def _launch_args(q: torch.Tensor, scale: float) -> dict:
+    D = q.shape[2]
+    return dict(
+        HEAD_DIM=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),  # tl.dot needs K >= 16; extra lanes are masked
+        UPCAST=_INTERPRET and q.dtype != torch.float32,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # exact fp32, no TF32 rounding
+    )
+
+
+def _tree_attention_forward(q, k, v, end, scale):
+    T, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    kv_max_end, first_kv = block_skip_metadata(end)
+    out = torch.empty((T, Hq, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), Hq)  # noqa: E731
+    _tree_attn_fwd_kernel[grid](
+        q, k, v, end, kv_max_end, first_kv, out, lse,
+        T, kv_max_end.shape[0], scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        GROUP=group, META_=META, **_launch_args(q, scale),
+    )
+    return out, lse, kv_max_end, first_kv
+
+
+def _tree_attention_backward(q, k, v, end, out, lse, kv_max_end, first_kv, dout, scale):
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    dout = dout.contiguous()
+    delta = (out.float() * dout.float()).sum(dim=-1).transpose(0, 1).contiguous()  # [Hq, T]
+    # contiguous copies (no-ops in the usual case) so each gradient shares its input's strides
+    q_c, k_c, v_c = q.contiguous(), k.contiguous(), v.contiguous()
+    dq = torch.empty_like(q_c)
+    dk = torch.empty_like(k_c)
+    dv = torch.empty_like(v_c)
+    common = dict(GROUP=group, **_launch_args(q, scale))
+    strides = (q_c.stride(0), q_c.stride(1), k_c.stride(0), k_c.stride(1), v_c.stride(0), v_c.stride(1),
+               dout.stride(0), dout.stride(1))
+    _tree_attn_bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), Hq)](
+        q_c, k_c, v_c, end, kv_max_end, first_kv, dout, lse, delta, dq,
+        T, kv_max_end.shape[0], scale * LOG2E, scale, *strides, META_=META, **common,
+    )
+    _tree_attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), Hkv)](
+        q_c, k_c, v_c, end, dout, lse, delta, dk, dv,
+        T, scale * LOG2E, scale, *strides, **common,
+    )
+    return dq, dk, dv
+
+
+class TreeAttentionFunction(torch.autograd.Function):
+    """Triton tree attention; differentiable in q, k, v (not in end)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, end, scale):
+        out, lse, kv_max_end, first_kv = _tree_attention_forward(q, k, v, end, scale)
+        ctx.save_for_backward(q, k, v, end, out, lse, kv_max_end, first_kv)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, end, out, lse, kv_max_end, first_kv = ctx.saved_tensors
+        dq, dk, dv = _tree_attention_backward(q, k, v, end, out, lse, kv_max_end, first_kv, dout, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and the public op
+
+
+def _check_inputs(q, k, v, end, *, triton_path: bool) -> torch.Tensor:
+    """Raise a clear error naming the argument for every malformed input; returns end as int32."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("end", end)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tree_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"tree_attention: {name} must have shape [T, heads, head_dim], got {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"tree_attention: {name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"tree_attention: q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    devices = {t.device for t in (q, k, v, end)}
+    if len(devices) > 1:
+        raise ValueError(
+            f"tree_attention: q, k, v, end must be on one device, got q {q.device}, k {k.device}, "
+            f"v {v.device}, end {end.device}"
+        )
+    T, Hq, D = q.shape
+    if T == 0:
+        raise ValueError("tree_attention: q has no tokens (T = 0)")
+    if k.shape != v.shape:
+        raise ValueError(f"tree_attention: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[0] != T:
+        raise ValueError(f"tree_attention: k has {k.shape[0]} tokens but q has {T}")
+    if k.shape[2] != D:
+        raise ValueError(f"tree_attention: k has head_dim {k.shape[2]} but q has {D}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"tree_attention: q's heads ({Hq}) must be a multiple of k's heads ({Hkv}) (GQA)")
+    if end.dim() != 1 or end.shape[0] != T:
+        raise ValueError(f"tree_attention: end must have shape [T] = [{T}], got {tuple(end.shape)}")
+    if end.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"tree_attention: end must be int32 (or int64), got {end.dtype}")
+    if triton_path:
+        if D > MAX_HEAD_DIM:
+            raise ValueError(f"tree_attention: head_dim {D} is larger than the kernel's maximum {MAX_HEAD_DIM}")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.stride(2) != 1:
+                raise ValueError(
+                    f"tree_attention: {name} must have unit stride along head_dim, got strides {t.stride()}; "
+                    f"pass {name}.contiguous()"
+                )
+        if T >= 2**31:
+            raise ValueError(f"tree_attention: T = {T} tokens does not fit int32 positions")
+    return end.to(torch.int32).contiguous()
+
+
+def check_tree_end(end: torch.Tensor) -> None:
+    """Raise unless every end[j] satisfies j < end[j] <= T (one host sync)."""
+    T = end.shape[0]
+    idx = torch.arange(T, device=end.device, dtype=end.dtype)
+    too_small = end <= idx
+    if bool(too_small.any()):
+        j = int(too_small.nonzero()[0, 0])
+        raise ValueError(
+            f"tree_attention: end[{j}] = {int(end[j])} must be > {j}: the subtree range [j, end[j]) of a "
+            f"token contains the token itself"
+        )
+    too_large = end > T
+    if bool(too_large.any()):
+        j = int(too_large.nonzero()[0, 0])
+        raise ValueError(f"tree_attention: end[{j}] = {int(end[j])} is out of range (> T = {T})")
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    end: torch.Tensor,
+    *,
+    scale: float | None = None,
+    check_end: bool = True,
+    backend: Backend | str | None = None,
+) -> torch.Tensor:
+    """Attention of a packed tree (DFS pre-order): query i attends key j iff j <= i < end[j].
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D], Hq a multiple of Hkv; float16 / bfloat16 / float32.
+    end: int32 [T] (int64 accepted), j < end[j] <= T.  scale: default 1/sqrt(D).
+    check_end: validate end's values (costs one host sync; callers that validated the tree once,
+        e.g. per model forward, pass False for every layer).
+    backend: "triton" / "reference" to force a path; default: select_backend's choice.
+    Returns out [T, Hq, D] in q's dtype, differentiable in q, k, v.
+    """
+    chosen = select_backend("tree_attention", q, k, v, end, force=backend)
+    end = _check_inputs(q, k, v, end, triton_path=chosen is Backend.TRITON)
+    if check_end:
+        check_tree_end(end)
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    if chosen is Backend.REFERENCE:
+        return tree_attention_reference(q, k, v, end, scale=scale)
+    return TreeAttentionFunction.apply(q, k, v, end, scale)

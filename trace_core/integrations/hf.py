@@ -1,0 +1,127 @@
+"""HF transformers integration: run a packed rollout tree through a Llama / Qwen2 / Qwen3 model.
+
+`register()` adds the tree attention to `transformers.AttentionInterface` as "trace_tree". Because
+"trace_tree" is not in `AttentionMaskInterface`, transformers' `create_causal_mask` returns None
+for it right away: no dense [T, T] mask is ever built. The tree structure rides in the forward
+kwargs as `tree_end` (int32 [T], see trace_core/packing.py), which transformers forwards untouched
+from `model(...)` to every attention call; `position_ids` are the packed path positions, so RoPE
+sees exactly the positions of the unpacked leaf sequences.
+
+    hidden = tree_forward(model, packed)          # [T, hidden_size], final norm applied
+    logits = model.lm_head(hidden)                # per packed token
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from trace_kernels.tree_attention import check_tree_end, tree_attention
+
+ATTENTION_NAME = "trace_tree"
+TREE_END_KWARG = "tree_end"
+BACKEND_KWARG = "tree_attention_backend"
+
+
+def trace_tree_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function over a packed tree.
+
+    query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] (transformers' layout, batch of one packed tree).
+    kwargs must carry `tree_end` (int32 [T]); `tree_attention_backend` optionally forces a path.
+    Returns (out [1, T, Hq, D], None) like transformers' sdpa path.
+    """
+    end = kwargs.get(TREE_END_KWARG)
+    if end is None:
+        raise ValueError(
+            f"attn_implementation='{ATTENTION_NAME}' needs the tree metadata: pass {TREE_END_KWARG}=<int32 [T]> "
+            f"to the model's forward (or use trace_core.integrations.hf.tree_forward)"
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"{ATTENTION_NAME}: a packed tree has batch size 1, got query batch {query.shape[0]}")
+    if attention_mask is not None:
+        raise ValueError(
+            f"{ATTENTION_NAME}: attention_mask must be None; the tree structure comes from {TREE_END_KWARG}"
+        )
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        raise ValueError(f"{ATTENTION_NAME}: a KV cache is not supported (use use_cache=False)")
+    if dropout:
+        raise ValueError(f"{ATTENTION_NAME}: attention dropout ({dropout}) is not supported")
+    for unsupported in ("sliding_window", "softcap"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"{ATTENTION_NAME}: {unsupported}={kwargs[unsupported]} is not supported")
+    # [1, H, T, D] -> [T, H, D]: a view with unit stride along D, which the kernel takes as is
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = tree_attention(q, k, v, end, scale=scaling, check_end=False, backend=kwargs.get(BACKEND_KWARG))
+    return out.unsqueeze(0), None
+
+
+def register() -> None:
+    """Register "trace_tree" with transformers' AttentionInterface (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, trace_tree_attention_forward)
+
+
+def _as_1d(name: str, values: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(values)
+    if t.dim() != 1:
+        raise ValueError(f"tree_forward: packed.{name} must be 1-D [T], got shape {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"tree_forward: packed.{name} must hold integers, got {t.dtype}")
+    return t.to(device=device, dtype=dtype)
+
+
+def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = None) -> torch.Tensor:
+    """Last hidden states of every packed token, each prefix computed once.
+
+    model: a transformers causal LM (Llama / Qwen2 / Qwen3 family) or its base model.
+    packed: a PackedTree (or any object) with `input_ids` (int [T]), `position_ids` (int [T], path
+        positions) and `end` (int [T]); numpy arrays or tensors.
+    backend: "triton" / "reference" to force the attention path (default: automatic).
+    Returns hidden [T, hidden_size] (after the final norm; apply `model.lm_head` for logits).
+    The model's attention implementation is switched to "trace_tree" for the call and restored.
+    """
+    register()
+    device = next(model.parameters()).device
+    input_ids = _as_1d("input_ids", packed.input_ids, torch.long, device)
+    position_ids = _as_1d("position_ids", packed.position_ids, torch.long, device)
+    end = _as_1d("end", packed.end, torch.int32, device)
+    T = input_ids.shape[0]
+    if position_ids.shape[0] != T or end.shape[0] != T:
+        raise ValueError(
+            f"tree_forward: packed.input_ids ({T}), packed.position_ids ({position_ids.shape[0]}) and "
+            f"packed.end ({end.shape[0]}) must have the same length"
+        )
+    if T == 0:
+        raise ValueError("tree_forward: the packed tree has no tokens")
+    check_tree_end(end)  # once here; the layers skip the check
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+        raise ValueError(f"tree_forward: packed.input_ids must lie in [0, {vocab}) (the model's vocabulary)")
+    if int(position_ids.min()) < 0:
+        raise ValueError("tree_forward: packed.position_ids must be >= 0")
+
+    base = model.base_model
+    previous = model.config._attn_implementation
+    if previous != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        output = base(
+            input_ids=input_ids[None],
+            position_ids=position_ids[None],
+            use_cache=False,
+            **{TREE_END_KWARG: end, BACKEND_KWARG: backend},
+        )
+    finally:
+        if previous != ATTENTION_NAME:
+            model.set_attn_implementation(previous)
+    return output.last_hidden_state[0]

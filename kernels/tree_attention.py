@@ -343,9 +343,6 @@ class TreeAttentionFunction(torch.autograd.Function):
 
 def _check_inputs(q, k, v, end, *, triton_path: bool) -> torch.Tensor:
     """Raise a clear error naming the argument for every malformed input; returns end as int32."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("end", end)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tree_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(f"tree_attention: {name} must have shape [T, heads, head_dim], got {tuple(t.shape)}")
@@ -425,6 +422,9 @@ def tree_attention(
     backend: "triton" / "reference" to force a path; default: select_backend's choice.
     Returns out [T, Hq, D] in q's dtype, differentiable in q, k, v.
     """
+    for name, t in (("q", q), ("k", k), ("v", v), ("end", end)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tree_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
     chosen = select_backend("tree_attention", q, k, v, end, force=backend)
     end = _check_inputs(q, k, v, end, triton_path=chosen is Backend.TRITON)
     if check_end:

@@ -61,7 +61,7 @@ def _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N: tl.constexpr, META_: tl.co
 
 
 @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "GROUP"])
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "n_meta"])
 def _tree_attn_fwd_kernel(
     Q, K, V, END, KV_MAX_END, FIRST_KV, O, LSE,
     T, n_meta, qk_scale_log2,
@@ -127,7 +127,7 @@ def _tree_attn_fwd_kernel(
 
 
 @triton.autotune(configs=_configs("dq"), key=["HEAD_DIM", "GROUP"])
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "n_meta"])
 def _tree_attn_bwd_dq_kernel(
     Q, K, V, END, KV_MAX_END, FIRST_KV, DO, LSE, DELTA, DQ,
     T, n_meta, qk_scale_log2, sm_scale,

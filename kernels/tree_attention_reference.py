@@ -1,13 +1,15 @@
 """Pure-PyTorch tree attention: the oracle for the Triton kernel and its CPU fallback.
 
 Same signature and semantics as `trace_kernels.tree_attention.tree_attention`. It builds the dense
-[T, T] visibility mask, so it is meant for tests and small CPU runs, not for long packed trees.
+[T, T] visibility mask and hands it to PyTorch's SDPA in fp32, so it is meant for tests and CPU
+runs of modest length, not for long packed trees on a GPU.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def tree_visibility_mask(end: torch.Tensor) -> torch.Tensor:
@@ -26,14 +28,11 @@ def tree_attention_reference(
     scale: softmax scale, default 1/sqrt(D). Returns out [T, Hq, D] in q's dtype.
     Differentiable in q, k, v through ordinary autograd.
     """
-    T, Hq, D = q.shape
-    group = Hq // k.shape[1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qf, kf, vf = q.float(), k.float(), v.float()
-    kf = kf.repeat_interleave(group, dim=1)  # [T, Hq, D]
-    vf = vf.repeat_interleave(group, dim=1)
-    scores = torch.einsum("ihd,jhd->hij", qf, kf) * scale  # [Hq, T(query), T(key)]
-    scores = scores.masked_fill(~tree_visibility_mask(end)[None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("hij,jhd->ihd", probs, vf)
-    return out.to(q.dtype)
+    group = q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    # [T, H, D] -> [H, T, D]; SDPA with a boolean mask (True = attend), fp32 throughout
+    qf, kf, vf = (t.float().transpose(0, 1) for t in (q, k, v))
+    if group > 1:
+        kf, vf = kf.repeat_interleave(group, dim=0), vf.repeat_interleave(group, dim=0)
+    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=tree_visibility_mask(end), scale=scale)
+    return out.transpose(0, 1).to(q.dtype)

@@ -323,12 +323,14 @@ def test_bench_schedule_counts(benchmark):
 
 def test_bench_tree_attention_fwd_bwd(benchmark):
     case, q, k, v, end = _small_inputs(depth=3)
+    benchmark.extra_info.update(device=device_name(q.device.type), path=select_backend("tree_attention", q).value)
     benchmark(lambda: tree_attention(q, k, v, end, check_end=False).sum().backward())
 
 
 def test_bench_per_leaf_sdpa_fwd_bwd(benchmark):
     case, q, k, v, _ = _small_inputs(depth=3)
     lq, lk, lv = leaf_batch(case, q, k, v)
+    benchmark.extra_info.update(device=device_name(q.device.type), path="torch SDPA")
     benchmark(lambda: F.scaled_dot_product_attention(lq, lk, lv, is_causal=True, enable_gqa=True).sum().backward())
 
 

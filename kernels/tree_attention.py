@@ -269,7 +269,7 @@ def block_skip_metadata(end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kv_max_end.contiguous(), first_kv.contiguous()
 
 
-def _launch_args(q: torch.Tensor, scale: float) -> dict:
+def _launch_args(q: torch.Tensor) -> dict:
     D = q.shape[2]
     return dict(
         HEAD_DIM=D,
@@ -290,7 +290,7 @@ def _tree_attention_forward(q, k, v, end, scale):
         q, k, v, end, kv_max_end, first_kv, out, lse,
         T, kv_max_end.shape[0], scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        GROUP=group, META_=META, **_launch_args(q, scale),
+        GROUP=group, META_=META, **_launch_args(q),
     )
     return out, lse, kv_max_end, first_kv
 
@@ -306,7 +306,7 @@ def _tree_attention_backward(q, k, v, end, out, lse, kv_max_end, first_kv, dout,
     dq = torch.empty_like(q_c)
     dk = torch.empty_like(k_c)
     dv = torch.empty_like(v_c)
-    common = dict(GROUP=group, **_launch_args(q, scale))
+    common = dict(GROUP=group, **_launch_args(q))
     strides = (q_c.stride(0), q_c.stride(1), k_c.stride(0), k_c.stride(1), v_c.stride(0), v_c.stride(1),
                dout.stride(0), dout.stride(1))
     _tree_attn_bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), Hq)](

@@ -112,6 +112,20 @@ def test_qwen3_gradients_match_per_leaf_gradients():
         torch.testing.assert_close(packed_grads[name], param.grad, rtol=1e-4, atol=1e-4 * max(1.0, scale), msg=name)
 
 
+def test_model_forward_with_trace_tree_and_tree_end_kwarg():
+    """The plain transformers call: attn_implementation="trace_tree", metadata in forward kwargs."""
+    model = tiny_model("llama")
+    packed = pack(small_forest(64, seed=4))
+    expected = model.lm_head(tree_forward(model, packed, backend="reference"))
+    hf.register()
+    model.set_attn_implementation(ATTENTION_NAME)
+    logits = model(
+        input_ids=torch.as_tensor(packed.input_ids)[None], position_ids=torch.as_tensor(packed.position_ids)[None],
+        tree_end=torch.as_tensor(packed.end), tree_attention_backend="reference", use_cache=False,
+    ).logits[0]
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+
+
 # -------------------------------------------------------------------------- SmolLM2 (Llama), real weights
 
 
@@ -133,12 +147,12 @@ def smollm2():
     return model.eval()
 
 
-def test_smollm2_packed_tree_matches_per_leaf_logits(smollm2):
-    """Real weights, 30 layers. The interpreter would be too slow at this size, so the packed run
-    takes the reference op; the Triton kernel is checked through the integration on Qwen3 above."""
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_smollm2_packed_tree_matches_per_leaf_logits(smollm2, backend):
+    """Real weights: 30 layers, GQA 9/3 heads, head_dim 64; the Triton path runs interpreted."""
     assert smollm2.config.model_type == "llama"
     forest = small_forest(smollm2.config.vocab_size, seed=3, num_prompts=1, rollouts=2, continuations=2)
-    assert_tree_logits_match(smollm2, forest, backend="reference")
+    assert_tree_logits_match(smollm2, forest, backend=backend)
 
 
 # -------------------------------------------------------------------------- errors

@@ -51,7 +51,7 @@ def as_probabilities(values, name: str) -> np.ndarray:
     if bad.size:
         i = int(bad[0])
         raise ValueError(
-            f"{name} must hold probabilities in [0, 1] (no NaN); {name}[{i}] = {array[i]!r}"
+            f"{name} must hold probabilities in [0, 1] (no NaN); {name}[{i}] = {array[i].item()!r}"
             f" ({bad.size} bad value{'s' if bad.size > 1 else ''})"
         )
     return array
@@ -65,20 +65,22 @@ def as_binary_outcomes(values, name: str) -> np.ndarray:
     bad = np.flatnonzero(~((array == 0) | (array == 1)))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{name} must hold outcomes in {{0, 1}}; {name}[{i}] = {array[i]!r}")
+        raise ValueError(f"{name} must hold outcomes in {{0, 1}}; {name}[{i}] = {array[i].item()!r}")
     return array.astype(np.int64)
 
 
 def as_nonnegative_ints(values, name: str) -> np.ndarray:
     """int64 copy of a 1-D integer array with no negative entry."""
     array = _as_1d(values, name)
+    if array.size == 0:  # np.asarray([]) is float64; an empty list is a fine empty id array
+        return np.zeros(0, dtype=np.int64)
     if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
     array = array.astype(np.int64)
     bad = np.flatnonzero(array < 0)
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{name} must be >= 0 everywhere; {name}[{i}] = {array[i]}")
+        raise ValueError(f"{name} must be >= 0 everywhere; {name}[{i}] = {array[i].item()}")
     return array
 
 
@@ -97,7 +99,7 @@ def as_group_ids(group, n_groups: int) -> np.ndarray:
     if group.size and int(group.max()) >= n_groups:
         i = int(np.argmax(group >= n_groups))
         raise ValueError(
-            f"group[{i}] = {group[i]} but budget_per_group has {n_groups} entries (one per group id"
+            f"group[{i}] = {group[i].item()} but budget_per_group has {n_groups} entries (one per group id"
             f" 0..{n_groups - 1}); budget_per_group must have length > max(group)"
         )
     return group

@@ -32,10 +32,12 @@ def allocate_roots(v, budget: int, *, m_min: int = 2, m_max: int | None = None, 
     Returns:
         (B,) int64 counts.
 
-    Ties: allocations whose objectives differ by less than 1e-12 per prompt count as equal; the DP
-    then keeps smaller counts for later prompts, i.e. earlier prompts (input order) win ties. The
-    result is deterministic and within 1e-12 * B^2 of the exact optimum. With identical v_i
-    (e.g. all 0 or all 1) this spreads the budget as evenly as possible, extras to the first prompts.
+    Ties: allocations whose objectives differ by less than 1e-12 per prompt count as equal (so
+    float rounding never decides between equally good allocations). Among those, the DP returns
+    the one with the smallest count for the last prompt, then for the one before it, and so on:
+    earlier prompts in input order win ties. The result is deterministic and within 1e-12 * B^2 of
+    the exact optimum. Example: with identical v_i (all 0 or all 1, both clipped to the same value)
+    the counts come out non-increasing in input order and any dropped prompts are the last ones.
 
     Raises:
         ValueError: bad v / budget / m_min / m_max / eps, or a budget that cannot be spent exactly

@@ -173,11 +173,11 @@ class PCLAllocator:
         counts = np.zeros(v.shape[0], dtype=np.int64)
         if budget == 0:
             return counts
-        if not (m_min <= c <= cap):
-            raise ValueError(f"count_per_prompt={c} must lie in [m_min={m_min}, {cap}] (cap = min(m_max, budget))")
         selected = budget // c
         if selected == 0:
             raise ValueError(f"pcl: budget={budget} is below count_per_prompt={c}; not even one prompt can be kept")
+        if not (m_min <= c <= cap):
+            raise ValueError(f"count_per_prompt={c} must lie in [m_min={m_min}, {cap}] (cap = min(m_max, budget))")
         if selected > v.shape[0]:
             raise ValueError(
                 f"pcl: budget={budget} with count_per_prompt={c} needs {selected} prompts but v has only"

@@ -113,7 +113,8 @@ def other_allocators():
 
 # ---------------------------------------------------------------- stage 1: roots
 
-def test_roots_match_exhaustive_search_and_beat_baselines():
+@pytest.mark.parametrize("method", ["dp", "ranked"])
+def test_roots_match_exhaustive_search_and_beat_baselines(method):
     rng = np.random.default_rng(0)
     checked = 0
     for trial in range(120):
@@ -127,10 +128,10 @@ def test_roots_match_exhaustive_search_and_beat_baselines():
         allocations = all_root_allocations(n, budget, m_min, m_max)
         if not allocations:
             with pytest.raises(ValueError, match="cannot be spent exactly"):
-                allocate_roots(v, budget, m_min=m_min, m_max=m_max)
+                allocate_roots(v, budget, m_min=m_min, m_max=m_max, method=method)
             continue
         best = max(root_value(v, c) for c in allocations)
-        counts = allocate_roots(v, budget, m_min=m_min, m_max=m_max)
+        counts = allocate_roots(v, budget, m_min=m_min, m_max=m_max, method=method)
         check_root_counts(counts, n, budget, m_min, m_max)
         assert root_value(v, counts) == pytest.approx(best, abs=1e-12)
         greedy = naive_root_greedy(v.tolist(), budget, m_min, m_max)
@@ -146,11 +147,12 @@ def test_roots_match_exhaustive_search_and_beat_baselines():
     assert checked > 60
 
 
-def test_roots_beat_greedy_where_greedy_is_suboptimal():
+@pytest.mark.parametrize("method", ["dp", "ranked"])
+def test_roots_beat_greedy_where_greedy_is_suboptimal(method):
     # Greedy fills one sure-to-help prompt step by step; the DP sees that two groups of 2 are better.
     v = [0.5, 0.5]
     greedy = naive_root_greedy(v, 4, 2, None)
-    counts = allocate_roots(v, 4, m_min=2)
+    counts = allocate_roots(v, 4, m_min=2, method=method)
     assert counts.tolist() == [2, 2]
     assert greedy == [4, 0]
     assert root_value(v, counts) > root_value(v, greedy) + 0.1
@@ -168,12 +170,25 @@ def test_roots_tie_rule_is_reverse_lexicographic_minimum_among_optima():
         assert (np.diff(counts) <= 0).all(), "identical prompts: counts non-increasing, dropped prompts last"
 
 
+def test_ranked_tie_rule_takes_the_most_prompts_among_optima():
+    for v_value, n, budget, m_max in [(0.0, 6, 15, 6), (1.0, 5, 11, 3), (0.0, 3, 12, None), (0.37, 5, 12, 6)]:
+        v = [v_value] * n
+        allocations = all_root_allocations(n, budget, 2, m_max)
+        best = max(root_value(v, c) for c in allocations)
+        most_active = max(sum(m > 0 for m in c) for c in allocations if root_value(v, c) > best - 1e-9)
+        counts = allocate_roots(v, budget, m_max=m_max, method="ranked")
+        assert root_value(v, counts) == pytest.approx(best, abs=1e-12)
+        assert (counts > 0).sum() == most_active
+        assert (np.diff(counts) <= 0).all(), "identical prompts: counts non-increasing, dropped prompts last"
+
+
+@pytest.mark.parametrize("method", ["dp", "ranked"])
 @pytest.mark.parametrize("value", [0.0, 1.0])
-def test_roots_all_zero_or_all_one_spend_the_budget_deterministically(value):
+def test_roots_all_zero_or_all_one_spend_the_budget_deterministically(value, method):
     v = np.full(64, value)
-    first = allocate_roots(v, 301, m_max=16)
+    first = allocate_roots(v, 301, m_max=16, method=method)
     check_root_counts(first, 64, 301, 2, 16)
-    assert np.array_equal(first, allocate_roots(v.copy(), 301, m_max=16))
+    assert np.array_equal(first, allocate_roots(v.copy(), 301, m_max=16, method=method))
     assert (np.diff(first) <= 0).all()
 
 
@@ -228,6 +243,10 @@ def test_roots_properties(v, budget, m_min, extra):
     check_root_counts(counts, len(v), budget, m_min, m_max)
     assert np.array_equal(counts, allocate_roots(list(v), budget, m_min=m_min, m_max=m_max))
     assert np.array_equal(counts, allocate_roots_reference(v, budget, m_min=m_min, m_max=m_max))
+    ranked = allocate_roots(v, budget, m_min=m_min, m_max=m_max, method="ranked")
+    check_root_counts(ranked, len(v), budget, m_min, m_max)
+    assert np.array_equal(ranked, allocate_roots(v, budget, m_min=m_min, m_max=m_max, method="ranked"))
+    assert root_value(v, ranked) == pytest.approx(root_value(v, counts), abs=1e-9)
 
 
 # ---------------------------------------------------------------- stage 2: prefixes
@@ -326,7 +345,10 @@ def test_fast_solvers_equal_pure_python_on_larger_inputs():
     rng = np.random.default_rng(2)
     v = np.concatenate([rng.random(60), np.full(10, 0.5), np.zeros(5), np.ones(5)])
     for budget, m_max in [(400, 16), (123, 7), (80, None)]:
-        assert np.array_equal(allocate_roots(v, budget, m_max=m_max), allocate_roots_reference(v, budget, m_max=m_max))
+        counts = allocate_roots(v, budget, m_max=m_max)
+        assert np.array_equal(counts, allocate_roots_reference(v, budget, m_max=m_max))
+        ranked = allocate_roots(v, budget, m_max=m_max, method="ranked")
+        assert root_value(v, ranked) == pytest.approx(root_value(v, counts), abs=1e-9)
     n = 3000
     p, r, group = rng.random(n), rng.integers(0, 2, n), rng.integers(0, 50, n)
     budgets = rng.integers(0, 200, 50)
@@ -347,10 +369,14 @@ def test_registry_lists_the_builtin_strategies():
 
 
 def test_trace_allocator_is_the_two_stages():
-    v, p, r, group = [0.1, 0.5, 0.8], [0.2, 0.6, 0.4], [1, 0, 1], [0, 0, 1]
+    v, p, r, group = [0.1, 0.5, 0.8, 0.5, 0.5], [0.2, 0.6, 0.4], [1, 0, 1], [0, 0, 1]
     trace = get_allocator("trace")
-    assert np.array_equal(trace.roots(v, 7, m_max=4), allocate_roots(v, 7, m_max=4))
+    assert np.array_equal(trace.roots(v, 11, m_max=4), allocate_roots(v, 11, m_max=4))
     assert np.array_equal(trace.prefixes(p, r, group, [2, 1]), allocate_prefixes(p, r, group, [2, 1]))
+    ranked = get_allocator("trace", root_method="ranked")
+    assert np.array_equal(ranked.roots(v, 11, m_max=4), allocate_roots(v, 11, m_max=4, method="ranked"))
+    with pytest.raises(ValueError, match="root_method must be one of"):
+        get_allocator("trace", root_method="exact")
 
 
 def test_uniform_baseline_counts():
@@ -511,6 +537,11 @@ ROOT_ERRORS = [
     (dict(v=[0.2, 0.3], budget=4, eps=float("nan")), r"eps must be a float in \[0, 0.5\]"),
     (dict(v=[0.2, 0.3], budget=9, m_max=4), r"budget=9 cannot be spent exactly .*\(at most 8 in total\)"),
 ]
+
+
+def test_roots_unknown_method():
+    with pytest.raises(ValueError, match=r"method must be one of \('dp', 'ranked'\), got 'greedy'"):
+        allocate_roots([0.5, 0.5], 4, method="greedy")
 
 
 @pytest.mark.parametrize("kwargs, message", ROOT_ERRORS)

@@ -184,3 +184,78 @@ def prefix_greedy(p, r, group, budgets, cap, eps):
                 heap_pos[0] = heap_pos[size]
             _sift_down(heap_gain, heap_pos, size, 0)
     return counts
+
+
+@numba.njit(cache=True)
+def ranked_tables(v, m_min, n_steps):
+    """Per prompt (in rank order): f(m_min) and the marginal gains f(m+1) - f(m), m = m_min.., n_steps of them.
+
+    v: (K,) clipped probabilities. Returns base (K,), steps (K, n_steps). The gain of the step
+    m -> m+1 is v^m (1-v) + (1-v)^m v, computed from repeated products so it never increases with m
+    (the objective is concave for m >= 1).
+    """
+    k = v.shape[0]
+    base = np.empty(k)
+    steps = np.empty((k, n_steps))
+    for r in range(k):
+        x = v[r]
+        w = 1.0 - x
+        a = 1.0
+        c = 1.0
+        for _ in range(m_min):
+            a *= x
+            c *= w
+        base[r] = 0.0 if m_min <= 1 else (1.0 - a) - c
+        for j in range(n_steps):
+            steps[r, j] = a * w + c * x
+            a *= x
+            c *= w
+    return base, steps
+
+
+@numba.njit(cache=True)
+def ranked_objectives(base, steps, position, budget, m_min, k_lo):
+    """Best objective with exactly k active prompts (the k best-ranked), for k = 0..K (-inf if infeasible).
+
+    With k prompts active, each holds m_min and the other budget - k*m_min rollouts go to the
+    largest marginal gains among their steps (exact for concave gains). position[r, j] is the rank
+    of step (r, j) in the global order of all steps by decreasing gain; a Fenwick tree over those
+    positions holds the steps of the active prompts and yields the sum of the t best in O(log E).
+    """
+    k_hi, n_steps = steps.shape
+    size = k_hi * n_steps
+    count = np.zeros(size + 1, dtype=np.int64)
+    total = np.zeros(size + 1)
+    top_bit = 1
+    while top_bit * 2 <= size:
+        top_bit *= 2
+    objective = np.full(k_hi + 1, -np.inf)
+    if k_lo == 0:
+        objective[0] = 0.0
+    base_sum = 0.0
+    for k in range(1, k_hi + 1):
+        r = k - 1
+        base_sum += base[r]
+        for j in range(n_steps):
+            i = position[r, j] + 1
+            g = steps[r, j]
+            while i <= size:
+                count[i] += 1
+                total[i] += g
+                i += i & -i
+        if k < k_lo:
+            continue
+        wanted = budget - k * m_min
+        idx = 0
+        got = 0
+        acc = 0.0
+        bit = top_bit if size > 0 else 0
+        while bit > 0:
+            nxt = idx + bit
+            if nxt <= size and got + count[nxt] <= wanted:
+                idx = nxt
+                got += count[nxt]
+                acc += total[nxt]
+            bit //= 2
+        objective[k] = base_sum + acc
+    return objective

@@ -1,6 +1,7 @@
 """Rollout budget allocation (METHOD.md steps 1 and 3): the public API.
 
-- allocate_roots: stage 1, bare rollouts per candidate prompt (exact DP, numba).
+- allocate_roots: stage 1, bare rollouts per candidate prompt (exact DP, numba; method="ranked"
+  is an equally exact, much faster solver).
 - allocate_prefixes: stage 2, continuations per turn prefix within each prompt (exact greedy, numba).
 - Allocator, register_allocator, get_allocator, available_allocators: strategies by name:
   "trace" (the two stages above), "uniform" (GRPO / uniform tree), "random_tree" (Tree-GRPO /

@@ -24,7 +24,7 @@ from typing import Callable, Protocol, runtime_checkable
 import numpy as np
 
 from trace_core import _allocation_checks as checks
-from trace_core.allocate_exact import _check_prefixes, _check_roots, allocate_prefixes, allocate_roots
+from trace_core.allocate_exact import ROOT_METHODS, _check_prefixes, _check_roots, allocate_prefixes, allocate_roots
 
 
 @runtime_checkable
@@ -79,10 +79,20 @@ def available_allocators() -> list[str]:
 
 @register_allocator("trace")
 class TraceAllocator:
-    """TRACE: exact root DP (stage 1) and exact greedy prefix expansion (stage 2)."""
+    """TRACE: exact root allocation (stage 1) and exact greedy prefix expansion (stage 2).
+
+    Args:
+        root_method: "dp" (the method's exact DP) or "ranked" (equally exact, much faster); see
+            allocate_roots.
+    """
+
+    def __init__(self, root_method: str = "dp"):
+        if root_method not in ROOT_METHODS:
+            raise ValueError(f"root_method must be one of {ROOT_METHODS}, got {root_method!r}")
+        self.root_method = root_method
 
     def roots(self, v, budget, *, m_min=2, m_max=None, eps=0.02):
-        return allocate_roots(v, budget, m_min=m_min, m_max=m_max, eps=eps)
+        return allocate_roots(v, budget, m_min=m_min, m_max=m_max, eps=eps, method=self.root_method)
 
     def prefixes(self, p, r, group, budget_per_group, *, k_max=None, eps=0.02):
         return allocate_prefixes(p, r, group, budget_per_group, k_max=k_max, eps=eps)

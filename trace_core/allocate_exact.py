@@ -39,9 +39,13 @@ def allocate_roots(
         m_max: largest count per prompt. None means no cap beyond the budget itself (cap = budget),
             which makes the DP O(B * budget^2): set a cap for large budgets.
         eps: clipping margin in [0, 0.5].
-        method: "dp" (default, the method's exact DP described here) or "ranked", an equally
-            exact and much faster solver that uses the problem's structure; see `_allocate_roots_ranked`.
-            Both reach the same optimal objective; they may break ties differently.
+        method: "dp" (default): the method's exact DP described above. "ranked": equally exact,
+            O(E log E) with E <= B * (m_max - m_min) instead of O(B * budget * m_max), much faster
+            (bench/bench_allocate.py). It relies on two facts: some optimum activates
+            the prompts nearest v = 1/2, and f is concave for m >= 1 (details in
+            _allocate_roots_ranked). Both reach the same optimal objective but may break ties
+            differently: "ranked" prefers the most active prompts, then prompts nearer 1/2, then
+            input order.
 
     Returns:
         (B,) int64 counts.

@@ -1,7 +1,8 @@
 """numba loops behind trace_core.allocate (inputs already validated and clipped).
 
-The pure-Python twins in allocate_reference.py run the same arithmetic in the same order, so both
-return identical arrays; keep them in step when changing either.
+The pure-Python twins of the root DP and the prefix greedy (allocate_reference.py) run the same
+arithmetic in the same order, so both return identical arrays; keep them in step when changing
+either. The "ranked" root solver has no twin: tests check it against brute force and the DP.
 """
 from __future__ import annotations
 
@@ -48,9 +49,9 @@ def root_dp_choices(v, budget, m_min, cap, tie_rtol, choice):
     prev = np.full(budget + 1, -np.inf)
     prev[0] = 0.0
     cur = np.empty(budget + 1)
-    gain = np.empty(cap + 1)
+    mixed = np.empty(cap + 1)
     for i in range(n):
-        _mixed_probability_table(v[i], cap, gain)
+        _mixed_probability_table(v[i], cap, mixed)
         hi = min(budget, (i + 1) * cap)
         lo = max(0, budget - (n - 1 - i) * cap)
         tol = tie_rtol * (i + 1)
@@ -65,7 +66,7 @@ def root_dp_choices(v, budget, m_min, cap, tie_rtol, choice):
                 width = b1 - start
                 if width <= 0:
                     continue
-                g = gain[m]
+                g = mixed[m]
                 # Slices with a non-negative loop index let LLVM vectorise (no wraparound check).
                 src = prev[start - m: b1 - m]
                 dst = cur[start:b1]

@@ -24,8 +24,8 @@ from trace_core.allocate import (
     tree_effective_ratio_estimate,
     tree_mixed_probability,
 )
-from trace_core.allocate_reference import allocate_prefixes_reference, allocate_roots_reference
-from trace_core.allocators import _REGISTRY
+from trace_core.allocation.reference import allocate_prefixes_reference, allocate_roots_reference
+from trace_core.allocation.strategies import _REGISTRY
 
 EPS = 0.02
 SETTINGS = settings(max_examples=150, deadline=None)

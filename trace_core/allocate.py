@@ -9,10 +9,10 @@
 - Objective helpers: what an allocation is expected to buy, and the effective ratio it implies.
 
 Pure-Python versions of both stages (test oracle, benchmark baseline) are in
-trace_core.allocate_reference.
+trace_core.allocation.reference.
 """
-from trace_core.allocate_exact import allocate_prefixes, allocate_roots
-from trace_core.allocation_objective import (
+from trace_core.allocation.exact import allocate_prefixes, allocate_roots
+from trace_core.allocation.objective import (
     expected_prefix_objective,
     expected_root_objective,
     root_effective_ratio_estimate,
@@ -20,7 +20,7 @@ from trace_core.allocation_objective import (
     tree_effective_ratio_estimate,
     tree_mixed_probability,
 )
-from trace_core.allocators import (
+from trace_core.allocation.strategies import (
     Allocator,
     PCLAllocator,
     RandomTreeAllocator,

@@ -1,6 +1,6 @@
 """numba loops behind trace_core.allocate (inputs already validated and clipped).
 
-The pure-Python twins of the root DP and the prefix greedy (allocate_reference.py) run the same
+The pure-Python twins of the root DP and the prefix greedy (reference.py) run the same
 arithmetic in the same order, so both return identical arrays; keep them in step when changing
 either. The "ranked" root solver has no twin: tests check it against brute force and the DP.
 """

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from trace_core import _allocation_checks as checks
-from trace_core.allocate_exact import repeat_probability
+from trace_core.allocation import checks
+from trace_core.allocation.exact import repeat_probability
 
 
 def root_mixed_probability(v, counts, *, eps: float = 0.02) -> np.ndarray:

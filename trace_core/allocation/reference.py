@@ -1,7 +1,7 @@
 """Pure-Python versions of TRACE's two allocation stages: the oracle for tests and the benchmark baseline.
 
-Same validation, same algorithms, same arithmetic in the same order as trace_core.allocate_exact
-(its numba loops live in _allocation_kernels.py), so for valid input both return identical arrays.
+Same validation, same algorithms, same arithmetic in the same order as trace_core.allocation.exact
+(its numba loops live in kernels.py), so for valid input both return identical arrays.
 Loops run over Python lists and heapq; numpy only converts the inputs and the result.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ import heapq
 
 import numpy as np
 
-from trace_core import _allocation_checks as checks
-from trace_core._allocation_kernels import TIE_RTOL
-from trace_core.allocate_exact import _check_prefixes, _check_roots, repeat_probability
+from trace_core.allocation import checks
+from trace_core.allocation.kernels import TIE_RTOL
+from trace_core.allocation.exact import _check_prefixes, _check_roots, repeat_probability
 
 
 def allocate_roots_reference(v, budget: int, *, m_min: int = 2, m_max: int | None = None, eps: float = 0.02) -> np.ndarray:

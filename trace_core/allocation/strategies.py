@@ -23,8 +23,8 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from trace_core import _allocation_checks as checks
-from trace_core.allocate_exact import ROOT_METHODS, _check_prefixes, _check_roots, allocate_prefixes, allocate_roots
+from trace_core.allocation import checks
+from trace_core.allocation.exact import ROOT_METHODS, _check_prefixes, _check_roots, allocate_prefixes, allocate_roots
 
 
 @runtime_checkable

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from trace_core import _allocation_checks as checks
-from trace_core._allocation_kernels import (
+from trace_core.allocation import checks
+from trace_core.allocation.kernels import (
     TIE_RTOL,
     prefix_greedy,
     ranked_objectives,

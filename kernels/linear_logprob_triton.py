@@ -56,12 +56,14 @@ def _logits_tile(
 ):
     """fp32 z[BLOCK_M, BLOCK_V] = (h[offs_m] @ w[offs_v].T + b[offs_v]) * inv_temp."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    rows64 = offs_m.to(tl.int64)  # V * H can pass 2**31 (e.g. 152k x 16k)
+    vocab64 = offs_v.to(tl.int64)
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < H
-        a = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :] * stride_hk,
+        a = tl.load(h_ptr + rows64[:, None] * stride_hm + offs_k[None, :] * stride_hk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_k[None, :] * stride_wk,
+        b = tl.load(w_ptr + vocab64[:, None] * stride_wv + offs_k[None, :] * stride_wk,
                     mask=mask_v[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -165,7 +167,7 @@ def _logit_grad_kernel(
         gent = tl.load(gent_ptr + offs_m, mask=mask_m, other=0.0)
         coeff = coeff + gent[:, None] * (log_p + ent[:, None])
     dz = -tl.exp(log_p) * coeff * inv_temp
-    tl.store(dz_ptr + offs_m[:, None] * stride_dzm + offs_v[None, :] * stride_dzv,
+    tl.store(dz_ptr + offs_m.to(tl.int64)[:, None] * stride_dzm + offs_v[None, :] * stride_dzv,
              dz.to(dz_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_v[None, :])
 
 

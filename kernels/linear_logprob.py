@@ -40,7 +40,8 @@ def _chunks(device: torch.device) -> tuple[int, int]:
 def _merge_splits(part_max, part_sum, part_ent):
     """Log-sum-exp merge of per-split partials [S, U] -> lse [U], entropy [U] | None (fp32).
 
-    With split s holding m_s = max z, s_s = sum exp(z - m_s), t_s = sum exp(z - m_s)(z - m_s):
+    With split s holding a reference point m_s (its max, or its own LSE), s_s = sum exp(z - m_s)
+    and t_s = sum exp(z - m_s)(z - m_s):
     lse = log sum_s exp(m_s) s_s and entropy = -sum_s exp(m_s - lse) (t_s + (m_s - lse) s_s).
     """
     global_max = part_max.amax(dim=0)

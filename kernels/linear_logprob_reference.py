@@ -69,15 +69,17 @@ def row_stats_partials_torch(
 ):
     """Per-(vocab split, row) softmax statistics, one split per vocab chunk.
 
-    h_used [U, H] -> (max [S, U], sum_exp [S, U], ent [S, U] | None), where for split s:
-    max = max_v z, sum_exp = sum_v exp(z - max), ent = sum_v exp(z - max) * (z - max).
-    Only a [token_chunk, vocab_chunk] tile of logits exists at a time.
+    h_used [U, H] -> (ref [S, U], sum_exp [S, U], ent [S, U] | None), where for split s and any
+    reference point ref: sum_exp = sum_v exp(z - ref), ent = sum_v exp(z - ref) * (z - ref).
+    The Triton kernel uses ref = max_v z; here ref = logsumexp_v z (so sum_exp = 1), which takes
+    one fused torch op instead of four passes over the tile. Only a [token_chunk, vocab_chunk]
+    tile of logits exists at a time.
     """
     n_used, vocab = h_used.shape[0], weight.shape[0]
     n_splits = -(-vocab // vocab_chunk)
     shape = (n_splits, n_used)
     part_max = torch.empty(shape, dtype=torch.float32, device=h_used.device)
-    part_sum = torch.empty_like(part_max)
+    part_sum = torch.ones_like(part_max)
     part_ent = torch.empty_like(part_max) if with_entropy else None
     for split, v0 in enumerate(range(0, vocab, vocab_chunk)):
         v1 = min(v0 + vocab_chunk, vocab)
@@ -86,13 +88,11 @@ def row_stats_partials_torch(
         for t0 in range(0, n_used, token_chunk):
             t1 = min(t0 + token_chunk, n_used)
             z = _tile_logits(h_used[t0:t1], w_tile, b_tile, inv_temp)
-            tile_max = z.amax(dim=1)
-            shifted = z.sub_(tile_max[:, None])
-            p = shifted.exp()
-            part_max[split, t0:t1] = tile_max
-            part_sum[split, t0:t1] = p.sum(dim=1)
+            tile_lse = torch.logsumexp(z, dim=1)
+            part_max[split, t0:t1] = tile_lse
             if with_entropy:
-                part_ent[split, t0:t1] = (p * shifted).sum(dim=1)
+                log_p = z.sub_(tile_lse[:, None])
+                part_ent[split, t0:t1] = (log_p.exp() * log_p).sum(dim=1)
     return part_max, part_sum, part_ent
 
 
@@ -134,8 +134,8 @@ def logit_grad_tile_torch(
     lse, grad_sum, entropy, grad_entropy: fp32 [T].
     """
     z = _tile_logits(h_tile, w_tile, b_tile, inv_temp)
-    log_p = z - lse[:, None]
-    coeff = grad_sum[:, None]
+    log_p = z.sub_(lse[:, None])
+    coeff = grad_sum[:, None] * -inv_temp
     if grad_entropy is not None:
-        coeff = coeff + grad_entropy[:, None] * (log_p + entropy[:, None])
-    return (log_p.exp_().mul_(coeff).mul_(-inv_temp)).to(h_tile.dtype)
+        coeff = (log_p + entropy[:, None]).mul_(grad_entropy[:, None] * -inv_temp).add_(coeff)
+    return log_p.exp_().mul_(coeff).to(h_tile.dtype)

@@ -112,10 +112,15 @@ class _CpuPeakMeter:
 
     def __init__(self):
         self.available = sys.platform.startswith("linux") and os.access("/proc/self/clear_refs", os.W_OK)
-        if self.available:
+        self._armed = False
+
+    def _arm(self):
+        """Pin the thresholds (slows later allocations: call only after all timings are taken)."""
+        if not self._armed:
             libc = ctypes.CDLL("libc.so.6")
             libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
             libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+            self._armed = True
 
     @staticmethod
     def _status(key: str) -> int:
@@ -128,6 +133,8 @@ class _CpuPeakMeter:
     def extra_peak(self, fn: Callable[[], object]) -> int | None:
         if not self.available:
             return None
+        self._arm()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # release free heap pages an earlier call left resident
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         before = self._status("VmRSS")
@@ -157,7 +164,8 @@ class Result:
     note: str = ""
 
 
-def measure(impl: str, fn, hidden, weight, labels, repeats: int, warmup: int, cpu_meter) -> Result:
+def measure(result: Result, fn, hidden, weight, labels, *, repeats: int, warmup: int, cpu_meter=None) -> None:
+    """Times (cpu_meter None) or peak memory (cpu_meter given) of fn into result; errors become notes."""
     device = hidden.device
     h = hidden.detach().requires_grad_()
     w = weight.detach().requires_grad_()
@@ -169,18 +177,20 @@ def measure(impl: str, fn, hidden, weight, labels, repeats: int, warmup: int, cp
     def forward_backward():
         return torch.autograd.grad(fn(h, w, labels), (h, w))
 
-    result = Result(shape="", impl=impl)
+    if result.note:
+        return  # it failed in the timing pass already
     try:
-        result.fwd_ms = time_ms(forward, device, repeats, warmup)
-        result.fwd_bwd_ms = time_ms(forward_backward, device, repeats, warmup)
-        result.peak_bytes = extra_peak_bytes(forward_backward, device, cpu_meter)
+        if cpu_meter is None:
+            result.fwd_ms = time_ms(forward, device, repeats, warmup)
+            result.fwd_bwd_ms = time_ms(forward_backward, device, repeats, warmup)
+        else:
+            result.peak_bytes = extra_peak_bytes(forward_backward, device, cpu_meter)
     except torch.OutOfMemoryError:
         result.note = "out of memory"
     except Exception as err:  # a baseline that cannot run here (e.g. no compiler) is reported, not fatal
         result.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
 
 
 def device_label(device: torch.device) -> str:
@@ -237,7 +247,7 @@ def main(argv=None) -> None:
         shapes = SMALL_SHAPES if args.small else CPU_SHAPES
     use_compile = args.compile if args.compile is not None else not (args.small and device.type == "cpu")
     repeats = args.repeats or (10 if device.type == "cuda" else (1 if args.small else 3))
-    warmup = 3 if device.type == "cuda" else (0 if args.small else 1)
+    warmup = 3 if device.type == "cuda" else 1
     chunk = 4096 if device.type == "cuda" else 512
     liger = liger_sum_factory()
     probe = torch.zeros(1, device=device)
@@ -263,18 +273,22 @@ def main(argv=None) -> None:
     cpu_meter = _CpuPeakMeter()
     if device.type == "cpu" and not cpu_meter.available:
         notes.append("peak memory unavailable (needs Linux /proc/self/clear_refs)")
-    results = []
-    for model, n_tokens in shapes:
-        hidden_size, vocab = MODELS[model]
-        hidden, weight, labels = make_inputs(hidden_size, vocab, n_tokens, device, dtype)
-        label = f"{model} N={n_tokens} H={hidden_size} V={vocab}"
-        for impl, fn in impls:
-            result = measure(impl, fn, hidden, weight, labels, repeats, warmup, cpu_meter)
-            result.shape = label
-            results.append(result)
-            print(f"  measured {label:<36} {impl:<24} fwd+bwd {fmt(result.fwd_bwd_ms, '.1f')} ms {result.note}",
-                  flush=True)
-        del hidden, weight, labels
+    results = {}
+    # Timings first, memory second: the CPU memory meter changes malloc settings, which slows allocation.
+    for pass_name in ("time", "memory"):
+        for model, n_tokens in shapes:
+            hidden_size, vocab = MODELS[model]
+            hidden, weight, labels = make_inputs(hidden_size, vocab, n_tokens, device, dtype)
+            label = f"{model} N={n_tokens} H={hidden_size} V={vocab}"
+            for impl, fn in impls:
+                result = results.setdefault((label, impl), Result(shape=label, impl=impl))
+                meter = cpu_meter if pass_name == "memory" else None
+                measure(result, fn, hidden, weight, labels, repeats=repeats, warmup=warmup, cpu_meter=meter)
+                done = f"fwd+bwd {fmt(result.fwd_bwd_ms, '.1f')} ms" if meter is None else \
+                    f"peak {fmt(None if result.peak_bytes is None else result.peak_bytes / 2**20, '.1f')} MiB"
+                print(f"  {pass_name}: {label:<36} {impl:<24} {done} {result.note}", flush=True)
+            del hidden, weight, labels
+    results = list(results.values())
     print_table(results, device, fused_path)
     print(f"dtype: {dtype}, repeats: {repeats} (median), warm-up calls: {warmup}; "
           "peak = extra memory of one fwd+bwd, gradients of hidden [N, H] and weight [V, H] included")

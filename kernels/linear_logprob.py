@@ -29,7 +29,7 @@ OP_NAME = "linear_logprob"
 # set small values to exercise many blocks. The largest logits-shaped buffer is one such block.
 TOKEN_CHUNK: int | None = None
 VOCAB_CHUNK: int | None = None
-_DEFAULT_CHUNKS = {"cuda": (4096, 8192), "cpu": (512, 4096)}
+_DEFAULT_CHUNKS = {"cuda": (4096, 8192), "cpu": (512, 8192)}  # CPU: a 16 MiB fp32 logits tile
 
 
 def _chunks(device: torch.device) -> tuple[int, int]:

@@ -55,7 +55,7 @@ def _tile_logits(h_tile: torch.Tensor, w_tile: torch.Tensor, b_tile: torch.Tenso
     z = h_tile.float() @ w_tile.float().T
     if b_tile is not None:
         z += b_tile.float()
-    return z.mul_(inv_temp)
+    return z if inv_temp == 1.0 else z.mul_(inv_temp)
 
 
 def row_stats_partials_torch(

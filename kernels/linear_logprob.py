@@ -103,6 +103,7 @@ class LinearLogprobFunction(torch.autograd.Function):
         return logprob, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprob, grad_entropy=None):
         hidden, weight, bias, used_rows, pair_to_used, labels, lse, ent_used = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -160,11 +161,17 @@ def _linear_logprob_backward(
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
     block = torch.empty((min(token_chunk, n_used), min(vocab_chunk, vocab)), dtype=dtype, device=device) if use_triton else None
+    weight_grad_in_place = weight.dtype == torch.float32  # else an fp32 buffer per vocab chunk
     for vi, v0 in enumerate(range(0, vocab, vocab_chunk)):
         v1 = min(v0 + vocab_chunk, vocab)
         w_chunk = weight[v0:v1]
         b_chunk = None if bias is None else bias[v0:v1]
-        grad_w_chunk = torch.zeros((v1 - v0, hidden_size), dtype=torch.float32, device=device) if need_weight else None
+        grad_w_chunk = None
+        if need_weight:
+            grad_w_chunk = (
+                grad_weight[v0:v1].zero_() if weight_grad_in_place
+                else torch.zeros((v1 - v0, hidden_size), dtype=torch.float32, device=device)
+            )
         for ti, t0 in enumerate(range(0, n_used, token_chunk)):
             t1 = min(t0 + token_chunk, n_used)
             h_chunk = h_used[t0:t1]
@@ -186,7 +193,7 @@ def _linear_logprob_backward(
                 _accumulate_matmul(grad_w_chunk, dz.T, h_chunk)
             if need_bias:
                 grad_bias[v0:v1] += dz.sum(dim=0, dtype=torch.float32)
-        if need_weight:
+        if need_weight and not weight_grad_in_place:
             grad_weight[v0:v1] = grad_w_chunk
     grad_hidden = None
     if need_hidden:

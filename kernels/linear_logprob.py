@@ -95,7 +95,7 @@ class LinearLogprobFunction(torch.autograd.Function):
 
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, used_rows, pair_to_used, labels, lse, ent_used)
-        ctx.inv_temp, ctx.use_triton, ctx.with_entropy = inv_temp, use_triton, with_entropy
+        ctx.inv_temp, ctx.use_triton = inv_temp, use_triton
         if not with_entropy:
             return logprob
         entropy = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
@@ -222,7 +222,8 @@ def linear_logprob(
     rows, labels int32/int64 [M]: pair m asks for log p(labels[m] | row rows[m]). M may exceed N,
     rows may repeat or be absent.
 
-    Returns logprob [M] fp32 (always <= 0), and with return_entropy=True also entropy [N] fp32
+    Returns logprob [M] fp32 (always <= 0: for a near-certain label, rounding can leave the computed
+    value a few ulps above 0, and such values are returned as 0), and with return_entropy=True also entropy [N] fp32
     (softmax entropy of each used row; 0 for rows no pair uses, which receive no gradient).
     Differentiable in hidden, weight and bias for any upstream gradients of both outputs.
 

@@ -207,7 +207,7 @@ def print_table(results: list[Result], device: torch.device, fused_path: str) ->
     print(f"\ndevice: {device_label(device)}   fused op path: {fused_path}")
     if device.type == "cpu":
         print("times are CPU reference times (the fused op's chunked torch path), not Triton kernel times")
-    header = f"{'shape':<28}{'impl':<24}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}{'speedup':>9}{'mem ratio':>10}  note"
+    header = f"{'shape':<38}{'impl':<24}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}{'speedup':>9}{'mem ratio':>10}  note"
     print(header)
     print("-" * len(header))
     eager = {r.shape: r for r in results if r.impl == "torch eager"}
@@ -216,7 +216,7 @@ def print_table(results: list[Result], device: torch.device, fused_path: str) ->
         speedup = base.fwd_bwd_ms / r.fwd_bwd_ms if base and base.fwd_bwd_ms and r.fwd_bwd_ms else None
         mem_ratio = r.peak_bytes / base.peak_bytes if base and base.peak_bytes and r.peak_bytes is not None else None
         peak_mib = None if r.peak_bytes is None else r.peak_bytes / 2**20
-        print(f"{r.shape:<28}{r.impl:<24}{fmt(r.fwd_ms, '.1f'):>10}{fmt(r.fwd_bwd_ms, '.1f'):>12}"
+        print(f"{r.shape:<38}{r.impl:<24}{fmt(r.fwd_ms, '.1f'):>10}{fmt(r.fwd_bwd_ms, '.1f'):>12}"
               f"{fmt(peak_mib, '.1f'):>10}{fmt(speedup, '.2f'):>9}{fmt(mem_ratio, '.3f'):>10}  {r.note}")
     print("speedup = torch eager fwd+bwd time / this; mem ratio = this peak / torch eager peak (fwd+bwd)")
 

@@ -13,10 +13,13 @@ import subprocess
 import sys
 import textwrap
 
+import importlib
+
 import pytest
 import torch
 
-import trace_kernels.linear_logprob as op_module
+# the package re-exports the function `linear_logprob`, which shadows the module attribute
+op_module = importlib.import_module("trace_kernels.linear_logprob")
 from trace_kernels.linear_logprob import LinearLogprobFunction, _merge_splits, linear_logprob
 from trace_kernels.linear_logprob_reference import linear_logprob_reference
 
@@ -278,7 +281,8 @@ _MEMORY_PROBE = textwrap.dedent(
     """
     import ctypes, json, sys
     import torch
-    import trace_kernels.linear_logprob as op_module
+    import importlib
+    op_module = importlib.import_module("trace_kernels.linear_logprob")
     from trace_kernels.linear_logprob import linear_logprob
     from trace_kernels.linear_logprob_reference import linear_logprob_reference
 

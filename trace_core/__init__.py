@@ -1,3 +1,11 @@
 """trace_core: rollout trees, packing, allocation, advantages and the TRACE trainer."""
 
+from .packing import PackedTree, pack, split_by_tokens, unpack
+from .tree import ROLE_MODEL, ROLE_OBSERVATION, ForestError, LeafSequence, RolloutForest, Trajectory
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "ForestError", "LeafSequence", "PackedTree", "ROLE_MODEL", "ROLE_OBSERVATION", "RolloutForest",
+    "Trajectory", "pack", "split_by_tokens", "unpack",
+]

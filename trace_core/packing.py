@@ -141,6 +141,32 @@ def pack(forest: RolloutForest, roots=None, *, validate: bool = True) -> PackedT
     )
 
 
+def split_by_tokens(forest: RolloutForest, max_tokens: int, roots=None) -> list[np.ndarray]:
+    """Group whole trees into micro-batches of at most `max_tokens` packed tokens each, in root
+    order (greedy, contiguous). A tree is never split: its shared prefix must be in the same pass
+    as its branches. Returns one array of root ids per micro-batch, for `pack(forest, roots=...)`."""
+    if int(max_tokens) <= 0:
+        raise ForestError("max_tokens", f"must be positive, got {max_tokens}")
+    roots = _selected_roots(forest, roots)
+    node_tokens = forest.tok_end - forest.tok_start
+    sizes = np.bincount(forest.tree_root(), weights=node_tokens, minlength=forest.num_nodes)[roots].astype(np.int64)
+    too_big = np.flatnonzero(sizes > max_tokens)
+    if too_big.size:
+        r = roots[too_big[0]]
+        raise ForestError("max_tokens", f"{max_tokens} is smaller than the tree of prompt {forest.prompt_id[r]} "
+                          f"({sizes[too_big[0]]} tokens); a tree cannot be split across micro-batches")
+    batches, current, used = [], [], 0
+    for r, size in zip(roots.tolist(), sizes.tolist()):
+        if current and used + size > max_tokens:
+            batches.append(np.asarray(current, np.int64))
+            current, used = [], 0
+        current.append(r)
+        used += size
+    if current:
+        batches.append(np.asarray(current, np.int64))
+    return batches
+
+
 @numba.njit(cache=True)
 def _pack_numba(parent, num_children, tok_start, tok_end, tokens, role, logprob, roots, role_model):
     n = parent.size

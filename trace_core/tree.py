@@ -457,9 +457,13 @@ class RolloutForest:
     def leaf_sequences(self) -> list[LeafSequence]:
         return [self.leaf_sequence(leaf) for leaf in self.leaves]
 
+    def tree_root(self) -> np.ndarray:
+        """[n] the root (prompt node) of each node's tree."""
+        return _ancestor_at_depth(self.parent, self.depth, 0)
+
     def rollout_root(self) -> np.ndarray:
         """[n] the depth-1 ancestor of each node (its bare rollout's first turn), -1 for roots."""
-        return _rollout_root(self.parent, self.depth)
+        return _ancestor_at_depth(self.parent, self.depth, 1)
 
     # ------------------------------------------------------------------ values (predictor targets)
     def subtree_leaf_counts(self) -> np.ndarray:
@@ -653,12 +657,13 @@ def _subtree_min_max(parent, num_children, reward):
 
 
 @numba.njit(cache=True)
-def _rollout_root(parent, depth):
+def _ancestor_at_depth(parent, depth, level):
+    """[n] each node's ancestor-or-self at `level`, -1 for nodes above that level."""
     out = np.full(parent.size, -1, np.int64)
     for u in range(parent.size):
-        if depth[u] == 1:
+        if depth[u] == level:
             out[u] = u
-        elif depth[u] > 1:
+        elif depth[u] > level:
             out[u] = out[parent[u]]
     return out
 

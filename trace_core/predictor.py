@@ -1,0 +1,306 @@
+"""The success predictor Vhat(H): probability that a rollout from prefix H succeeds.
+
+One predictor serves prompt roots (Stage 1) and turn prefixes (Stage 2). It is trained online by
+weighted MSE onto subtree success rates (weight = leaves under the node) of every root and internal
+node, from a replay buffer of recent steps. It never enters the policy loss.
+
+Backends share one interface (`SuccessPredictor`):
+- `MLPHeadPredictor` (default): a small MLP on the policy's hidden state at the prefix's last token,
+  detached, plus features (turn depth, prefix length). The hidden states come from the packed
+  no-grad forward the trainer runs anyway, so a prediction costs one MLP call.
+- `EncoderPredictor`: a separate small (HF) model reads the prefix tokens; trained end to end.
+
+Calibration is reported every step (`calibration`): Brier score against the constant predictor,
+and the AUC with which the predicted contrast ranks "this node's subtree turned out mixed".
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .packing import PackedTree
+from .tree import ForestError, RolloutForest
+
+
+@dataclass
+class PredictorConfig:
+    hidden_dim: int = 256  # MLP width
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    updates_per_step: int = 16  # minibatch steps over the replay buffer after each training step
+    batch_size: int = 256
+    replay_steps: int = 8  # nodes of this many recent steps are replayed
+    warmup_nodes: int = 256  # cold start: the trainer allocates uniformly until this many nodes were seen
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("hidden_dim", "updates_per_step", "batch_size", "replay_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"predictor.{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"predictor.lr: must be > 0, got {self.lr}")
+        if self.warmup_nodes < 0:
+            raise ValueError(f"predictor.warmup_nodes: must be >= 0, got {self.warmup_nodes}")
+
+
+@dataclass
+class PrefixBatch:
+    """K prefixes (forest nodes) to predict or learn from.
+
+    hidden     [K, H] policy hidden state at each prefix's last token (MLP head backend)
+    token_ids  K arrays: each prefix's tokens root to node (encoder backend)
+    depth      [K] turns in the prefix (0 for a prompt)
+    prefix_len [K] tokens in the prefix
+    """
+
+    depth: torch.Tensor
+    prefix_len: torch.Tensor
+    hidden: torch.Tensor | None = None
+    token_ids: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.depth.shape[0])
+
+    def select(self, index: torch.Tensor) -> "PrefixBatch":
+        return PrefixBatch(
+            depth=self.depth[index], prefix_len=self.prefix_len[index],
+            hidden=None if self.hidden is None else self.hidden[index],
+            token_ids=None if self.token_ids is None else [self.token_ids[i] for i in index.tolist()],
+        )
+
+    @staticmethod
+    def concat(batches: list["PrefixBatch"]) -> "PrefixBatch":
+        def cat(name):
+            parts = [getattr(b, name) for b in batches]
+            return None if any(p is None for p in parts) else torch.cat(parts)
+        tokens = [b.token_ids for b in batches]
+        return PrefixBatch(depth=cat("depth"), prefix_len=cat("prefix_len"), hidden=cat("hidden"),
+                           token_ids=None if any(t is None for t in tokens) else [x for t in tokens for x in t])
+
+
+def prefix_batch(forest: RolloutForest, packed: PackedTree, nodes, hidden: torch.Tensor | None = None,
+                 *, with_tokens: bool = False) -> PrefixBatch:
+    """Gather the predictor inputs of forest `nodes` from a packed forward.
+
+    hidden [N, H]: the model's last hidden states over `packed` (detached here); the prefix of node
+    u ends at packed row node_end[u] - 1.
+    """
+    nodes = np.asarray(nodes, dtype=np.int64).reshape(-1)
+    if nodes.size and (nodes.min() < 0 or nodes.max() >= forest.num_nodes):
+        raise ForestError("nodes", f"node ids must be in [0, {forest.num_nodes})")
+    rows = packed.node_end[nodes] - 1
+    if np.any(packed.node_start[nodes] < 0):
+        raise ForestError("nodes", "some nodes belong to trees that were not packed")
+    if hidden is not None and hidden.shape[0] != packed.num_tokens:
+        raise ForestError("hidden", f"has {hidden.shape[0]} rows, expected {packed.num_tokens} packed tokens")
+    tokens = None
+    if with_tokens:
+        tokens = [np.concatenate([forest.node_tokens(u) for u in forest.leaf_path(v)]) for v in nodes]
+    return PrefixBatch(
+        depth=torch.as_tensor(forest.depth[nodes], dtype=torch.long),
+        prefix_len=torch.as_tensor(packed.position_ids[rows] + 1, dtype=torch.long),
+        hidden=None if hidden is None else hidden[torch.as_tensor(rows, device=hidden.device)].detach().float().cpu(),
+        token_ids=tokens,
+    )
+
+
+def training_targets(forest: RolloutForest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(nodes, targets, weights): every root and internal node, its subtree success rate, and the
+    number of leaves under it (METHOD.md steps 4-5)."""
+    rates = forest.subtree_success_rates()
+    counts = forest.subtree_leaf_counts()
+    nodes = np.flatnonzero(forest.num_children > 0)
+    return nodes, rates[nodes], counts[nodes].astype(np.float64)
+
+
+class SuccessPredictor(Protocol):
+    config: PredictorConfig
+    nodes_seen: int
+
+    def predict(self, batch: PrefixBatch) -> np.ndarray:
+        """[K] success probabilities in (0, 1)."""
+
+    def observe(self, batch: PrefixBatch, targets: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+        """Add one step's nodes to the replay buffer and train; returns training metrics."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class _OnlineRegressor:
+    """Replay buffer + weighted-MSE training shared by the backends. Subclasses define `net`
+    (an nn.Module) and `_logits(batch) -> [K]`."""
+
+    net: nn.Module
+
+    def __init__(self, config: PredictorConfig):
+        self.config = config
+        self.nodes_seen = 0
+        self._replay: deque[tuple[PrefixBatch, torch.Tensor, torch.Tensor]] = deque(maxlen=config.replay_steps)
+        self._generator = torch.Generator().manual_seed(config.seed)
+
+    def _make_optimizer(self) -> None:
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    @property
+    def ready(self) -> bool:
+        """Cold start is over: enough nodes seen to trust the allocation it informs."""
+        return self.nodes_seen >= self.config.warmup_nodes
+
+    @torch.no_grad()
+    def predict(self, batch: PrefixBatch) -> np.ndarray:
+        if len(batch) == 0:
+            return np.zeros(0)
+        self.net.eval()
+        return torch.sigmoid(self._logits(batch)).double().cpu().numpy()
+
+    def observe(self, batch: PrefixBatch, targets, weights) -> dict[str, float]:
+        targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
+        weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        if targets.shape != (len(batch),) or weights.shape != (len(batch),):
+            raise ValueError(f"targets/weights: expected shape ({len(batch)},), got {tuple(targets.shape)} and {tuple(weights.shape)}")
+        if not (torch.isfinite(targets).all() and ((targets >= 0) & (targets <= 1)).all()):
+            raise ValueError("targets: success rates must be finite and in [0, 1]")
+        if not (torch.isfinite(weights).all() and (weights >= 0).all()):
+            raise ValueError("weights: must be finite and >= 0")
+        if len(batch):
+            self._replay.append((batch, targets, weights))
+            self.nodes_seen += len(batch)
+        if not self._replay:
+            return {"predictor/loss": float("nan")}
+        pool = PrefixBatch.concat([b for b, _, _ in self._replay])
+        pool_targets = torch.cat([t for _, t, _ in self._replay])
+        pool_weights = torch.cat([w for _, _, w in self._replay])
+        self.net.train()
+        losses = []
+        for _ in range(self.config.updates_per_step):
+            index = torch.randint(len(pool), (min(self.config.batch_size, len(pool)),), generator=self._generator)
+            w = pool_weights[index]
+            pred = torch.sigmoid(self._logits(pool.select(index)))
+            loss = (w * (pred - pool_targets[index]) ** 2).sum() / w.sum().clamp_min(1e-12)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+        return {"predictor/loss": float(np.mean(losses)), "predictor/replay_nodes": float(len(pool))}
+
+    def state_dict(self) -> dict:
+        # plain tensors and lists only, so torch.load(weights_only=True) can read a checkpoint
+        replay = [{"depth": b.depth, "prefix_len": b.prefix_len, "hidden": b.hidden, "targets": t, "weights": w,
+                   "token_ids": None if b.token_ids is None else [torch.as_tensor(x) for x in b.token_ids]}
+                  for b, t, w in self._replay]
+        return {"config": asdict(self.config), "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "nodes_seen": self.nodes_seen, "generator": self._generator.get_state(), "replay": replay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.nodes_seen = int(state["nodes_seen"])
+        self._generator.set_state(state["generator"])
+        self._replay = deque(
+            ((PrefixBatch(depth=r["depth"], prefix_len=r["prefix_len"], hidden=r["hidden"],
+                          token_ids=None if r["token_ids"] is None else [t.numpy() for t in r["token_ids"]]),
+              r["targets"], r["weights"]) for r in state["replay"]),
+            maxlen=self.config.replay_steps)
+
+
+def _features(batch: PrefixBatch) -> torch.Tensor:
+    """[K, 2] scale-free side features: log turn depth and log prefix length."""
+    return torch.stack([torch.log1p(batch.depth.float()), torch.log1p(batch.prefix_len.float()) / 4.0], dim=1)
+
+
+class _MLPHead(nn.Module):
+    def __init__(self, input_dim: int, hidden_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(input_dim)
+        self.mlp = nn.Sequential(nn.Linear(input_dim + 2, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([self.norm(hidden), features], dim=1)).squeeze(1)
+
+
+class MLPHeadPredictor(_OnlineRegressor):
+    """Default backend: MLP on the (detached) policy hidden state at the prefix's last token."""
+
+    def __init__(self, hidden_size: int, config: PredictorConfig | None = None):
+        super().__init__(config or PredictorConfig())
+        torch.manual_seed(self.config.seed)
+        self.net = _MLPHead(hidden_size, self.config.hidden_dim)
+        self._make_optimizer()
+
+    def _logits(self, batch: PrefixBatch) -> torch.Tensor:
+        if batch.hidden is None:
+            raise ValueError("hidden: the MLP head predictor needs the policy hidden states of the prefixes")
+        return self.net(batch.hidden.float(), _features(batch))
+
+
+class _EncoderHead(nn.Module):
+    def __init__(self, encoder: nn.Module, hidden_size: int, hidden_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = _MLPHead(hidden_size, hidden_dim)
+
+
+class EncoderPredictor(_OnlineRegressor):
+    """Alternative backend: a separate small model (any HF model returning hidden states) reads the
+    prefix tokens; its last-token hidden state feeds the MLP head. Trained end to end."""
+
+    def __init__(self, encoder: nn.Module, config: PredictorConfig | None = None, *, pad_token_id: int = 0):
+        super().__init__(config or PredictorConfig())
+        torch.manual_seed(self.config.seed)
+        hidden_size = encoder.config.hidden_size
+        self.net = _EncoderHead(encoder, hidden_size, self.config.hidden_dim)
+        self.pad_token_id = pad_token_id
+        self._make_optimizer()
+
+    def _logits(self, batch: PrefixBatch) -> torch.Tensor:
+        if batch.token_ids is None:
+            raise ValueError("token_ids: the encoder predictor needs prefix tokens (prefix_batch(..., with_tokens=True))")
+        lengths = torch.as_tensor([t.size for t in batch.token_ids])
+        ids = torch.full((len(batch), int(lengths.max())), self.pad_token_id, dtype=torch.long)
+        for i, t in enumerate(batch.token_ids):
+            ids[i, : t.size] = torch.as_tensor(t)
+        mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+        device = next(self.net.parameters()).device
+        out = self.net.encoder(input_ids=ids.to(device), attention_mask=mask.long().to(device), output_hidden_states=True)
+        last = out.hidden_states[-1][torch.arange(len(batch)), (lengths - 1).to(device)]
+        return self.net.head(last.float(), _features(batch).to(device))
+
+
+# ---------------------------------------------------------------------- calibration
+def calibration(pred: np.ndarray, target: np.ndarray, weight: np.ndarray, mixed: np.ndarray,
+                contrast: np.ndarray) -> dict[str, float]:
+    """Calibration of predictions made *before* the outcomes were seen.
+
+    pred/target/weight [K]: predicted and realised subtree success, leaves under each node.
+    mixed [K] bool: the node's subtree turned out mixed; contrast [K]: the predicted chance of that
+    (e.g. 1 - q for an anchor, p(1-p) for a root), whose ranking the AUC scores.
+    Returns brier (weighted), brier_constant (the best constant predictor, for reference), auc_mixed.
+    """
+    pred, target, weight = (np.asarray(x, dtype=np.float64) for x in (pred, target, weight))
+    if pred.size == 0:
+        return {"brier": math.nan, "brier_constant": math.nan, "auc_mixed": math.nan}
+    total = weight.sum()
+    brier = float((weight * (pred - target) ** 2).sum() / total)
+    constant = (weight * target).sum() / total
+    return {"brier": brier, "brier_constant": float((weight * (constant - target) ** 2).sum() / total),
+            "auc_mixed": auc(np.asarray(contrast, dtype=np.float64), np.asarray(mixed, dtype=bool))}
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN with one class."""
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    if positives == 0 or negatives == 0:
+        return math.nan
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each distinct score
+    rank_sum = average_rank[inverse][labels].sum()
+    return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))

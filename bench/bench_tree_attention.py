@@ -39,8 +39,8 @@ from trace_kernels.tree_attention import META, block_skip_metadata, tree_attenti
 
 # tile shapes the schedule counts are reported for: (BLOCK_M, BLOCK_N) of the forward/dq kernels and
 # of the dk/dv kernel (the autotuner picks among these on CUDA; the interpreter uses the last pair)
-FWD_TILES = [(128, 64), (64, 64), (32, 16)]
-DKDV_TILES = [(32, 128), (64, 64), (16, 32)]
+FWD_TILES = [(128, 64), (64, 64), (16, 32)]
+DKDV_TILES = [(32, 128), (64, 64), (32, 16)]
 
 
 @dataclass

@@ -40,7 +40,7 @@ _INTERPRET = interpreter_enabled()
 def _configs(kernel: str) -> list[triton.Config]:
     """Autotune candidates. The interpreter cannot autotune, so it gets one (small, unequal) tile."""
     if _INTERPRET:
-        bm, bn = (16, 32) if kernel == "dkdv" else (32, 16)
+        bm, bn = (32, 16) if kernel == "dkdv" else (16, 32)  # BLOCK_N > META: the vector max path
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
     if kernel == "dkdv":  # outer loop over a key tile, inner over query tiles
         shapes = [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 8, 3)]

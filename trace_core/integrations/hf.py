@@ -9,6 +9,11 @@ sees exactly the positions of the unpacked leaf sequences.
 
     hidden = tree_forward(model, packed)          # [T, hidden_size], final norm applied
     logits = model.lm_head(hidden)                # per packed token
+
+or, with the model's own forward (call `register()` before loading with
+attn_implementation="trace_tree", or use `model.set_attn_implementation("trace_tree")`):
+
+    model(input_ids=ids[None], position_ids=pos[None], tree_end=end, use_cache=False)
 """
 from __future__ import annotations
 

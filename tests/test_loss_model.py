@@ -1,5 +1,6 @@
 """The contract of the training path: on a real model, the packed-tree loss (tree attention, one
-pass) and its gradients equal the loss over flattened leaf sequences run with stock HF attention."""
+pass, fused linear_logprob over the label pairs) and its gradients equal the loss over flattened
+leaf sequences run with stock HF attention and a dense log-softmax."""
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from trace_core.loss import gather_token_logprobs, leaf_path_policy_loss, packed
 from trace_core.models import load_smollm2, tiny_causal_lm
 from trace_core.packing import pack, unpack
 from trace_core.synthetic import synthetic_forest
+from trace_kernels import linear_logprob
 
 
 def next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -35,9 +37,8 @@ def losses_and_grads(model, forest, adv, kind, backend, seed=0):
     pos, neg, kl_w = weights.to_torch()
 
     hidden = tree_forward(model, packed, backend=backend)
-    logits = model.lm_head(hidden)
-    pair_lp = torch.log_softmax(logits[torch.as_tensor(packed.label_rows)], dim=-1).gather(
-        1, torch.as_tensor(packed.labels)[:, None])[:, 0]
+    pair_lp = linear_logprob(hidden, model.lm_head.weight, torch.as_tensor(packed.label_rows),
+                             torch.as_tensor(packed.labels), backend=backend)
     token_lp = gather_token_logprobs(pair_lp, packed)
     packed_loss, _ = packed_policy_loss(token_lp, old, pos, neg, kl_w, ref_logprobs=ref, kl_coef=0.05)
     packed_grads = torch.autograd.grad(packed_loss, params)

@@ -10,7 +10,9 @@ from forest_strategies import forests
 from trace_core.advantage import LEAF, NODE, segment, tree_grpo
 from trace_core.loss import (gather_token_logprobs, leaf_path_policy_loss, packed_loss_weights,
                              packed_policy_loss)
-from trace_core.packing import pack, unpack
+from trace_core.loss import leaf_weights
+from trace_core.packing import pack, split_by_tokens, unpack
+from trace_core.synthetic import synthetic_forest
 from trace_core.tree import ForestError, RolloutForest
 
 
@@ -125,3 +127,27 @@ def test_errors():
         packed_policy_loss(torch.tensor([0.0, float("nan")]), x, x, x, x)
     with pytest.raises(ValueError, match="logprobs: expected a 1-D"):
         packed_policy_loss(torch.zeros(2, 2), x, x, x, x)
+
+
+def test_micro_batch_losses_add_up_to_the_full_loss():
+    forest = synthetic_forest(np.random.default_rng(7), num_prompts=5, rollouts=2, turns=3, continuations=2)
+    adv = tree_grpo(forest)
+    full = pack(forest)
+    w = leaf_weights(forest, full)
+
+    def loss_of(packed, weights):
+        old = torch.as_tensor(packed.old_logprobs, dtype=torch.float64)
+        # the new logprob of a token depends only on which token it is, not on the batch it is in
+        new = old + 0.3 * torch.sin(torch.as_tensor(packed.node_of_token * 7 + packed.position_ids, dtype=torch.float64))
+        return packed_policy_loss(new, old, *weights.to_torch(dtype=torch.float64))[0]
+
+    total = loss_of(full, packed_loss_weights(forest, full, adv))
+    batches = split_by_tokens(forest, full.num_tokens // 2)
+    assert len(batches) >= 2
+    micro = [pack(forest, roots=b) for b in batches]
+    parts = sum(loss_of(p, packed_loss_weights(forest, p, adv, leaf_weight=w)) for p in micro)
+    torch.testing.assert_close(parts, total, rtol=1e-10, atol=1e-12)
+    local = sum(loss_of(p, packed_loss_weights(forest, p, adv)) for p in micro)  # per-batch normalisation
+    assert not torch.allclose(local, total)
+    with pytest.raises(ForestError, match="leaf_weight: has shape"):
+        packed_loss_weights(forest, full, adv, leaf_weight=np.ones(3))

@@ -34,6 +34,7 @@ def test_trajectories_share_prompt_and_branch_prefix():
     assert f.rollout_root().tolist() == [-1, 1, 1, 1, 4, 4, -1, 7]
     assert f.tree_root().tolist() == [0, 0, 0, 0, 0, 0, 6, 6]
     assert f.num_children.tolist() == [2, 2, 0, 0, 1, 0, 1, 0]
+    assert f.turn_nodes == [[0, 1, 2], [0, 1, 3], [0, 4, 5], [6, 7]]
 
 
 def test_leaf_paths_and_sequences():

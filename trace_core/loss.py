@@ -70,11 +70,14 @@ def packed_loss_weights(
     kind: str = LEAF,
     *,
     loss_agg: str = "token-mean",
+    leaf_weight: np.ndarray | None = None,
 ) -> PackedLossWeights:
     """Per-token S+, S-, W of the module docstring.
 
     advantages [n]: leaf advantages (kind LEAF, e.g. advantage.tree_grpo) or node advantages
     (kind NODE, e.g. advantage.segment), over the forest's nodes.
+    leaf_weight [n]: aggregation weights from `leaf_weights` over the whole step's forest; pass
+    them when `packed` is one micro-batch, so the micro-batch losses add up to the full loss.
     """
     adv = np.asarray(advantages, dtype=np.float64)
     if adv.shape != (forest.num_nodes,):
@@ -83,7 +86,12 @@ def packed_loss_weights(
         raise ForestError("advantages", f"contains {int((~np.isfinite(adv)).sum())} non-finite values")
     if kind not in (LEAF, NODE):
         raise ForestError("kind", f"must be {LEAF!r} or {NODE!r}, got {kind!r}")
-    w = leaf_weights(forest, packed, loss_agg)
+    if leaf_weight is None:
+        w = leaf_weights(forest, packed, loss_agg)
+    else:
+        w = np.asarray(leaf_weight, dtype=np.float64)
+        if w.shape != (forest.num_nodes,):
+            raise ForestError("leaf_weight", f"has shape {w.shape}, expected ({forest.num_nodes},)")
     weight_below = forest.subtree_sum(w)  # W per node: sum of w_l over leaves under it
     if kind == LEAF:
         pos = forest.subtree_sum(w * np.maximum(adv, 0.0))

@@ -131,6 +131,8 @@ class RolloutForest:
         self._nodes = {name: _Column(dtype) for name, dtype in self._NODE_COLUMNS.items()}
         self._toks = {name: _Column(dtype, 256) for name, dtype in self._TOKEN_COLUMNS.items()}
         self._root_of_prompt: dict[int, int] = {}
+        # from_trajectories: per trajectory, the node ids of its prompt and of each of its turns
+        self.turn_nodes: list[list[int]] = []
 
     # ------------------------------------------------------------------ columns
     parent = property(lambda self: self._nodes["parent"].view, doc="[n] int64 parent node, -1 for roots")
@@ -262,14 +264,14 @@ class RolloutForest:
         """Build the forest of a batch from flat trajectories.
 
         Trajectories with the same prompt_id share one root (their prompts must be identical).
+        `forest.turn_nodes[i][t]` is then the node of turn t of trajectories[i] (t = 0: its prompt).
         A continuation (`branch_from=(j, t)`) must come after trajectory j, repeat its prompt and
         turns 1..t token for token, and branch before j's last turn.
         """
         forest = cls(vocab_size)
-        turn_nodes: list[list[int]] = []  # per trajectory: node id of its prompt and of each turn
         for i, traj in enumerate(trajectories):
             try:
-                turn_nodes.append(forest._add_trajectory(traj, trajectories, turn_nodes))
+                forest.turn_nodes.append(forest._add_trajectory(traj, trajectories, forest.turn_nodes))
             except ForestError as err:
                 raise err.under(f"trajectories[{i}]") from None
         return forest

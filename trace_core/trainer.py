@@ -1,0 +1,380 @@
+"""The TRACE trainer: one step of METHOD.md, top to bottom.
+
+    step = Stage 1 (roots) -> bare rollouts -> Stage 2 (prefixes) -> continuations -> rewards
+           -> predictor update -> advantages -> packed tree forward -> fused logprob
+           -> packed loss -> optimizer step
+
+Every mode (`trace`, `uniform`, `random_tree`, `pcl`) samples the same number of leaves per step.
+The run directory holds config.yaml, metrics.jsonl (one JSON object per step / eval), and atomic
+checkpoints; `resume=True` continues a run exactly where its latest checkpoint left it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .advantage import compute_advantages
+from .allocate import get_allocator
+from .config import ConfigError, save_config, to_dict
+from .engine import Anchor, EngineTrajectory, HFRolloutEngine, SamplingParams, to_forest_trajectories
+from .envs import make_env, make_task_source
+from .integrations.hf import tree_forward
+from .loss import leaf_weights, packed_loss_weights, packed_policy_loss
+from .packing import pack, split_by_tokens
+from .policy import build_policy
+from .predictor import MLPHeadPredictor, PrefixBatch, calibration, prefix_batch, training_targets
+from .tree import RolloutForest
+from .trainer_config import TrainConfig
+from trace_kernels import linear_logprob
+
+log = logging.getLogger("trace_core.trainer")
+
+
+class PhaseTimer:
+    """Wall time per named phase of a step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class StepBatch:
+    """What one step sampled: the forest and the predictions made before outcomes were known."""
+
+    forest: RolloutForest
+    predicted_nodes: np.ndarray  # forest nodes that got a prediction (roots, anchors)
+    predicted: np.ndarray  # their Vhat at allocation time
+    contrast: np.ndarray  # predicted chance that each node's subtree turns out mixed
+    informed: bool  # the predictor drove the allocation (not cold start, mode uses it)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        torch.manual_seed(cfg.seed)
+        self.policy = build_policy(cfg.model, cfg.env.name, cfg.seed)
+        self.model = self.policy.model
+        try:
+            source = make_task_source(cfg.env.name, **cfg.env.tasks)
+            self.train_tasks, self.eval_tasks = source.tasks("train"), source.tasks("eval")
+            make_env(cfg.env.name, **cfg.env.env)  # fail now on bad env options, not mid-step
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"env: {err}") from None
+        if len(self.train_tasks) < cfg.allocation.candidates:
+            raise ConfigError(f"allocation.candidates: {cfg.allocation.candidates} prompts per step, but the train "
+                              f"split has only {len(self.train_tasks)} tasks")
+        get_allocator(cfg.allocation.mode, **self._allocator_options(np.random.default_rng(0)))  # fail early
+        self.predictor = MLPHeadPredictor(self.model.config.hidden_size, cfg.predictor)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.optim.kl_coef > 0 else None
+        self.engine = self._make_engine(greedy=False)
+        self.backend = None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend
+        self.step = 0
+        self.leaves_sampled = 0
+        if resume:
+            self._load_latest()
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "metrics.jsonl").write_text("")
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _allocator_options(self, rng: np.random.Generator) -> dict:
+        mode = self.cfg.allocation.mode
+        if mode == "random_tree":
+            return {"rng": int(rng.integers(2**62))}
+        if mode == "pcl":
+            return {"count_per_prompt": self.cfg.allocation.pcl_count}
+        return {}
+
+    def _make_engine(self, greedy: bool) -> HFRolloutEngine:
+        g = self.cfg.generation
+        sampling = SamplingParams(temperature=0.0 if greedy else g.temperature, top_p=1.0 if greedy else g.top_p,
+                                  max_tokens=g.max_tokens_per_turn, stop_strings=tuple(g.stop_strings),
+                                  stop_token_ids=self.policy.stop_token_ids)
+        env = self.cfg.env
+        return HFRolloutEngine(self.model, self.policy.codec, lambda: make_env(env.name, **env.env), sampling=sampling,
+                               num_pages=g.num_pages, page_size=g.page_size, seed=self.cfg.seed)
+
+    def _uses_predictor(self) -> bool:
+        return self.cfg.allocation.mode in ("trace", "pcl") and self.predictor.ready
+
+    # ------------------------------------------------------------------ one training step
+    def train_step(self) -> dict[str, float]:
+        cfg, a = self.cfg, self.cfg.allocation
+        timer = PhaseTimer()
+        rng = np.random.default_rng([cfg.seed, self.step])  # a pure function of (seed, step): resumable
+        self.engine.reseed(int(rng.integers(2**62)))
+        allocator = get_allocator(a.mode, **self._allocator_options(rng))
+        self.model.eval()
+
+        # Stage 1: how many bare rollouts each candidate prompt gets
+        candidates = [self.train_tasks[i] for i in rng.choice(len(self.train_tasks), a.candidates, replace=False)]
+        informed = self._uses_predictor()
+        with timer("predict"):
+            v = self._predict_prompts(candidates) if informed else np.full(a.candidates, 0.5)
+        bare_budget = a.leaves_per_step if a.mode == "uniform" else a.roots
+        counts = np.asarray(allocator.roots(v, bare_budget, m_min=a.m_min, m_max=a.m_max, eps=a.eps), dtype=np.int64)
+
+        with timer("rollout"):
+            bare = self.engine.rollout(candidates, counts, prompt_ids=range(a.candidates))
+        forest = RolloutForest.from_trajectories(_forest_trajectories(bare), vocab_size=self._vocab())
+        bare_reward = forest.reward[[nodes[-1] for nodes in forest.turn_nodes]]
+
+        # Stage 2: continuations from the turn prefixes (anchors) of the bare rollouts
+        anchors, anchor_nodes, anchor_traj = _anchors(bare, forest)
+        p_anchor = np.full(len(anchors), 0.5)
+        continuations: list[EngineTrajectory] = []
+        reassigned = 0
+        if a.mode != "uniform" and a.continuations_per_root > 0 and anchors:
+            if informed:
+                with timer("predict"):
+                    p_anchor = self._predict_nodes(forest, anchor_nodes)
+            group = np.array([bare[i].prompt_id for i in anchor_traj], dtype=np.int64)
+            budget, reassigned = _prefix_budgets(counts * a.continuations_per_root, group)
+            k = allocator.prefixes(p_anchor, bare_reward[anchor_traj], group, budget, k_max=a.k_max, eps=a.eps)
+            with timer("expand"):
+                continuations = self.engine.expand(anchors, k)
+        generated_tokens = self.engine.generated_tokens
+        self.engine.release_all()
+        forest = RolloutForest.from_trajectories(_forest_trajectories(bare + continuations), vocab_size=self._vocab())
+        batch = self._predictions(forest, counts, v, anchor_nodes, p_anchor, bare_reward[anchor_traj], informed)
+
+        # Learn: predictor on subtree success rates, policy on the packed tree
+        with timer("train"):
+            metrics = self._update(forest, batch)
+        self.step += 1
+        self.leaves_sampled += int(forest.leaves.size)
+        rewards = forest.reward[forest.leaves]
+        metrics.update({
+            "step": self.step, "leaves": int(forest.leaves.size), "leaves_sampled": self.leaves_sampled,
+            "prompts": int((counts > 0).sum()), "success_leaves": float(rewards.mean()),
+            "success_bare": float(bare_reward.mean()), "effective_ratio": forest.effective_ratio(),
+            "generated_tokens": generated_tokens, "predictor_informed": float(informed),
+            "continuation_budget_reassigned": reassigned,
+            **{f"time/{k}": v for k, v in timer.seconds.items()},
+        })
+        return metrics
+
+    def _vocab(self) -> int:
+        return self.model.get_input_embeddings().num_embeddings
+
+    @torch.no_grad()
+    def _predict_prompts(self, tasks) -> np.ndarray:
+        """Vhat of each prompt: the predictor on the policy's hidden state at the prompt's last token."""
+        prompts = []
+        for task in tasks:
+            env = make_env(self.cfg.env.name, **self.cfg.env.env)
+            prompts.append(np.asarray(self.policy.codec.encode_prompt(env.reset(task, seed=0)), dtype=np.int64))
+        lengths = np.array([p.size for p in prompts])
+        ends = np.cumsum(lengths)
+        packed = _Chains(input_ids=np.concatenate(prompts), position_ids=np.concatenate([np.arange(n) for n in lengths]),
+                         end=np.repeat(ends, lengths).astype(np.int32))
+        hidden = tree_forward(self.model, packed, backend=self.backend)
+        batch = PrefixBatch(depth=torch.zeros(len(tasks), dtype=torch.long), prefix_len=torch.as_tensor(lengths),
+                            hidden=hidden[torch.as_tensor(ends - 1)].float().cpu())
+        return self.predictor.predict(batch)
+
+    @torch.no_grad()
+    def _predict_nodes(self, forest: RolloutForest, nodes: np.ndarray) -> np.ndarray:
+        packed = pack(forest)
+        hidden = tree_forward(self.model, packed, backend=self.backend)
+        return self.predictor.predict(prefix_batch(forest, packed, nodes, hidden))
+
+    def _predictions(self, forest, counts, v, anchor_nodes, p_anchor, anchor_r, informed) -> StepBatch:
+        """The predictions made before this step's outcomes, on the final forest's nodes, with the
+        chance each gave that the node's subtree turns out mixed."""
+        active = counts > 0
+        roots = np.array([forest.root_of(i) for i in np.flatnonzero(active)], dtype=np.int64)
+        v_roots, m = np.asarray(v)[active], counts[active]
+        root_contrast = 1 - v_roots**m - (1 - v_roots) ** m
+        q = anchor_r * p_anchor + (1 - anchor_r) * (1 - p_anchor)  # chance a continuation repeats the outcome
+        return StepBatch(forest=forest, predicted_nodes=np.concatenate([roots, anchor_nodes]).astype(np.int64),
+                         predicted=np.concatenate([v_roots, p_anchor]), contrast=np.concatenate([root_contrast, 1 - q]),
+                         informed=informed)
+
+    def _update(self, forest: RolloutForest, batch: StepBatch) -> dict[str, float]:
+        cfg = self.cfg
+        metrics: dict[str, float] = {}
+        if batch.informed and batch.predicted_nodes.size:  # calibration of predictions made before the outcomes
+            rates, counts, mixed = forest.subtree_success_rates(), forest.subtree_leaf_counts(), forest.is_mixed()
+            nodes = batch.predicted_nodes
+            cal = calibration(batch.predicted, rates[nodes], counts[nodes], mixed[nodes], batch.contrast)
+            metrics.update({f"predictor/{k}": v for k, v in cal.items()})
+
+        advantages, kind = compute_advantages(forest, cfg.optim.advantage)
+        full = pack(forest)
+        weights_all = leaf_weights(forest, full, cfg.optim.loss_agg)
+        target_nodes, targets, target_weights = training_targets(forest)
+        hidden_rows: dict[int, torch.Tensor] = {}
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total, clip_weighted = 0.0, 0.0
+        for roots in split_by_tokens(forest, cfg.optim.micro_batch_tokens):
+            packed = full if len(roots) == forest.roots.size else pack(forest, roots=roots)
+            weights = packed_loss_weights(forest, packed, advantages, kind, loss_agg=cfg.optim.loss_agg, leaf_weight=weights_all)
+            pos, neg, kl_w = weights.to_torch(device=self.policy.device)
+            hidden = tree_forward(self.model, packed, backend=self.backend)
+            in_batch = target_nodes[np.isin(forest.tree_root()[target_nodes], roots)]
+            for node, row in zip(in_batch, packed.node_end[in_batch] - 1):
+                hidden_rows[int(node)] = hidden[int(row)].detach().float().cpu()
+            loss, m = self._packed_loss(packed, hidden, pos, neg, kl_w)
+            loss.backward()
+            loss_total += loss.item()
+            clip_weighted += m["clip_fraction"].item() * float(kl_w.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.model.eval()
+
+        # predictor: every root and internal node, from the hidden states of this forward
+        order = [i for i, u in enumerate(target_nodes) if int(u) in hidden_rows]
+        nodes = target_nodes[order]
+        depth, prefix_len = forest.depth[nodes], full.position_ids[full.node_end[nodes] - 1] + 1
+        pb = PrefixBatch(depth=torch.as_tensor(depth, dtype=torch.long), prefix_len=torch.as_tensor(prefix_len),
+                         hidden=torch.stack([hidden_rows[int(u)] for u in nodes]) if len(nodes) else None)
+        if len(nodes):
+            metrics.update(self.predictor.observe(pb, targets[order], target_weights[order]))
+        metrics.update({"loss": loss_total, "grad_norm": float(grad_norm), "clip_fraction": clip_weighted,
+                        "tokens_packed": full.num_tokens, "tokens_leaf_paths": full.num_leaf_path_tokens,
+                        "dedup_ratio": full.num_leaf_path_tokens / max(full.num_tokens, 1)})
+        return metrics
+
+    def _packed_loss(self, packed, hidden, pos, neg, kl_w):
+        """Logprobs of the model tokens only (the others carry no loss), then the clipped surrogate."""
+        device = hidden.device
+        use = packed.loss_mask[packed.label_pos]
+        rows = torch.as_tensor(packed.label_rows[use], device=device)
+        labels = torch.as_tensor(packed.labels[use], device=device)
+        temperature = self.cfg.generation.temperature or 1.0  # greedy sampling records untempered logprobs
+        weight = self.model.get_output_embeddings().weight
+        pair_lp = linear_logprob(hidden, weight, rows, labels, temperature=temperature, backend=self.backend)
+        token_lp = torch.zeros(packed.num_tokens, device=device, dtype=pair_lp.dtype)
+        token_lp = token_lp.index_copy(0, torch.as_tensor(packed.label_pos[use], device=device), pair_lp)
+        old = torch.nan_to_num(torch.as_tensor(packed.old_logprobs, device=device), nan=0.0)
+        ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_hidden = tree_forward(self.reference, packed, backend=self.backend)
+                ref_pairs = linear_logprob(ref_hidden, self.reference.get_output_embeddings().weight, rows, labels,
+                                           temperature=temperature, backend=self.backend)
+            ref = torch.zeros_like(token_lp).index_copy(0, torch.as_tensor(packed.label_pos[use], device=device), ref_pairs)
+        return packed_policy_loss(token_lp, old, pos, neg, kl_w, eps_low=self.cfg.optim.eps_low,
+                                  eps_high=self.cfg.optim.eps_high, ref_logprobs=ref, kl_coef=self.cfg.optim.kl_coef)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, num_tasks: int | None = None) -> dict[str, float]:
+        """Success rate on the held-out split (one episode per task, greedy unless configured)."""
+        tasks = self.eval_tasks[: num_tasks or self.cfg.eval_tasks]
+        engine = self._make_engine(greedy=self.cfg.generation.eval_greedy)
+        engine.reseed(self.cfg.seed + 7919)
+        trajectories = engine.rollout(tasks, [1] * len(tasks))
+        engine.release_all()
+        rewards = np.array([t.reward or 0.0 for t in trajectories])
+        return {"eval/success": float(rewards.mean()), "eval/tasks": len(tasks)}
+
+    # ------------------------------------------------------------------ the loop, checkpoints
+    def fit(self, progress=None) -> list[dict]:
+        history = []
+        while self.step < self.cfg.steps:
+            metrics = self.train_step()
+            if (self.cfg.eval_every and self.step % self.cfg.eval_every == 0) or self.step == self.cfg.steps:
+                metrics.update(self.evaluate())
+            self._log(metrics)
+            history.append(metrics)
+            if progress is not None:
+                progress(metrics)
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                self.save()
+        return history
+
+    def _log(self, metrics: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, np.integer)) else v)
+                                     for k, v in metrics.items()}) + "\n")
+
+    def save(self) -> Path:
+        state = {"step": self.step, "leaves_sampled": self.leaves_sampled, "config": to_dict(self.cfg),
+                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "predictor": self.predictor.state_dict(), "rng": ckpt.rng_state()}
+        return ckpt.save_checkpoint(self.run_dir, self.step, state)
+
+    def _load_latest(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            raise ConfigError(f"resume: {self.run_dir} has no checkpoint to resume from")
+        state = ckpt.load_checkpoint(path)
+        saved = state["config"]
+        for key in ("seed", "model", "env", "allocation", "optim"):
+            if saved[key] != to_dict(self.cfg)[key]:
+                raise ConfigError(f"resume: {key} differs from the run's saved config.yaml; resume with the same config")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.predictor.load_state_dict(state["predictor"])
+        ckpt.set_rng_state(state["rng"])
+        self.step, self.leaves_sampled = int(state["step"]), int(state["leaves_sampled"])
+        # metrics written after the checkpoint belong to steps that will run again
+        lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= self.step]
+        (self.run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+
+
+@dataclass
+class _Chains:
+    """Independent sequences packed back to back: the packed-tree fields tree_forward reads."""
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    end: np.ndarray
+
+
+def _forest_trajectories(trajectories: list[EngineTrajectory]):
+    """Engine output -> forest input; an episode the engine cut off (no reward) counts as failed."""
+    converted = to_forest_trajectories(trajectories)
+    return [t if t.reward is not None else type(t)(**{**t.__dict__, "reward": 0.0}) for t in converted]
+
+
+def _anchors(bare: list[EngineTrajectory], forest: RolloutForest):
+    """Every non-final turn of every bare rollout: engine anchors, their forest nodes, and the index
+    of the bare rollout each belongs to."""
+    anchors, nodes, owner = [], [], []
+    for i, traj in enumerate(bare):
+        for t in range(1, traj.num_turns):
+            anchors.append(Anchor(traj.uid, t))
+            nodes.append(forest.turn_nodes[i][t])
+            owner.append(i)
+    return anchors, np.asarray(nodes, dtype=np.int64), np.asarray(owner, dtype=np.int64)
+
+
+def _prefix_budgets(budget: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, int]:
+    """Per-prompt continuation budgets. A prompt whose bare rollouts all ended after one turn has no
+    anchor; its share goes to the prompts that have anchors (in proportion to their budgets, ties to
+    the lowest ids) so every step samples the same number of leaves. Returns (budgets, moved)."""
+    budget = np.asarray(budget, dtype=np.int64).copy()
+    has_anchor = np.zeros(budget.size, dtype=bool)
+    has_anchor[group] = True
+    moved = int(budget[~has_anchor].sum())
+    budget[~has_anchor] = 0
+    if moved and has_anchor.any():
+        base = np.where(has_anchor, np.maximum(budget, 1), 0).astype(np.float64)
+        share = np.floor(moved * base / base.sum()).astype(np.int64)
+        rest = moved - int(share.sum())
+        share[np.flatnonzero(has_anchor)[:rest]] += 1
+        budget += share
+    return budget, moved

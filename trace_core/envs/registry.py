@@ -1,19 +1,21 @@
 """Environments by name, so a trainer config can say `env: {name: gridworld, ...}`.
 
 An entry pairs an env factory (keyword arguments -> a fresh `Env`) with a task-source factory
-(keyword arguments -> a `TaskSource`). Built-in envs register themselves when
-`trace_core.envs` is imported; users add theirs with `register_env`.
+(keyword arguments -> a `TaskSource`). A factory is a callable or a "package.module:attribute"
+path imported on first use. Built-in envs register themselves when `trace_core.envs` is
+imported (builtin.py); users add theirs with `register_env`.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .base import Env, EnvError, TaskSource
 
-EnvFactory = Callable[..., Env]
-TaskSourceFactory = Callable[..., TaskSource]
+EnvFactory = Callable[..., Env] | str
+TaskSourceFactory = Callable[..., TaskSource] | str
 
 _REGISTRY: dict[str, tuple[EnvFactory, TaskSourceFactory | None]] = {}
 
@@ -23,10 +25,10 @@ def register_env(name: str, env_factory: EnvFactory, task_source_factory: TaskSo
     """Register `env_factory` (and optionally its task source) under `name`."""
     if not isinstance(name, str) or not name:
         raise EnvError(f"name must be a non-empty string, got {name!r}")
-    if not callable(env_factory):
-        raise EnvError(f"env_factory for {name!r} must be callable, got {type(env_factory).__name__}")
-    if task_source_factory is not None and not callable(task_source_factory):
-        raise EnvError(f"task_source_factory for {name!r} must be callable or None")
+    if not (callable(env_factory) or _is_path(env_factory)):
+        raise EnvError(f"env_factory for {name!r} must be callable or a 'module:attribute' path, got {env_factory!r}")
+    if task_source_factory is not None and not (callable(task_source_factory) or _is_path(task_source_factory)):
+        raise EnvError(f"task_source_factory for {name!r} must be callable, a 'module:attribute' path, or None")
     if name in _REGISTRY and not overwrite:
         raise EnvError(f"an env named {name!r} is already registered (pass overwrite=True to replace it)")
     _REGISTRY[name] = (env_factory, task_source_factory)
@@ -42,8 +44,23 @@ def _lookup(name: str) -> tuple[EnvFactory, TaskSourceFactory | None]:
     return _REGISTRY[name]
 
 
-def _call(factory: Callable[..., Any], kwargs: dict[str, Any], what: str) -> Any:
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and value.count(":") == 1 and all(value.split(":"))
+
+
+def _resolve(factory: Any, what: str) -> Callable[..., Any]:
+    if not isinstance(factory, str):
+        return factory
+    module_name, attr = factory.split(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise EnvError(f"{what}: cannot import factory {factory!r} ({exc})") from exc
+
+
+def _call(factory: Any, kwargs: dict[str, Any], what: str) -> Any:
     """Call `factory(**kwargs)`, turning an unknown keyword into an EnvError that names it."""
+    factory = _resolve(factory, what)
     params = inspect.signature(factory).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))

@@ -35,7 +35,7 @@ def test_env_satisfies_protocol():
 
 @pytest.mark.parametrize("text,expected", [
     ("north", "north"), ("  East \n", "east"), ("west<eot>", "west"), ("south <eos>", "south"),
-    ("", None), ("north east", None), ("up", None), ("<eot>", None),
+    ("north east", "north"), ("", None), ("up", None), ("<eot>", None), ("goal north", None), ("<eot> west", "west"),
 ])
 def test_action_parser_policy(text, expected):
     direction, reason = parse_grid_action(text)
@@ -49,7 +49,9 @@ def test_prompt_and_observation_are_short_words():
     assert prompt == "level 1 turns 4 goal 3 east wall north hole south wall west"
     step = env.step("east")
     assert step.observation == "goal 2 east wall north wall south" and not step.done
-    assert step.info["position"] == [0, 1]
+    assert step.info["position"] == [0, 1] and "ignored_text" not in step.info
+    step = env.step("east goal 3 <eot>")  # words after the move are ignored, and reported
+    assert step.info["position"] == [0, 2] and step.info["ignored_text"] == "goal 3"
 
 
 def test_goal_hole_and_turn_limit():
@@ -84,7 +86,7 @@ def test_invalid_action_continue_uses_the_turn_without_moving():
 def test_invalid_action_end_policy():
     env = GridWorldEnv(on_invalid="end")
     env.reset(OPEN_TASK, seed=0)
-    step = env.step("north east")
+    step = env.step("wall east")
     assert step.done and step.reward == 0.0 and step.info["end_reason"] == "invalid_action"
 
 

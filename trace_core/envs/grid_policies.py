@@ -126,3 +126,32 @@ def rollout_success_rate(tasks: Sequence[Mapping], policy: Policy, *, episodes_p
             wins += step.reward == 1.0
             total += 1
     return wins / total
+
+
+def anchor_rates(num_tasks: int = 200, split: str = "eval", seed: int = 0, episodes_per_task: int = 2
+                 ) -> dict[int, dict[str, float]]:
+    """Per level: exact success of the optimal and random policies, and Monte Carlo success of
+    random / greedy (observation-only) / optimal policies played through the env."""
+    from .grid_tasks import LEVELS, generate_grid_tasks
+
+    rates: dict[int, dict[str, float]] = {}
+    for level in LEVELS:
+        tasks = generate_grid_tasks(num_tasks, split=split, seed=seed, levels=[level])
+        row = {f"exact_{name}": float(np.mean([exact_success_rate(t, name) for t in tasks]))
+               for name in ("random", "optimal")}
+        for name, policy in POLICIES.items():
+            row[f"mc_{name}"] = rollout_success_rate(tasks, policy, episodes_per_task=episodes_per_task, seed=seed + 1)
+        rates[level] = row
+    return rates
+
+
+if __name__ == "__main__":  # python -m trace_core.envs.grid_policies [num_tasks]
+    import sys
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+    table = anchor_rates(n)
+    columns = ["exact_random", "mc_random", "mc_greedy", "exact_optimal", "mc_optimal"]
+    print(f"grid world success rates, eval split, {n} tasks per level (Monte Carlo: 2 episodes per task)")
+    print("level  " + "  ".join(f"{c:>13}" for c in columns))
+    for level, row in table.items():
+        print(f"{level:>5}  " + "  ".join(f"{row[c]:>13.3f}" for c in columns))

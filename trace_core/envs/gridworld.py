@@ -9,10 +9,11 @@ four neighbours are blocked ("wall": a wall or the grid edge) or holes. It does 
 rest of the map, so the policy acts on local information; the scripted optimal policy in
 `grid_policies` sees the whole map and gives the upper anchor.
 
-Malformed actions (policy `on_invalid`, see base.INVALID_ACTION_POLICIES):
-    The action text is lower-cased, end-of-turn / eos markers ("<eot>", "<eos>", "</s>") and
-    surrounding whitespace are stripped; what remains must be exactly one direction word.
-    Anything else (empty text, two words, "up") is invalid.
+Action parsing and malformed actions (policy `on_invalid`, see base.INVALID_ACTION_POLICIES):
+    The action text is lower-cased and end-of-turn / eos markers ("<eot>", "<eos>", "</s>") are
+    removed. The FIRST word is the move and must be a direction; any further words are ignored
+    (reported in info["ignored_text"]), so a policy that rambles after its move still moves.
+    Empty text or a first word that is not a direction ("up", "goal") is invalid.
     on_invalid="continue" (default): the turn is used, the agent does not move, no randomness is
         drawn, the observation is "invalid " followed by the usual observation.
     on_invalid="end": the episode ends with reward 0 (info["end_reason"] == "invalid_action").
@@ -38,8 +39,8 @@ def parse_grid_action(text: str) -> tuple[str | None, str | None]:
     if not isinstance(text, str):
         return None, f"action must be text, got {type(text).__name__}"
     words = _END_MARKER_RE.sub(" ", text.lower()).split()
-    if len(words) != 1:
-        return None, "empty action" if not words else f"expected one word, got {len(words)}"
+    if not words:
+        return None, "empty action"
     if words[0] not in DIRECTIONS:
         return None, f"unknown action {words[0]!r}; expected one of {list(DIRECTIONS)}"
     return words[0], None
@@ -100,6 +101,9 @@ class GridWorldEnv:
         self.turn += 1
         direction, error = parse_grid_action(action)
         info: dict[str, Any] = {"turn": self.turn, "action": direction}
+        ignored = _END_MARKER_RE.sub(" ", action).split()[1:] if direction is not None else []
+        if ignored:
+            info["ignored_text"] = " ".join(ignored)
         if direction is None:
             info["invalid_reason"] = error
             if self.on_invalid == "end":

@@ -144,6 +144,12 @@ def test_snapshot_errors():
         GridWorldEnv().step("north")
     with pytest.raises(EnvError, match="snapshot"):
         GridWorldEnv().restore({"position": [0, 0]})
+    env = GridWorldEnv()
+    with pytest.raises(EnvError, match="seed"):
+        env.reset(OPEN_TASK, seed=-1)
+    env.reset(OPEN_TASK, seed=0)
+    with pytest.raises(EnvError, match="seed"):
+        env.restore(env.snapshot(), seed="abc")
 
 
 @pytest.mark.parametrize("field,value,message", [

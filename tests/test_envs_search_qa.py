@@ -161,6 +161,10 @@ def test_restore_equals_replaying_the_prefix(env):
     assert [untimed(env.step(a)) for a in actions] == [first, *rest]
     with pytest.raises(EnvError, match="snapshot"):
         other.restore({"turn": 1})
+    with pytest.raises(EnvError, match="seed"):
+        other.restore(snap, seed=1.5)
+    with pytest.raises(EnvError, match="seed"):
+        other.reset(TASK, seed="x")
 
 
 def test_synthetic_world_scripted_policy_solves_every_question():

@@ -102,3 +102,10 @@ def require_field(task: Mapping[str, Any], field_name: str, kind: type | tuple[t
         names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise EnvError(f"{where} field {field_name!r} must be {names}, got {type(value).__name__}: {value!r}")
     return value
+
+
+def check_seed(seed: Any) -> int | None:
+    """Raise EnvError naming `seed` unless it is None or a non-negative integer."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise EnvError(f"seed must be None or an integer >= 0, got {seed!r}")
+    return seed

@@ -27,7 +27,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import INVALID_ACTION_POLICIES, EnvError, EpisodeStateError, Step, check_choice, check_positive_int
+from .base import (
+    INVALID_ACTION_POLICIES, EnvError, EpisodeStateError, Step, check_choice, check_positive_int, check_seed,
+)
 from .grid_tasks import DIRECTIONS, MAX_TURNS, PERPENDICULAR, GridLayout, parse_grid_task
 
 END_MARKERS = ("<eot>", "<eos>", "</s>")
@@ -89,7 +91,7 @@ class GridWorldEnv:
         self._layout = parse_grid_task(task)
         self._task = dict(task)
         self.max_turns = min(self._layout.max_turns, self.turn_cap)
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(check_seed(seed))
         self.position = self._layout.start
         self.turn = 0
         self.done = False
@@ -137,6 +139,7 @@ class GridWorldEnv:
     def restore(self, snapshot: Any, *, seed: int | None = None) -> None:
         if not isinstance(snapshot, Mapping) or "task" not in snapshot or "rng" not in snapshot:
             raise EnvError("snapshot must be a value returned by GridWorldEnv.snapshot()")
+        check_seed(seed)
         self._task = dict(snapshot["task"])
         self._layout = parse_grid_task(self._task)
         self.max_turns = snapshot["max_turns"]

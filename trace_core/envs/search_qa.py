@@ -27,7 +27,9 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from .base import INVALID_ACTION_POLICIES, EnvError, EpisodeStateError, Step, check_choice, check_positive_int
+from .base import (
+    INVALID_ACTION_POLICIES, EnvError, EpisodeStateError, Step, check_choice, check_positive_int, check_seed,
+)
 from .qa_data import check_qa_task
 from .qa_metrics import exact_match, token_f1
 from .retriever import Passage, Retriever
@@ -97,6 +99,7 @@ class SearchQAEnv:
 
     # --- protocol ---------------------------------------------------------------------------
     def reset(self, task: Mapping[str, Any], *, seed: int | None = None) -> str:
+        check_seed(seed)
         self._task = check_qa_task(task)
         self.turn, self.done, self.reward = 0, False, None
         self.searches: list[str] = []
@@ -134,6 +137,7 @@ class SearchQAEnv:
     def restore(self, snapshot: Any, *, seed: int | None = None) -> None:
         if not isinstance(snapshot, Mapping) or not {"task", "turn", "done", "searches"} <= set(snapshot):
             raise EnvError("snapshot must be a value returned by SearchQAEnv.snapshot()")
+        check_seed(seed)
         self._task = check_qa_task(snapshot["task"])
         self.turn, self.done, self.reward = snapshot["turn"], snapshot["done"], snapshot.get("reward")
         self.searches = list(snapshot["searches"])

@@ -151,3 +151,13 @@ def read_relation(text: str, subject: str, relation: str) -> str | None:
     pattern = pattern.replace(re.escape("{o}"), r"([^.\n<]+)", 1)
     match = re.search(pattern, text)
     return match.group(1).strip() if match else None
+
+
+if __name__ == "__main__":  # python -m trace_core.envs.synthetic_qa OUT_DIR [SEED]
+    import sys
+
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python -m trace_core.envs.synthetic_qa OUT_DIR [SEED]")
+    written = write_synthetic_qa(sys.argv[1], seed=int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    for name, path in written.items():
+        print(f"{name}: {path} ({sum(1 for _ in open(path, encoding='utf-8'))} lines)")

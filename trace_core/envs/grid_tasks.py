@@ -43,7 +43,7 @@ class LevelSpec:
 
 
 LEVELS: dict[int, LevelSpec] = {
-    0: LevelSpec(size=4, slip=0.0, walls=0, holes=0, distance=(1, 3), spare_turns=2),
+    0: LevelSpec(size=4, slip=0.0, walls=0, holes=0, distance=(1, 3), spare_turns=4),
     1: LevelSpec(size=5, slip=0.1, walls=2, holes=0, distance=(2, 5), spare_turns=2),
     2: LevelSpec(size=5, slip=0.2, walls=3, holes=1, distance=(3, 6), spare_turns=2),
     3: LevelSpec(size=6, slip=0.3, walls=4, holes=3, distance=(4, 8), spare_turns=1),

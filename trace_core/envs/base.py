@@ -44,3 +44,68 @@ class Env(Protocol):
 
     def restore(self, snapshot: Any, *, seed: int | None = None) -> None:
         """Resume exactly at `snapshot`; with `seed`, reseed the randomness of future turns."""
+
+
+# --- additions shared by the concrete environments -------------------------------------------
+
+INVALID_ACTION_POLICIES = ("continue", "end")
+"""What an env does with an action its parser rejects (set per env with `on_invalid`):
+
+continue  the turn is used up, the observation says the action was invalid (and repeats what the
+          policy needs to go on), the episode goes on; the turn limit still applies.
+end       the episode ends at once with reward 0 and info["end_reason"] == "invalid_action".
+"""
+
+
+class EnvError(ValueError):
+    """A user-caused error in an env's configuration or task record; the message names the field."""
+
+
+class EpisodeStateError(RuntimeError):
+    """An env method was called in the wrong state (step before reset, step after done)."""
+
+
+@runtime_checkable
+class TaskSource(Protocol):
+    """Where an env's task records come from, by split ("train" / "eval")."""
+
+    def tasks(self, split: str) -> list[dict[str, Any]]:
+        """All task records of `split`, each a JSON-serialisable dict accepted by the env's `reset`."""
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    """Raise EnvError naming `name` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise EnvError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Raise EnvError naming `name` unless `value` is an int >= 1; returns it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EnvError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_split(split: Any) -> str:
+    check_choice("split", split, ("train", "eval"))
+    return split
+
+
+def require_field(task: Mapping[str, Any], field_name: str, kind: type | tuple[type, ...], where: str = "task") -> Any:
+    """task[field_name], checked to be of `kind`; EnvError naming the field otherwise."""
+    if not isinstance(task, Mapping):
+        raise EnvError(f"{where} must be a mapping (dict), got {type(task).__name__}")
+    if field_name not in task:
+        raise EnvError(f"{where} is missing the field {field_name!r}")
+    value = task[field_name]
+    if not isinstance(value, kind) or isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise EnvError(f"{where} field {field_name!r} must be {names}, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def check_seed(seed: Any) -> int | None:
+    """Raise EnvError naming `seed` unless it is None or a non-negative integer."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise EnvError(f"seed must be None or an integer >= 0, got {seed!r}")
+    return seed

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from trace_kernels.tree_decode_meta import TreeDecodeMeta, build_tree_decode_meta
+
 
 class CacheCapacityError(RuntimeError):
     """The page pool cannot hold the requested tokens."""
@@ -196,6 +198,22 @@ class PagedTreeKVCache:
         flat_k = self.k_pools[layer].view(-1, self.num_kv_heads, self.head_dim)
         flat_v = self.v_pools[layer].view(-1, self.num_kv_heads, self.head_dim)
         return flat_k[slots], flat_v[slots]
+
+    def decode_meta(self, leaves, *, block_q: int = 16) -> TreeDecodeMeta:
+        """Metadata for one shared-prefix decode step whose query b sits at the end of `leaves[b]`
+        (every node on the leaves' paths is one segment, listed once however many leaves share it)."""
+        index: dict[int, int] = {}
+        segments, query_segments = [], []
+        for leaf in leaves:
+            path = []
+            for u in self.path(leaf):
+                if u not in index:
+                    index[u] = len(segments)
+                    segments.append((self._nodes[u].pages, self._nodes[u].length))
+                path.append(index[u])
+            query_segments.append(path)
+        return build_tree_decode_meta(segments, query_segments, page_size=self.page_size, block_q=block_q,
+                                      device=self.k_pools[0].device)
 
     # ------------------------------------------------------------------ freeing
     def release(self, node: int) -> None:

@@ -154,6 +154,28 @@ class PagedTreeKVCache:
         n.length += int(num_tokens)
         return torch.as_tensor(page_ids * self.page_size + positions % self.page_size, dtype=torch.int64)
 
+    def pages_needed(self, node: int, num_tokens: int) -> int:
+        """New pages `reserve(node, num_tokens)` would take."""
+        n = self._get(node, "node")
+        return max(0, -(-(n.length + num_tokens - len(n.pages) * self.page_size) // self.page_size))
+
+    def reserve_many(self, nodes, counts) -> list[torch.Tensor]:
+        """`reserve` for several distinct nodes, all or nothing (capacity is checked up front)."""
+        nodes, counts = list(nodes), list(counts)
+        if len(set(nodes)) != len(nodes) or len(nodes) != len(counts):
+            raise CacheUsageError("nodes: must be distinct, one count each")
+        needed = sum(self.pages_needed(u, c) for u, c in zip(nodes, counts))
+        if needed > len(self._free_pages):
+            raise CacheCapacityError(
+                f"KV cache out of pages: {len(nodes)} node(s) need {needed} new page(s) of {self.page_size} tokens, "
+                f"but only {len(self._free_pages)} of {self.num_pages} pages are free; "
+                "release finished branches or build the cache with more num_pages")
+        for u in nodes:
+            n = self._nodes[int(u)]
+            if n.children:
+                raise CacheUsageError(f"nodes: node {u} has children; it is frozen")
+        return [self.reserve(u, c) for u, c in zip(nodes, counts)]
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one layer's K/V ([n, num_kv_heads, head_dim] each) at `slots` ([n], from `reserve`)."""
         if not 0 <= layer < self.num_layers:

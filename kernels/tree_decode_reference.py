@@ -38,14 +38,14 @@ def check_tree_decode_inputs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
 
 def _attend(q, k, v, valid, scale):
     """q [b, Hq, D], k/v [b, L, Hkv, D] (fp32), valid [b, L] -> (out [b, Hq, D], lse [b, Hq])."""
-    group = q.shape[1] // k.shape[2]
-    k = k.repeat_interleave(group, dim=2)
-    v = v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bhd,blhd->bhl", q, k) * scale
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    b, num_heads, dim = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, kv_heads, num_heads // kv_heads, dim)  # GQA without repeating K/V
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.einsum("bhl,blhd->bhd", torch.exp(scores - lse[..., None]), v)
-    return out, lse
+    out = torch.einsum("bhgl,blhd->bhgd", torch.exp(scores - lse[..., None]), v)
+    return out.reshape(b, num_heads, dim), lse.reshape(b, num_heads)
 
 
 def tree_decode_attention_reference(q, k_pool, v_pool, meta: TreeDecodeMeta, scale: float | None = None):
@@ -75,14 +75,14 @@ def tree_decode_attention_cascade(q, k_pool, v_pool, meta: TreeDecodeMeta, scale
     for s in range(len(seg_len)):
         pos = torch.arange(seg_len[s], device=q.device)
         slots = meta.seg_pages[s].to(q.device).long()[pos // meta.page_size] * meta.page_size + pos % meta.page_size
-        k, v = flat_k[slots].float()[None], flat_v[slots].float()[None]  # read once for all queries
+        k, v = flat_k[slots].float(), flat_v[slots].float()  # [L, Hkv, D], read once for all queries
         lo, hi = pair_ptr[s], pair_ptr[s + 1]
-        queries = meta.pair_query[lo:hi].to(q.device).long()
-        group = q.shape[1] // heads
-        kk, vv = k[0].repeat_interleave(group, 1), v[0].repeat_interleave(group, 1)  # [L, Hq, D]
-        scores = torch.einsum("bhd,lhd->bhl", qf[queries], kk) * scale
+        qg = qf[meta.pair_query[lo:hi].to(q.device).long()].reshape(hi - lo, heads, -1, dim)
+        scores = torch.einsum("bhgd,lhd->bhgl", qg, k) * scale
         lse = torch.logsumexp(scores, dim=-1)
-        partial_out[lo:hi] = torch.einsum("bhl,lhd->bhd", torch.exp(scores - lse[..., None]), vv)
+        out = torch.einsum("bhgl,lhd->bhgd", torch.exp(scores - lse[..., None]), v)
+        partial_out[lo:hi] = out.reshape(hi - lo, q.shape[1], dim)
+        lse = lse.reshape(hi - lo, q.shape[1])
         partial_lse[lo:hi] = lse
     return merge_partials(partial_out, partial_lse, meta.pair_query.to(q.device).long(), meta.num_queries).to(q.dtype)
 

@@ -120,7 +120,10 @@ class HFRolloutEngine:
                                                  [0.0] * len(prompt), [], None, 1, h))
         return self._generate(branches)
 
-    def expand(self, anchors: Sequence[Anchor], counts: Sequence[int]) -> list[EngineTrajectory]:
+    def expand(self, anchors: Sequence[Anchor], counts: Sequence[int], *,
+               share_prefix: bool = True) -> list[EngineTrajectory]:
+        """counts[a] continuations of anchors[a]. share_prefix=False is the no-sharing ablation (for
+        benchmarks): each continuation prefills a private copy of its prefix instead of forking."""
         counts = self._check_counts(counts, len(anchors), "counts")
         branches = []
         for i, (anchor, count) in enumerate(zip(anchors, counts)):
@@ -136,9 +139,14 @@ class HFRolloutEngine:
             for _ in range(count):
                 env = self.env_factory()
                 env.restore(record.snapshot, seed=self._fresh_seed())
-                branches.append(self._new_branch(base.prompt_id, env, record.node, base.token_ids[:n],
+                node, hidden = record.node, record.hidden
+                if not share_prefix:
+                    node = self.cache.new_root()
+                    self._retained.append(node)
+                    hidden = self.runner.extend([node], [base.token_ids[:n]])[0]
+                branches.append(self._new_branch(base.prompt_id, env, node, base.token_ids[:n],
                                                  base.model_mask[:n], base.logprobs[:n], base.turn_starts[:turn],
-                                                 (uid, turn), turn + 1, record.hidden))
+                                                 (uid, turn), turn + 1, hidden))
         return self._generate(branches)
 
     def release_all(self) -> None:

@@ -123,3 +123,42 @@ def test_out_of_pages_is_a_clear_error(model):
     engine = _engine(model, turns=3, max_tokens=8, num_pages=6)
     with pytest.raises(CacheCapacityError, match="out of pages"):
         engine.rollout(TASKS, [4, 4])
+
+
+def test_stop_token_ids_and_stop_strings_end_the_turn(model):
+    (free_run,) = _engine(model, turns=1, max_tokens=8).rollout(TASKS[:1], [1])
+    start = free_run.turn_starts[0]
+    turn = free_run.token_ids[start:]
+    stop_at = next(i for i in range(1, 8) if turn[i] not in turn[:i])  # first position with a new token
+    codec = CharCodec(VOCAB)
+    for params in (SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=(turn[stop_at],)),
+                   SamplingParams(temperature=0.0, max_tokens=8, stop_strings=(codec.decode(turn[stop_at - 1 : stop_at + 1]),))):
+        engine = HFRolloutEngine(model, codec, lambda: CounterEnv(1), sampling=params, num_pages=64, page_size=4,
+                                 decode_backend="triton")
+        (traj,) = engine.rollout(TASKS[:1], [1])
+        assert traj.token_ids[start:] == turn[: stop_at + 1]  # the stopping token is kept
+
+
+def test_episode_cut_at_max_turns_has_no_reward(model):
+    class NeverDone(CounterEnv):
+        def step(self, action):
+            out = super().step(action)
+            return type(out)("ok", False, None, out.info)
+
+    engine = HFRolloutEngine(model, CharCodec(VOCAB), lambda: NeverDone(2),
+                             sampling=SamplingParams(temperature=0.0, max_tokens=2), num_pages=64, page_size=4,
+                             decode_backend="triton")
+    (traj,) = engine.rollout(TASKS[:1], [1])
+    assert traj.num_turns == 2 and not traj.finished and traj.reward is None
+
+
+def test_private_prefix_ablation_matches_forking_but_recomputes(model):
+    engine = _engine(model, turns=2, max_tokens=3)
+    (base,) = engine.rollout(TASKS[:1], [1])
+    runs = []
+    for share in (True, False):
+        before = engine.tokens_run
+        (cont,) = engine.expand([Anchor(base.uid, 1)], [1], share_prefix=share)
+        runs.append((cont.token_ids, engine.tokens_run - before))
+    assert runs[0][0] == runs[1][0] == base.token_ids
+    assert runs[1][1] - runs[0][1] == base.turn_starts[1]  # the private copy re-ran the whole prefix

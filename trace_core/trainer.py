@@ -79,7 +79,7 @@ class Trainer:
         if len(self.train_tasks) < cfg.allocation.candidates:
             raise ConfigError(f"allocation.candidates: {cfg.allocation.candidates} prompts per step, but the train "
                               f"split has only {len(self.train_tasks)} tasks")
-        get_allocator(cfg.allocation.mode, **self._allocator_options(np.random.default_rng(0)))  # fail early
+        get_allocator(cfg.allocation.mode, **self._allocator_options(cfg.allocation.mode, np.random.default_rng(0)))  # fail early
         self.predictor = MLPHeadPredictor(self.model.config.hidden_size, cfg.predictor)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.optim.kl_coef > 0 else None
@@ -95,8 +95,7 @@ class Trainer:
             (self.run_dir / "metrics.jsonl").write_text("")
 
     # ------------------------------------------------------------------ set-up helpers
-    def _allocator_options(self, rng: np.random.Generator) -> dict:
-        mode = self.cfg.allocation.mode
+    def _allocator_options(self, mode: str, rng: np.random.Generator) -> dict:
         if mode == "random_tree":
             return {"rng": int(rng.integers(2**62))}
         if mode == "pcl":
@@ -121,12 +120,15 @@ class Trainer:
         timer = PhaseTimer()
         rng = np.random.default_rng([cfg.seed, self.step])  # a pure function of (seed, step): resumable
         self.engine.reseed(int(rng.integers(2**62)))
-        allocator = get_allocator(a.mode, **self._allocator_options(rng))
+        tokens_before = self.engine.generated_tokens
+        informed = self._uses_predictor()
+        # cold start (METHOD.md step 1): TRACE allocates uniformly until the predictor has seen enough nodes
+        mode = "uniform" if a.mode == "trace" and not informed else a.mode
+        allocator = get_allocator(mode, **self._allocator_options(mode, rng))
         self.model.eval()
 
         # Stage 1: how many bare rollouts each candidate prompt gets
         candidates = [self.train_tasks[i] for i in rng.choice(len(self.train_tasks), a.candidates, replace=False)]
-        informed = self._uses_predictor()
         with timer("predict"):
             v = self._predict_prompts(candidates) if informed else np.full(a.candidates, 0.5)
         bare_budget = a.leaves_per_step if a.mode == "uniform" else a.roots
@@ -151,7 +153,7 @@ class Trainer:
             k = allocator.prefixes(p_anchor, bare_reward[anchor_traj], group, budget, k_max=a.k_max, eps=a.eps)
             with timer("expand"):
                 continuations = self.engine.expand(anchors, k)
-        generated_tokens = self.engine.generated_tokens
+        generated_tokens = self.engine.generated_tokens - tokens_before
         self.engine.release_all()
         forest = RolloutForest.from_trajectories(_forest_trajectories(bare + continuations), vocab_size=self._vocab())
         batch = self._predictions(forest, counts, v, anchor_nodes, p_anchor, bare_reward[anchor_traj], informed)

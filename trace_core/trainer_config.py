@@ -51,10 +51,10 @@ class AllocationConfig:
 
     mode: Literal["trace", "uniform", "random_tree", "pcl"] = "trace"
     candidates: int = 16  # B: prompts drawn from the train split per step
-    roots: int = 16  # M: bare rollouts per step
+    roots: int = 32  # M: bare rollouts per step
     continuations_per_root: int = 1  # N
-    m_min: int = 2
-    m_max: int = 8
+    m_min: int = 4  # a prompt that is sampled gets at least this many bare rollouts (its group)
+    m_max: int = 16
     k_max: int | None = None  # cap on continuations per anchor
     eps: float = 0.02  # predictions are clipped to [eps, 1 - eps]
     pcl_count: int = 4  # bare rollouts per selected prompt in `pcl`
@@ -122,7 +122,7 @@ class TrainConfig:
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    predictor: PredictorConfig = field(default_factory=lambda: PredictorConfig(hidden_dim=64, warmup_nodes=128))
+    predictor: PredictorConfig = field(default_factory=lambda: PredictorConfig(hidden_dim=64, warmup_nodes=1000))
 
     def __post_init__(self):
         if self.steps < 1:

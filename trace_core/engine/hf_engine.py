@@ -151,6 +151,12 @@ class HFRolloutEngine:
                                                  (uid, turn), turn + 1, hidden))
         return self._generate(branches)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the sampling and env-seed streams from `seed` (a trainer reseeds every step, so a
+        resumed run samples exactly what the uninterrupted run did)."""
+        self._generator.manual_seed(int(seed))
+        self._seeds = np.random.default_rng(int(seed))
+
     def release_all(self) -> None:
         for node in self._retained:
             if node in self.cache:

@@ -162,3 +162,17 @@ def test_private_prefix_ablation_matches_forking_but_recomputes(model):
         runs.append((cont.token_ids, engine.tokens_run - before))
     assert runs[0][0] == runs[1][0] == base.token_ids
     assert runs[1][1] - runs[0][1] == base.turn_starts[1]  # the private copy re-ran the whole prefix
+
+
+def test_forest_conversion_and_codec_errors_name_the_field():
+    from types import SimpleNamespace
+
+    from trace_core.engine import EngineTrajectory, HFTextCodec
+
+    cont = EngineTrajectory(uid=5, prompt_id=0, token_ids=[1, 2, 3], model_mask=[False, True, True],
+                            logprobs=[0.0, -1.0, -1.0], turn_starts=[1, 2], reward=1.0, finished=True,
+                            branch_from=(4, 1))
+    with pytest.raises(ValueError, match=r"trajectories\[0\].branch_from: trajectory uid 4 is not earlier"):
+        to_forest_trajectories([cont])
+    with pytest.raises(ValueError, match="observation_template"):
+        HFTextCodec(SimpleNamespace(eos_token_id=2), observation_template="no placeholder")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from engine_helpers import CharCodec, CounterEnv, fresh_logprobs, generate_greedy, tiny_qwen3
+from engine_helpers import CharCodec, CounterEnv, fresh_logprobs, generate_greedy, tiny_model, tiny_qwen3
 
 from trace_core.engine import Anchor, HFRolloutEngine, SamplingParams, to_forest_trajectories
 from trace_core.kv_cache import CacheCapacityError
@@ -26,7 +26,9 @@ def _engine(model, *, turns=3, max_tokens=4, temperature=0.0, top_p=1.0, noisy=F
                            num_pages=num_pages, page_size=4, decode_backend="triton", seed=seed)
 
 
-def test_greedy_single_turn_equals_model_generate(model):
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
+def test_greedy_single_turn_equals_model_generate(model, family):
+    model = model if family == "qwen3" else tiny_model(family)
     engine = _engine(model, turns=1, max_tokens=9)
     trajs = engine.rollout(TASKS, [2, 1])
     codec = CharCodec(VOCAB)

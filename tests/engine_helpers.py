@@ -72,6 +72,24 @@ def tiny_qwen3(seed: int = 0, vocab_size: int = 64):
     return model
 
 
+def tiny_model(family: str, seed: int = 0, vocab_size: int = 64):
+    """A tiny random Llama / Qwen2 (q/k/v bias) / Qwen3 (q_norm, k_norm) causal LM."""
+    if family == "qwen3":
+        return tiny_qwen3(seed, vocab_size)
+    import transformers
+
+    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
 def generate_greedy(model, prefix, num_tokens):
     """model.generate, greedy, exactly num_tokens new tokens (no EOS stop)."""
     ids = torch.tensor([prefix])

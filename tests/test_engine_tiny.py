@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from engine_helpers import CharCodec, CounterEnv, fresh_logprobs, generate_greedy, tiny_qwen3
+from engine_helpers import CharCodec, CounterEnv, fresh_logprobs, generate_greedy, tiny_model, tiny_qwen3
 
 from trace_core.engine import Anchor, HFRolloutEngine, SamplingParams, to_forest_trajectories
 from trace_core.kv_cache import CacheCapacityError
@@ -26,7 +26,9 @@ def _engine(model, *, turns=3, max_tokens=4, temperature=0.0, top_p=1.0, noisy=F
                            num_pages=num_pages, page_size=4, decode_backend="triton", seed=seed)
 
 
-def test_greedy_single_turn_equals_model_generate(model):
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
+def test_greedy_single_turn_equals_model_generate(model, family):
+    model = model if family == "qwen3" else tiny_model(family)
     engine = _engine(model, turns=1, max_tokens=9)
     trajs = engine.rollout(TASKS, [2, 1])
     codec = CharCodec(VOCAB)
@@ -162,3 +164,17 @@ def test_private_prefix_ablation_matches_forking_but_recomputes(model):
         runs.append((cont.token_ids, engine.tokens_run - before))
     assert runs[0][0] == runs[1][0] == base.token_ids
     assert runs[1][1] - runs[0][1] == base.turn_starts[1]  # the private copy re-ran the whole prefix
+
+
+def test_forest_conversion_and_codec_errors_name_the_field():
+    from types import SimpleNamespace
+
+    from trace_core.engine import EngineTrajectory, HFTextCodec
+
+    cont = EngineTrajectory(uid=5, prompt_id=0, token_ids=[1, 2, 3], model_mask=[False, True, True],
+                            logprobs=[0.0, -1.0, -1.0], turn_starts=[1, 2], reward=1.0, finished=True,
+                            branch_from=(4, 1))
+    with pytest.raises(ValueError, match=r"trajectories\[0\].branch_from: trajectory uid 4 is not earlier"):
+        to_forest_trajectories([cont])
+    with pytest.raises(ValueError, match="observation_template"):
+        HFTextCodec(SimpleNamespace(eos_token_id=2), observation_template="no placeholder")

@@ -20,7 +20,11 @@ exclusive tail is reclaimed while shared prefixes stay. `free_subtree(node)` dro
 Writing K/V is two steps, because a model computes K/V layer by layer: `reserve(node, n)` claims
 slots for n new tokens (allocating pages, raising `CacheCapacityError` before anything changes if
 the pool is short) and returns their flat slot ids (page * page_size + offset); `write(layer, slots,
-k, v)` stores a layer's K/V there. `append(node, k, v)` does both for all layers at once.
+k, v)` stores a layer's K/V there. `append(node, k, v)` does both for all layers at once;
+`reserve_many` reserves for several nodes all-or-nothing (a batch never half-allocates).
+
+`decode_meta(leaves)` describes one shared-prefix decode step over the leaves' paths for
+`trace_kernels.tree_decode.tree_decode_attention`.
 """
 from __future__ import annotations
 

@@ -146,9 +146,10 @@ class HFRolloutEngine:
                     node = self.cache.new_root()
                     self._retained.append(node)
                     hidden = self.runner.extend([node], [base.token_ids[:n]])[0]
-                branches.append(self._new_branch(base.prompt_id, env, node, base.token_ids[:n],
-                                                 base.model_mask[:n], base.logprobs[:n], base.turn_starts[:turn],
-                                                 (uid, turn), turn + 1, hidden))
+                branch = self._new_branch(base.prompt_id, env, node, base.token_ids[:n], base.model_mask[:n],
+                                          base.logprobs[:n], base.turn_starts[:turn], (uid, turn), turn + 1, hidden)
+                branch.turn_info = list(base.turn_info[:turn])
+                branches.append(branch)
         return self._generate(branches)
 
     def reseed(self, seed: int) -> None:

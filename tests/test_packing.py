@@ -183,3 +183,7 @@ def test_split_by_tokens_keeps_trees_whole_and_within_budget():
         split_by_tokens(f, 3)
     with pytest.raises(ForestError, match="max_tokens: must be positive"):
         split_by_tokens(f, 0)
+    alone = split_by_tokens(f, 3, oversized="alone")  # every tree is too big: one micro-batch each
+    assert [b.tolist() for b in alone] == [[int(r)] for r in f.roots]
+    with pytest.raises(ForestError, match="oversized: must be"):
+        split_by_tokens(f, 3, oversized="drop")

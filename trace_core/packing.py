@@ -141,17 +141,21 @@ def pack(forest: RolloutForest, roots=None, *, validate: bool = True) -> PackedT
     )
 
 
-def split_by_tokens(forest: RolloutForest, max_tokens: int, roots=None) -> list[np.ndarray]:
+def split_by_tokens(forest: RolloutForest, max_tokens: int, roots=None, *, oversized: str = "error") -> list[np.ndarray]:
     """Group whole trees into micro-batches of at most `max_tokens` packed tokens each, in root
     order (greedy, contiguous). A tree is never split: its shared prefix must be in the same pass
-    as its branches. Returns one array of root ids per micro-batch, for `pack(forest, roots=...)`."""
+    as its branches. A tree larger than `max_tokens` raises (oversized="error") or gets a
+    micro-batch of its own (oversized="alone"). Returns one array of root ids per micro-batch, for
+    `pack(forest, roots=...)`."""
+    if oversized not in ("error", "alone"):
+        raise ForestError("oversized", f"must be 'error' or 'alone', got {oversized!r}")
     if int(max_tokens) <= 0:
         raise ForestError("max_tokens", f"must be positive, got {max_tokens}")
     roots = _selected_roots(forest, roots)
     node_tokens = forest.tok_end - forest.tok_start
     sizes = np.bincount(forest.tree_root(), weights=node_tokens, minlength=forest.num_nodes)[roots].astype(np.int64)
     too_big = np.flatnonzero(sizes > max_tokens)
-    if too_big.size:
+    if too_big.size and oversized == "error":
         r = roots[too_big[0]]
         raise ForestError("max_tokens", f"{max_tokens} is smaller than the tree of prompt {forest.prompt_id[r]} "
                           f"({sizes[too_big[0]]} tokens); a tree cannot be split across micro-batches")

@@ -68,6 +68,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         torch.manual_seed(cfg.seed)
+        if cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
         self.policy = build_policy(cfg.model, cfg.env.name, cfg.seed)
         self.model = self.policy.model
         try:
@@ -108,8 +110,9 @@ class Trainer:
                                   max_tokens=g.max_tokens_per_turn, stop_strings=tuple(g.stop_strings),
                                   stop_token_ids=self.policy.stop_token_ids)
         env = self.cfg.env
+        backend = None if self.cfg.model.attention_backend == "auto" else self.cfg.model.attention_backend
         return HFRolloutEngine(self.model, self.policy.codec, lambda: make_env(env.name, **env.env), sampling=sampling,
-                               num_pages=g.num_pages, page_size=g.page_size, seed=self.cfg.seed)
+                               num_pages=g.num_pages, page_size=g.page_size, decode_backend=backend, seed=self.cfg.seed)
 
     def _uses_predictor(self) -> bool:
         return self.cfg.allocation.mode in ("trace", "pcl") and self.predictor.ready
@@ -228,7 +231,8 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_total, clip_weighted = 0.0, 0.0
-        for roots in split_by_tokens(forest, cfg.optim.micro_batch_tokens):
+        # a tree larger than micro_batch_tokens runs alone (TRACE may give one prompt many leaves)
+        for roots in split_by_tokens(forest, cfg.optim.micro_batch_tokens, oversized="alone"):
             packed = full if len(roots) == forest.roots.size else pack(forest, roots=roots)
             weights = packed_loss_weights(forest, packed, advantages, kind, loss_agg=cfg.optim.loss_agg, leaf_weight=weights_all)
             pos, neg, kl_w = weights.to_torch(device=self.policy.device)

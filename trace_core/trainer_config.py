@@ -24,7 +24,7 @@ class ModelConfig:
     kv_heads: int = 2
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # auto: cuda when available
-    attention_backend: Literal["auto", "triton", "reference"] = "auto"  # tree attention + logprob kernels
+    attention_backend: Literal["auto", "triton", "reference"] = "auto"  # tree attention, logprob and decode kernels
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template (instruct models)
 
     def __post_init__(self):
@@ -99,7 +99,7 @@ class OptimConfig:
     kl_coef: float = 0.0  # > 0 keeps a frozen copy of the initial policy as the reference
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     advantage: Literal["tree_grpo", "segment", "grpo"] = "tree_grpo"
-    micro_batch_tokens: int = 16384  # packed tokens per forward/backward (whole trees)
+    micro_batch_tokens: int = 2048  # packed tokens per forward/backward (whole trees); bounds memory
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -117,6 +117,7 @@ class TrainConfig:
     eval_tasks: int = 200
     checkpoint_every: int = 10
     progress: bool = True  # live progress bar
+    cpu_threads: int = 1  # torch CPU threads; tiny models run fastest on one. 0 = torch's default
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvSection = field(default_factory=EnvSection)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
@@ -127,5 +128,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads: must be >= 0, got {self.cpu_threads}")
         if self.eval_every < 0 or self.checkpoint_every < 1 or self.eval_tasks < 1:
             raise ValueError("eval_every must be >= 0, checkpoint_every and eval_tasks >= 1")

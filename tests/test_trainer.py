@@ -1,0 +1,131 @@
+"""The trainer end to end at toy size: the CLI, exact resume, the comparison report, config errors."""
+import json
+import math
+
+import pytest
+import torch
+
+from trace_core.cli import main
+from trace_core.config import ConfigError, load_config
+from trace_core.trainer import Trainer, _prefix_budgets
+from trace_core.trainer_config import TrainConfig
+
+TOY = [
+    "model.hidden_size=32", "model.layers=1", "model.heads=2", "model.kv_heads=1", "model.attention_backend=reference",
+    "allocation.candidates=4", "allocation.roots=8", "allocation.continuations_per_root=1", "allocation.m_min=2",
+    "allocation.m_max=4", "eval_tasks=8", "eval_every=0", "progress=false", "predictor.warmup_nodes=20",
+    "env.tasks={num_train: 40, num_eval: 8}",
+]
+
+
+def toy(tmp_path, *extra):
+    return load_config(TrainConfig, None, [*TOY, f"run_dir={tmp_path}", *extra])
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_train_writes_run_directory(tmp_path, capsys):
+    assert main(["train", *TOY, f"run_dir={tmp_path}", "steps=3", "checkpoint_every=2"]) == 0
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    last = rows[-1]
+    assert last["leaves"] == 16 and last["leaves_sampled"] == 48  # equal budget: 8 roots x (1 + 1)
+    assert 0 <= last["eval/success"] <= 1 and 0 <= last["effective_ratio"] <= 1
+    assert last["tokens_leaf_paths"] >= last["tokens_packed"] > 0 and math.isfinite(last["loss"])
+    assert {"time/rollout", "time/train"} <= set(last)
+    assert (tmp_path / "config.yaml").is_file()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == ["step_00000002.pt", "step_00000003.pt"]
+    assert "run directory" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["trace", "uniform", "random_tree", "pcl"])
+def test_every_mode_samples_the_same_number_of_leaves(tmp_path, mode):
+    trainer = Trainer(toy(tmp_path, f"allocation.mode={mode}", "steps=2"))
+    for _ in range(2):
+        row = trainer.train_step()
+        assert row["leaves"] == 16, mode
+    assert trainer.predictor.nodes_seen > 0
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = Trainer(toy(tmp_path / "a", "steps=4", "checkpoint_every=2"))
+    straight.fit()
+    first = Trainer(toy(tmp_path / "b", "steps=2", "checkpoint_every=2"))
+    first.fit()
+    del first
+    resumed = Trainer(toy(tmp_path / "b", "steps=4", "checkpoint_every=2"), resume=True)
+    assert resumed.step == 2
+    resumed.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # training metrics of every step agree; wall times differ, and run b evaluated at its end (step 2)
+    same = lambda row: {k: v for k, v in row.items() if not k.startswith(("time/", "eval/"))}  # noqa: E731
+    assert [same(r) for r in metrics(tmp_path / "a")] == [same(r) for r in metrics(tmp_path / "b")]
+    assert metrics(tmp_path / "a")[-1]["eval/success"] == metrics(tmp_path / "b")[-1]["eval/success"]
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(ConfigError, match="has no checkpoint to resume from"):
+        Trainer(toy(tmp_path, "steps=1"), resume=True)
+    Trainer(toy(tmp_path, "steps=1")).fit()
+    with pytest.raises(ConfigError, match="resume: optim differs"):
+        Trainer(toy(tmp_path, "steps=2", "optim.lr=0.5"), resume=True)
+
+
+def test_compare_writes_table_and_plot(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--seeds", "0", "--modes", "trace", "uniform", "--out", str(out), *TOY, "steps=2"]) == 0
+    summary = json.loads((out / "comparison.json").read_text())
+    assert set(summary) == {"trace", "uniform"}
+    assert summary["trace"]["leaves_per_step"] == summary["uniform"]["leaves_per_step"] == 16
+    table = (out / "comparison.md").read_text()
+    assert "| trace |" in table and "| uniform |" in table
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_command_reads_a_checkpoint(tmp_path, capsys):
+    Trainer(toy(tmp_path, "steps=1")).fit()
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path), "--tasks", "4"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 1 and result["eval/tasks"] == 4 and 0 <= result["eval/success"] <= 1
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "unknown key 'optim.lrr'; did you mean 'optim.lr'"),
+        (["steps=many"], "steps: expected an integer, got 'many'"),
+        (["allocation.mode=best"], "allocation.mode: 'best' is not one of"),
+        (["allocation.mode=uniform", "allocation.candidates=3", "allocation.m_max=16"], "must divide evenly"),
+        (["allocation.candidates=2", "allocation.m_max=2"], "cannot hold the 8 bare rollouts"),
+        (["env.name=search_qa"], "model.name: 'tiny' needs an env with a built-in word tokenizer"),
+        (["model.name=/no/such/dir"], "model.name: '/no/such/dir' is neither"),
+        (["allocation.candidates=100"], "allocation.candidates: 100 prompts per step, but the train split has only 40"),
+    ],
+)
+def test_config_errors_are_messages_not_tracebacks(tmp_path, capsys, overrides, message):
+    assert main(["train", *TOY, f"run_dir={tmp_path}", "steps=1", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_model_tokenizer_mismatch(tmp_path, capsys):
+    from trace_core.envs.word_tokenizer import gridworld_tokenizer
+    from trace_core.models import tiny_causal_lm
+
+    model_dir = tmp_path / "model"
+    tiny_causal_lm("llama", vocab_size=8, hidden_size=16, heads=2, kv_heads=1, layers=1).save_pretrained(model_dir)
+    gridworld_tokenizer().save_pretrained(model_dir)
+    assert main(["train", *TOY, f"run_dir={tmp_path / 'run'}", "steps=1", f"model.name={model_dir}"]) == 2
+    assert "but the model's vocabulary has 8" in capsys.readouterr().err
+
+
+def test_prefix_budgets_move_unspendable_budget_to_prompts_with_anchors():
+    budget, moved = _prefix_budgets([4, 2, 6, 0], group=[0, 0, 2, 2, 2])  # prompt 1 has no anchor
+    assert moved == 2 and budget.tolist() == [5, 0, 7, 0] and budget.sum() == 12
+    budget, moved = _prefix_budgets([3, 3], group=[1])
+    assert moved == 3 and budget.tolist() == [0, 6]

@@ -98,8 +98,10 @@ def require_field(task: Mapping[str, Any], field_name: str, kind: type | tuple[t
     if field_name not in task:
         raise EnvError(f"{where} is missing the field {field_name!r}")
     value = task[field_name]
-    if not isinstance(value, kind) or isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    bool_as_number = isinstance(value, bool) and bool not in kinds  # True is an int to Python, not to us
+    if not isinstance(value, kinds) or bool_as_number:
+        names = "/".join(k.__name__ for k in kinds)
         raise EnvError(f"{where} field {field_name!r} must be {names}, got {type(value).__name__}: {value!r}")
     return value
 

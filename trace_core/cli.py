@@ -15,7 +15,7 @@ from pathlib import Path
 from .config import ConfigError, from_dict, load_config, save_config, to_dict
 from .trainer_config import ALLOCATION_MODES, TrainConfig
 
-SHOWN = ("success_bare", "effective_ratio", "loss", "eval/success", "predictor/brier")
+SHOWN = ("success_bare", "effective_ratio", "loss", "eval/success", "eval/success_greedy", "predictor/brier")
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -25,7 +25,7 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
     def update(metrics: dict) -> None:
         bar.update(1)
-        bar.set_postfix({k.split("/")[-1] if k != "eval/success" else "eval": f"{metrics[k]:.3f}"
+        bar.set_postfix({k.replace("eval/success", "eval").split("/")[-1]: f"{metrics[k]:.3f}"
                          for k in SHOWN if k in metrics})
     return bar, update
 

@@ -227,25 +227,29 @@ class Trainer:
         full = pack(forest)
         weights_all = leaf_weights(forest, full, cfg.optim.loss_agg)
         target_nodes, targets, target_weights = training_targets(forest)
+        batches = [(roots, full if len(roots) == forest.roots.size else pack(forest, roots=roots))
+                   # a tree larger than micro_batch_tokens runs alone (TRACE may give one prompt many leaves)
+                   for roots in split_by_tokens(forest, cfg.optim.micro_batch_tokens, oversized="alone")]
         hidden_rows: dict[int, torch.Tensor] = {}
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_total, clip_weighted = 0.0, 0.0
-        # a tree larger than micro_batch_tokens runs alone (TRACE may give one prompt many leaves)
-        for roots in split_by_tokens(forest, cfg.optim.micro_batch_tokens, oversized="alone"):
-            packed = full if len(roots) == forest.roots.size else pack(forest, roots=roots)
-            weights = packed_loss_weights(forest, packed, advantages, kind, loss_agg=cfg.optim.loss_agg, leaf_weight=weights_all)
-            pos, neg, kl_w = weights.to_torch(device=self.policy.device)
-            hidden = tree_forward(self.model, packed, backend=self.backend)
-            in_batch = target_nodes[np.isin(forest.tree_root()[target_nodes], roots)]
-            for node, row in zip(in_batch, packed.node_end[in_batch] - 1):
-                hidden_rows[int(node)] = hidden[int(row)].detach().float().cpu()
-            loss, m = self._packed_loss(packed, hidden, pos, neg, kl_w)
-            loss.backward()
-            loss_total += loss.item()
-            clip_weighted += m["clip_fraction"].item() * float(kl_w.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
+        for epoch in range(cfg.optim.epochs):
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_total, clip_weighted = 0.0, 0.0
+            for roots, packed in batches:
+                weights = packed_loss_weights(forest, packed, advantages, kind, loss_agg=cfg.optim.loss_agg,
+                                              leaf_weight=weights_all)
+                pos, neg, kl_w = weights.to_torch(device=self.policy.device)
+                hidden = tree_forward(self.model, packed, backend=self.backend)
+                if epoch == 0:  # the predictor learns from the policy that generated the step
+                    in_batch = target_nodes[np.isin(forest.tree_root()[target_nodes], roots)]
+                    for node, row in zip(in_batch, packed.node_end[in_batch] - 1):
+                        hidden_rows[int(node)] = hidden[int(row)].detach().float().cpu()
+                loss, m = self._packed_loss(packed, hidden, pos, neg, kl_w)
+                loss.backward()
+                loss_total += loss.item()
+                clip_weighted += m["clip_fraction"].item() * float(kl_w.sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
         self.model.eval()
 
         # predictor: every root and internal node, from the hidden states of this forward
@@ -286,14 +290,17 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, num_tasks: int | None = None) -> dict[str, float]:
-        """Success rate on the held-out split (one episode per task, greedy unless configured)."""
+        """Success on the held-out split, one episode per task: `eval/success` samples like training
+        does, `eval/success_greedy` decodes greedily. Seeds are fixed, so evaluations compare."""
         tasks = self.eval_tasks[: num_tasks or self.cfg.eval_tasks]
-        engine = self._make_engine(greedy=self.cfg.generation.eval_greedy)
-        engine.reseed(self.cfg.seed + 7919)
-        trajectories = engine.rollout(tasks, [1] * len(tasks))
-        engine.release_all()
-        rewards = np.array([t.reward or 0.0 for t in trajectories])
-        return {"eval/success": float(rewards.mean()), "eval/tasks": len(tasks)}
+        result = {"eval/tasks": len(tasks)}
+        for name, greedy in (("eval/success", False), ("eval/success_greedy", True)):
+            engine = self._make_engine(greedy=greedy)
+            engine.reseed(self.cfg.seed + 7919)
+            trajectories = engine.rollout(tasks, [1] * len(tasks))
+            engine.release_all()
+            result[name] = float(np.mean([t.reward or 0.0 for t in trajectories]))
+        return result
 
     # ------------------------------------------------------------------ the loop, checkpoints
     def fit(self, progress=None) -> list[dict]:

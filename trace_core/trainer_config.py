@@ -82,16 +82,15 @@ class AllocationConfig:
 class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
-    max_tokens_per_turn: int = 8
+    max_tokens_per_turn: int = 1  # the grid world's action is one word; raise it for text agents
     stop_strings: list[str] = field(default_factory=list)
     num_pages: int = 8192
     page_size: int = 16
-    eval_greedy: bool = True  # evaluation decodes greedily
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eps_low: float = 0.2
@@ -99,11 +98,14 @@ class OptimConfig:
     kl_coef: float = 0.0  # > 0 keeps a frozen copy of the initial policy as the reference
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     advantage: Literal["tree_grpo", "segment", "grpo"] = "tree_grpo"
+    epochs: int = 1  # optimizer passes over each step's forest (> 1: the clipped ratio keeps them close)
     micro_batch_tokens: int = 2048  # packed tokens per forward/backward (whole trees); bounds memory
 
     def __post_init__(self):
         if not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
         if self.micro_batch_tokens < 1:
             raise ValueError(f"micro_batch_tokens: must be >= 1, got {self.micro_batch_tokens}")
 
@@ -111,9 +113,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 60
+    steps: int = 150
     run_dir: str = "runs/default"
-    eval_every: int = 10  # steps; 0 = only at the end
+    eval_every: int = 25  # steps; 0 = only at the end
     eval_tasks: int = 200
     checkpoint_every: int = 10
     progress: bool = True  # live progress bar

@@ -234,7 +234,7 @@ class Trainer:
         for epoch in range(cfg.optim.epochs):
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            loss_total, clip_weighted = 0.0, 0.0
+            loss_total, clip_weighted, entropy_total = 0.0, 0.0, 0.0
             for roots, packed in batches:
                 weights = packed_loss_weights(forest, packed, advantages, kind, loss_agg=cfg.optim.loss_agg,
                                               leaf_weight=weights_all)
@@ -248,6 +248,7 @@ class Trainer:
                 loss.backward()
                 loss_total += loss.item()
                 clip_weighted += m["clip_fraction"].item() * float(kl_w.sum())
+                entropy_total += m["entropy"].item()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             self.optimizer.step()
         self.model.eval()
@@ -261,6 +262,7 @@ class Trainer:
         if len(nodes):
             metrics.update(self.predictor.observe(pb, targets[order], target_weights[order]))
         metrics.update({"loss": loss_total, "grad_norm": float(grad_norm), "clip_fraction": clip_weighted,
+                        "entropy": entropy_total,
                         "tokens_packed": full.num_tokens, "tokens_leaf_paths": full.num_leaf_path_tokens,
                         "dedup_ratio": full.num_leaf_path_tokens / max(full.num_tokens, 1)})
         return metrics
@@ -273,9 +275,11 @@ class Trainer:
         labels = torch.as_tensor(packed.labels[use], device=device)
         temperature = self.cfg.generation.temperature or 1.0  # greedy sampling records untempered logprobs
         weight = self.model.get_output_embeddings().weight
-        pair_lp = linear_logprob(hidden, weight, rows, labels, temperature=temperature, backend=self.backend)
-        token_lp = torch.zeros(packed.num_tokens, device=device, dtype=pair_lp.dtype)
-        token_lp = token_lp.index_copy(0, torch.as_tensor(packed.label_pos[use], device=device), pair_lp)
+        coef = self.cfg.optim.entropy_coef
+        pair_lp, entropy = linear_logprob(hidden, weight, rows, labels, temperature=temperature, backend=self.backend,
+                                          return_entropy=True)
+        positions = torch.as_tensor(packed.label_pos[use], device=device)
+        token_lp = torch.zeros(packed.num_tokens, device=device, dtype=pair_lp.dtype).index_copy(0, positions, pair_lp)
         old = torch.nan_to_num(torch.as_tensor(packed.old_logprobs, device=device), nan=0.0)
         ref = None
         if self.reference is not None:
@@ -284,8 +288,12 @@ class Trainer:
                 ref_pairs = linear_logprob(ref_hidden, self.reference.get_output_embeddings().weight, rows, labels,
                                            temperature=temperature, backend=self.backend)
             ref = torch.zeros_like(token_lp).index_copy(0, torch.as_tensor(packed.label_pos[use], device=device), ref_pairs)
-        return packed_policy_loss(token_lp, old, pos, neg, kl_w, eps_low=self.cfg.optim.eps_low,
-                                  eps_high=self.cfg.optim.eps_high, ref_logprobs=ref, kl_coef=self.cfg.optim.kl_coef)
+        loss, metrics = packed_policy_loss(token_lp, old, pos, neg, kl_w, eps_low=self.cfg.optim.eps_low,
+                                           eps_high=self.cfg.optim.eps_high, ref_logprobs=ref, kl_coef=self.cfg.optim.kl_coef)
+        # entropy of the sampling distribution behind each model token, aggregated like the loss
+        token_entropy = (kl_w[positions] * entropy[rows]).sum()
+        metrics["entropy"] = token_entropy.detach()
+        return loss - coef * token_entropy, metrics
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -90,12 +90,13 @@ class GenerationConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-2
+    lr: float = 3e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eps_low: float = 0.2
     eps_high: float = 0.28
     kl_coef: float = 0.0  # > 0 keeps a frozen copy of the initial policy as the reference
+    entropy_coef: float = 0.01  # bonus on the policy entropy at model tokens (keeps a tiny model exploring)
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     advantage: Literal["tree_grpo", "segment", "grpo"] = "tree_grpo"
     epochs: int = 1  # optimizer passes over each step's forest (> 1: the clipped ratio keeps them close)

@@ -54,9 +54,8 @@ class PhaseTimer:
 
 @dataclass
 class StepBatch:
-    """What one step sampled: the forest and the predictions made before outcomes were known."""
+    """The predictions a step made before its outcomes were known."""
 
-    forest: RolloutForest
     predicted_nodes: np.ndarray  # forest nodes that got a prediction (roots, anchors)
     predicted: np.ndarray  # their Vhat at allocation time
     contrast: np.ndarray  # predicted chance that each node's subtree turns out mixed
@@ -85,8 +84,8 @@ class Trainer:
         self.predictor = MLPHeadPredictor(self.model.config.hidden_size, cfg.predictor)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.optim.kl_coef > 0 else None
-        self.engine = self._make_engine(greedy=False)
         self.backend = None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend
+        self.engine = self._make_engine(greedy=False)
         self.step = 0
         self.leaves_sampled = 0
         if resume:
@@ -110,9 +109,8 @@ class Trainer:
                                   max_tokens=g.max_tokens_per_turn, stop_strings=tuple(g.stop_strings),
                                   stop_token_ids=self.policy.stop_token_ids)
         env = self.cfg.env
-        backend = None if self.cfg.model.attention_backend == "auto" else self.cfg.model.attention_backend
         return HFRolloutEngine(self.model, self.policy.codec, lambda: make_env(env.name, **env.env), sampling=sampling,
-                               num_pages=g.num_pages, page_size=g.page_size, decode_backend=backend, seed=self.cfg.seed)
+                               num_pages=g.num_pages, page_size=g.page_size, decode_backend=self.backend, seed=self.cfg.seed)
 
     def _uses_predictor(self) -> bool:
         return self.cfg.allocation.mode in ("trace", "pcl") and self.predictor.ready
@@ -210,7 +208,7 @@ class Trainer:
         v_roots, m = np.asarray(v)[active], counts[active]
         root_contrast = 1 - v_roots**m - (1 - v_roots) ** m
         q = anchor_r * p_anchor + (1 - anchor_r) * (1 - p_anchor)  # chance a continuation repeats the outcome
-        return StepBatch(forest=forest, predicted_nodes=np.concatenate([roots, anchor_nodes]).astype(np.int64),
+        return StepBatch(predicted_nodes=np.concatenate([roots, anchor_nodes]).astype(np.int64),
                          predicted=np.concatenate([v_roots, p_anchor]), contrast=np.concatenate([root_contrast, 1 - q]),
                          informed=informed)
 

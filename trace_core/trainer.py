@@ -85,7 +85,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.optim.kl_coef > 0 else None
         self.backend = None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend
-        self.engine = self._make_engine(greedy=False)
+        self.engine = self._make_engine()
         self.step = 0
         self.leaves_sampled = 0
         if resume:
@@ -103,14 +103,17 @@ class Trainer:
             return {"count_per_prompt": self.cfg.allocation.pcl_count}
         return {}
 
-    def _make_engine(self, greedy: bool) -> HFRolloutEngine:
+    def _sampling(self, greedy: bool) -> SamplingParams:
         g = self.cfg.generation
-        sampling = SamplingParams(temperature=0.0 if greedy else g.temperature, top_p=1.0 if greedy else g.top_p,
-                                  max_tokens=g.max_tokens_per_turn, stop_strings=tuple(g.stop_strings),
-                                  stop_token_ids=self.policy.stop_token_ids)
-        env = self.cfg.env
-        return HFRolloutEngine(self.model, self.policy.codec, lambda: make_env(env.name, **env.env), sampling=sampling,
-                               num_pages=g.num_pages, page_size=g.page_size, decode_backend=self.backend, seed=self.cfg.seed)
+        return SamplingParams(temperature=0.0 if greedy else g.temperature, top_p=1.0 if greedy else g.top_p,
+                              max_tokens=g.max_tokens_per_turn, stop_strings=tuple(g.stop_strings),
+                              stop_token_ids=self.policy.stop_token_ids)
+
+    def _make_engine(self) -> HFRolloutEngine:
+        g, env = self.cfg.generation, self.cfg.env
+        return HFRolloutEngine(self.model, self.policy.codec, lambda: make_env(env.name, **env.env),
+                               sampling=self._sampling(greedy=False), num_pages=g.num_pages, page_size=g.page_size,
+                               decode_backend=self.backend, seed=self.cfg.seed)
 
     def _uses_predictor(self) -> bool:
         return self.cfg.allocation.mode in ("trace", "pcl") and self.predictor.ready
@@ -300,12 +303,16 @@ class Trainer:
         does, `eval/success_greedy` decodes greedily. Seeds are fixed, so evaluations compare."""
         tasks = self.eval_tasks[: num_tasks or self.cfg.eval_tasks]
         result = {"eval/tasks": len(tasks)}
-        for name, greedy in (("eval/success", False), ("eval/success_greedy", True)):
-            engine = self._make_engine(greedy=greedy)
-            engine.reseed(self.cfg.seed + 7919)
-            trajectories = engine.rollout(tasks, [1] * len(tasks))
-            engine.release_all()
-            result[name] = float(np.mean([t.reward or 0.0 for t in trajectories]))
+        training_sampling = self.engine.sampling
+        try:  # the training engine and its KV pool, with evaluation's decoding settings
+            for name, greedy in (("eval/success", False), ("eval/success_greedy", True)):
+                self.engine.sampling = [self._sampling(greedy)]
+                self.engine.reseed(self.cfg.seed + 7919)
+                trajectories = self.engine.rollout(tasks, [1] * len(tasks))
+                self.engine.release_all()
+                result[name] = float(np.mean([t.reward or 0.0 for t in trajectories]))
+        finally:
+            self.engine.sampling = training_sampling
         return result
 
     # ------------------------------------------------------------------ the loop, checkpoints

@@ -60,6 +60,25 @@ def _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N: tl.constexpr, META_: tl.co
     return result
 
 
+@triton.jit
+def _kv_tile(K, V, END, j0, T, kv_head, offs_m, offs_d, d_ok, stride_kt, stride_kh, stride_vt, stride_vh,
+             BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Key/value tile starting at j0 and which of its keys each query row offs_m may see."""
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < T
+    cols = offs_n.to(tl.int64)
+    k = tl.load(K + cols[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + cols[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:  # the interpreter's tl.dot is wrong on bf16
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    end_j = tl.load(END + offs_n, mask=col_ok, other=0)
+    visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :])
+    return k, v, visible
+
+
 @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "GROUP"])
 @triton.jit(do_not_specialize=["T", "n_meta"])
 def _tree_attn_fwd_kernel(
@@ -93,18 +112,8 @@ def _tree_attn_fwd_kernel(
     hi = tl.minimum(i0 + BLOCK_M, T)
     for j0 in range(lo, hi, BLOCK_N):
         if _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N, META_) > i0:
-            offs_n = j0 + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < T
-            cols = offs_n.to(tl.int64)
-            k = tl.load(K + cols[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(V + cols[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            end_j = tl.load(END + offs_n, mask=col_ok, other=0)
-            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :])
+            k, v, visible = _kv_tile(K, V, END, j0, T, kv_head, offs_m, offs_d, d_ok, stride_kt, stride_kh,
+                                     stride_vt, stride_vh, BLOCK_N, UPCAST)
 
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
             qk = tl.where(visible, qk, float("-inf"))
@@ -160,18 +169,8 @@ def _tree_attn_bwd_dq_kernel(
     hi = tl.minimum(i0 + BLOCK_M, T)
     for j0 in range(lo, hi, BLOCK_N):
         if _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N, META_) > i0:
-            offs_n = j0 + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < T
-            cols = offs_n.to(tl.int64)
-            k = tl.load(K + cols[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(V + cols[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            end_j = tl.load(END + offs_n, mask=col_ok, other=0)
-            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :])
+            k, v, visible = _kv_tile(K, V, END, j0, T, kv_head, offs_m, offs_d, d_ok, stride_kt, stride_kh,
+                                     stride_vt, stride_vh, BLOCK_N, UPCAST)
 
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
             p = tl.exp2(tl.where(visible, qk, float("-inf")) - lse_log2[:, None])

@@ -36,6 +36,12 @@ def test_cli_train_writes_run_directory(tmp_path, capsys):
     assert last["tokens_leaf_paths"] >= last["tokens_packed"] > 0 and math.isfinite(last["loss"])
     assert {"time/rollout", "time/train"} <= set(last)
     assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    try:
+        import tensorboard  # noqa: F401  (optional: events are written only when it is installed)
+        assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    except ImportError:
+        assert not (tmp_path / "tensorboard").exists()
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == ["step_00000002.pt", "step_00000003.pt"]
     assert "run directory" in capsys.readouterr().out
 

@@ -38,12 +38,13 @@ def write_comparison(runs: dict[str, list[list[dict]]], cfg, out: Path) -> dict:
     lines.append(f"\n(mean ± std over {next(iter(summary.values()))['seeds']} seeds)")
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     (out / "comparison.json").write_text(json.dumps(summary, indent=2))
-    _plot(runs, out / "comparison.png")
+    plot_runs(runs, out / "comparison.png")
     print("\n".join(lines))
     return summary
 
 
-def _plot(runs: dict[str, list[list[dict]]], path: Path) -> None:
+def plot_runs(runs: dict[str, list[list[dict]]], path: Path) -> None:
+    """Held-out success and effective ratio against leaves sampled; runs[label] = histories (seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")

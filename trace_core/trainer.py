@@ -31,6 +31,7 @@ from .integrations.hf import tree_forward
 from .loss import leaf_weights, packed_loss_weights, packed_policy_loss
 from .packing import pack, split_by_tokens
 from .policy import build_policy
+from .report import plot_runs
 from .predictor import MLPHeadPredictor, PrefixBatch, calibration, prefix_batch, training_targets
 from .tree import RolloutForest
 from .trainer_config import TrainConfig
@@ -88,6 +89,7 @@ class Trainer:
         self.engine = self._make_engine()
         self.step = 0
         self.leaves_sampled = 0
+        self._tensorboard = _tensorboard_writer(self.run_dir / "tensorboard")
         if resume:
             self._load_latest()
         else:
@@ -317,6 +319,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop, checkpoints
     def fit(self, progress=None) -> list[dict]:
+        """Train until cfg.steps; returns this call's metrics. Writes run_dir/metrics.png at the end."""
         history = []
         while self.step < self.cfg.steps:
             metrics = self.train_step()
@@ -328,12 +331,20 @@ class Trainer:
                 progress(metrics)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self.save()
+        rows = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+        if rows:
+            plot_runs({self.cfg.allocation.mode: [rows]}, self.run_dir / "metrics.png")
         return history
 
     def _log(self, metrics: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, np.integer)) else v)
                                      for k, v in metrics.items()}) + "\n")
+        if self._tensorboard is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float, np.floating, np.integer)) and key != "step":
+                    self._tensorboard.add_scalar(key, float(value), self.step)
+            self._tensorboard.flush()
 
     def save(self) -> Path:
         state = {"step": self.step, "leaves_sampled": self.leaves_sampled, "config": to_dict(self.cfg),
@@ -359,6 +370,15 @@ class Trainer:
         lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
         kept = [line for line in lines if json.loads(line).get("step", 0) <= self.step]
         (self.run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+
+
+def _tensorboard_writer(folder: Path):
+    """TensorBoard event writer when the tensorboard package is installed (optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(folder))
 
 
 @dataclass

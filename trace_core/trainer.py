@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -230,6 +231,7 @@ class Trainer:
         full = pack(forest)
         weights_all = leaf_weights(forest, full, cfg.optim.loss_agg)
         target_nodes, targets, target_weights = training_targets(forest)
+        target_tree = forest.tree_root()[target_nodes]  # which micro-batch (tree) holds each target
         batches = [(roots, full if len(roots) == forest.roots.size else pack(forest, roots=roots))
                    # a tree larger than micro_batch_tokens runs alone (TRACE may give one prompt many leaves)
                    for roots in split_by_tokens(forest, cfg.optim.micro_batch_tokens, oversized="alone")]
@@ -244,7 +246,7 @@ class Trainer:
                 pos, neg, kl_w = weights.to_torch(device=self.policy.device)
                 hidden = tree_forward(self.model, packed, backend=self.backend)
                 if epoch == 0:  # the predictor learns from the policy that generated the step
-                    in_batch = target_nodes[np.isin(forest.tree_root()[target_nodes], roots)]
+                    in_batch = target_nodes[np.isin(target_tree, roots)]
                     for node, row in zip(in_batch, packed.node_end[in_batch] - 1):
                         hidden_rows[int(node)] = hidden[int(row)].detach().float().cpu()
                 loss, m = self._packed_loss(packed, hidden, pos, neg, kl_w)
@@ -393,7 +395,7 @@ class _Chains:
 def _forest_trajectories(trajectories: list[EngineTrajectory]):
     """Engine output -> forest input; an episode the engine cut off (no reward) counts as failed."""
     converted = to_forest_trajectories(trajectories)
-    return [t if t.reward is not None else type(t)(**{**t.__dict__, "reward": 0.0}) for t in converted]
+    return [t if t.reward is not None else dataclasses.replace(t, reward=0.0) for t in converted]
 
 
 def _anchors(bare: list[EngineTrajectory], forest: RolloutForest):

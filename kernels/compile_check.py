@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -49,7 +50,7 @@ class KernelBuild:
 
     @property
     def label(self) -> str:
-        meta = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if k.startswith("BLOCK"))
+        meta = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if k.startswith("BLOCK") or k == "RUNS")
         return f"{meta} w{self.num_warps} s{self.num_stages}"
 
 
@@ -106,10 +107,12 @@ def _pointers(names: str, ty: str) -> dict:
     return {n: ty for n in names.split()}
 
 
-def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = False) -> list[KernelBuild]:
+def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = False,
+                  prune: bool = True) -> list[KernelBuild]:
     """Every Triton kernel of the package, specialised like a launch with `dtype` inputs.
 
-    all_configs=False takes each autotuned kernel's first config only.
+    all_configs=False takes each autotuned kernel's first config only; prune=False keeps the
+    configs the autotuner's early pruning would drop (to recalibrate it).
     """
     ta = importlib.import_module("trace_kernels.tree_attention")
     ll = importlib.import_module("trace_kernels.linear_logprob_triton")
@@ -120,24 +123,28 @@ def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = 
     block_d = max(16, 1 << (head_dim - 1).bit_length())
     strides = lambda names: {n: "i32" for n in names.split()}  # noqa: E731
     pick = (lambda cs: cs) if all_configs else (lambda cs: cs[:1])
+    # the attention kernels' autotuner drops configs that would spill at this head dim
+    fit = (lambda kind, cs: pick(ta.fitting_configs(kind, cs, block_d))) if prune else (lambda kind, cs: pick(cs))
+    if not prune and not all_configs:  # the whole candidate list of this head dim's bucket
+        fit = lambda kind, cs: [ta._config(kind, shape) for shape in ta._SHAPES[kind][ta.head_dim_bucket(block_d)]]  # noqa
     builds: list[KernelBuild] = []
 
-    attn_const = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=False,
+    attn_const = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=False, SCAN=64,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     scalars = {"T": "i32", "n_meta": "i32", "qk_scale_log2": "fp32", "sm_scale": "fp32"}
     fwd_types = {**_pointers("Q K V O", f"*{t}"), **_pointers("END KV_MAX_END FIRST_KV", "*i32"),
                  "LSE": "*fp32", **scalars, **strides("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh "
                                                        "stride_ot stride_oh")}
-    for cfg in pick(ta._tree_attn_fwd_kernel.configs):
+    for cfg in fit("fwd", ta._tree_attn_fwd_kernel.configs):
         builds.append(_build("tree_attn_fwd", ta._tree_attn_fwd_kernel, fwd_types,
                              {**attn_const, "META_": ta.META}, cfg))
     bwd_types = {**_pointers("Q K V DO DQ DK DV", f"*{t}"), **_pointers("END KV_MAX_END FIRST_KV", "*i32"),
                  **_pointers("LSE DELTA", "*fp32"), **scalars,
                  **strides("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh stride_dot stride_doh")}
-    for cfg in pick(ta._tree_attn_bwd_dq_kernel.configs):
+    for cfg in fit("dq", ta._tree_attn_bwd_dq_kernel.configs):
         builds.append(_build("tree_attn_bwd_dq", ta._tree_attn_bwd_dq_kernel, bwd_types,
                              {**attn_const, "META_": ta.META}, cfg))
-    for cfg in pick(ta._tree_attn_bwd_dkdv_kernel.configs):
+    for cfg in fit("dkdv", ta._tree_attn_bwd_dkdv_kernel.configs):
         builds.append(_build("tree_attn_bwd_dkdv", ta._tree_attn_bwd_dkdv_kernel, bwd_types, attn_const, cfg))
 
     # linear_logprob: hidden and weight in `dtype`, unit stride along H (the JIT's constant 1)
@@ -224,24 +231,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not the first")
+    parser.add_argument("--no-prune", action="store_true", help="include configs the autotuner prunes")
+    parser.add_argument("--json", type=Path, help="also write the reports (and failures) to this file")
     args = parser.parse_args(argv)
     import triton
 
     print(f"triton {triton.__version__}, target sm_{args.arch}, {args.dtype}, head_dim {args.head_dim}")
     print("| kernel | config | registers | spill st/ld (B) | shared | async loads | compile s |")
     print("|---|---|---|---|---|---|---|")
-    failures = 0
-    for build in kernel_builds(args.dtype, args.head_dim, args.all_configs):
+    failures, records = 0, []
+    limit = SHARED_LIMIT.get(args.arch, SHARED_LIMIT[90])
+    for build in kernel_builds(args.dtype, args.head_dim, args.all_configs, not args.no_prune):
         try:
             report = compile_build(build, args.arch)
         except Exception as exc:  # report every failing build, then fail
             failures += 1
-            print(f"| {build.kernel} | {build.label} | FAILED: {type(exc).__name__}: {str(exc)[:200]} |||||")
+            error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            print(f"| {build.kernel} | {build.label} | FAILED: {error} |||||")
+            records.append({"kernel": build.kernel, "config": build.label, "error": error})
             continue
         print(report.row(), flush=True)
-        if report.shared_bytes > SHARED_LIMIT.get(args.arch, 232448):
+        records.append(dataclasses.asdict(report))
+        if report.shared_bytes > limit:
             failures += 1
-            print(f"  ^ shared memory {report.shared_bytes} B exceeds sm_{args.arch}'s {SHARED_LIMIT[args.arch]} B")
+            print(f"  ^ shared memory {report.shared_bytes} B exceeds sm_{args.arch}'s {limit} B")
+    if args.json:
+        args.json.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "dtype": args.dtype,
+                                         "head_dim": args.head_dim, "builds": records}, indent=1))
     return 1 if failures else 0
 
 

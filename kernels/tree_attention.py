@@ -13,6 +13,16 @@ A query tile [i0, i1) starts its key loop at first_kv and skips every key tile w
 <= i0 (no key of it reaches the tile: e.g. a sibling branch). Keys past i1 - 1 are never visited.
 T is a runtime argument (not specialised), so a new packed length does not recompile.
 
+Two loop shapes, both autotune candidates (the faster depends on the tree and the GPU):
+  RUNS=False  one loop over key tiles with `if visible:` around the body. Simple, but the branch
+              stops Triton's software pipelining: no tile is prefetched (see compile_check).
+  RUNS=True   an outer loop finds the next run of visible META-blocks by scanning kv_max_end
+              (SCAN blocks per step, O(1) loads each), an inner branch-free loop streams that run's
+              tiles, so its loads are pipelined. A visible run is a stretch of the query tile's
+              ancestors (a path in DFS order is a few contiguous ranges: one per branch taken), so
+              the outer loop runs about depth + 1 times. Keys are masked to [run_start, run_end):
+              a tile overhanging its run's end never counts a key twice.
+
 Public op: `tree_attention(q, k, v, end, *, scale=None)` (functional wrapper of
 `TreeAttentionFunction`); dispatch through `trace_kernels._runtime.select_backend`, the pure-torch
 reference (`tree_attention_reference`) being the fallback.
@@ -37,16 +47,67 @@ LN2 = 0.6931471805599453
 _INTERPRET = interpreter_enabled()
 
 
+# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages[, RUNS]) per head-dim bucket
+# (BLOCK_D <= 64, 128, 256). Each was compiled for sm_90 with trace_kernels.compile_check on
+# triton 3.6 and 3.9 and kept only if it spills no registers and fits the H100's shared memory
+# (bench/results/compile_report_sm90.md); tests/test_kernel_compile.py re-checks on the installed
+# triton. fwd / dq list the run-scanning loop (RUNS=True) first and keep the branching loop
+# (RUNS=False) as a candidate: which is faster depends on the tree and the GPU.
+_SHAPES = {
+    "fwd": {
+        64: [(128, 64, 8, 3, True), (64, 64, 4, 3, True), (128, 32, 4, 4, True), (128, 128, 8, 2, True),
+             (64, 32, 4, 4, True), (128, 64, 8, 3, False), (128, 64, 4, 3, False)],
+        128: [(128, 64, 8, 3, True), (64, 64, 4, 3, True), (64, 32, 4, 4, True), (128, 64, 8, 3, False)],
+        256: [(64, 32, 8, 3, True), (64, 64, 8, 2, True), (64, 32, 4, 3, False)],
+    },
+    "dq": {
+        64: [(128, 64, 8, 3, True), (64, 64, 4, 3, True), (128, 32, 4, 4, True), (64, 32, 4, 4, True),
+             (128, 64, 8, 3, False)],
+        128: [(128, 64, 8, 3, True), (64, 32, 4, 4, True), (128, 64, 8, 3, False)],
+        256: [(32, 32, 4, 3, True), (32, 32, 4, 3, False)],
+    },
+    "dkdv": {  # outer loop over a key tile, inner over query tiles (contiguous: no skipping)
+        64: [(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 3), (64, 128, 8, 2)],
+        128: [(16, 128, 8, 3), (32, 64, 8, 3)],
+        256: [(32, 32, 8, 3)],
+    },
+}
+
+
+def _config(kernel: str, shape: tuple) -> triton.Config:
+    meta = {"BLOCK_M": shape[0], "BLOCK_N": shape[1]}
+    if kernel != "dkdv":
+        meta["RUNS"] = shape[4]
+    return triton.Config(meta, num_warps=shape[2], num_stages=shape[3])
+
+
 def _configs(kernel: str) -> list[triton.Config]:
-    """Autotune candidates. The interpreter cannot autotune, so it gets one (small, unequal) tile."""
+    """Every bucket's candidates (the autotuner prunes to BLOCK_D's bucket). The interpreter cannot
+    autotune, so it gets one small, unequal tile."""
     if _INTERPRET:
         bm, bn = (32, 16) if kernel == "dkdv" else (16, 32)  # BLOCK_N > META: the vector max path
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
-    if kernel == "dkdv":  # outer loop over a key tile, inner over query tiles
-        shapes = [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 8, 3)]
-    else:  # forward and dq: outer query tile, inner key tiles
-        shapes = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 2), (64, 32, 4, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+        # SCAN=4: a 64-key scan window, so small test trees exercise windows with no visible block
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn} if kernel == "dkdv" else {"BLOCK_M": bm, "BLOCK_N": bn, "RUNS": True,
+                                                                         "SCAN": 4}
+        return [triton.Config(meta, num_warps=4, num_stages=1)]
+    shapes = dict.fromkeys(shape for bucket in _SHAPES[kernel].values() for shape in bucket)  # ordered, unique
+    return [_config(kernel, shape) for shape in shapes]
+
+
+def head_dim_bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else block_d
+
+
+def fitting_configs(kernel: str, configs: list[triton.Config], block_d: int) -> list[triton.Config]:
+    """The configs listed for BLOCK_D's bucket (those that compile without spills at that head dim)."""
+    wanted = {_config(kernel, shape).__str__() for shape in _SHAPES[kernel][head_dim_bucket(block_d)]}
+    return [c for c in configs if str(c) in wanted] or configs
+
+
+def _prune(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        return fitting_configs(kernel, configs, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
+    return {"early_config_prune": prune}
 
 
 @triton.jit
@@ -61,11 +122,31 @@ def _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N: tl.constexpr, META_: tl.co
 
 
 @triton.jit
-def _kv_tile(K, V, END, j0, T, kv_head, offs_m, offs_d, d_ok, stride_kt, stride_kh, stride_vt, stride_vh,
+def _next_visible_run(KV_MAX_END, j, stop, i0, META_: tl.constexpr, SCAN: tl.constexpr):
+    """The first run of visible keys at or after j (a multiple of META_), below stop.
+
+    Scans SCAN META-blocks of kv_max_end: a block is visible to the query tile starting at i0 iff
+    its max end > i0. Returns (start, end) in keys, clipped to stop; start == end == the scanned
+    window's end when the window holds no visible block (the caller goes on from there).
+    """
+    blocks = j // META_ + tl.arange(0, SCAN)
+    in_range = blocks * META_ < stop  # stop <= T, so every loaded block exists
+    visible = in_range & (tl.load(KV_MAX_END + blocks, mask=in_range, other=0) > i0)
+    none = j // META_ + SCAN
+    first = tl.min(tl.where(visible, blocks, none), 0)
+    after = tl.min(tl.where((blocks > first) & (visible == 0), blocks, none), 0)
+    window_end = tl.minimum(none * META_, stop)
+    start = tl.minimum(first * META_, window_end)
+    return start, tl.minimum(after * META_, window_end)
+
+
+@triton.jit
+def _kv_tile(K, V, END, j0, key_stop, kv_head, offs_m, offs_d, d_ok, stride_kt, stride_kh, stride_vt, stride_vh,
              BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    """Key/value tile starting at j0 and which of its keys each query row offs_m may see."""
+    """Key/value tile starting at j0 (keys >= key_stop <= T masked off) and which of its keys each
+    query row offs_m may see."""
     offs_n = j0 + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < T
+    col_ok = offs_n < key_stop
     cols = offs_n.to(tl.int64)
     k = tl.load(K + cols[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
@@ -79,7 +160,26 @@ def _kv_tile(K, V, END, j0, T, kv_head, offs_m, offs_d, d_ok, stride_kt, stride_
     return k, v, visible
 
 
-@triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "GROUP"])
+@triton.jit
+def _fwd_tile(q, m_i, l_i, acc, K, V, END, j0, key_stop, kv_head, offs_m, offs_d, d_ok, qk_scale_log2,
+              stride_kt, stride_kh, stride_vt, stride_vh,
+              BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over the key tile at j0: returns the updated (m_i, l_i, acc)."""
+    k, v, visible = _kv_tile(K, V, END, j0, key_stop, kv_head, offs_m, offs_d, d_ok, stride_kt, stride_kh,
+                             stride_vt, stride_vh, BLOCK_N, UPCAST)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # rows that saw no visible key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "GROUP"], prune_configs_by=_prune("fwd"))
 @triton.jit(do_not_specialize=["T", "n_meta"])
 def _tree_attn_fwd_kernel(
     Q, K, V, END, KV_MAX_END, FIRST_KV, O, LSE,
@@ -87,7 +187,7 @@ def _tree_attn_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, META_: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUNS: tl.constexpr, SCAN: tl.constexpr = 64,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -108,23 +208,23 @@ def _tree_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    lo = (tl.load(FIRST_KV + i0 // META_) * META_) // BLOCK_N * BLOCK_N
+    first_key = tl.load(FIRST_KV + i0 // META_) * META_
     hi = tl.minimum(i0 + BLOCK_M, T)
-    for j0 in range(lo, hi, BLOCK_N):
-        if _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N, META_) > i0:
-            k, v, visible = _kv_tile(K, V, END, j0, T, kv_head, offs_m, offs_d, d_ok, stride_kt, stride_kh,
-                                     stride_vt, stride_vh, BLOCK_N, UPCAST)
-
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-            qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # rows that saw no visible key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(qk - m_shift[:, None])
-            alpha = tl.exp2(m_i - m_shift)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+    if RUNS:
+        j = first_key
+        while j < hi:
+            run_start, run_end = _next_visible_run(KV_MAX_END, j, hi, i0, META_, SCAN)
+            for j0 in range(run_start, run_end, BLOCK_N):  # no branch: Triton pipelines these loads
+                m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, K, V, END, j0, run_end, kv_head, offs_m, offs_d, d_ok,
+                                          qk_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
+                                          BLOCK_N, UPCAST, DOT_PRECISION)
+            j = run_end
+    else:
+        for j0 in range(first_key // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+            if _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N, META_) > i0:
+                m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, K, V, END, j0, T, kv_head, offs_m, offs_d, d_ok,
+                                          qk_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
+                                          BLOCK_N, UPCAST, DOT_PRECISION)
 
     # every real row sees at least itself (end[i] > i), so l_i > 0 there; padding rows are not stored
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -135,7 +235,21 @@ def _tree_attn_fwd_kernel(
     tl.store(LSE + head * T + offs_m, lse, mask=row_ok)
 
 
-@triton.autotune(configs=_configs("dq"), key=["HEAD_DIM", "GROUP"])
+@triton.jit
+def _dq_tile(q, do, lse_log2, delta, K, V, END, j0, key_stop, kv_head, offs_m, offs_d, d_ok, qk_scale_log2,
+             stride_kt, stride_kh, stride_vt, stride_vh,
+             BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dS @ K of the key tile at j0 (unscaled), with P recomputed from the forward's LSE."""
+    k, v, visible = _kv_tile(K, V, END, j0, key_stop, kv_head, offs_m, offs_d, d_ok, stride_kt, stride_kh,
+                             stride_vt, stride_vh, BLOCK_N, UPCAST)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    p = tl.exp2(tl.where(visible, qk, float("-inf")) - lse_log2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.autotune(configs=_configs("dq"), key=["HEAD_DIM", "GROUP"], prune_configs_by=_prune("dq"))
 @triton.jit(do_not_specialize=["T", "n_meta"])
 def _tree_attn_bwd_dq_kernel(
     Q, K, V, END, KV_MAX_END, FIRST_KV, DO, LSE, DELTA, DQ,
@@ -143,7 +257,7 @@ def _tree_attn_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, META_: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUNS: tl.constexpr, SCAN: tl.constexpr = 64,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -165,25 +279,30 @@ def _tree_attn_bwd_dq_kernel(
     delta = tl.load(DELTA + head * T + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    lo = (tl.load(FIRST_KV + i0 // META_) * META_) // BLOCK_N * BLOCK_N
+    first_key = tl.load(FIRST_KV + i0 // META_) * META_
     hi = tl.minimum(i0 + BLOCK_M, T)
-    for j0 in range(lo, hi, BLOCK_N):
-        if _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N, META_) > i0:
-            k, v, visible = _kv_tile(K, V, END, j0, T, kv_head, offs_m, offs_d, d_ok, stride_kt, stride_kh,
-                                     stride_vt, stride_vh, BLOCK_N, UPCAST)
-
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-            p = tl.exp2(tl.where(visible, qk, float("-inf")) - lse_log2[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    if RUNS:  # see _tree_attn_fwd_kernel
+        j = first_key
+        while j < hi:
+            run_start, run_end = _next_visible_run(KV_MAX_END, j, hi, i0, META_, SCAN)
+            for j0 in range(run_start, run_end, BLOCK_N):
+                dq += _dq_tile(q, do, lse_log2, delta, K, V, END, j0, run_end, kv_head, offs_m, offs_d, d_ok,
+                               qk_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
+                               BLOCK_N, UPCAST, DOT_PRECISION)
+            j = run_end
+    else:
+        for j0 in range(first_key // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+            if _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N, META_) > i0:
+                dq += _dq_tile(q, do, lse_log2, delta, K, V, END, j0, T, kv_head, offs_m, offs_d, d_ok,
+                               qk_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
+                               BLOCK_N, UPCAST, DOT_PRECISION)
 
     dq = dq * sm_scale
     tl.store(DQ + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=tile_ok)
 
 
-@triton.autotune(configs=_configs("dkdv"), key=["HEAD_DIM", "GROUP"])
+@triton.autotune(configs=_configs("dkdv"), key=["HEAD_DIM", "GROUP"], prune_configs_by=_prune("dkdv"))
 @triton.jit(do_not_specialize=["T"])
 def _tree_attn_bwd_dkdv_kernel(
     Q, K, V, END, DO, LSE, DELTA, DK, DV,

@@ -4,12 +4,14 @@ Trees come from trace_core.packing.pack, so `end` is exactly what training feeds
 and gradients of q, k, v are compared with the fp32 reference; for fp16 / bf16 the tolerance is
 set by how far the same math run in that dtype lands from the fp32 reference.
 """
+import importlib
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from trace_core.packing import pack
 from trace_core.tree import RolloutForest
@@ -97,6 +99,21 @@ def assert_matches_reference(q, k, v, end, scale=None):
         assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g} ({dtype})"
 
 
+@pytest.fixture(params=[True, False], ids=["runs", "branch"])
+def loop_shape(request, monkeypatch):
+    """Pin the forward and dq kernels to one key-loop shape (both are autotune candidates): RUNS
+    scans for runs of visible keys and streams them branch-free; branch tests every key tile."""
+    ta = importlib.import_module("trace_kernels.tree_attention")
+    for kernel in (ta._tree_attn_fwd_kernel, ta._tree_attn_bwd_dq_kernel):
+        cfg = next(c for c in kernel.configs if c.kwargs["RUNS"] == request.param) if not ta._INTERPRET \
+            else kernel.configs[0]
+        pinned = triton.Config({**cfg.kwargs, "RUNS": request.param}, num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages)
+        monkeypatch.setattr(kernel, "configs", [pinned])
+        monkeypatch.setattr(kernel, "cache", {})
+    return request.param
+
+
 # -------------------------------------------------------------------------- outputs and gradients
 
 
@@ -112,9 +129,26 @@ def assert_matches_reference(q, k, v, end, scale=None):
         ("head_dim 24 (padded to 32)", [random_tree(np.random.default_rng(7), 6, 6)], (2, 1), 24, torch.float32),
     ],
 )
-def test_matches_reference(name, trees, heads, D, dtype):
+def test_matches_reference(name, trees, heads, D, dtype, loop_shape):
     end = end_of(packed_forest(trees))
     q, k, v = make_qkv(end.shape[0], *heads, D, dtype)
+    assert_matches_reference(q, k, v, end)
+
+
+@pytest.mark.parametrize(
+    "name, trees",
+    [
+        # sibling gaps of 16 keys, shorter than a 32-key tile: a tile overhanging its run's end
+        # reaches the next run's keys and must not count them twice
+        ("gaps shorter than a tile", [fan(5, 20, [16, 16, 16, 16, 16]), random_tree(np.random.default_rng(9), 12, 16)]),
+        # 8 siblings of 40 keys before the last one: the scan window (64 keys here) finds nothing
+        ("gaps longer than the scan window", [fan(9, 23, [40] * 9), chain(3, 17)]),
+        ("deep tree, path of many ranges", [random_tree(np.random.default_rng(4), 40, 6)]),
+    ],
+)
+def test_visible_runs_match_reference(name, trees, loop_shape):
+    end = end_of(packed_forest(trees))
+    q, k, v = make_qkv(end.shape[0], 2, 1, 16, torch.float32, seed=6)
     assert_matches_reference(q, k, v, end)
 
 
@@ -165,7 +199,7 @@ def test_block_skip_metadata_is_exact():
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # branch A's rows, on purpose
-def test_invisible_key_tiles_are_never_read():
+def test_invisible_key_tiles_are_never_read(loop_shape):
     """Keys of a sibling branch carry NaN. Queries of the other branch stay finite only if the
     kernels skip those key tiles instead of loading and masking them (a masked NaN still poisons
     p @ v). Segments are aligned to the largest tile so whole tiles belong to one branch."""

@@ -16,7 +16,11 @@ below it, in tiles of `block_q` queries:
     query_len   [B] int32              keys per query
 
 Attention is a softmax over a *set* of keys (positions are already inside K via RoPE), so the
-order of segments on a path does not matter.
+order of segments on a path does not matter. That also makes splitting free: `split_tokens` cuts
+every longer segment into chunks of that many tokens, each chunk a segment of its own with the
+same queries (split-KV, as in flash-decoding). A long shared prefix with few branches is then read
+by many programs in parallel instead of one per kv head, and the LSE merge is unchanged; every
+page is still read once per tile of queries. `choose_split_tokens` picks the chunk for a GPU.
 """
 from __future__ import annotations
 
@@ -55,20 +59,50 @@ class TreeDecodeMeta:
         return int(self.query_len.cpu().numpy().astype(np.int64).sum())
 
 
+def choose_split_tokens(seg_len: Sequence[int], seg_queries: Sequence[int], *, block_q: int, kv_heads: int,
+                        page_size: int, target_programs: int, min_tokens: int = 256) -> int | None:
+    """The largest chunk (min_tokens times a power of two, whole pages) that gives the decode kernel
+    at least `target_programs` programs (e.g. 2 per SM), or min_tokens if none does; None when the
+    unsplit segments already give enough programs.
+
+    seg_len[s], seg_queries[s]: tokens and number of queries of each segment of the step.
+    """
+    tiles = [-(-q // block_q) for q in seg_queries]
+    if kv_heads * sum(tiles) >= target_programs:
+        return None
+    longest = max(seg_len)
+    chunk = max(page_size, -(-min_tokens // page_size) * page_size)
+    best = chunk
+    while chunk < longest:
+        programs = kv_heads * sum(-(-n // chunk) * t for n, t in zip(seg_len, tiles))
+        if programs < target_programs:
+            break
+        best, chunk = chunk, chunk * 2
+    return best if best < longest else None
+
+
 def build_tree_decode_meta(
     segments: Sequence[tuple[Sequence[int], int]],
     query_segments: Sequence[Sequence[int]],
     *,
     page_size: int,
     block_q: int = 16,
+    split_tokens: int | None = None,
     device="cpu",
 ) -> TreeDecodeMeta:
     """segments[s] = (page ids, number of tokens) of segment s; query_segments[b] = the segments
-    query b attends to (its path). Returns the metadata of one decode step (see module doc)."""
+    query b attends to (its path). Returns the metadata of one decode step (see module doc).
+
+    split_tokens: cut segments longer than this into chunks of this many tokens (a multiple of
+    page_size); None keeps segments whole.
+    """
     if not isinstance(page_size, int) or page_size <= 0:
         raise ValueError(f"page_size: must be a positive integer, got {page_size!r}")
     if not isinstance(block_q, int) or block_q <= 0 or block_q & (block_q - 1):
         raise ValueError(f"block_q: must be a positive power of two, got {block_q!r}")
+    if split_tokens is not None and (not isinstance(split_tokens, int) or split_tokens <= 0
+                                     or split_tokens % page_size):
+        raise ValueError(f"split_tokens: must be a positive multiple of page_size ({page_size}), got {split_tokens!r}")
     if len(query_segments) == 0:
         raise ValueError("query_segments: at least one query is needed")
     num_segments = len(segments)
@@ -89,19 +123,27 @@ def build_tree_decode_meta(
                 total += segments[s][1]
         if total == 0:
             raise ValueError(f"query_segments[{b}]: the query has no keys to attend to")
-    kept = [s for s in range(num_segments) if queries_of[s]]
-    max_pages = max(len(segments[s][0]) for s in kept)
-    seg_pages = np.zeros((len(kept), max_pages), np.int32)
-    seg_len = np.zeros(len(kept), np.int32)
-    counts = np.zeros(len(kept), np.int64)
-    pair_query, tile_seg, tile_start = [], [], []
-    for i, s in enumerate(kept):
+    # the kernel's segments: each kept segment whole, or cut into chunks of split_tokens
+    chunks = []  # (pages, tokens, queries)
+    for s in range(num_segments):
+        if not queries_of[s]:
+            continue
         pages, length = segments[s]
+        step = length if split_tokens is None else split_tokens
+        per_chunk = -(-step // page_size)
+        for c, start in enumerate(range(0, length, step)):
+            chunks.append((pages[c * per_chunk:(c + 1) * per_chunk], min(step, length - start), queries_of[s]))
+    max_pages = max(len(pages) for pages, _, _ in chunks)
+    seg_pages = np.zeros((len(chunks), max_pages), np.int32)
+    seg_len = np.zeros(len(chunks), np.int32)
+    counts = np.zeros(len(chunks), np.int64)
+    pair_query, tile_seg, tile_start = [], [], []
+    for i, (pages, length, queries) in enumerate(chunks):
         seg_pages[i, : len(pages)] = pages
         seg_len[i] = length
-        counts[i] = len(queries_of[s])
-        pair_query.extend(queries_of[s])
-        starts = range(0, len(queries_of[s]), block_q)
+        counts[i] = len(queries)
+        pair_query.extend(queries)
+        starts = range(0, len(queries), block_q)
         tile_seg.extend([i] * len(starts))
         tile_start.extend(starts)
     pair_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)

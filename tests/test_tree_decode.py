@@ -9,7 +9,7 @@ import torch
 
 from trace_core.kv_cache import PagedTreeKVCache
 from trace_kernels.tree_decode import tree_decode_attention
-from trace_kernels.tree_decode_meta import build_tree_decode_meta
+from trace_kernels.tree_decode_meta import build_tree_decode_meta, choose_split_tokens
 from trace_kernels.tree_decode_reference import tree_decode_attention_cascade, tree_decode_attention_reference
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -116,3 +116,49 @@ def test_bad_inputs_name_the_argument():
         build_tree_decode_meta([([], 0)], [[0]], page_size=4)
     with pytest.raises(ValueError, match="block_q"):
         build_tree_decode_meta([([0], 1)], [[0]], page_size=4, block_q=3)
+
+
+# -------------------------------------------------------------------------- split-KV chunks
+
+
+@pytest.mark.parametrize("split_tokens", [4, 8])
+def test_split_segments_give_the_same_attention(split_tokens):
+    """Chunking segments (split-KV) changes only which program reads which keys, never the result."""
+    cache, leaves = _random_tree(21, kv_heads=2, head_dim=16, page_size=4, depth=3)
+    whole = cache.decode_meta(leaves, block_q=4, split_tokens=None)
+    split = cache.decode_meta(leaves, block_q=4, split_tokens=split_tokens)
+    assert split.seg_len.numel() > whole.seg_len.numel()  # some segment really was cut
+    assert int(split.seg_len.max()) <= split_tokens
+    assert int(split.seg_len.sum()) == int(whole.seg_len.sum())  # the same keys, each in one chunk
+    assert split.keys_read_shared() == whole.keys_read_shared()  # still read once per tile of queries
+    q = torch.randn(len(leaves), 4, 16, generator=torch.Generator().manual_seed(2))
+    k_pool, v_pool = cache.k_pools[0], cache.v_pools[0]
+    expected = tree_decode_attention_reference(q, k_pool, v_pool, whole)
+    for meta in (whole, split):
+        got = tree_decode_attention(q, k_pool, v_pool, meta, force="triton")
+        torch.testing.assert_close(got, expected, rtol=0, atol=TOL[torch.float32])
+    torch.testing.assert_close(tree_decode_attention_cascade(q, k_pool, v_pool, split), expected,
+                               rtol=0, atol=TOL[torch.float32])
+
+
+def test_choose_split_tokens_fills_the_gpu_and_no_more():
+    # one 8192-token prefix read by 4 branches (one query tile), 2 kv heads: 2 programs unsplit
+    lens, users = [8192, 256, 256, 256, 256], [4, 1, 1, 1, 1]
+    programs = lambda c: 2 * sum(-(-n // c) for n in lens)  # noqa: E731  (one tile per segment here)
+    split = choose_split_tokens(lens, users, block_q=16, kv_heads=2, page_size=16, target_programs=40)
+    assert split == 512 and programs(512) >= 40 > programs(1024)  # the largest chunk that fills the GPU
+    # a GPU too large to fill: the smallest chunk allowed
+    assert choose_split_tokens(lens, users, block_q=16, kv_heads=2, page_size=16, target_programs=264) == 256
+    # enough work already: keep segments whole
+    assert choose_split_tokens([512] * 200, [1] * 200, block_q=16, kv_heads=2, page_size=16,
+                               target_programs=264) is None
+    # never below min_tokens, even when the GPU cannot be filled
+    assert choose_split_tokens([1024], [1], block_q=16, kv_heads=1, page_size=16, target_programs=10_000) == 256
+
+
+def test_split_tokens_must_be_whole_pages():
+    with pytest.raises(ValueError, match=r"split_tokens: must be a positive multiple of page_size \(4\)"):
+        build_tree_decode_meta([([0, 1], 8)], [[0]], page_size=4, split_tokens=6)
+    cache, leaves = _random_tree(3, kv_heads=2, head_dim=8, page_size=4, depth=2)
+    with pytest.raises(ValueError, match="split_tokens: must be an int, None or \"auto\""):
+        cache.decode_meta(leaves, split_tokens="always")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from trace_kernels.tree_decode_meta import TreeDecodeMeta, build_tree_decode_meta
+from trace_kernels.tree_decode_meta import TreeDecodeMeta, build_tree_decode_meta, choose_split_tokens
 
 
 class CacheCapacityError(RuntimeError):
@@ -225,9 +225,14 @@ class PagedTreeKVCache:
         flat_v = self.v_pools[layer].view(-1, self.num_kv_heads, self.head_dim)
         return flat_k[slots], flat_v[slots]
 
-    def decode_meta(self, leaves, *, block_q: int = 16) -> TreeDecodeMeta:
+    def decode_meta(self, leaves, *, block_q: int = 16, split_tokens: int | None | str = "auto") -> TreeDecodeMeta:
         """Metadata for one shared-prefix decode step whose query b sits at the end of `leaves[b]`
-        (every node on the leaves' paths is one segment, listed once however many leaves share it)."""
+        (every node on the leaves' paths is one segment, listed once however many leaves share it).
+
+        split_tokens: chunk long segments so a few branches over a long prefix still fill the GPU
+        (see trace_kernels.tree_decode_meta); "auto" picks the chunk on CUDA (2 programs per SM)
+        and keeps segments whole on CPU; None never splits.
+        """
         index: dict[int, int] = {}
         segments, query_segments = [], []
         for leaf in leaves:
@@ -238,8 +243,22 @@ class PagedTreeKVCache:
                     segments.append((self._nodes[u].pages, self._nodes[u].length))
                 path.append(index[u])
             query_segments.append(path)
+        device = self.k_pools[0].device
+        if split_tokens == "auto":
+            split_tokens = None
+            if device.type == "cuda":
+                users = [0] * len(segments)
+                for path in query_segments:
+                    for s in path:
+                        users[s] += 1
+                sms = torch.cuda.get_device_properties(device).multi_processor_count
+                split_tokens = choose_split_tokens([n for _, n in segments], users, block_q=block_q,
+                                                   kv_heads=self.num_kv_heads, page_size=self.page_size,
+                                                   target_programs=2 * sms)
+        elif isinstance(split_tokens, str):
+            raise ValueError(f'split_tokens: must be an int, None or "auto", got {split_tokens!r}')
         return build_tree_decode_meta(segments, query_segments, page_size=self.page_size, block_q=block_q,
-                                      device=self.k_pools[0].device)
+                                      split_tokens=split_tokens, device=device)
 
     # ------------------------------------------------------------------ freeing
     def release(self, node: int) -> None:

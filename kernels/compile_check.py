@@ -167,7 +167,7 @@ def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = 
                              unaligned=tokens))
 
     # tree decode: the engine's shapes (block_q queries per tile, GQA group of 3 as in SmolLM2)
-    group, block_q = 3, td.DEFAULT_BLOCK_Q if hasattr(td, "DEFAULT_BLOCK_Q") else 16
+    group, block_q = 3, 16  # SmolLM2's GQA group; PagedTreeKVCache.decode_meta's default block_q
     dec_types = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "out_ptr": "*fp32", "lse_ptr": "*fp32",
                  **_pointers("seg_pages_ptr seg_len_ptr pair_ptr_ptr pair_query_ptr tile_seg_ptr tile_start_ptr",
                              "*i32"),
@@ -175,10 +175,10 @@ def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = 
                            "stride_pages stride_ob stride_oh stride_lb"),
                  "scale": "fp32", "page_size": "i32"}
     group_pad = 1 << (group - 1).bit_length()
-    for cfg in td.decode_configs() if hasattr(td, "decode_configs") else [None]:
+    for cfg in pick(td._segment_partial_kernel.configs):
         builds.append(_build("tree_decode_partial", td._segment_partial_kernel, dec_types, dict(
             GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_ROWS=max(16, block_q * group_pad),
-            BLOCK_N=td._BLOCK_N, HEAD_DIM=head_dim, HEAD_DIM_PAD=block_d, UPCAST=dtype == "fp32",
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=block_d, UPCAST=dtype == "fp32",
             IEEE_DOT=dtype == "fp32"), cfg))
     return builds
 

@@ -30,7 +30,18 @@ try:
 except ImportError:  # pragma: no cover - reference path only
     triton = None
 
-_BLOCK_N = 16  # keys per inner step (tl.dot needs >= 16)
+_BLOCK_N = 16  # keys per inner step under the interpreter (tl.dot needs >= 16)
+# GPU autotune candidates (BLOCK_N keys per step, num_warps, num_stages): a decode step is
+# memory-bound, so longer key steps with deeper prefetch; all compile for sm_90 without spills at
+# head_dim 64 and 128 (trace_kernels.compile_check, tests/test_kernel_compile.py)
+_GPU_SHAPES = [(64, 4, 3), (32, 4, 3), (64, 4, 4), (128, 8, 3), (16, 4, 4)]
+
+
+def decode_configs() -> list:
+    """The partial kernel's autotune configs (one under the interpreter, which cannot autotune)."""
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_N": _BLOCK_N}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in _GPU_SHAPES]
 
 
 def _next_pow2(x: int) -> int:
@@ -39,6 +50,7 @@ def _next_pow2(x: int) -> int:
 
 if triton is not None:
 
+    @triton.autotune(configs=decode_configs(), key=["HEAD_DIM", "BLOCK_ROWS", "GROUP"])
     @triton.jit
     def _segment_partial_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
@@ -136,7 +148,7 @@ def _tree_decode_triton(q, k_pool, v_pool, meta: TreeDecodeMeta, scale: float):
         partial_out.stride(0), partial_out.stride(1),
         partial_lse.stride(0),
         scale, meta.page_size,
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_ROWS=max(16, block_q * group_pad), BLOCK_N=_BLOCK_N,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_ROWS=max(16, block_q * group_pad),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, _next_pow2(head_dim)), UPCAST=upcast, IEEE_DOT=upcast,
     )
     out = merge_partials(partial_out, partial_lse, meta.pair_query.long(), meta.num_queries)

@@ -11,7 +11,8 @@ export TRITON_DEFAULT_FP_FUSION=1
 unset TRITON_INTERPRET
 version="$("$PY" -c 'import triton; print(triton.__version__)')"
 out="bench/results/compile_sm90_triton${version}.md"
-check() { "$PY" -m trace_kernels.compile_check --arch 90 "$@" | grep -v '^triton '; }
+failed=0
+check() { "$PY" -m trace_kernels.compile_check --arch 90 "$@" | grep -v '^triton ' || failed=1; }
 {
     echo "# Kernels compiled for sm_90 (H100) with triton ${version}, on a CPU machine"
     echo
@@ -31,3 +32,4 @@ check() { "$PY" -m trace_kernels.compile_check --arch 90 "$@" | grep -v '^triton
     check --dtype bf16 --head-dim 128 --all-configs --no-prune | grep -E '^\| (kernel|---|tree_attn)'
 } > "$out"
 echo "wrote $out"
+[ "$failed" -eq 0 ] || { echo "some build failed or overflowed shared memory: see $out" >&2; exit 1; }

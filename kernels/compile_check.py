@@ -175,7 +175,8 @@ def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = 
                            "stride_pages stride_ob stride_oh stride_lb"),
                  "scale": "fp32", "page_size": "i32"}
     group_pad = 1 << (group - 1).bit_length()
-    for cfg in pick(td._segment_partial_kernel.configs):
+    for cfg in pick(td.fitting_decode_configs(td._segment_partial_kernel.configs, block_d) if prune
+                    else td._segment_partial_kernel.configs):
         builds.append(_build("tree_decode_partial", td._segment_partial_kernel, dec_types, dict(
             GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_ROWS=max(16, block_q * group_pad),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=block_d, UPCAST=dtype == "fp32",

@@ -33,8 +33,18 @@ except ImportError:  # pragma: no cover - reference path only
 _BLOCK_N = 16  # keys per inner step under the interpreter (tl.dot needs >= 16)
 # GPU autotune candidates (BLOCK_N keys per step, num_warps, num_stages): a decode step is
 # memory-bound, so longer key steps with deeper prefetch; all compile for sm_90 without spills at
-# head_dim 64 and 128 (trace_kernels.compile_check, tests/test_kernel_compile.py)
+# head_dim 64 and 128 (trace_kernels.compile_check, tests/test_kernel_compile.py). Above 128 only
+# steps of <= 32 keys fit in registers (bench/results/compile_sm90_triton*.md).
 _GPU_SHAPES = [(64, 4, 3), (32, 4, 3), (64, 4, 4), (128, 8, 3), (16, 4, 4)]
+
+
+def fitting_decode_configs(configs: list, head_dim_pad: int) -> list:
+    """The configs that compile without spills at this (padded) head dim."""
+    return [c for c in configs if head_dim_pad <= 128 or c.kwargs["BLOCK_N"] <= 32] or configs
+
+
+def _prune_decode(configs, named_args, **kwargs):
+    return fitting_decode_configs(configs, kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD")))
 
 
 def decode_configs() -> list:
@@ -50,7 +60,8 @@ def _next_pow2(x: int) -> int:
 
 if triton is not None:
 
-    @triton.autotune(configs=decode_configs(), key=["HEAD_DIM", "BLOCK_ROWS", "GROUP"])
+    @triton.autotune(configs=decode_configs(), key=["HEAD_DIM", "BLOCK_ROWS", "GROUP"],
+                     prune_configs_by={"early_config_prune": _prune_decode})
     @triton.jit
     def _segment_partial_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,

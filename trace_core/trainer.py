@@ -30,6 +30,7 @@ from .engine import Anchor, EngineTrajectory, HFRolloutEngine, SamplingParams, t
 from .envs import make_env, make_task_source
 from .integrations.hf import tree_forward
 from .loss import leaf_weights, packed_loss_weights, packed_policy_loss
+from .lr_schedule import learning_rate
 from .packing import pack, split_by_tokens
 from .policy import build_policy
 from .report import plot_runs
@@ -227,6 +228,9 @@ class Trainer:
             cal = calibration(batch.predicted, rates[nodes], counts[nodes], mixed[nodes], batch.contrast)
             metrics.update({f"predictor/{k}": v for k, v in cal.items()})
 
+        o = cfg.optim
+        lr = learning_rate(self.step, lr=o.lr, steps=cfg.steps, schedule=o.lr_schedule, warmup_steps=o.warmup_steps,
+                           min_lr_ratio=o.min_lr_ratio)
         advantages, kind = compute_advantages(forest, cfg.optim.advantage)
         full = pack(forest)
         weights_all = leaf_weights(forest, full, cfg.optim.loss_agg)
@@ -255,6 +259,8 @@ class Trainer:
                 clip_weighted += m["clip_fraction"].item() * float(kl_w.sum())
                 entropy_total += m["entropy"].item()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.optimizer.step()
         self.model.eval()
 
@@ -266,7 +272,7 @@ class Trainer:
                          hidden=torch.stack([hidden_rows[int(u)] for u in nodes]) if len(nodes) else None)
         if len(nodes):
             metrics.update(self.predictor.observe(pb, targets[order], target_weights[order]))
-        metrics.update({"loss": loss_total, "grad_norm": float(grad_norm), "clip_fraction": clip_weighted,
+        metrics.update({"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, "clip_fraction": clip_weighted,
                         "entropy": entropy_total,
                         "tokens_packed": full.num_tokens, "tokens_leaf_paths": full.num_leaf_path_tokens,
                         "dedup_ratio": full.num_leaf_path_tokens / max(full.num_tokens, 1)})

@@ -93,6 +93,9 @@ class GenerationConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up (trace_core/lr_schedule.py)
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps
+    min_lr_ratio: float = 0.0  # floor of the cosine / linear decay, as a fraction of lr
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eps_low: float = 0.2
@@ -107,6 +110,10 @@ class OptimConfig:
     def __post_init__(self):
         if not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.epochs < 1:
             raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
         if self.micro_batch_tokens < 1:
@@ -135,5 +142,7 @@ class TrainConfig:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads: must be >= 0, got {self.cpu_threads}")
+        if self.optim.warmup_steps > self.steps:
+            raise ValueError(f"optim.warmup_steps: {self.optim.warmup_steps} is more than the run's {self.steps} steps")
         if self.eval_every < 0 or self.checkpoint_every < 1 or self.eval_tasks < 1:
             raise ValueError("eval_every must be >= 0, checkpoint_every and eval_tasks >= 1")

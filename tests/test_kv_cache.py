@@ -168,3 +168,12 @@ def test_bad_usage_names_the_argument():
     slots = cache.reserve(root, 2)
     with pytest.raises(CacheUsageError, match="layer"):
         cache.write(3, slots, torch.zeros(2, 1, 2), torch.zeros(2, 1, 2))
+
+
+def test_page_bytes_matches_the_pools():
+    from trace_core.kv_cache import page_bytes
+
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = PagedTreeKVCache(num_layers=3, num_kv_heads=2, head_dim=8, num_pages=5, page_size=4, dtype=dtype)
+        pool_bytes = sum(p.numel() * p.element_size() for p in cache.k_pools + cache.v_pools)
+        assert page_bytes(num_layers=3, num_kv_heads=2, head_dim=8, page_size=4, dtype=dtype) * 5 == pool_bytes

@@ -129,6 +129,12 @@ def test_eval_command_reads_a_checkpoint(tmp_path, capsys):
         (["optim.warmup_steps=5"], "optim.warmup_steps: 5 is more than the run's 1 steps"),
         (["optim.min_lr_ratio=1.5"], "min_lr_ratio: must be in [0, 1], got 1.5"),
         (["optim.lr_schedule=step"], "optim.lr_schedule: 'step' is not one of"),
+        (["generation.num_pages=auto"], "generation.num_pages: 'auto' sizes the KV cache from free GPU memory, "
+                                        "but the model is on cpu"),
+        (["generation.num_pages=0"], "num_pages: must be >= 1 or 'auto', got 0"),
+        (["generation.kv_memory_fraction=0"], "kv_memory_fraction: must be in (0, 1], got 0"),
+        # a cache of 3 pages cannot hold a step's rollouts: the error names the setting to raise
+        (["generation.num_pages=3"], "generation.num_pages: KV cache out of pages"),
     ],
 )
 def test_config_errors_are_messages_not_tracebacks(tmp_path, capsys, overrides, message):

@@ -40,6 +40,11 @@ class CacheCapacityError(RuntimeError):
     """The page pool cannot hold the requested tokens."""
 
 
+def page_bytes(*, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype) -> int:
+    """Bytes one page takes over all layers (K and V)."""
+    return 2 * num_layers * page_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 class CacheUsageError(ValueError):
     """Invalid use of the cache (unknown node, frozen node, bad shapes). Names the argument."""
 

@@ -27,8 +27,10 @@ from .advantage import compute_advantages
 from .allocate import get_allocator
 from .config import ConfigError, save_config, to_dict
 from .engine import Anchor, EngineTrajectory, HFRolloutEngine, SamplingParams, to_forest_trajectories
+from .engine.hf_paged import kv_geometry
 from .envs import make_env, make_task_source
 from .integrations.hf import tree_forward
+from .kv_cache import CacheCapacityError, page_bytes
 from .loss import leaf_weights, packed_loss_weights, packed_policy_loss
 from .lr_schedule import learning_rate
 from .packing import pack, split_by_tokens
@@ -115,9 +117,44 @@ class Trainer:
 
     def _make_engine(self) -> HFRolloutEngine:
         g, env = self.cfg.generation, self.cfg.env
-        return HFRolloutEngine(self.model, self.policy.codec, lambda: make_env(env.name, **env.env),
-                               sampling=self._sampling(greedy=False), num_pages=g.num_pages, page_size=g.page_size,
-                               decode_backend=self.backend, seed=self.cfg.seed)
+        engine = HFRolloutEngine(self.model, self.policy.codec, lambda: make_env(env.name, **env.env),
+                                 sampling=self._sampling(greedy=False), num_pages=self._num_pages(),
+                                 page_size=g.page_size, decode_backend=self.backend, seed=self.cfg.seed)
+        cache = engine.runner.cache
+        log.info("KV cache: %d pages of %d tokens, %.2f GiB", cache.num_pages, cache.page_size,
+                 cache.num_pages * self._page_bytes() / 2**30)
+        return engine
+
+    def _page_bytes(self) -> int:
+        return page_bytes(**kv_geometry(self.model), page_size=self.cfg.generation.page_size)
+
+    def _num_pages(self) -> int:
+        """generation.num_pages, or with "auto" the pages kv_memory_fraction of free GPU memory holds."""
+        g = self.cfg.generation
+        if g.num_pages != "auto":
+            return g.num_pages
+        device = self.policy.device
+        if torch.device(device).type != "cuda":
+            raise ConfigError(f"generation.num_pages: 'auto' sizes the KV cache from free GPU memory, but the model "
+                              f"is on {device}; give a number of pages")
+        free, _ = torch.cuda.mem_get_info(device)
+        pages = int(g.kv_memory_fraction * free) // self._page_bytes()
+        if pages < 1:
+            raise ConfigError(f"generation.num_pages: 'auto' found {free / 2**30:.2f} GiB free; "
+                              f"kv_memory_fraction {g.kv_memory_fraction} of it holds no page")
+        return pages
+
+    @contextlib.contextmanager
+    def _kv_capacity_as_config_error(self):
+        """A step that outgrows the KV cache names the setting to change, not the cache internals."""
+        try:
+            yield
+        except CacheCapacityError as err:
+            cache = self.engine.runner.cache
+            raise ConfigError(
+                f"generation.num_pages: {err}. This run's cache holds {cache.num_pages} pages "
+                f"({cache.num_pages * self._page_bytes() / 2**30:.2f} GiB); raise generation.num_pages (or use "
+                f"'auto' on a GPU) or lower allocation.roots / generation.max_tokens_per_turn") from None
 
     def _uses_predictor(self) -> bool:
         return self.cfg.allocation.mode in ("trace", "pcl") and self.predictor.ready
@@ -142,7 +179,7 @@ class Trainer:
         bare_budget = a.leaves_per_step if a.mode == "uniform" else a.roots
         counts = np.asarray(allocator.roots(v, bare_budget, m_min=a.m_min, m_max=a.m_max, eps=a.eps), dtype=np.int64)
 
-        with timer("rollout"):
+        with timer("rollout"), self._kv_capacity_as_config_error():
             bare = self.engine.rollout(candidates, counts, prompt_ids=range(a.candidates))
         forest = RolloutForest.from_trajectories(_forest_trajectories(bare), vocab_size=self._vocab())
         bare_reward = forest.reward[[nodes[-1] for nodes in forest.turn_nodes]]
@@ -159,7 +196,7 @@ class Trainer:
             group = np.array([bare[i].prompt_id for i in anchor_traj], dtype=np.int64)
             budget, reassigned = _prefix_budgets(counts * a.continuations_per_root, group)
             k = allocator.prefixes(p_anchor, bare_reward[anchor_traj], group, budget, k_max=a.k_max, eps=a.eps)
-            with timer("expand"):
+            with timer("expand"), self._kv_capacity_as_config_error():
                 continuations = self.engine.expand(anchors, k)
         generated_tokens = self.engine.generated_tokens - tokens_before
         self.engine.release_all()
@@ -318,7 +355,8 @@ class Trainer:
             for name, greedy in (("eval/success", False), ("eval/success_greedy", True)):
                 self.engine.sampling = [self._sampling(greedy)]
                 self.engine.reseed(self.cfg.seed + 7919)
-                trajectories = self.engine.rollout(tasks, [1] * len(tasks))
+                with self._kv_capacity_as_config_error():
+                    trajectories = self.engine.rollout(tasks, [1] * len(tasks))
                 self.engine.release_all()
                 result[name] = float(np.mean([t.reward or 0.0 for t in trajectories]))
         finally:

@@ -86,8 +86,17 @@ class GenerationConfig:
     top_p: float = 1.0
     max_tokens_per_turn: int = 1  # the grid world's action is one word; raise it for text agents
     stop_strings: list[str] = field(default_factory=list)
-    num_pages: int = 8192
+    num_pages: int | Literal["auto"] = 8192  # KV cache pages; "auto" (CUDA): kv_memory_fraction of free memory
     page_size: int = 16
+    kv_memory_fraction: float = 0.3  # share of the GPU memory free at start-up that "auto" gives the cache
+
+    def __post_init__(self):
+        if self.num_pages != "auto" and self.num_pages < 1:
+            raise ValueError(f"num_pages: must be >= 1 or 'auto', got {self.num_pages}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size: must be >= 1, got {self.page_size}")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction: must be in (0, 1], got {self.kv_memory_fraction}")
 
 
 @dataclass

@@ -76,6 +76,13 @@ def _paged_attention(module, query, key, value, attention_mask, scaling=None, dr
 AttentionInterface.register(ATTENTION_NAME, _paged_attention)
 
 
+def kv_geometry(model) -> dict:
+    """num_layers, num_kv_heads, head_dim and dtype of the K/V a Llama / Qwen2 / Qwen3 model caches."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return dict(num_layers=len(decoder.layers), num_kv_heads=model.config.num_key_value_heads,
+                head_dim=decoder.layers[0].self_attn.head_dim, dtype=next(model.parameters()).dtype)
+
+
 class HFPagedRunner:
     """Forward passes of `model` whose K/V live in a `PagedTreeKVCache` it owns (`self.cache`).
 
@@ -91,11 +98,8 @@ class HFPagedRunner:
             if not hasattr(decoder, name):
                 raise ValueError(f"model: its decoder has no `{name}`; expected a Llama / Qwen2 / Qwen3 style model")
         self.model, self.decoder = model, decoder
-        attn = decoder.layers[0].self_attn
-        self.cache = PagedTreeKVCache(
-            num_layers=len(decoder.layers), num_kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
-            num_pages=num_pages, page_size=page_size, dtype=next(model.parameters()).dtype,
-            device=next(model.parameters()).device)
+        self.cache = PagedTreeKVCache(**kv_geometry(model), num_pages=num_pages, page_size=page_size,
+                                      device=next(model.parameters()).device)
         self.decode_backend = decode_backend
         self.device = next(model.parameters()).device
         self.tokens_run = 0  # tokens pushed through the model (prefill + decode)

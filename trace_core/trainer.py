@@ -121,8 +121,8 @@ class Trainer:
                                  sampling=self._sampling(greedy=False), num_pages=self._num_pages(),
                                  page_size=g.page_size, decode_backend=self.backend, seed=self.cfg.seed)
         cache = engine.runner.cache
-        log.info("KV cache: %d pages of %d tokens, %.2f GiB", cache.num_pages, cache.page_size,
-                 cache.num_pages * self._page_bytes() / 2**30)
+        log.info("KV cache: %d pages of %d tokens, %s", cache.num_pages, cache.page_size,
+                 _size(cache.num_pages * self._page_bytes()))
         return engine
 
     def _page_bytes(self) -> int:
@@ -153,7 +153,7 @@ class Trainer:
             cache = self.engine.runner.cache
             raise ConfigError(
                 f"generation.num_pages: {err}. This run's cache holds {cache.num_pages} pages "
-                f"({cache.num_pages * self._page_bytes() / 2**30:.2f} GiB); raise generation.num_pages (or use "
+                f"({_size(cache.num_pages * self._page_bytes())}); raise generation.num_pages (or use "
                 f"'auto' on a GPU) or lower allocation.roots / generation.max_tokens_per_turn") from None
 
     def _uses_predictor(self) -> bool:
@@ -416,6 +416,10 @@ class Trainer:
         lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
         kept = [line for line in lines if json.loads(line).get("step", 0) <= self.step]
         (self.run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 def _tensorboard_writer(folder: Path):

@@ -62,21 +62,37 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
-def tiny_causal_lm(family: str = "qwen3", *, vocab_size: int = 128, hidden_size: int = 64, layers: int = 2,
-                   heads: int = 4, kv_heads: int = 2, intermediate_size: int | None = None, seed: int = 0,
-                   max_position_embeddings: int = 2048, **overrides):
-    """A random-init causal LM of a real HF family ("llama", "qwen2", "qwen3"), built in code."""
+TINY_FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def tiny_config(family: str = "qwen3", *, vocab_size: int = 128, hidden_size: int = 64, layers: int = 2,
+                heads: int = 4, kv_heads: int = 2, intermediate_size: int | None = None,
+                max_position_embeddings: int = 2048, tie_word_embeddings: bool = False, **overrides):
+    """Config of a small model of a real HF family ("llama", "qwen2", "qwen3"); head_dim = hidden / heads,
+    intermediate_size defaults to 2 * hidden_size."""
     import transformers
 
     configs = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
     if family not in configs:
         raise ValueError(f"family: unknown model family {family!r}; choose one of {sorted(configs)}")
-    config = configs[family](
+    return configs[family](
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, intermediate_size=intermediate_size or 2 * hidden_size,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=False, **overrides,
+        num_key_value_heads=kv_heads, head_dim=hidden_size // heads,
+        intermediate_size=intermediate_size or 2 * hidden_size, max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings, **overrides,
     )
-    if family == "qwen3":
-        config.head_dim = hidden_size // heads
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def model_from_config(config, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Random-init causal LM of `config`: the same seed gives the same weights, and the caller's RNG
+    state is left untouched."""
+    import transformers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def tiny_causal_lm(family: str = "qwen3", *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
+    """A random-init causal LM of a real HF family built in code (see `tiny_config`), in eval mode."""
+    return model_from_config(tiny_config(family, **config_kwargs), seed=seed, dtype=dtype).eval()

@@ -7,9 +7,9 @@ Llama / Qwen3 checkpoint uses (attention interface, RoPE, generation).
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config
-from transformers import AutoModelForCausalLM
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..models import model_from_config, tiny_config
 from .base import EnvError, check_choice, check_positive_int
 from .word_tokenizer import EOT
 
@@ -38,20 +38,15 @@ def tiny_model_config(tokenizer: PreTrainedTokenizerBase, *, arch: str = "llama"
     eot_id = tokenizer.convert_tokens_to_ids(EOT)
     if eot_id is not None and eot_id != tokenizer.unk_token_id:
         eos_ids.append(eot_id)
-    common = dict(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads, max_position_embeddings=max_positions, tie_word_embeddings=True,
+    return tiny_config(
+        arch, vocab_size=len(tokenizer), hidden_size=hidden_size, layers=num_layers, heads=num_heads,
+        kv_heads=num_kv_heads, intermediate_size=intermediate_size or 4 * hidden_size,
+        max_position_embeddings=max_positions, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids,
     )
-    return LlamaConfig(**common) if arch == "llama" else Qwen3Config(**common)
 
 
 def build_tiny_model(tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                      **config_kwargs) -> PreTrainedModel:
     """Random-init causal LM for `tokenizer`; the same `seed` gives the same weights."""
-    config = tiny_model_config(tokenizer, **config_kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
+    return model_from_config(tiny_model_config(tokenizer, **config_kwargs), seed=seed, dtype=dtype)

@@ -4,6 +4,7 @@
 (ancestors' pages + its own) into a private copy and runs a plain softmax attention in fp32.
 `tree_decode_attention_cascade` is the shared algorithm in torch: each segment's K/V is gathered
 once for all the queries below it, partial attention + LSE per (segment, query), merged in fp32.
+`tree_decode_attention_same_dtype` is the per-branch math without the upcast (tolerances only).
 
 Shapes: q [B, Hq, D]; k_pool, v_pool [num_pages, page_size, Hkv, D]; Hq % Hkv == 0 (GQA);
 returns [B, Hq, D] in q's dtype.
@@ -59,6 +60,24 @@ def tree_decode_attention_reference(q, k_pool, v_pool, meta: TreeDecodeMeta, sca
     valid = positions[None, :] < meta.query_len[:, None].to(q.device)
     out, _ = attend_dense(q.float(), k, v, valid, scale)
     return out.to(q.dtype)
+
+
+def tree_decode_attention_same_dtype(q, k_pool, v_pool, meta: TreeDecodeMeta, scale: float | None = None):
+    """The per-branch attention carried out in q's own dtype (no upcast), for error budgets only:
+    how far this lands from the fp32 reference measures what one pass of fp16 / bf16 rounding costs
+    at these inputs, which sets the tolerance of a kernel that computes in that dtype on a GPU."""
+    check_tree_decode_inputs(q, k_pool, v_pool, meta)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    b, num_heads, dim = q.shape
+    heads = k_pool.shape[2]
+    k = k_pool.reshape(-1, heads, dim)[meta.query_slots]  # [B, L, Hkv, D], q's dtype
+    v = v_pool.reshape(-1, heads, dim)[meta.query_slots]
+    positions = torch.arange(meta.query_slots.shape[1], device=q.device)
+    valid = positions[None, :] < meta.query_len[:, None].to(q.device)
+    qg = q.reshape(b, heads, num_heads // heads, dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
+    p = torch.softmax(scores.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
+    return torch.einsum("bhgl,blhd->bhgd", p, v).reshape(b, num_heads, dim)
 
 
 def tree_decode_attention_cascade(q, k_pool, v_pool, meta: TreeDecodeMeta, scale: float | None = None):

@@ -1,4 +1,8 @@
-"""Test doubles for the rollout engine: a scripted deterministic env, a character codec, tiny models."""
+"""Test doubles for the rollout engine: a scripted deterministic env, a character codec, tiny models.
+
+The tiny models are built on DEVICE: the engine tests force the Triton decode path, which runs
+interpreted on CPU tensors but needs CUDA tensors on a GPU machine (no interpreter there). The
+generate / fresh-forward oracles run on whatever device the model is on."""
 from __future__ import annotations
 
 import random
@@ -6,6 +10,8 @@ import random
 import torch
 
 from trace_core.envs.base import Step
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class CounterEnv:
@@ -69,7 +75,7 @@ def tiny_qwen3(seed: int = 0, vocab_size: int = 64):
     # random init logits are nearly flat; sharpen them so greedy paths are not decided by rounding
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
-    return model
+    return model.to(DEVICE)
 
 
 def tiny_model(family: str, seed: int = 0, vocab_size: int = 64):
@@ -87,20 +93,21 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = 64):
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
-    return model
+    return model.to(DEVICE)
 
 
 def generate_greedy(model, prefix, num_tokens):
     """model.generate, greedy, exactly num_tokens new tokens (no EOS stop)."""
-    ids = torch.tensor([prefix])
+    ids = torch.tensor([prefix], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_tokens,
                          min_new_tokens=num_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prefix):].tolist()
 
 
 def fresh_logprobs(model, token_ids, temperature=1.0):
-    """log_softmax(logits / T) of every token given its prefix, from one plain HF forward [L] (0 at 0)."""
+    """log_softmax(logits / T) of every token given its prefix, from one plain HF forward [L] (0 at 0),
+    on the CPU."""
     with torch.no_grad():
-        logits = model(torch.tensor([token_ids])).logits[0].float()
+        logits = model(torch.tensor([token_ids], device=model.device)).logits[0].float().cpu()
     logp = torch.log_softmax(logits[:-1] / temperature, -1).gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0]
     return torch.cat([torch.zeros(1), logp])

@@ -1,5 +1,6 @@
 """Built-in rollout engine on a tiny random Qwen3, decode attention through the Triton kernel
-(interpreter on CPU): equality with model.generate, recorded logprobs, forking without recompute."""
+(interpreter on CPU; the models sit on CUDA when there is one, see engine_helpers): equality with
+model.generate, recorded logprobs, forking without recompute."""
 from __future__ import annotations
 
 import numpy as np

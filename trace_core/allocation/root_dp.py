@@ -99,6 +99,19 @@ def relax_cells_with_choices(prev, cur, choice, mixed, lo, hi, m_min, cap, tol):
 
 
 @numba.njit(cache=True)
+def _copy_range(dst, src, lo, hi):
+    """dst[lo:hi] = src[lo:hi] (an explicit loop: numba compiles slice assignment several times slower)."""
+    for b in range(lo, hi):
+        dst[b] = src[b]
+
+
+@numba.njit(cache=True)
+def _fill_range(dst, lo, hi, value):
+    for b in range(lo, hi):
+        dst[b] = value
+
+
+@numba.njit(cache=True)
 def root_dp_forward(v, budget, m_min, cap, tie_rtol, every):
     """Forward pass: the optimal objective and checkpoints (ceil(B / every), budget + 1).
 
@@ -106,19 +119,20 @@ def root_dp_forward(v, budget, m_min, cap, tie_rtol, every):
     cells a row cannot reach hold -inf.
     """
     n = v.shape[0]
-    prev = np.full(budget + 1, -np.inf)
+    prev = np.empty(budget + 1)
+    _fill_range(prev, 0, budget + 1, -np.inf)
     prev[0] = 0.0
     cur = np.empty(budget + 1)
     mixed = np.empty(cap + 1)
     checkpoints = np.empty(((n + every - 1) // every, budget + 1))
     for i in range(n):
         if i % every == 0:
-            checkpoints[i // every] = prev
+            _copy_range(checkpoints[i // every], prev, 0, budget + 1)
         mixed_probability_table(v[i], cap, mixed)
         lo, hi = row_bounds(i, n, budget, cap)
         relax_cells(prev, cur, mixed, lo, hi, m_min, cap, tie_rtol * (i + 1))
-        prev[:lo] = -np.inf
-        prev[lo:hi + 1] = cur[lo:hi + 1]
+        _fill_range(prev, 0, lo, -np.inf)
+        _copy_range(prev, cur, lo, hi + 1)
     return prev[budget], checkpoints
 
 
@@ -140,7 +154,7 @@ def root_dp_backtrack(v, budget, m_min, cap, tie_rtol, every, checkpoints):
     for k in range(checkpoints.shape[0] - 1, -1, -1):
         s = k * every
         e = min(s + every, n)
-        prev[:] = checkpoints[k]
+        _copy_range(prev, checkpoints[k], 0, budget + 1)
         for t in range(s, e):
             window_lo = max(0, b - (e - 1 - t) * cap)
             lo, hi = row_bounds(t, n, budget, cap)
@@ -149,9 +163,9 @@ def root_dp_backtrack(v, budget, m_min, cap, tie_rtol, every, checkpoints):
             mixed_probability_table(v[t], cap, mixed)
             relax_cells_with_choices(prev, cur, choice[t - s], mixed, lo, hi, m_min, cap, tie_rtol * (t + 1))
             # Cells of the window the row cannot reach stay unreachable for the next row.
-            prev[window_lo:lo] = -np.inf
-            prev[lo:hi + 1] = cur[lo:hi + 1]
-            prev[max(hi + 1, window_lo):b + 1] = -np.inf
+            _fill_range(prev, window_lo, lo, -np.inf)
+            _copy_range(prev, cur, lo, hi + 1)
+            _fill_range(prev, max(hi + 1, window_lo), b + 1, -np.inf)
         for t in range(e - 1, s - 1, -1):
             m = choice[t - s, b]
             counts[t] = m

@@ -43,10 +43,11 @@ def _sift_down(heap_gain, heap_pos, size, pos):
 
 
 @numba.njit(cache=True)
-def _anchors_by_group(group, budgets):
-    """Counting sort of the anchors of groups with a budget: (starts (G+1,), anchors int32), input order kept.
+def _anchors_by_group(group, budgets, anchors):
+    """Counting sort of the anchors of groups with a budget into anchors[:starts[G]]; returns starts (G+1,).
 
-    Anchors of groups with budget 0 get nothing and are left out. int32 halves the scattered writes.
+    Group g's anchors, in input order, are anchors[starts[g]:starts[g+1]]. Anchors of groups with
+    budget 0 get nothing and are left out.
     """
     n_groups = budgets.shape[0]
     starts = np.zeros(n_groups + 1, dtype=np.int64)
@@ -55,27 +56,25 @@ def _anchors_by_group(group, budgets):
     for g in range(n_groups):
         starts[g + 1] = starts[g] + (starts[g + 1] if budgets[g] > 0 else 0)
     fill = starts[:-1].copy()
-    anchors = np.empty(starts[n_groups], dtype=np.int32)
     for a in range(group.shape[0]):
         g = group[a]
         if budgets[g] > 0:
             anchors[fill[g]] = a
             fill[g] += 1
-    return starts, anchors
+    return starts
 
 
 @numba.njit(cache=True)
-def prefix_greedy(p, r, group, budgets, cap, eps):
+def prefix_greedy(p, r, group, budgets, cap, eps, anchors):
     """Per-group greedy on the marginal gain q^k (1 - q) of an anchor's (k+1)-th continuation.
 
     p: (N,) float64 predicted success (unclipped, validated); r: (N,) int64 0/1 outcomes;
-    group: (N,) int64 ids in [0, G); budgets: (G,) int64; cap: per-anchor cap, -1 = none.
+    group: (N,) int64 ids in [0, G); budgets: (G,) int64; cap: per-anchor cap, -1 = none;
+    anchors: (N,) int32 (or int64 for N >= 2**31) work buffer.
     Returns counts (N,) int64. The objective sum 1 - q^k is separable and concave in each k, so
     taking the largest remaining marginal gain budget-many times is exactly optimal.
     """
-    if group.shape[0] >= 2**31:
-        raise ValueError("allocate_prefixes supports fewer than 2**31 anchors")
-    starts, anchors = _anchors_by_group(group, budgets)
+    starts = _anchors_by_group(group, budgets, anchors)
     n_max = 0
     for g in range(budgets.shape[0]):
         n_max = max(n_max, starts[g + 1] - starts[g])

@@ -115,8 +115,8 @@ def _fill_range(dst, lo, hi, value):
 def root_dp_forward(v, budget, m_min, cap, tie_rtol, every):
     """Forward pass: the optimal objective and checkpoints (ceil(B / every), budget + 1).
 
-    checkpoints[k] is the value row before prompt k * every (row k = -1 is 0 at b = 0, else -inf);
-    cells a row cannot reach hold -inf.
+    checkpoints[k] is the value row of prompts 0..k*every-1 (checkpoints[0], no prompt yet, is 0 at
+    b = 0 and -inf elsewhere); cells a row cannot reach hold -inf.
     """
     n = v.shape[0]
     prev = np.empty(budget + 1)

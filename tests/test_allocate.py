@@ -216,7 +216,7 @@ def test_roots_unreachable_budget_names_the_numbers():
         allocate_roots(np.full(3, 0.5), 100, m_max=32)
 
 
-def test_roots_large_cap_uses_wide_choice_table():
+def test_roots_cap_far_beyond_int16():
     # A cap far beyond int16 (the counts are int64 throughout); one prompt keeps the DP to the last row.
     assert allocate_roots([0.5], 40_000).tolist() == [40_000]
 

@@ -1,7 +1,9 @@
 """Pure-Python versions of TRACE's two allocation stages: the oracle for tests and the benchmark baseline.
 
 Same validation, same algorithms, same arithmetic in the same order as trace_core.allocation.exact
-(its numba loops live in kernels.py), so for valid input both return identical arrays.
+(its numba loops live in root_dp.py and kernels.py), so for valid input both return identical
+arrays. The root DP here keeps the whole choice table; the numba DP keeps value checkpoints and
+recomputes the few cells its backtrack needs (less memory traffic, same cells, same values).
 Loops run over Python lists and heapq; numpy only converts the inputs and the result.
 """
 from __future__ import annotations

@@ -119,20 +119,26 @@ def root_dp_forward(v, budget, m_min, cap, tie_rtol, every):
     b = 0 and -inf elsewhere); cells a row cannot reach hold -inf.
     """
     n = v.shape[0]
+    # Two row buffers swapped after each prompt (copying a row back would cost ~10% of the pass).
+    # A swapped-in buffer holds a stale row below lo, which the next prompt never reads: its cells
+    # b >= lo' = lo + cap (or lo' = lo = 0) read b - m >= lo. Above hi no row has written yet: -inf.
     prev = np.empty(budget + 1)
-    _fill_range(prev, 0, budget + 1, -np.inf)
-    prev[0] = 0.0
     cur = np.empty(budget + 1)
+    _fill_range(prev, 0, budget + 1, -np.inf)
+    _fill_range(cur, 0, budget + 1, -np.inf)
+    prev[0] = 0.0
     mixed = np.empty(cap + 1)
     checkpoints = np.empty(((n + every - 1) // every, budget + 1))
+    prev_lo = 0
     for i in range(n):
         if i % every == 0:
-            _copy_range(checkpoints[i // every], prev, 0, budget + 1)
+            _fill_range(checkpoints[i // every], 0, prev_lo, -np.inf)
+            _copy_range(checkpoints[i // every], prev, prev_lo, budget + 1)
         mixed_probability_table(v[i], cap, mixed)
         lo, hi = row_bounds(i, n, budget, cap)
         relax_cells(prev, cur, mixed, lo, hi, m_min, cap, tie_rtol * (i + 1))
-        _fill_range(prev, 0, lo, -np.inf)
-        _copy_range(prev, cur, lo, hi + 1)
+        prev, cur = cur, prev
+        prev_lo = lo
     return prev[budget], checkpoints
 
 

@@ -25,6 +25,7 @@ from trace_core.allocate import (
     tree_mixed_probability,
 )
 from trace_core.allocation.reference import allocate_prefixes_reference, allocate_roots_reference
+from trace_core.allocation.root_dp import CHECKPOINT_EVERY
 from trace_core.allocation.strategies import _REGISTRY
 
 EPS = 0.02
@@ -215,8 +216,8 @@ def test_roots_unreachable_budget_names_the_numbers():
         allocate_roots(np.full(3, 0.5), 100, m_max=32)
 
 
-def test_roots_large_cap_uses_wide_choice_table():
-    # cap > 32767 needs int32 choices; one prompt keeps the DP to the last row.
+def test_roots_cap_far_beyond_int16():
+    # A cap far beyond int16 (the counts are int64 throughout); one prompt keeps the DP to the last row.
     assert allocate_roots([0.5], 40_000).tolist() == [40_000]
 
 
@@ -357,6 +358,23 @@ def test_fast_solvers_equal_pure_python_on_larger_inputs():
             allocate_prefixes(p, r, group, budgets, k_max=k_max),
             allocate_prefixes_reference(p, r, group, budgets, k_max=k_max),
         )
+
+
+def test_root_dp_recomputed_backtrack_equals_the_full_choice_table():
+    # The numba DP keeps only every CHECKPOINT_EVERY-th value row and recomputes the backtrack's cells
+    # from them; the pure-Python twin keeps the whole choice table. Pools spanning several segments,
+    # tie-heavy values (ties then fall across segment boundaries) and caps up to the budget.
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        n = int(rng.integers(CHECKPOINT_EVERY + 1, 4 * CHECKPOINT_EVERY + 3))
+        m_min = int(rng.integers(1, 4))
+        m_max = None if trial % 5 == 0 else m_min + int(rng.integers(0, 12))
+        v = [rng.random(n), np.round(rng.random(n), 1), np.full(n, rng.random()), rng.choice([0.0, 1.0], n)][trial % 4]
+        active = int(rng.integers(1, min(n, 24) + 1))  # at most 24 * 14 rollouts keep the Python DP quick
+        budget = int(rng.integers(active * m_min, active * (m_max or 3) + 1))
+        counts = allocate_roots(v, budget, m_min=m_min, m_max=m_max)
+        check_root_counts(counts, n, budget, m_min, m_max)
+        assert np.array_equal(counts, allocate_roots_reference(v, budget, m_min=m_min, m_max=m_max))
 
 
 # ---------------------------------------------------------------- baselines and registry
@@ -588,3 +606,19 @@ def test_prefix_input_errors(name, kwargs, message):
         prefixes = (get_allocator(name, rng=0) if name == "random_tree" else get_allocator(name)).prefixes
     with pytest.raises(ValueError, match=message):
         prefixes(args.pop("p"), args.pop("r"), args.pop("group"), args.pop("budget_per_group"), **args)
+
+
+def test_prefix_kernel_wide_index_buffer_gives_the_same_counts():
+    # allocate_prefixes hands the kernel an int32 work buffer, int64 from 2**31 anchors on; the int64
+    # specialisation is exercised here directly, on an input far smaller than that.
+    from trace_core.allocation.kernels import prefix_greedy
+
+    rng = np.random.default_rng(4)
+    n = 500
+    p, r, group = rng.random(n), rng.integers(0, 2, n), rng.integers(0, 7, n)
+    budgets = np.array([0, 30, 5, 60, 1, 12, 9], dtype=np.int64)
+    for cap in (-1, 2):
+        narrow = prefix_greedy(p, r, group, budgets, cap, EPS, np.empty(n, dtype=np.int32))
+        wide = prefix_greedy(p, r, group, budgets, cap, EPS, np.empty(n, dtype=np.int64))
+        assert np.array_equal(narrow, wide)
+        assert np.array_equal(narrow, allocate_prefixes_reference(p, r, group, budgets, k_max=None if cap < 0 else cap))

@@ -42,46 +42,57 @@ def _as_1d(values, name: str) -> np.ndarray:
 
 
 def as_probabilities(values, name: str) -> np.ndarray:
-    """float64 copy of a 1-D array of probabilities; NaN or values outside [0, 1] are errors."""
+    """Contiguous float64 1-D array of probabilities (the input itself when it already is one).
+
+    NaN or values outside [0, 1] are errors.
+    """
     array = _as_1d(values, name)
     if array.dtype == bool or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise ValueError(f"{name} must hold real numbers (probabilities), got dtype {array.dtype}")
-    array = array.astype(np.float64)
+    array = np.ascontiguousarray(array, dtype=np.float64)  # no copy when it already is
+    # Two reductions instead of boolean masks (NaN makes min/max NaN): no temporaries on valid input.
+    if array.size == 0 or (array.min() >= 0.0 and array.max() <= 1.0):
+        return array
     bad = np.flatnonzero(~((array >= 0.0) & (array <= 1.0)))  # NaN fails both comparisons
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(
-            f"{name} must hold probabilities in [0, 1] (no NaN); {name}[{i}] = {array[i].item()!r}"
-            f" ({bad.size} bad value{'s' if bad.size > 1 else ''})"
-        )
-    return array
+    i = int(bad[0])
+    raise ValueError(
+        f"{name} must hold probabilities in [0, 1] (no NaN); {name}[{i}] = {array[i].item()!r}"
+        f" ({bad.size} bad value{'s' if bad.size > 1 else ''})"
+    )
 
 
 def as_binary_outcomes(values, name: str) -> np.ndarray:
-    """int64 copy of a 1-D array of 0/1 outcomes (bool, int, or float 0.0/1.0 accepted)."""
+    """Contiguous int64 1-D array of 0/1 outcomes (bool, int, or float 0.0/1.0 accepted; no copy if int64)."""
     array = _as_1d(values, name)
     if not (array.dtype == bool or np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise ValueError(f"{name} must hold 0/1 outcomes, got dtype {array.dtype}")
-    bad = np.flatnonzero(~((array == 0) | (array == 1)))
-    if bad.size:
+    if not _is_binary(array):
+        bad = np.flatnonzero(~((array == 0) | (array == 1)))
         i = int(bad[0])
         raise ValueError(f"{name} must hold outcomes in {{0, 1}}; {name}[{i}] = {array[i].item()!r}")
-    return array.astype(np.int64)
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def _is_binary(array: np.ndarray) -> bool:
+    if array.dtype == bool or array.size == 0:
+        return True
+    if np.issubdtype(array.dtype, np.integer):  # two reductions, no boolean temporaries
+        return bool(array.min() >= 0 and array.max() <= 1)
+    return bool(((array == 0) | (array == 1)).all())
 
 
 def as_nonnegative_ints(values, name: str) -> np.ndarray:
-    """int64 copy of a 1-D integer array with no negative entry."""
+    """Contiguous int64 1-D integer array with no negative entry (no copy if it already is one)."""
     array = _as_1d(values, name)
     if array.size == 0:  # np.asarray([]) is float64; an empty list is a fine empty id array
         return np.zeros(0, dtype=np.int64)
     if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
-    array = array.astype(np.int64)
-    bad = np.flatnonzero(array < 0)
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"{name} must be >= 0 everywhere; {name}[{i}] = {array[i].item()}")
-    return array
+    array = np.ascontiguousarray(array, dtype=np.int64)
+    if array.min() >= 0:
+        return array
+    i = int(np.flatnonzero(array < 0)[0])
+    raise ValueError(f"{name} must be >= 0 everywhere; {name}[{i}] = {array[i].item()}")
 
 
 def check_same_length(reference_name: str, reference: np.ndarray, **others: np.ndarray) -> None:
@@ -134,7 +145,7 @@ def check_root_budget_reachable(n_prompts: int, budget: int, m_min: int, m_max: 
 
 
 def group_sizes(group: np.ndarray, n_groups: int) -> np.ndarray:
-    return np.bincount(group, minlength=n_groups).astype(np.int64)
+    return np.bincount(group, minlength=n_groups).astype(np.int64, copy=False)
 
 
 def check_prefix_budget_reachable(sizes: np.ndarray, budget_per_group: np.ndarray, k_max: int | None) -> None:

@@ -8,14 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from trace_core.allocation import checks
-from trace_core.allocation.kernels import (
-    TIE_RTOL,
-    prefix_greedy,
-    ranked_objectives,
-    ranked_tables,
-    root_dp_backtrack,
-    root_dp_choices,
-)
+from trace_core.allocation.kernels import prefix_greedy, ranked_objectives, ranked_tables
+from trace_core.allocation.root_dp import CHECKPOINT_EVERY, TIE_RTOL, root_dp_backtrack, root_dp_forward
 
 ROOT_METHODS = ("dp", "ranked")
 
@@ -30,7 +24,8 @@ def allocate_roots(
     where v_i is the predicted success probability clipped to [eps, 1 - eps] as the method
     prescribes (so an unconfident predictor never rules a prompt out entirely). m_i = 0 drops prompt i.
     The objective is not concave in m (gain 0 at m = 1), so this is an exact dynamic program over
-    (prompt, budget): O(B * budget * m_max) time, O(B * budget) memory for the choice table.
+    (prompt, budget): O(B * budget * m_max) time, O(B * budget / 16) memory (value rows kept at
+    every 16th prompt; the backtrack recomputes the cells it needs from them, see root_dp.py).
 
     Args:
         v: (B,) predicted success probabilities in [0, 1]; NaN or values outside [0, 1] raise.
@@ -70,9 +65,9 @@ def allocate_roots(
     cap = checks.effective_root_cap(budget, m_max)
     if method == "ranked":
         return _allocate_roots_ranked(checks.clipped(v, eps), budget, m_min, cap)
-    choice = np.empty((v.shape[0], budget + 1), dtype=np.int16 if cap <= np.iinfo(np.int16).max else np.int32)
-    root_dp_choices(checks.clipped(v, eps), budget, m_min, cap, TIE_RTOL, choice)
-    return root_dp_backtrack(choice, budget)
+    v = checks.clipped(v, eps)
+    _, checkpoints = root_dp_forward(v, budget, m_min, cap, TIE_RTOL, CHECKPOINT_EVERY)
+    return root_dp_backtrack(v, budget, m_min, cap, TIE_RTOL, CHECKPOINT_EVERY, checkpoints)
 
 
 def _allocate_roots_ranked(v: np.ndarray, budget: int, m_min: int, cap: int) -> np.ndarray:
@@ -141,7 +136,9 @@ def allocate_prefixes(p, r, group, budget_per_group, *, k_max: int | None = None
             group whose budget exceeds what its anchors can take (the message gives the numbers).
     """
     p, r, group, budgets, k_max, eps = _check_prefixes(p, r, group, budget_per_group, k_max, eps)
-    return prefix_greedy(p, r, group, budgets, -1 if k_max is None else k_max, eps)
+    # Work buffer for the kernel's grouping of anchor indices: int32 halves its scattered writes.
+    anchors = np.empty(p.shape[0], dtype=np.int32 if p.shape[0] < 2**31 else np.int64)
+    return prefix_greedy(p, r, group, budgets, -1 if k_max is None else k_max, eps, anchors)
 
 
 def repeat_probability(p: np.ndarray, r: np.ndarray, eps: float) -> np.ndarray:

@@ -1,100 +1,13 @@
-"""numba loops behind trace_core.allocate (inputs already validated and clipped).
+"""numba loops behind trace_core.allocate, except the root DP (root_dp.py); inputs already validated.
 
-The pure-Python twins of the root DP and the prefix greedy (reference.py) run the same
-arithmetic in the same order, so both return identical arrays; keep them in step when changing
-either. The "ranked" root solver has no twin: tests check it against brute force and the DP.
+The pure-Python twin of the prefix greedy (reference.py) runs the same arithmetic in the same
+order, so both return identical arrays; keep them in step when changing either. The "ranked" root
+solver has no twin: tests check it against brute force and the DP.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
-
-# Near-ties in the root DP: a larger count replaces a smaller one only when it improves the partial
-# objective over prompts 0..i by more than TIE_RTOL * (i + 1). Without this, float rounding (sums of
-# the same terms in a different order differ by an ulp) would decide between equally good
-# allocations, e.g. which of several identical prompts gets the extra rollout.
-TIE_RTOL = 1e-12
-
-# Budget columns processed together in the root DP, so a block of the current row and the matching
-# window of the previous row stay in L1 cache across all counts m.
-_ROOT_BLOCK = 512
-
-
-@numba.njit(cache=True)
-def _mixed_probability_table(v: float, cap: int, out: np.ndarray) -> None:
-    """out[m] = 1 - v^m - (1-v)^m for m = 1..cap (powers by repeated products), out[0] = 0."""
-    a = 1.0
-    c = 1.0
-    w = 1.0 - v
-    out[0] = 0.0
-    for m in range(1, cap + 1):
-        a *= v
-        c *= w
-        out[m] = (1.0 - a) - c
-
-
-@numba.njit(cache=True)
-def root_dp_choices(v, budget, m_min, cap, tie_rtol, choice):
-    """Forward pass of the root DP; returns the optimal objective and fills choice.
-
-    v: (B,) clipped probabilities. choice: (B, budget + 1) int16/int32, filled where reachable:
-    choice[i, b] = count given to prompt i when prompts 0..i share b rollouts optimally.
-    Counts are tried in increasing order (0 first) and a larger count wins only if it beats the
-    current best by more than tie_rtol * (i + 1): among near-equal allocations the DP keeps smaller
-    counts for later prompts (earlier prompts in input order win ties).
-    Rows only cover budgets that are still reachable: prompts 0..i hold at most (i+1)*cap, and
-    prompts i+1..B-1 can absorb at most (B-1-i)*cap of the rest.
-    """
-    n = v.shape[0]
-    prev = np.full(budget + 1, -np.inf)
-    prev[0] = 0.0
-    cur = np.empty(budget + 1)
-    mixed = np.empty(cap + 1)
-    for i in range(n):
-        _mixed_probability_table(v[i], cap, mixed)
-        hi = min(budget, (i + 1) * cap)
-        lo = max(0, budget - (n - 1 - i) * cap)
-        tol = tie_rtol * (i + 1)
-        row = choice[i]
-        for b in range(lo, hi + 1):  # count 0: the prompt is dropped
-            cur[b] = prev[b]
-            row[b] = 0
-        for b0 in range(lo, hi + 1, _ROOT_BLOCK):
-            b1 = min(b0 + _ROOT_BLOCK, hi + 1)
-            for m in range(m_min, cap + 1):
-                start = max(b0, m)
-                width = b1 - start
-                if width <= 0:
-                    continue
-                g = mixed[m]
-                # Slices with a non-negative loop index let LLVM vectorise (no wraparound check).
-                src = prev[start - m: b1 - m]
-                dst = cur[start:b1]
-                dst_choice = row[start:b1]
-                for j in range(width):
-                    x = src[j] + g
-                    d = dst[j]
-                    better = x > d + tol
-                    dst[j] = x if better else d
-                    dst_choice[j] = m if better else dst_choice[j]
-        for b in range(0, lo):
-            prev[b] = -np.inf
-        for b in range(lo, hi + 1):
-            prev[b] = cur[b]
-    return prev[budget]
-
-
-@numba.njit(cache=True)
-def root_dp_backtrack(choice, budget):
-    """Counts (B,) int64 read back from the choice table, last prompt first."""
-    n = choice.shape[0]
-    counts = np.zeros(n, dtype=np.int64)
-    b = budget
-    for i in range(n - 1, -1, -1):
-        m = choice[i, b]
-        counts[i] = m
-        b -= m
-    return counts
 
 
 @numba.njit(cache=True)
@@ -102,6 +15,8 @@ def _sift_down(heap_gain, heap_pos, size, pos):
     """Restore the heap below pos. Order: larger gain first, lower position on equal gain.
 
     Gains are stored in the heap itself (not behind an index) so comparisons read contiguous memory.
+    The larger child is picked with selects rather than branches: that comparison is a coin flip
+    the branch predictor would miss half the time.
     """
     g = heap_gain[pos]
     j = heap_pos[pos]
@@ -114,11 +29,11 @@ def _sift_down(heap_gain, heap_pos, size, pos):
         if child + 1 < size:
             rg = heap_gain[child + 1]
             rj = heap_pos[child + 1]
-            if rg > cg or (rg == cg and rj < cj):
-                child += 1
-                cg = rg
-                cj = rj
-        if not (cg > g or (cg == g and cj < j)):
+            right = (rg > cg) | ((rg == cg) & (rj < cj))
+            child += right
+            cg = rg if right else cg
+            cj = rj if right else cj
+        if not ((cg > g) | ((cg == g) & (cj < j))):
             break
         heap_gain[pos] = cg
         heap_pos[pos] = cj
@@ -128,44 +43,53 @@ def _sift_down(heap_gain, heap_pos, size, pos):
 
 
 @numba.njit(cache=True)
-def prefix_greedy(p, r, group, budgets, cap, eps):
+def _anchors_by_group(group, budgets, anchors):
+    """Counting sort of the anchors of groups with a budget into anchors[:starts[G]]; returns starts (G+1,).
+
+    Group g's anchors, in input order, are anchors[starts[g]:starts[g+1]]. Anchors of groups with
+    budget 0 get nothing and are left out.
+    """
+    n_groups = budgets.shape[0]
+    starts = np.zeros(n_groups + 1, dtype=np.int64)
+    for a in range(group.shape[0]):
+        starts[group[a] + 1] += 1
+    for g in range(n_groups):
+        starts[g + 1] = starts[g] + (starts[g + 1] if budgets[g] > 0 else 0)
+    fill = starts[:-1].copy()
+    for a in range(group.shape[0]):
+        g = group[a]
+        if budgets[g] > 0:
+            anchors[fill[g]] = a
+            fill[g] += 1
+    return starts
+
+
+@numba.njit(cache=True)
+def prefix_greedy(p, r, group, budgets, cap, eps, anchors):
     """Per-group greedy on the marginal gain q^k (1 - q) of an anchor's (k+1)-th continuation.
 
     p: (N,) float64 predicted success (unclipped, validated); r: (N,) int64 0/1 outcomes;
-    group: (N,) int64 ids in [0, G); budgets: (G,) int64; cap: per-anchor cap, -1 = none.
+    group: (N,) int64 ids in [0, G); budgets: (G,) int64; cap: per-anchor cap, -1 = none;
+    anchors: (N,) int32 (or int64 for N >= 2**31) work buffer.
     Returns counts (N,) int64. The objective sum 1 - q^k is separable and concave in each k, so
     taking the largest remaining marginal gain budget-many times is exactly optimal.
     """
-    n = p.shape[0]
-    n_groups = budgets.shape[0]
-    # Counting sort of anchors by group (stable: input order within a group).
-    starts = np.zeros(n_groups + 1, dtype=np.int64)
-    for a in range(n):
-        starts[group[a] + 1] += 1
+    starts = _anchors_by_group(group, budgets, anchors)
     n_max = 0
-    for g in range(n_groups):
-        n_max = max(n_max, starts[g + 1])
-        starts[g + 1] += starts[g]
-    order = np.empty(n, dtype=np.int64)
-    fill = starts[:-1].copy()
-    for a in range(n):
-        order[fill[group[a]]] = a
-        fill[group[a]] += 1
-
-    counts = np.zeros(n, dtype=np.int64)
+    for g in range(budgets.shape[0]):
+        n_max = max(n_max, starts[g + 1] - starts[g])
+    counts = np.zeros(p.shape[0], dtype=np.int64)
     heap_pos = np.empty(n_max, dtype=np.int64)
     heap_gain = np.empty(n_max)
     q = np.empty(n_max)
     hi = 1.0 - eps
-    for g in range(n_groups):
+    for g in range(budgets.shape[0]):
         s = starts[g]
         size = starts[g + 1] - s
         remaining = budgets[g]
-        if remaining == 0:
-            continue
-        # Local position j stands for anchor order[s + j]; positions follow input order.
+        # Local position j stands for anchor anchors[s + j]; positions follow input order.
         for j in range(size):
-            a = order[s + j]
+            a = anchors[s + j]
             pa = min(max(p[a], eps), hi)  # the method's clip to [eps, 1 - eps]
             q[j] = pa if r[a] == 1 else 1.0 - pa
             heap_gain[j] = 1.0 - q[j]
@@ -174,7 +98,7 @@ def prefix_greedy(p, r, group, budgets, cap, eps):
             _sift_down(heap_gain, heap_pos, size, pos)
         while remaining > 0:
             top = heap_pos[0]
-            anchor = order[s + top]
+            anchor = anchors[s + top]
             counts[anchor] += 1
             remaining -= 1
             if cap < 0 or counts[anchor] < cap:

@@ -1,7 +1,9 @@
 """Pure-Python versions of TRACE's two allocation stages: the oracle for tests and the benchmark baseline.
 
 Same validation, same algorithms, same arithmetic in the same order as trace_core.allocation.exact
-(its numba loops live in kernels.py), so for valid input both return identical arrays.
+(its numba loops live in root_dp.py and kernels.py), so for valid input both return identical
+arrays. The root DP here keeps the whole choice table; the numba DP keeps value checkpoints and
+recomputes the few cells its backtrack needs (less memory traffic, same cells, same values).
 Loops run over Python lists and heapq; numpy only converts the inputs and the result.
 """
 from __future__ import annotations
@@ -11,7 +13,7 @@ import heapq
 import numpy as np
 
 from trace_core.allocation import checks
-from trace_core.allocation.kernels import TIE_RTOL
+from trace_core.allocation.root_dp import TIE_RTOL
 from trace_core.allocation.exact import _check_prefixes, _check_roots, repeat_probability
 
 

@@ -112,3 +112,20 @@ def test_precision_config_errors(tmp_path, capsys, overrides, message):
     assert main(["train", *TOY, f"run_dir={tmp_path}", "steps=1", *overrides]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_linear_logprob_under_autocast_runs_on_compute_dtype_inputs():
+    """Under autocast the op takes hidden / weight in the autocast dtype and keeps its fp32
+    accumulation (autocast must not round its fp32 internals); gradients reach the fp32 weight."""
+    from trace_kernels import linear_logprob
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(6, 16, generator=g), torch.randn(40, 16, generator=g, requires_grad=True)
+    rows, labels = torch.tensor([0, 2, 2, 5]), torch.tensor([3, 39, 0, 7])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, entropy = linear_logprob(hidden, weight, rows, labels, return_entropy=True, backend="reference")
+    want, want_entropy = linear_logprob(hidden.bfloat16(), weight.detach().bfloat16(), rows, labels,
+                                        return_entropy=True, backend="reference")
+    assert torch.equal(got, want) and torch.equal(entropy, want_entropy)
+    got.sum().backward()
+    assert weight.grad.dtype == torch.float32 and weight.grad.abs().sum() > 0

@@ -39,6 +39,8 @@ def test_bf16_compute_keeps_fp32_master_weights_and_sampler_logprobs(tmp_path):
         assert row["clip_fraction"] == 0.0
         assert 0.0 < row["sampler/ratio_abs_dev"] < 2e-3, row["sampler/ratio_abs_dev"]  # > 0: bf16 did run
         assert row["sampler/ratio_max_dev"] < 1e-2, row["sampler/ratio_max_dev"]
+    two_epochs = Trainer(toy(tmp_path / "epochs", BF16, "steps=1", "optim.epochs=2")).train_step()
+    assert 0.0 < two_epochs["sampler/ratio_abs_dev"] < 2e-3  # measured at the first epoch, not the last
     fp32 = Trainer(toy(tmp_path / "fp32", "steps=1")).train_step()
     assert fp32["sampler/ratio_max_dev"] < 1e-5  # fp32 throughout: only summation order differs
 

@@ -280,10 +280,11 @@ class Trainer:
                    # a tree larger than micro_batch_tokens runs alone (TRACE may give one prompt many leaves)
                    for roots in split_by_tokens(forest, cfg.optim.micro_batch_tokens, oversized="alone")]
         hidden_rows: dict[int, torch.Tensor] = {}
+        ratio_dev, ratio_max_dev = 0.0, 0.0  # first epoch only
         for epoch in range(cfg.optim.epochs):
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            loss_total, clip_weighted, entropy_total, ratio_dev, ratio_max_dev = 0.0, 0.0, 0.0, 0.0, 0.0
+            loss_total, clip_weighted, entropy_total = 0.0, 0.0, 0.0
             for roots, packed in batches:
                 weights = packed_loss_weights(forest, packed, advantages, kind, loss_agg=cfg.optim.loss_agg,
                                               leaf_weight=weights_all)

@@ -131,3 +131,16 @@ def test_linear_logprob_under_autocast_runs_on_compute_dtype_inputs():
     assert torch.equal(got, want) and torch.equal(entropy, want_entropy)
     got.sum().backward()
     assert weight.grad.dtype == torch.float32 and weight.grad.abs().sum() > 0
+
+
+def test_policy_loss_reports_ratio_deviation_of_weighted_tokens():
+    from trace_core.loss import packed_policy_loss
+
+    old = torch.tensor([-1.0, -2.0, -0.5, -3.0])
+    new = old + torch.tensor([0.01, -0.02, 0.5, 0.0])  # token 2 has no weight: it must not count
+    weights = torch.tensor([0.25, 0.75, 0.0, 0.0])
+    zeros = torch.zeros(4)
+    _, m = packed_policy_loss(new, old, zeros, zeros, weights)
+    dev = (torch.exp(torch.tensor([0.01, -0.02])) - 1).abs()
+    torch.testing.assert_close(m["ratio_abs_dev"], 0.25 * dev[0] + 0.75 * dev[1])
+    torch.testing.assert_close(m["ratio_max_dev"], dev.max())

@@ -318,7 +318,8 @@ class Trainer:
         if len(nodes):
             metrics.update(self.predictor.observe(pb, targets[order], target_weights[order]))
         metrics.update({"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, "clip_fraction": clip_weighted,
-                        "entropy": entropy_total, "sampler/ratio_abs_dev": ratio_dev, "sampler/ratio_max_dev": ratio_max_dev,
+                        "entropy": entropy_total,
+                        "sampler/ratio_abs_dev": ratio_dev, "sampler/ratio_max_dev": ratio_max_dev,  # first epoch
                         "tokens_packed": full.num_tokens, "tokens_leaf_paths": full.num_leaf_path_tokens,
                         "dedup_ratio": full.num_leaf_path_tokens / max(full.num_tokens, 1)})
         return metrics

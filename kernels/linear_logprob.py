@@ -231,6 +231,16 @@ def linear_logprob(
     data, i.e. a GPU sync; shape/dtype/device checks always run). backend: force "triton" or
     "reference" (the chunked torch path); None lets `select_backend` choose.
     """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # not an autocast op: take hidden / weight / bias in the autocast dtype, then run as written
+        # (the reference path's fp32 tile matmuls must not be cast back down by the autocast)
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return linear_logprob(hidden, weight, rows, labels, temperature=temperature, bias=bias,
+                                  return_entropy=return_entropy, check_inputs=check_inputs, backend=backend)
     check_linear_logprob_inputs(OP_NAME, hidden, weight, rows, labels, temperature, bias, check_values=check_inputs)
     tensors = (hidden, weight, rows, labels) + ((bias,) if bias is not None else ())
     chosen = select_backend(OP_NAME, *tensors, force=backend)

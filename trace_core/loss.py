@@ -126,8 +126,10 @@ def packed_policy_loss(
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     surrogate = adv_pos * torch.minimum(ratio, clipped) + adv_neg * torch.maximum(ratio, clipped)
     loss = -surrogate.sum()
+    deviation = (ratio - 1.0).abs()  # zero at inactive tokens (log ratio 0)
     metrics = {"clip_fraction": _weighted_mean((ratio != clipped).to(ratio.dtype), kl_weight),
-               "ratio_mean": _weighted_mean(ratio, kl_weight)}
+               "ratio_mean": _weighted_mean(ratio, kl_weight), "ratio_abs_dev": _weighted_mean(deviation, kl_weight),
+               "ratio_max_dev": deviation.max() if deviation.numel() else deviation.new_zeros(())}
     if ref_logprobs is not None and kl_coef != 0.0:
         kl = _k3(logprobs, ref_logprobs, active)
         loss = loss + kl_coef * (kl_weight * kl).sum()

@@ -1,6 +1,9 @@
 """The policy a trainer runs: an HF causal LM, its tokenizer, and how text becomes tokens."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +15,8 @@ from .trainer_config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+log = logging.getLogger("trace_core.policy")
+
 
 @dataclass
 class Policy:
@@ -19,10 +24,38 @@ class Policy:
     tokenizer: object
     codec: HFTextCodec
     stop_token_ids: tuple[int, ...]  # end a turn (besides the tokenizer's EOS)
+    compute_dtype: torch.dtype = torch.float32  # dtype forward passes run in (model.dtype)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def autocast(self) -> bool:
+        """Master weights: parameters are stored wider than the compute dtype, forwards autocast."""
+        return self.param_dtype != self.compute_dtype
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """Context for every forward of the policy (training, predictor features, generation):
+        autocast to the compute dtype over fp32 master weights, a no-op otherwise."""
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+
+def autocast_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch autocasts to `dtype` on `device_type` (older builds warn and disable it instead)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast(device_type, dtype=dtype):
+                return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == dtype
+        except RuntimeError:
+            return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,7 +72,17 @@ def resolve_device(name: str) -> torch.device:
 
 def build_policy(cfg: ModelConfig, env_name: str, seed: int) -> Policy:
     """The model named by `cfg` for environment `env_name` (tiny models use the env's word tokenizer)."""
-    dtype, device = DTYPES[cfg.dtype], resolve_device(cfg.device)
+    compute_dtype, device = DTYPES[cfg.dtype], resolve_device(cfg.device)
+    low_precision = compute_dtype != torch.float32
+    if low_precision and cfg.master_weights and not autocast_supported(device.type, compute_dtype):
+        raise ConfigError(f"model.dtype: {cfg.dtype} compute over fp32 master weights needs torch autocast to "
+                          f"{cfg.dtype} on {device.type}, which this torch build does not support; use "
+                          "model.dtype=bfloat16 or float32")
+    if low_precision and not cfg.master_weights:
+        log.warning("model.master_weights=false: the weights are stored in %s, so every optimizer update smaller "
+                    "than its resolution (about 1/%d of a weight) is lost; keep model.master_weights=true for fp32 "
+                    "master weights", cfg.dtype, round(2 / torch.finfo(compute_dtype).eps))
+    dtype = torch.float32 if low_precision and cfg.master_weights else compute_dtype  # parameter storage
     if cfg.name == "tiny":
         if env_name != "gridworld":
             raise ConfigError(f"model.name: 'tiny' needs an env with a built-in word tokenizer (gridworld), got "
@@ -71,4 +114,5 @@ def build_policy(cfg: ModelConfig, env_name: str, seed: int) -> Policy:
         raise ConfigError(f"model.name: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
                           f"has {vocab}; they do not belong together")
     codec = HFTextCodec(tokenizer, chat_template=cfg.chat_template)
-    return Policy(model=model.to(device), tokenizer=tokenizer, codec=codec, stop_token_ids=stop)
+    return Policy(model=model.to(device), tokenizer=tokenizer, codec=codec, stop_token_ids=stop,
+                  compute_dtype=compute_dtype)

@@ -119,14 +119,15 @@ class Trainer:
         g, env = self.cfg.generation, self.cfg.env
         engine = HFRolloutEngine(self.model, self.policy.codec, lambda: make_env(env.name, **env.env),
                                  sampling=self._sampling(greedy=False), num_pages=self._num_pages(),
-                                 page_size=g.page_size, decode_backend=self.backend, seed=self.cfg.seed)
+                                 page_size=g.page_size, decode_backend=self.backend,
+                                 kv_dtype=self.policy.compute_dtype, seed=self.cfg.seed)
         cache = engine.runner.cache
         log.info("KV cache: %d pages of %d tokens, %s", cache.num_pages, cache.page_size,
                  _size(cache.num_pages * self._page_bytes()))
         return engine
 
     def _page_bytes(self) -> int:
-        return page_bytes(**kv_geometry(self.model), page_size=self.cfg.generation.page_size)
+        return page_bytes(**kv_geometry(self.model, self.policy.compute_dtype), page_size=self.cfg.generation.page_size)
 
     def _num_pages(self) -> int:
         """generation.num_pages, or with "auto" the pages kv_memory_fraction of free GPU memory holds."""
@@ -179,7 +180,7 @@ class Trainer:
         bare_budget = a.leaves_per_step if a.mode == "uniform" else a.roots
         counts = np.asarray(allocator.roots(v, bare_budget, m_min=a.m_min, m_max=a.m_max, eps=a.eps), dtype=np.int64)
 
-        with timer("rollout"), self._kv_capacity_as_config_error():
+        with timer("rollout"), self._kv_capacity_as_config_error(), self.policy.compute():
             bare = self.engine.rollout(candidates, counts, prompt_ids=range(a.candidates))
         forest = RolloutForest.from_trajectories(_forest_trajectories(bare), vocab_size=self._vocab())
         bare_reward = forest.reward[[nodes[-1] for nodes in forest.turn_nodes]]
@@ -196,7 +197,7 @@ class Trainer:
             group = np.array([bare[i].prompt_id for i in anchor_traj], dtype=np.int64)
             budget, reassigned = _prefix_budgets(counts * a.continuations_per_root, group)
             k = allocator.prefixes(p_anchor, bare_reward[anchor_traj], group, budget, k_max=a.k_max, eps=a.eps)
-            with timer("expand"), self._kv_capacity_as_config_error():
+            with timer("expand"), self._kv_capacity_as_config_error(), self.policy.compute():
                 continuations = self.engine.expand(anchors, k)
         generated_tokens = self.engine.generated_tokens - tokens_before
         self.engine.release_all()
@@ -233,7 +234,8 @@ class Trainer:
         ends = np.cumsum(lengths)
         packed = _Chains(input_ids=np.concatenate(prompts), position_ids=np.concatenate([np.arange(n) for n in lengths]),
                          end=np.repeat(ends, lengths).astype(np.int32))
-        hidden = tree_forward(self.model, packed, backend=self.backend)
+        with self.policy.compute():
+            hidden = tree_forward(self.model, packed, backend=self.backend)
         batch = PrefixBatch(depth=torch.zeros(len(tasks), dtype=torch.long), prefix_len=torch.as_tensor(lengths),
                             hidden=hidden[torch.as_tensor(ends - 1)].float().cpu())
         return self.predictor.predict(batch)
@@ -241,7 +243,8 @@ class Trainer:
     @torch.no_grad()
     def _predict_nodes(self, forest: RolloutForest, nodes: np.ndarray) -> np.ndarray:
         packed = pack(forest)
-        hidden = tree_forward(self.model, packed, backend=self.backend)
+        with self.policy.compute():
+            hidden = tree_forward(self.model, packed, backend=self.backend)
         return self.predictor.predict(prefix_batch(forest, packed, nodes, hidden))
 
     def _predictions(self, forest, counts, v, anchor_nodes, p_anchor, anchor_r, informed) -> StepBatch:
@@ -277,6 +280,7 @@ class Trainer:
                    # a tree larger than micro_batch_tokens runs alone (TRACE may give one prompt many leaves)
                    for roots in split_by_tokens(forest, cfg.optim.micro_batch_tokens, oversized="alone")]
         hidden_rows: dict[int, torch.Tensor] = {}
+        ratio_dev, ratio_max_dev = 0.0, 0.0  # first epoch only
         for epoch in range(cfg.optim.epochs):
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
@@ -285,16 +289,20 @@ class Trainer:
                 weights = packed_loss_weights(forest, packed, advantages, kind, loss_agg=cfg.optim.loss_agg,
                                               leaf_weight=weights_all)
                 pos, neg, kl_w = weights.to_torch(device=self.policy.device)
-                hidden = tree_forward(self.model, packed, backend=self.backend)
-                if epoch == 0:  # the predictor learns from the policy that generated the step
-                    in_batch = target_nodes[np.isin(target_tree, roots)]
-                    for node, row in zip(in_batch, packed.node_end[in_batch] - 1):
-                        hidden_rows[int(node)] = hidden[int(row)].detach().float().cpu()
-                loss, m = self._packed_loss(packed, hidden, pos, neg, kl_w)
+                with self.policy.compute():  # forwards under autocast (master weights); backward outside
+                    hidden = tree_forward(self.model, packed, backend=self.backend)
+                    if epoch == 0:  # the predictor learns from the policy that generated the step
+                        in_batch = target_nodes[np.isin(target_tree, roots)]
+                        for node, row in zip(in_batch, packed.node_end[in_batch] - 1):
+                            hidden_rows[int(node)] = hidden[int(row)].detach().float().cpu()
+                    loss, m = self._packed_loss(packed, hidden, pos, neg, kl_w)
                 loss.backward()
                 loss_total += loss.item()
                 clip_weighted += m["clip_fraction"].item() * float(kl_w.sum())
                 entropy_total += m["entropy"].item()
+                if epoch == 0:  # before any update: how far the trainer's logprobs are from the sampler's
+                    ratio_dev += m["ratio_abs_dev"].item() * float(kl_w.sum())
+                    ratio_max_dev = max(ratio_max_dev, m["ratio_max_dev"].item())
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -311,6 +319,7 @@ class Trainer:
             metrics.update(self.predictor.observe(pb, targets[order], target_weights[order]))
         metrics.update({"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, "clip_fraction": clip_weighted,
                         "entropy": entropy_total,
+                        "sampler/ratio_abs_dev": ratio_dev, "sampler/ratio_max_dev": ratio_max_dev,  # first epoch
                         "tokens_packed": full.num_tokens, "tokens_leaf_paths": full.num_leaf_path_tokens,
                         "dedup_ratio": full.num_leaf_path_tokens / max(full.num_tokens, 1)})
         return metrics
@@ -322,7 +331,7 @@ class Trainer:
         rows = torch.as_tensor(packed.label_rows[use], device=device)
         labels = torch.as_tensor(packed.labels[use], device=device)
         temperature = self.cfg.generation.temperature or 1.0  # greedy sampling records untempered logprobs
-        weight = self.model.get_output_embeddings().weight
+        weight = self.model.get_output_embeddings().weight  # under autocast the op takes both in the compute dtype
         coef = self.cfg.optim.entropy_coef
         pair_lp, entropy = linear_logprob(hidden, weight, rows, labels, temperature=temperature, backend=self.backend,
                                           return_entropy=True)
@@ -355,7 +364,7 @@ class Trainer:
             for name, greedy in (("eval/success", False), ("eval/success_greedy", True)):
                 self.engine.sampling = [self._sampling(greedy)]
                 self.engine.reseed(self.cfg.seed + 7919)
-                with self._kv_capacity_as_config_error():
+                with self._kv_capacity_as_config_error(), self.policy.compute():
                     trajectories = self.engine.rollout(tasks, [1] * len(tasks))
                 self.engine.release_all()
                 result[name] = float(np.mean([t.reward or 0.0 for t in trajectories]))

@@ -22,7 +22,10 @@ class ModelConfig:
     layers: int = 2
     heads: int = 4
     kv_heads: int = 2
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of forward passes
+    # with a 16-bit dtype: keep fp32 parameters and optimizer state (forwards run under autocast);
+    # false stores the weights in `dtype`, where updates below its resolution (bf16: ~1/256 of a weight) are lost
+    master_weights: bool = True
     device: str = "auto"  # auto: cuda when available
     attention_backend: Literal["auto", "triton", "reference"] = "auto"  # tree attention, logprob and decode kernels
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template (instruct models)

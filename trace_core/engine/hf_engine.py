@@ -67,17 +67,21 @@ class HFRolloutEngine:
     sampling       SamplingParams for every turn, or a sequence indexed by turn (the last repeats)
     num_pages, page_size   KV cache size
     decode_backend None (auto), "triton" or "reference" for the decode attention
+    kv_dtype       dtype of the KV cache; None = the parameter dtype (fp32 master weights under
+                   autocast: the compute dtype, and call rollout / expand inside the autocast)
     seed           seeds sampling and the env seeds
     """
 
     def __init__(self, model, codec: TextCodec, env_factory: Callable[[], Env], *,
                  sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-                 num_pages: int = 4096, page_size: int = 16, decode_backend: str | None = None, seed: int = 0):
+                 num_pages: int = 4096, page_size: int = 16, decode_backend: str | None = None,
+                 kv_dtype: torch.dtype | None = None, seed: int = 0):
         self.sampling = [sampling] if isinstance(sampling, SamplingParams) else list(sampling)
         if not self.sampling or not all(isinstance(p, SamplingParams) for p in self.sampling):
             raise ValueError("sampling: must be a SamplingParams or a non-empty sequence of them")
         model.eval()
-        self.runner = HFPagedRunner(model, num_pages=num_pages, page_size=page_size, decode_backend=decode_backend)
+        self.runner = HFPagedRunner(model, num_pages=num_pages, page_size=page_size, decode_backend=decode_backend,
+                                    kv_dtype=kv_dtype)
         self.cache = self.runner.cache
         self.codec, self.env_factory = codec, env_factory
         self.vocab_size = int(model.config.vocab_size)

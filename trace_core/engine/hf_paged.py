@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 from trace_kernels.tree_decode import tree_decode_attention
 from trace_kernels.tree_decode_meta import TreeDecodeMeta
 
+from ..integrations.hf import autocast_off
 from ..kv_cache import PagedTreeKVCache
 
 ATTENTION_NAME = "trace_paged"
@@ -50,12 +51,20 @@ class _StepContext:
 
 def _paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention function HF layers call. query [1, Hq, N, D]; key/value [1, Hkv, N, D]."""
-    step: _StepContext = kwargs["trace_step"]
+    with autocast_off(query.device.type):  # K/V go to the pool's dtype and q with them (see below)
+        return _paged_attention_math(module, query, key, value, kwargs["trace_step"], scaling)
+
+
+def _paged_attention_math(module, query, key, value, step: _StepContext, scaling):
     layer = module.layer_idx
     cache = step.cache
     cache.write(layer, step.slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
     q = query[0].transpose(0, 1)  # [N, Hq, D]
     k_pool, v_pool = cache.k_pools[layer], cache.v_pools[layer]
+    if q.dtype != k_pool.dtype:
+        # under autocast over fp32 master weights q arrives in fp32 (RoPE / q_norm) while the pool holds
+        # the compute dtype; without autocast the dtypes already match
+        q = q.to(k_pool.dtype)
     if step.decode_meta is not None:
         out = tree_decode_attention(q, k_pool, v_pool, step.decode_meta, scaling, force=step.decode_backend)
         return out[None], None
@@ -76,20 +85,24 @@ def _paged_attention(module, query, key, value, attention_mask, scaling=None, dr
 AttentionInterface.register(ATTENTION_NAME, _paged_attention)
 
 
-def kv_geometry(model) -> dict:
-    """num_layers, num_kv_heads, head_dim and dtype of the K/V a Llama / Qwen2 / Qwen3 model caches."""
+def kv_geometry(model, dtype: torch.dtype | None = None) -> dict:
+    """num_layers, num_kv_heads, head_dim and dtype of the K/V a Llama / Qwen2 / Qwen3 model caches.
+    dtype: the cache's dtype; None = the parameter dtype (under autocast: pass the compute dtype)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     return dict(num_layers=len(decoder.layers), num_kv_heads=model.config.num_key_value_heads,
-                head_dim=decoder.layers[0].self_attn.head_dim, dtype=next(model.parameters()).dtype)
+                head_dim=decoder.layers[0].self_attn.head_dim, dtype=dtype or next(model.parameters()).dtype)
 
 
 class HFPagedRunner:
     """Forward passes of `model` whose K/V live in a `PagedTreeKVCache` it owns (`self.cache`).
 
     num_pages, page_size   cache size; decode_backend None (auto) / "triton" / "reference"
+    kv_dtype       dtype of the cached K/V; None = the parameter dtype. With fp32 master weights run
+                   under autocast, pass the compute dtype (bf16 / fp16) and call the runner inside it.
     """
 
-    def __init__(self, model, *, num_pages: int, page_size: int = 16, decode_backend: str | None = None):
+    def __init__(self, model, *, num_pages: int, page_size: int = 16, decode_backend: str | None = None,
+                 kv_dtype: torch.dtype | None = None):
         config = model.config
         if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
             raise ValueError("model: sliding-window attention is not supported by the paged runner")
@@ -98,7 +111,7 @@ class HFPagedRunner:
             if not hasattr(decoder, name):
                 raise ValueError(f"model: its decoder has no `{name}`; expected a Llama / Qwen2 / Qwen3 style model")
         self.model, self.decoder = model, decoder
-        self.cache = PagedTreeKVCache(**kv_geometry(model), num_pages=num_pages, page_size=page_size,
+        self.cache = PagedTreeKVCache(**kv_geometry(model, kv_dtype), num_pages=num_pages, page_size=page_size,
                                       device=next(model.parameters()).device)
         self.decode_backend = decode_backend
         self.device = next(model.parameters()).device

@@ -17,6 +17,7 @@ attn_implementation="trace_tree", or use `model.set_attn_implementation("trace_t
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -65,8 +66,32 @@ def trace_tree_attention_forward(
             raise ValueError(f"{ATTENTION_NAME}: {unsupported}={kwargs[unsupported]} is not supported")
     # [1, H, T, D] -> [T, H, D]: a view with unit stride along D, which the kernel takes as is
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    out = tree_attention(q, k, v, end, scale=scaling, check_end=False, backend=kwargs.get(BACKEND_KWARG))
+    q, k, v = autocast_inputs(q, k, v)
+    with autocast_off(q.device.type):
+        out = tree_attention(q, k, v, end, scale=scaling, check_end=False, backend=kwargs.get(BACKEND_KWARG))
     return out.unsqueeze(0), None
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in the autocast dtype when autocast is on for their device, else unchanged.
+
+    Custom attention is not on autocast's op lists, and under autocast over fp32 master weights
+    q / k / v arrive in mixed dtypes (RoPE with fp32 cos/sin, Qwen3's q_norm/k_norm with fp32
+    weights promote to fp32; v stays in the linear's compute dtype). The kernels need one dtype;
+    the output (in that dtype) goes to o_proj, which autocast handles."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Run a custom op on inputs already in the compute dtype as written: its reference path's fp32
+    upcasts (scores, softmax) must not be cast back down by an enclosing autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def register() -> None:

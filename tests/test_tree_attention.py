@@ -152,6 +152,22 @@ def test_visible_runs_match_reference(name, trees, loop_shape):
     assert_matches_reference(q, k, v, end)
 
 
+def test_gpu_tile_sizes(monkeypatch):
+    """The GPU's own tiles (head_dim 128 bucket's first configs: 128 x 64 run-scanning forward / dq
+    with a 64-block scan window, 16 x 128 dk/dv) on an agent-shaped tree of ~1.5k tokens; the other
+    tests use small interpreter tiles."""
+    ta = importlib.import_module("trace_kernels.tree_attention")
+    for name, kernel in (("fwd", ta._tree_attn_fwd_kernel), ("dq", ta._tree_attn_bwd_dq_kernel),
+                         ("dkdv", ta._tree_attn_bwd_dkdv_kernel)):
+        cfg = ta._config(name, ta._SHAPES[name][128][0])
+        stages = 1 if ta._INTERPRET else cfg.num_stages  # on a GPU: the real, pipelined config
+        monkeypatch.setattr(kernel, "configs", [triton.Config(cfg.kwargs, num_warps=cfg.num_warps, num_stages=stages)])
+        monkeypatch.setattr(kernel, "cache", {})
+    end = end_of(packed_forest([fan(3, 300, [200, 170, 230]), random_tree(np.random.default_rng(1), 30, 40)]))
+    q, k, v = make_qkv(end.shape[0], 4, 2, 32, torch.float32)
+    assert_matches_reference(q, k, v, end)
+
+
 def test_head_dim_128_fp16_and_custom_scale():
     end = end_of(packed_forest([fan(2, 6, [5, 9])]))
     q, k, v = make_qkv(end.shape[0], 2, 1, 128, torch.float16, seed=3)

@@ -144,3 +144,20 @@ def test_policy_loss_reports_ratio_deviation_of_weighted_tokens():
     dev = (torch.exp(torch.tensor([0.01, -0.02])) - 1).abs()
     torch.testing.assert_close(m["ratio_abs_dev"], 0.25 * dev[0] + 0.75 * dev[1])
     torch.testing.assert_close(m["ratio_max_dev"], dev.max())
+
+
+def test_fp16_compute_scales_the_loss_and_checkpoints_the_scaler(tmp_path):
+    """float16 has a narrow range: its backward runs on a scaled loss (GradScaler), whose state is
+    checkpointed; bf16 and fp32 need no scaling."""
+    run = Trainer(toy(tmp_path / "fp16", "model.dtype=float16", "steps=2", "checkpoint_every=1"))
+    assert run.scaler.is_enabled()
+    rows = [run.train_step() for _ in range(2)]
+    assert all(math.isfinite(r["loss"]) and r["grad_scale"] > 0 for r in rows)
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())
+    run.scaler.update(new_scale=1234.0)  # a scale the resumed run can only have from the checkpoint
+    run.save()
+    resumed = Trainer(toy(tmp_path / "fp16", "model.dtype=float16", "steps=3", "checkpoint_every=1"), resume=True)
+    assert resumed.scaler.get_scale() == 1234.0
+    for dtype in ("bfloat16", "float32"):
+        other = Trainer(toy(tmp_path / dtype, f"model.dtype={dtype}", "steps=1"))
+        assert not other.scaler.is_enabled() and "grad_scale" not in other.train_step()

@@ -88,6 +88,10 @@ class Trainer:
         get_allocator(cfg.allocation.mode, **self._allocator_options(cfg.allocation.mode, np.random.default_rng(0)))  # fail early
         self.predictor = MLPHeadPredictor(self.model.config.hidden_size, cfg.predictor)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        # float16 compute over fp32 master weights: scale the loss so small gradients do not flush
+        # to zero in fp16 (bf16 has fp32's range and needs none); a step with inf/nan grads is skipped
+        self.scaler = torch.amp.GradScaler(self.policy.device.type,
+                                           enabled=self.policy.autocast and self.policy.compute_dtype == torch.float16)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.optim.kl_coef > 0 else None
         self.backend = None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend
         self.engine = self._make_engine()
@@ -296,17 +300,19 @@ class Trainer:
                         for node, row in zip(in_batch, packed.node_end[in_batch] - 1):
                             hidden_rows[int(node)] = hidden[int(row)].detach().float().cpu()
                     loss, m = self._packed_loss(packed, hidden, pos, neg, kl_w)
-                loss.backward()
+                self.scaler.scale(loss).backward()
                 loss_total += loss.item()
                 clip_weighted += m["clip_fraction"].item() * float(kl_w.sum())
                 entropy_total += m["entropy"].item()
                 if epoch == 0:  # before any update: how far the trainer's logprobs are from the sampler's
                     ratio_dev += m["ratio_abs_dev"].item() * float(kl_w.sum())
                     ratio_max_dev = max(ratio_max_dev, m["ratio_max_dev"].item())
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op unless float16)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.model.eval()
 
         # predictor: every root and internal node, from the hidden states of this forward
@@ -317,6 +323,8 @@ class Trainer:
                          hidden=torch.stack([hidden_rows[int(u)] for u in nodes]) if len(nodes) else None)
         if len(nodes):
             metrics.update(self.predictor.observe(pb, targets[order], target_weights[order]))
+        if self.scaler.is_enabled():
+            metrics["grad_scale"] = float(self.scaler.get_scale())
         metrics.update({"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, "clip_fraction": clip_weighted,
                         "entropy": entropy_total,
                         "sampler/ratio_abs_dev": ratio_dev, "sampler/ratio_max_dev": ratio_max_dev,  # first epoch
@@ -404,6 +412,7 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "leaves_sampled": self.leaves_sampled, "config": to_dict(self.cfg),
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "grad_scaler": self.scaler.state_dict(),
                  "predictor": self.predictor.state_dict(), "rng": ckpt.rng_state()}
         return ckpt.save_checkpoint(self.run_dir, self.step, state)
 
@@ -418,6 +427,8 @@ class Trainer:
                 raise ConfigError(f"resume: {key} differs from the run's saved config.yaml; resume with the same config")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("grad_scaler"):  # absent in checkpoints from before loss scaling; empty when disabled
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.predictor.load_state_dict(state["predictor"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.leaves_sampled = int(state["step"]), int(state["leaves_sampled"])

@@ -9,7 +9,7 @@ import json
 import os
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from .base import EnvError
 
@@ -40,24 +40,32 @@ def check_qa_task(record: Any, where: str = "task") -> dict[str, Any]:
             "metadata": dict(meta)}
 
 
-def load_qa_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read QA records from JSONL (one object per line; blank lines skipped)."""
+def iter_jsonl(path: str | os.PathLike, name: str) -> Iterator[tuple[int, str, Any]]:
+    """(line number, "path:line", parsed value) of each non-blank line of a JSONL file; EnvError
+    naming `name` if the file is missing and the line if it is not valid JSON."""
     path = Path(path)
     if not path.is_file():
-        raise EnvError(f"QA data path {str(path)!r} does not exist or is not a file")
-    records = []
+        raise EnvError(f"{name} {str(path)!r} does not exist or is not a file")
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise EnvError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            record = check_qa_task(raw, f"{path}:{lineno}")
-            if "id" not in raw:
-                record["id"] = f"{path.stem}-{lineno}"
-            records.append(record)
+            yield lineno, f"{path}:{lineno}", value
+
+
+def load_qa_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read QA records from JSONL (one object per line; blank lines skipped)."""
+    path = Path(path)
+    records = []
+    for lineno, where, raw in iter_jsonl(path, "QA data path"):
+        record = check_qa_task(raw, where)
+        if "id" not in raw:
+            record["id"] = f"{path.stem}-{lineno}"
+        records.append(record)
     if not records:
         raise EnvError(f"QA data path {str(path)!r} holds no records")
     return records

@@ -8,7 +8,6 @@ dense index or an HTTP retrieval server; the env runs it under its tool timeout.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +18,7 @@ import bm25s
 import numpy as np
 
 from .base import EnvError
+from .qa_data import iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -36,19 +36,7 @@ class Retriever(Protocol):
 
 def load_corpus(path: str | os.PathLike) -> list[dict[str, str]]:
     """Read a corpus JSONL file; EnvError naming the line and field of any bad record."""
-    records = []
-    path = Path(path)
-    if not path.is_file():
-        raise EnvError(f"corpus_path {str(path)!r} does not exist or is not a file")
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EnvError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            records.append(check_passage(record, f"{path}:{lineno}"))
+    records = [check_passage(record, where) for _, where, record in iter_jsonl(path, "corpus_path")]
     if not records:
         raise EnvError(f"corpus_path {str(path)!r} holds no passages")
     return records

@@ -8,7 +8,6 @@ import logging
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from test_trainer import TOY, metrics, toy
@@ -104,16 +103,6 @@ def test_fp16_without_cpu_autocast_support_is_a_config_error(tmp_path, capsys, m
     assert main(["train", *TOY, f"run_dir={tmp_path}", "steps=1", "model.dtype=float16"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model.dtype: float16") and "autocast" in err and "Traceback" not in err
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (["model.dtype=bf16"], "model.dtype: 'bf16' is not one of"),
-    (["model.master_weights=maybe"], "model.master_weights"),
-])
-def test_precision_config_errors(tmp_path, capsys, overrides, message):
-    assert main(["train", *TOY, f"run_dir={tmp_path}", "steps=1", *overrides]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
 def test_linear_logprob_under_autocast_runs_on_compute_dtype_inputs():

@@ -135,6 +135,8 @@ def test_eval_command_reads_a_checkpoint(tmp_path, capsys):
         (["generation.kv_memory_fraction=0"], "kv_memory_fraction: must be in (0, 1], got 0"),
         # a cache of 3 pages cannot hold a step's rollouts: the error names the setting to raise
         (["generation.num_pages=3"], "generation.num_pages: KV cache out of pages"),
+        (["model.dtype=bf16"], "model.dtype: 'bf16' is not one of"),
+        (["model.master_weights=maybe"], "model.master_weights"),
     ],
 )
 def test_config_errors_are_messages_not_tracebacks(tmp_path, capsys, overrides, message):

@@ -161,6 +161,16 @@ def _kv_tile(K, V, END, j0, key_stop, kv_head, offs_m, offs_d, d_ok, stride_kt, 
 
 
 @triton.jit
+def _query_tile(T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's query tile (program_id 0): its first row i0, row and head-dim offsets, their
+    validity masks, and the rows as int64 for addressing."""
+    i0 = tl.program_id(0) * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return i0, offs_m, offs_d, offs_m < T, offs_d < HEAD_DIM, offs_m.to(tl.int64)
+
+
+@triton.jit
 def _fwd_tile(q, m_i, l_i, acc, K, V, END, j0, key_stop, kv_head, offs_m, offs_d, d_ok, qk_scale_log2,
               stride_kt, stride_kh, stride_vt, stride_vh,
               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -189,15 +199,9 @@ def _tree_attn_fwd_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUNS: tl.constexpr, SCAN: tl.constexpr = 64,
 ):
-    pid_m = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
-    i0 = pid_m * BLOCK_M
-    offs_m = i0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < T
-    d_ok = offs_d < HEAD_DIM
-    rows = offs_m.to(tl.int64)
+    i0, offs_m, offs_d, row_ok, d_ok, rows = _query_tile(T, HEAD_DIM, BLOCK_M, BLOCK_D)
 
     q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -259,15 +263,9 @@ def _tree_attn_bwd_dq_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUNS: tl.constexpr, SCAN: tl.constexpr = 64,
 ):
-    pid_m = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
-    i0 = pid_m * BLOCK_M
-    offs_m = i0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < T
-    d_ok = offs_d < HEAD_DIM
-    rows = offs_m.to(tl.int64)
+    i0, offs_m, offs_d, row_ok, d_ok, rows = _query_tile(T, HEAD_DIM, BLOCK_M, BLOCK_D)
     tile_ok = row_ok[:, None] & d_ok[None, :]
 
     q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=tile_ok, other=0.0)

@@ -103,7 +103,8 @@ def _build(kernel, autotuned, types: dict, constexprs: dict, config, scalar_one:
     return KernelBuild(kernel, fn, signature, meta, frozenset(aligned), warps, stages)
 
 
-def _pointers(names: str, ty: str) -> dict:
+def _typed(names: str, ty: str) -> dict:
+    """{name: ty} for each space-separated name."""
     return {n: ty for n in names.split()}
 
 
@@ -121,26 +122,23 @@ def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = 
         raise RuntimeError("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
     t = DTYPES[dtype]
     block_d = max(16, 1 << (head_dim - 1).bit_length())
-    strides = lambda names: {n: "i32" for n in names.split()}  # noqa: E731
     pick = (lambda cs: cs) if all_configs else (lambda cs: cs[:1])
     # the attention kernels' autotuner drops configs that would spill at this head dim
     fit = (lambda kind, cs: pick(ta.fitting_configs(kind, cs, block_d))) if prune else (lambda kind, cs: pick(cs))
-    if not prune and not all_configs:  # the whole candidate list of this head dim's bucket
-        fit = lambda kind, cs: [ta._config(kind, shape) for shape in ta._SHAPES[kind][ta.head_dim_bucket(block_d)]]  # noqa
     builds: list[KernelBuild] = []
 
     attn_const = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=False, SCAN=64,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     scalars = {"T": "i32", "n_meta": "i32", "qk_scale_log2": "fp32", "sm_scale": "fp32"}
-    fwd_types = {**_pointers("Q K V O", f"*{t}"), **_pointers("END KV_MAX_END FIRST_KV", "*i32"),
-                 "LSE": "*fp32", **scalars, **strides("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh "
-                                                       "stride_ot stride_oh")}
+    fwd_types = {**_typed("Q K V O", f"*{t}"), **_typed("END KV_MAX_END FIRST_KV", "*i32"),
+                 "LSE": "*fp32", **scalars, **_typed("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh "
+                                                    "stride_ot stride_oh", "i32")}
     for cfg in fit("fwd", ta._tree_attn_fwd_kernel.configs):
         builds.append(_build("tree_attn_fwd", ta._tree_attn_fwd_kernel, fwd_types,
                              {**attn_const, "META_": ta.META}, cfg))
-    bwd_types = {**_pointers("Q K V DO DQ DK DV", f"*{t}"), **_pointers("END KV_MAX_END FIRST_KV", "*i32"),
-                 **_pointers("LSE DELTA", "*fp32"), **scalars,
-                 **strides("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh stride_dot stride_doh")}
+    bwd_types = {**_typed("Q K V DO DQ DK DV", f"*{t}"), **_typed("END KV_MAX_END FIRST_KV", "*i32"),
+                 **_typed("LSE DELTA", "*fp32"), **scalars,
+                 **_typed("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh stride_dot stride_doh", "i32")}
     for cfg in fit("dq", ta._tree_attn_bwd_dq_kernel.configs):
         builds.append(_build("tree_attn_bwd_dq", ta._tree_attn_bwd_dq_kernel, bwd_types,
                              {**attn_const, "META_": ta.META}, cfg))
@@ -151,11 +149,11 @@ def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = 
     ll_const = dict(HAS_BIAS=False, UPCAST=False, IEEE_FP32=dtype == "fp32")
     unit = ("stride_hk", "stride_wk")
     tokens = ("U", "M", "T", "C")
-    ll_types = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **_pointers("max_ptr sum_ptr ent_ptr", "*fp32"),
+    ll_types = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **_typed("max_ptr sum_ptr ent_ptr", "*fp32"),
                 **{n: "i32" for n in ("U", "V", "H", "split_size", "M", "T", "C")},
-                **strides("stride_hm stride_wv stride_dzm"), "inv_temp": "fp32",
-                **_pointers("rows_ptr labels_ptr", "*i64"), "out_ptr": "*fp32",
-                **_pointers("lse_ptr gsum_ptr gent_ptr", "*fp32"), "dz_ptr": f"*{t}"}
+                **_typed("stride_hm stride_wv stride_dzm", "i32"), "inv_temp": "fp32",
+                **_typed("rows_ptr labels_ptr", "*i64"), "out_ptr": "*fp32",
+                **_typed("lse_ptr gsum_ptr gent_ptr", "*fp32"), "dz_ptr": f"*{t}"}
     for cfg in pick(ll._row_stats_kernel.configs):
         builds.append(_build("ll_row_stats", ll._row_stats_kernel, ll_types, {**ll_const, "WITH_ENTROPY": True},
                              cfg, scalar_one=unit, unaligned=tokens))
@@ -169,10 +167,10 @@ def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = 
     # tree decode: the engine's shapes (block_q queries per tile, GQA group of 3 as in SmolLM2)
     group, block_q = 3, 16  # SmolLM2's GQA group; PagedTreeKVCache.decode_meta's default block_q
     dec_types = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "out_ptr": "*fp32", "lse_ptr": "*fp32",
-                 **_pointers("seg_pages_ptr seg_len_ptr pair_ptr_ptr pair_query_ptr tile_seg_ptr tile_start_ptr",
-                             "*i32"),
-                 **strides("stride_qb stride_qh stride_kp stride_kt stride_kh stride_vp stride_vt stride_vh "
-                           "stride_pages stride_ob stride_oh stride_lb"),
+                 **_typed("seg_pages_ptr seg_len_ptr pair_ptr_ptr pair_query_ptr tile_seg_ptr tile_start_ptr",
+                          "*i32"),
+                 **_typed("stride_qb stride_qh stride_kp stride_kt stride_kh stride_vp stride_vt stride_vh "
+                        "stride_pages stride_ob stride_oh stride_lb", "i32"),
                  "scale": "fp32", "page_size": "i32"}
     group_pad = 1 << (group - 1).bit_length()
     for cfg in pick(td.fitting_decode_configs(td._segment_partial_kernel.configs, block_d) if prune

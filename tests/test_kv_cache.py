@@ -177,3 +177,4 @@ def test_page_bytes_matches_the_pools():
         cache = PagedTreeKVCache(num_layers=3, num_kv_heads=2, head_dim=8, num_pages=5, page_size=4, dtype=dtype)
         pool_bytes = sum(p.numel() * p.element_size() for p in cache.k_pools + cache.v_pools)
         assert page_bytes(num_layers=3, num_kv_heads=2, head_dim=8, page_size=4, dtype=dtype) * 5 == pool_bytes
+        assert cache.nbytes == pool_bytes

@@ -230,6 +230,11 @@ class PagedTreeKVCache:
         flat_v = self.v_pools[layer].view(-1, self.num_kv_heads, self.head_dim)
         return flat_k[slots], flat_v[slots]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the K and V pools of every layer hold."""
+        return sum(pool.numel() * pool.element_size() for pool in self.k_pools + self.v_pools)
+
     def decode_meta(self, leaves, *, block_q: int = 16, split_tokens: int | None | str = "auto") -> TreeDecodeMeta:
         """Metadata for one shared-prefix decode step whose query b sits at the end of `leaves[b]`
         (every node on the leaves' paths is one segment, listed once however many leaves share it).

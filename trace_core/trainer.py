@@ -127,11 +127,8 @@ class Trainer:
                                  kv_dtype=self.policy.compute_dtype, seed=self.cfg.seed)
         cache = engine.runner.cache
         log.info("KV cache: %d pages of %d tokens, %s", cache.num_pages, cache.page_size,
-                 _size(cache.num_pages * self._page_bytes()))
+                 _size(cache.nbytes))
         return engine
-
-    def _page_bytes(self) -> int:
-        return page_bytes(**kv_geometry(self.model, self.policy.compute_dtype), page_size=self.cfg.generation.page_size)
 
     def _num_pages(self) -> int:
         """generation.num_pages, or with "auto" the pages kv_memory_fraction of free GPU memory holds."""
@@ -143,7 +140,8 @@ class Trainer:
             raise ConfigError(f"generation.num_pages: 'auto' sizes the KV cache from free GPU memory, but the model "
                               f"is on {device}; give a number of pages")
         free, _ = torch.cuda.mem_get_info(device)
-        pages = int(g.kv_memory_fraction * free) // self._page_bytes()
+        per_page = page_bytes(**kv_geometry(self.model, self.policy.compute_dtype), page_size=g.page_size)
+        pages = int(g.kv_memory_fraction * free) // per_page
         if pages < 1:
             raise ConfigError(f"generation.num_pages: 'auto' found {free / 2**30:.2f} GiB free; "
                               f"kv_memory_fraction {g.kv_memory_fraction} of it holds no page")
@@ -158,7 +156,7 @@ class Trainer:
             cache = self.engine.runner.cache
             raise ConfigError(
                 f"generation.num_pages: {err}. This run's cache holds {cache.num_pages} pages "
-                f"({_size(cache.num_pages * self._page_bytes())}); raise generation.num_pages (or use "
+                f"({_size(cache.nbytes)}); raise generation.num_pages (or use "
                 f"'auto' on a GPU) or lower allocation.roots / generation.max_tokens_per_turn") from None
 
     def _uses_predictor(self) -> bool:

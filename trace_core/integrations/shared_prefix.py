@@ -1,0 +1,79 @@
+"""Per-token log-probs of a flat batch with every shared prefix computed once.
+
+A drop-in for the per-token logprob function of trainers built on flat batches (verl's
+`compute_log_prob` / actor update, TRL's GRPO `_get_per_token_logps`): same inputs (padded
+`input_ids` and `attention_mask`), same output layout, same gradients, but the n completions of a
+prompt run its prompt once. The batch is packed as prefix trees (`trace_core.prefix_packing`),
+run through the model with tree attention (`integrations.hf.tree_forward`) and scored with the
+fused lm-head + log-softmax gather (`trace_kernels.linear_logprob`), so neither the repeated
+prefixes nor the [tokens x vocab] logits are ever materialised.
+
+    logprobs = shared_prefix_logprobs(model, input_ids, attention_mask)        # [B, L]
+    completion_logprobs = logprobs[:, -logits_to_keep:]                        # TRL / verl slice
+
+Sharing only happens inside the batch given: keep a prompt's completions in one micro-batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from trace_kernels import linear_logprob
+
+from ..prefix_packing import SharedPrefixPack, pack_shared_prefixes
+from .hf import tree_forward
+
+
+def shared_prefix_logprobs(
+    model: torch.nn.Module,
+    input_ids,
+    attention_mask=None,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    packed: SharedPrefixPack | None = None,
+    backend: str | None = None,
+):
+    """log p(input_ids[b, t] | input_ids[b, :t]) for every position, from one packed tree pass.
+
+    model: a transformers causal LM (Llama / Qwen2 / Qwen3 family).
+    input_ids [B, L], attention_mask [B, L] (None: no padding): padded rows, each row's tokens one
+        contiguous run (left and/or right padding).
+    temperature: logits are divided by it, as in the sampler.
+    packed: the `pack_shared_prefixes(input_ids, attention_mask)` result, to reuse it across calls
+        on the same batch (old, reference and current policy logprobs).
+    backend: "triton" / "reference" to force the kernels' path (default: automatic).
+
+    Returns logprobs [B, L] fp32 on the model's device, 0 where nothing is predicted (padding and
+    each row's first token); with return_entropy=True also entropy [B, L]: the entropy of the
+    distribution that predicted input_ids[b, t] (0 where logprobs is). Differentiable in the
+    model's parameters; a shared token's gradient is the sum over the rows through it, exactly
+    as in the per-sequence computation.
+    """
+    if packed is None:
+        packed = pack_shared_prefixes(input_ids, attention_mask)
+    elif tuple(packed.token_index.shape) != tuple(input_ids.shape):
+        raise ValueError(f"packed: was built for a batch of shape {tuple(packed.token_index.shape)}, "
+                         f"but input_ids has shape {tuple(input_ids.shape)}")
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError("model: has no output embeddings (lm_head); pass a causal LM, not its base model")
+    hidden = tree_forward(model, packed, backend=backend)  # [N, H]
+    device = hidden.device
+    pair_index = torch.as_tensor(packed.pair_index, device=device)  # [B, L]
+    if packed.labels.size == 0:  # every row is one token: nothing is predicted
+        zeros = hidden.new_zeros(pair_index.shape, dtype=torch.float32) + 0 * hidden.sum()  # keeps the graph
+        return (zeros, zeros.clone()) if return_entropy else zeros
+    rows = torch.as_tensor(packed.label_rows, device=device)
+    labels = torch.as_tensor(packed.labels, device=device)
+    result = linear_logprob(hidden, head.weight, rows, labels, temperature=temperature, bias=head.bias,
+                            return_entropy=return_entropy, backend=backend)
+    pair_logprobs, row_entropy = result if return_entropy else (result, None)
+
+    predicted = pair_index >= 0
+    safe = pair_index.clamp(min=0)
+    zero = pair_logprobs.new_zeros(())
+    logprobs = torch.where(predicted, pair_logprobs[safe], zero)
+    if not return_entropy:
+        return logprobs
+    predicting_row = rows[safe]  # the packed row whose distribution predicted input (b, t)
+    return logprobs, torch.where(predicted, row_entropy[predicting_row], zero)

@@ -15,12 +15,14 @@ Sharing only happens inside the batch given: keep a prompt's completions in one 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from trace_kernels import linear_logprob
 
 from ..prefix_packing import SharedPrefixPack, pack_shared_prefixes
-from .hf import tree_forward
+from .hf import autocast_off, tree_forward
 
 
 def shared_prefix_logprobs(
@@ -31,6 +33,7 @@ def shared_prefix_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     packed: SharedPrefixPack | None = None,
+    lm_head_fp32: bool = False,
     backend: str | None = None,
 ):
     """log p(input_ids[b, t] | input_ids[b, :t]) for every position, from one packed tree pass.
@@ -41,6 +44,8 @@ def shared_prefix_logprobs(
     temperature: logits are divided by it, as in the sampler.
     packed: the `pack_shared_prefixes(input_ids, attention_mask)` result, to reuse it across calls
         on the same batch (old, reference and current policy logprobs).
+    lm_head_fp32: score in fp32 (hidden states and lm_head weight upcast, autocast off), as TRL's
+        `cast_lm_head_to_fp32`; default: the model's (or autocast's) dtype with fp32 accumulation.
     backend: "triton" / "reference" to force the kernels' path (default: automatic).
 
     Returns logprobs [B, L] fp32 on the model's device, 0 where nothing is predicted (padding and
@@ -65,8 +70,13 @@ def shared_prefix_logprobs(
         return (zeros, zeros.clone()) if return_entropy else zeros
     rows = torch.as_tensor(packed.label_rows, device=device)
     labels = torch.as_tensor(packed.labels, device=device)
-    result = linear_logprob(hidden, head.weight, rows, labels, temperature=temperature, bias=head.bias,
-                            return_entropy=return_entropy, backend=backend)
+    weight, bias = head.weight, head.bias
+    if lm_head_fp32:
+        hidden, weight = hidden.float(), weight.float()
+        bias = bias.float() if bias is not None else None
+    with autocast_off(device.type) if lm_head_fp32 else contextlib.nullcontext():
+        result = linear_logprob(hidden, weight, rows, labels, temperature=temperature, bias=bias,
+                                return_entropy=return_entropy, backend=backend)
     pair_logprobs, row_entropy = result if return_entropy else (result, None)
 
     predicted = pair_index >= 0

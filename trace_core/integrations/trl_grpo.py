@@ -1,0 +1,82 @@
+"""TRL adapter: GRPOTrainer scoring completions with each shared prompt computed once.
+
+TRL's GRPOTrainer scores a batch (old, reference and current-policy log-probs) by running every
+row, prompt and completion, through the model; a group's `num_generations` rows repeat one prompt.
+`SharedPrefixGRPOTrainer` replaces that scoring with `shared_prefix_logprobs`: rows are packed as
+prefix trees (any shared prefix, found by token, even in TRL's shuffled training micro-batches) and
+run once with tree attention and the fused logprob op. Same outputs and gradients as TRL's own
+scoring (tested); generation, rewards and the loss are TRL's.
+
+    from trace_core.integrations.trl_grpo import SharedPrefixGRPOTrainer
+    trainer = SharedPrefixGRPOTrainer(model=model, reward_funcs=..., args=GRPOConfig(...), ...)
+
+`SharedPrefixLogprobsMixin` does the same for your own GRPOTrainer subclass (put it first in the
+bases). Falls back to TRL's scoring, saying why once, where the packed forward does not apply:
+multimodal inputs, MoE aux loss, logit soft-capping or scaling, PEFT models, and a model wrapped
+for distributed training (DDP / FSDP / DeepSpeed: the packed forward calls the inner model, which
+would bypass the wrapper's gradient synchronisation).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from trl import GRPOTrainer
+
+from .shared_prefix import shared_prefix_logprobs
+
+log = logging.getLogger(__name__)
+
+_MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+               "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+class SharedPrefixLogprobsMixin:
+    """Overrides GRPOTrainer._get_per_token_logps_and_entropies (TRL >= 1.0 signature)."""
+
+    shared_prefix_calls = 0  # packed scoring calls this trainer made (the fallback does not count)
+
+    def _shared_prefix_blocker(self, model, compute_aux_loss: bool, multimodal: dict) -> str | None:
+        """Why the packed forward cannot score this call, or None."""
+        if any(value is not None for value in multimodal.values()):
+            return "multimodal inputs"
+        if compute_aux_loss:
+            return "the MoE load-balancing aux loss"
+        if self.accelerator.num_processes > 1 or self.accelerator.unwrap_model(model) is not model:
+            return "a model wrapped for distributed training"
+        if hasattr(model, "peft_config"):
+            return "a PEFT model"
+        text_config = model.config.get_text_config()
+        if getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None) not in (None, 1, 1.0):
+            return "logit soft-capping or scaling"
+        return None
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        blocker = self._shared_prefix_blocker(model, compute_aux_loss, multimodal)
+        if blocker is not None:
+            if not getattr(self, "_shared_prefix_warned", False):
+                log.warning("SharedPrefixGRPOTrainer: %s; scoring with TRL's per-row forward instead", blocker)
+                self._shared_prefix_warned = True
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
+
+        batch_size = batch_size or input_ids.size(0)  # TRL's memory chunking, kept
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            with self.accelerator.autocast():
+                result = shared_prefix_logprobs(
+                    model, input_ids[rows], attention_mask[rows], temperature=self.temperature,
+                    return_entropy=compute_entropy, lm_head_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)))
+            logp, entropy = result if compute_entropy else (result, None)
+            logps.append(logp[:, -logits_to_keep:])
+            if compute_entropy:
+                entropies.append(entropy[:, -logits_to_keep:])
+            self.shared_prefix_calls += 1
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+
+class SharedPrefixGRPOTrainer(SharedPrefixLogprobsMixin, GRPOTrainer):
+    """trl.GRPOTrainer whose log-prob scoring computes each shared prefix once (see the module)."""

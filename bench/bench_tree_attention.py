@@ -11,7 +11,8 @@ Reported in one run, with the baseline measured alongside:
   * times, forward and forward+backward:
       tree attention      - Triton on CUDA; on CPU the reference path (what CPU training runs)
       per-leaf SDPA       - dense causal attention over every leaf path (the "no sharing" baseline)
-      FlexAttention       - same tree mask as a BlockMask; mask build time shown and included (CUDA)
+      FlexAttention       - same tree mask as a BlockMask, output checked against ours; mask build
+                            time shown and included (forward only on CPU: no CPU backward)
       flash-attn varlen   - per-leaf flash_attn_varlen_func, where the optional package is installed
     On CUDA also TFLOP/s counted on visible pairs only (fwd 4*pairs*D*H, bwd 10*pairs*D*H).
 
@@ -231,13 +232,17 @@ def bench_case(case: TreeCase, heads: tuple[int, int], head_dim: int, dtype, dev
     sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=Hq != Hkv)  # noqa: E731
     rows.append(("per-leaf SDPA (no sharing)", *fwd_and_fwdbwd(sdpa, (lq, lk, lv), ldout, device, repeats), 0.0))
 
+    with torch.no_grad():
+        expected = tree_attention(q, k, v, end, check_end=False)
+    rows.append(flex_row(end, q, k, v, dout, Hq != Hkv, expected, device, repeats))
     if device == "cuda":
-        rows.append(flex_row(end, q, k, v, dout, Hq != Hkv, repeats))
         rows.append(flash_varlen_row(case, q, k, v, dout, repeats))
     return rows
 
 
-def flex_row(end, q, k, v, dout, gqa, repeats):
+def flex_row(end, q, k, v, dout, gqa, expected, device, repeats):
+    """FlexAttention with the tree rule as a mask_mod; its output is checked against ours first, so
+    the baseline computes the same thing. torch's CPU FlexAttention has no backward: forward only."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     T = end.shape[0]
@@ -246,13 +251,19 @@ def flex_row(end, q, k, v, dout, gqa, repeats):
     def tree_mask(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx < end[kv_idx])
 
-    build = lambda: create_block_mask(tree_mask, None, None, T, T, device="cuda")  # noqa: E731
+    build = lambda: create_block_mask(tree_mask, None, None, T, T, device=device)  # noqa: E731
     mask = build()
-    build_s = timed(build, "cuda", repeats)
-    qf, kf, vf = (x.detach().transpose(0, 1)[None].requires_grad_() for x in (q, k, v))
-    doutf = dout.transpose(0, 1)[None]
-    fwd, fwdbwd = fwd_and_fwdbwd(lambda a, b, c: flex(a, b, c, block_mask=mask, enable_gqa=gqa),
-                                 (qf, kf, vf), doutf, "cuda", repeats)
+    build_s = timed(build, device, repeats)
+    qf, kf, vf = (x.detach().transpose(0, 1)[None].requires_grad_(device == "cuda") for x in (q, k, v))
+    run = lambda a, b, c: flex(a, b, c, block_mask=mask, enable_gqa=gqa)  # noqa: E731
+    with torch.no_grad():
+        err = (run(qf, kf, vf)[0].transpose(0, 1).float() - expected.float()).abs().max().item()
+    tol = 1e-4 if q.dtype == torch.float32 else 5e-2
+    assert err <= tol, f"FlexAttention with the tree mask differs from tree attention by {err:.3g}"
+    if device != "cuda":
+        fwd = timed(lambda: run(qf, kf, vf), device, repeats)
+        return ("FlexAttention fwd (+ mask build)", fwd + build_s, None, build_s)
+    fwd, fwdbwd = fwd_and_fwdbwd(run, (qf, kf, vf), dout.transpose(0, 1)[None], device, repeats)
     return ("FlexAttention (+ mask build)", fwd + build_s, fwdbwd + build_s, build_s)
 
 
@@ -279,7 +290,8 @@ def print_times(case: TreeCase, rows, heads, head_dim, device: str) -> None:
             print(f"  {name:<34}{'-':>10}{'-':>14}")
             continue
         note = f"   (mask build {extra * 1e3:.2f} ms)" if extra else ""
-        print(f"  {name:<34}{fwd * 1e3:>10.2f}{fb * 1e3:>14.2f}{fwd / tree_fwd:>18.2f}x{fb / tree_fb:>8.2f}x{note}")
+        fb_ms, fb_ratio = (f"{fb * 1e3:>14.2f}", f"{fb / tree_fb:>8.2f}x") if fb is not None else (f"{'-':>14}", f"{'-':>9}")
+        print(f"  {name:<34}{fwd * 1e3:>10.2f}{fb_ms}{fwd / tree_fwd:>18.2f}x{fb_ratio}{note}")
     if device == "cuda":
         flops_fwd = 4 * visible_pairs(case.end) * head_dim * heads[0]
         print(f"  tree attention on visible pairs: fwd {flops_fwd / tree_fwd / 1e12:.0f} TFLOP/s, "

@@ -2,6 +2,7 @@
 # One command for a lent GPU machine (device tool): run in the repo root THERE, e.g.
 #     bash scripts/gpu_session.sh all
 # Stages: env | tests | attention | logprob | decode | all   (docs/gpu_session.md says how to call it)
+#         shared_prefix  GRPO-batch logprob bench (not in `all`: run it alone)
 #         pytest ARGS...   one pytest selection in the same environment, e.g. for a rerun after a fix
 #
 # Why it looks like this:
@@ -14,7 +15,7 @@
 #   modes, so the script itself can be checked anywhere.
 #
 # Per-stage time limits in seconds can be overridden: T_ENV T_GPU_MARKED T_TESTS T_ATTENTION T_LOGPROB
-# T_DECODE (T_GPU_MARKED is the `pytest -m gpu` part of the tests stage).
+# T_DECODE T_SHARED_PREFIX (T_GPU_MARKED is the `pytest -m gpu` part of the tests stage).
 # Inside `all` the defaults add up to about 9 minutes; a stage run alone gets 480 s (env and the
 # `-m gpu` pass keep 30 s and 60 s, so every stage alone ends inside a 600 s call).
 set -uo pipefail  # no -e: a failing stage must not stop the ones after it
@@ -117,7 +118,7 @@ EOF
 
 KERNEL_TESTS=(tests/test_tree_attention.py tests/test_linear_logprob.py tests/test_tree_decode.py
               tests/test_hf_integration.py tests/test_kernel_compile.py tests/test_engine_tiny.py
-              tests/test_loss_model.py)
+              tests/test_loss_model.py tests/test_shared_prefix_logprobs.py)
 
 stage_tests() {
     # Workers: half the cores (8 on the 16-core GPU machine) compile Triton kernels in parallel; the
@@ -161,6 +162,14 @@ stage_decode() {
     run_logged bench_decode.log decode "$PYTHON" bench/bench_decode.py "${args[@]}"
 }
 
+stage_shared_prefix() {
+    # not part of `all` (its 9 minutes are spoken for): GRPO-batch logprobs, shared prefixes vs per
+    # sequence; a random-init Qwen3 of SmolLM2's shape (SmolLM2 is not carried), bf16
+    local args=()
+    [ "$HAS_CUDA" = 1 ] || args+=(--prompts 1 --group 2 --prompt-len 64 --completion-len 16)
+    run_logged bench_shared_prefix.log shared_prefix "$PYTHON" bench/bench_shared_prefix.py "${args[@]}"
+}
+
 stage_pytest() {  # a targeted rerun: the arguments go to pytest as they are
     run_logged tests.log tests "$PYTHON" -m pytest -v -rfEs -p no:cacheprovider "$@"
 }
@@ -185,6 +194,8 @@ write_summary() {
         sed -n '/^device:/,$p' "$OUT/bench_linear_logprob.log" 2>/dev/null
         echo "== decode"
         sed -n '/^== decode attention/,$p' "$OUT/bench_decode.log" 2>/dev/null
+        echo "== shared-prefix logprobs (stage shared_prefix)"
+        sed -n '/^GRPO batch shapes/,$p' "$OUT/bench_shared_prefix.log" 2>/dev/null
     } >"$s"
     echo "--- $s"
     cat "$s"
@@ -194,8 +205,8 @@ main() {
     local stage="${1:-}"
     shift || true
     case "$stage" in
-        env | tests | attention | logprob | decode | all | pytest) ;;
-        *) echo "usage: $0 env|tests|attention|logprob|decode|all | pytest ARGS...  (logs go to \$OUT, now $OUT)" >&2
+        env | tests | attention | logprob | decode | shared_prefix | all | pytest) ;;
+        *) echo "usage: $0 env|tests|attention|logprob|decode|shared_prefix|all | pytest ARGS...  (logs go to \$OUT, now $OUT)" >&2
            exit 2 ;;
     esac
     setup

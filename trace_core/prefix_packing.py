@@ -188,3 +188,39 @@ def pack_shared_prefixes(input_ids, attention_mask=None) -> SharedPrefixPack:
         label_rows=pred[has_pair], labels=tokens[has_pair],
         token_index=token_index, pair_index=pair_index,
     )
+
+
+def shared_prefix_micro_batches(input_ids, attention_mask=None, *, max_tokens: int,
+                                oversized: str = "error") -> list[np.ndarray]:
+    """Split a batch's rows into micro-batches of at most `max_tokens` *packed* tokens each,
+    keeping rows that share prefixes together (for token-budgeted micro-batching, e.g. verl's
+    dynamic batch size, without losing the sharing).
+
+    Rows are taken in token order, where sharing rows are neighbours; the packed size of a run of
+    sorted rows is the sum of their lengths minus each one's common prefix with the row before it,
+    so the greedy split is O(B). A row longer than `max_tokens` raises (oversized="error") or gets a
+    micro-batch of its own (oversized="alone"). Returns one int64 array of row indices per
+    micro-batch: `pack_shared_prefixes(input_ids[rows], attention_mask[rows])`.
+    """
+    if oversized not in ("error", "alone"):
+        raise SequenceBatchError("oversized", f"must be 'error' or 'alone', got {oversized!r}")
+    if not isinstance(max_tokens, (int, np.integer)) or max_tokens <= 0:
+        raise SequenceBatchError("max_tokens", f"must be a positive integer, got {max_tokens!r}")
+    input_ids = _as_2d_ints(input_ids, "input_ids")
+    start, stop = _valid_spans(input_ids, attention_mask)
+    lengths = stop - start
+    too_long = np.flatnonzero(lengths > max_tokens)
+    if too_long.size and oversized == "error":
+        raise SequenceBatchError("max_tokens", f"{max_tokens} is smaller than row {too_long[0]} "
+                                 f"({lengths[too_long[0]]} tokens); a row cannot be split across micro-batches")
+    order, lcp = _sorted_lcp([input_ids[b, start[b]:stop[b]] for b in range(input_ids.shape[0])])
+    batches, current, used = [], [], 0
+    for k, row in enumerate(order.tolist()):
+        shared_cost = int(lengths[row] - lcp[k])  # what the row adds to the micro-batch of its predecessor
+        if current and used + shared_cost > max_tokens:
+            batches.append(np.asarray(current, np.int64))
+            current, used = [], 0
+        used += int(lengths[row]) if not current else shared_cost
+        current.append(row)
+    batches.append(np.asarray(current, np.int64))
+    return batches

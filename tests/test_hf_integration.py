@@ -138,6 +138,35 @@ def test_gradient_checkpointing_replays_tree_attention(backend, reentrant):
                    for layer in model.model.layers)  # the wrapping was for the call only
 
 
+def test_peft_lora_model_matches_per_leaf_logits_and_gradients():
+    """A LoRA-wrapped model (PEFT): tree_forward runs the adapters, and the adapter weights get the
+    per-leaf gradients. init_lora_weights=False gives the adapters non-zero deltas, so they matter."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("qwen3"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                                     init_lora_weights=False))
+    forest = small_forest(64, seed=6, num_prompts=1, continuations=1)
+    packed = pack(forest)
+    head = model.get_base_model().lm_head
+    weights = torch.randn(packed.num_tokens, model.config.vocab_size, generator=torch.Generator().manual_seed(1))
+
+    model.zero_grad()
+    logits = head(tree_forward(model, packed, backend="reference"))
+    (logits * weights).sum().backward()
+    lora = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)  # only the adapters train
+
+    model.zero_grad()
+    shared_weights = weights / torch.as_tensor(packed.leaf_count, dtype=torch.float32)[:, None]
+    leaf_logits = per_leaf_logits(model, forest)
+    torch.stack([(lg * w).sum() for lg, w in zip(leaf_logits, unpack(packed, shared_weights))]).sum().backward()
+    for got, want in zip(unpack(packed, logits.detach()), leaf_logits, strict=True):
+        assert (got - want.detach()).abs().max().item() <= TOLERANCE
+    for name, grad in lora.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    with model.disable_adapter(), torch.no_grad():  # and the adapters did change the outputs
+        assert (head(tree_forward(model, packed, backend="reference")) - logits).abs().max().item() > 1e-3
+
+
 def test_model_forward_with_trace_tree_and_tree_end_kwarg():
     """The plain transformers call: attn_implementation="trace_tree", metadata in forward kwargs."""
     model = tiny_model("llama")

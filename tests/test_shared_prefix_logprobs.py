@@ -141,3 +141,13 @@ def test_smollm2_grpo_batch_matches_flat():
     model = load_smollm2(torch.float32)[0]
     ids, mask = grpo_batch(model.config.vocab_size, prompts=2, completions=2, seed=3)
     check_against_flat(model, ids, mask, backend="reference")
+
+
+def test_peft_lora_model_matches_flat_and_rejects_an_lm_head_adapter():
+    peft = pytest.importorskip("peft")
+    config = dict(r=4, init_lora_weights=False)
+    model = peft.get_peft_model(tiny_model("qwen3"), peft.LoraConfig(target_modules=["q_proj", "o_proj"], **config))
+    check_against_flat(model, *grpo_batch(64, seed=5), backend="reference")
+    with_head = peft.get_peft_model(tiny_model("qwen3"), peft.LoraConfig(target_modules=["q_proj", "lm_head"], **config))
+    with pytest.raises(ValueError, match="model: the lm_head carries a PEFT adapter"):
+        shared_prefix_logprobs(with_head, *grpo_batch(64), backend="reference")

@@ -112,7 +112,8 @@ def test_one_training_step_matches_stock_trl(tmp_path):
 
 
 def test_falls_back_with_a_warning_where_packing_does_not_apply(tmp_path, caplog):
-    """Gemma-style logit soft-capping is not in the fused op: TRL's own scoring runs, and says so."""
+    """Gemma-style logit soft-capping is not in the fused op: TRL's own scoring runs, and says so.
+    (A LoRA on the lm_head, the other model-side case, is refused by TRL's own constructor.)"""
     model, tokenizer, prompts, args = tiny_setup(tmp_path)
     model.config.final_logit_softcapping = 5.0
     trainer = make_trainer(SharedPrefixGRPOTrainer, model, tokenizer, prompts, args)
@@ -124,6 +125,17 @@ def test_falls_back_with_a_warning_where_packing_does_not_apply(tmp_path, caplog
     assert "logit soft-capping or scaling; scoring with TRL's per-row forward instead" in caplog.text
     assert trainer.shared_prefix_calls == calls
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+
+
+def test_an_lm_head_adapter_blocks_the_packed_path(tmp_path):
+    """TRL's constructor refuses a LoRA on the lm_head; a model that has one anyway (e.g. handed to
+    the scoring directly) is still kept off the packed path, which reads lm_head.weight."""
+    peft = pytest.importorskip("peft")
+    model, tokenizer, prompts, args = tiny_setup(tmp_path)
+    trainer = make_trainer(SharedPrefixGRPOTrainer, model, tokenizer, prompts, args)
+    assert trainer._shared_prefix_blocker(trainer.model, False, {}) is None
+    with_head = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    assert trainer._shared_prefix_blocker(with_head, False, {}) == "a PEFT adapter on the lm_head"
 
 
 def test_trl_defaults_gradient_checkpointing_and_fp32_lm_head(tmp_path):
@@ -165,3 +177,30 @@ def test_bf16_autocast_error_is_trls_own(tmp_path):
     torch.testing.assert_close(scored[False, "ours"], truth, rtol=0, atol=1e-4)
     ours, theirs = ((scored[True, name] - truth).abs().max().item() for name in ("ours", "trl"))
     assert 0 < theirs and ours <= 2 * theirs, (ours, theirs)
+
+
+def test_peft_model_scores_like_trl(tmp_path):
+    """GRPOTrainer(peft_config=LoRA): the packed scoring runs the adapters (policy) and disables them
+    for the reference logprobs exactly as TRL's own scoring does."""
+    peft = pytest.importorskip("peft")
+    model, tokenizer, prompts, args = tiny_setup(tmp_path)
+    trainer = SharedPrefixGRPOTrainer(
+        model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+        processing_class=tokenizer, train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+        peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert hasattr(trainer.model, "peft_config")
+    ids, mask, keep = grpo_rows(tokenizer, prompts[:3], seed=6)
+    results = []
+    for score in (SharedPrefixGRPOTrainer._get_per_token_logps_and_entropies,
+                  trl.GRPOTrainer._get_per_token_logps_and_entropies):
+        trainer.model.zero_grad()
+        logps = score(trainer, trainer.model, ids, mask, keep)[0]
+        logps.sum().backward()
+        with torch.no_grad(), trainer.model.disable_adapter():
+            reference = score(trainer, trainer.model, ids, mask, keep)[0]
+        grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.requires_grad])
+        results.append((logps.detach(), reference, grads))
+    assert trainer.shared_prefix_calls == 2
+    assert (results[0][0] - results[0][1]).abs().max() > 1e-3  # the adapters matter
+    for ours, theirs in zip(results[0], results[1]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

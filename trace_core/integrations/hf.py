@@ -156,10 +156,18 @@ def _as_1d(name: str, values: Any, dtype: torch.dtype, device: torch.device) -> 
     return t.to(device=device, dtype=dtype)
 
 
+def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model behind `model`: a PEFT wrapper's underlying model (its adapter layers
+    are injected there, so they still run), else `model` itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = None) -> torch.Tensor:
     """Last hidden states of every packed token, each prefix computed once.
 
-    model: a transformers causal LM (Llama / Qwen2 / Qwen3 family) or its base model.
+    model: a transformers causal LM (Llama / Qwen2 / Qwen3 family) or its base model, or a PEFT
+        model around one (its adapters run as usual).
     packed: a PackedTree (or any object) with `input_ids` (int [T]), `position_ids` (int [T], path
         positions) and `end` (int [T]); numpy arrays or tensors.
     backend: "triton" / "reference" to force the attention path (default: automatic).
@@ -167,6 +175,7 @@ def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = N
     The model's attention implementation is switched to "trace_tree" for the call and restored;
     layers under transformers' gradient checkpointing replay with "trace_tree" in the backward too.
     """
+    model = transformers_model(model)
     device = next(model.parameters()).device
     input_ids = _as_1d("input_ids", packed.input_ids, torch.long, device)
     position_ids = _as_1d("position_ids", packed.position_ids, torch.long, device)

@@ -22,7 +22,7 @@ import torch
 from trace_kernels import linear_logprob
 
 from ..prefix_packing import SharedPrefixPack, pack_shared_prefixes
-from .hf import autocast_off, tree_forward
+from .hf import autocast_off, transformers_model, tree_forward
 
 
 def shared_prefix_logprobs(
@@ -38,7 +38,8 @@ def shared_prefix_logprobs(
 ):
     """log p(input_ids[b, t] | input_ids[b, :t]) for every position, from one packed tree pass.
 
-    model: a transformers causal LM (Llama / Qwen2 / Qwen3 family).
+    model: a transformers causal LM (Llama / Qwen2 / Qwen3 family), or a PEFT model around one
+        (adapters anywhere but on the lm_head).
     input_ids [B, L], attention_mask [B, L] (None: no padding): padded rows, each row's tokens one
         contiguous run (left and/or right padding).
     temperature: logits are divided by it, as in the sampler.
@@ -59,9 +60,13 @@ def shared_prefix_logprobs(
     elif tuple(packed.token_index.shape) != tuple(input_ids.shape):
         raise ValueError(f"packed: was built for a batch of shape {tuple(packed.token_index.shape)}, "
                          f"but input_ids has shape {tuple(input_ids.shape)}")
-    head = model.get_output_embeddings()
+    head = transformers_model(model).get_output_embeddings()
     if head is None:
         raise ValueError("model: has no output embeddings (lm_head); pass a causal LM, not its base model")
+    if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
+        # linear_logprob reads lm_head.weight directly, which would miss a LoRA delta or a trained copy
+        raise ValueError("model: the lm_head carries a PEFT adapter (target_modules or modules_to_save); "
+                         "shared_prefix_logprobs reads lm_head.weight and would miss it: leave lm_head out of the adapter")
     hidden = tree_forward(model, packed, backend=backend)  # [N, H]
     device = hidden.device
     pair_index = torch.as_tensor(packed.pair_index, device=device)  # [B, L]

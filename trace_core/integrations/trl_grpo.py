@@ -12,7 +12,8 @@ scoring (tested); generation, rewards and the loss are TRL's.
 
 `SharedPrefixLogprobsMixin` does the same for your own GRPOTrainer subclass (put it first in the
 bases). Falls back to TRL's scoring, saying why once, where the packed forward does not apply:
-multimodal inputs, MoE aux loss, logit soft-capping or scaling, PEFT models, and a model wrapped
+multimodal inputs, MoE aux loss, logit soft-capping or scaling, a PEFT adapter on the lm_head (PEFT
+adapters elsewhere are fine), and a model wrapped
 for distributed training (DDP / FSDP / DeepSpeed: the packed forward calls the inner model, which
 would bypass the wrapper's gradient synchronisation).
 """
@@ -23,6 +24,7 @@ import logging
 import torch
 from trl import GRPOTrainer
 
+from .hf import transformers_model
 from .shared_prefix import shared_prefix_logprobs
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,9 @@ class SharedPrefixLogprobsMixin:
             return "the MoE load-balancing aux loss"
         if self.accelerator.num_processes > 1 or self.accelerator.unwrap_model(model) is not model:
             return "a model wrapped for distributed training"
-        if hasattr(model, "peft_config"):
-            return "a PEFT model"
+        head = transformers_model(model).get_output_embeddings()
+        if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
+            return "a PEFT adapter on the lm_head"
         text_config = model.config.get_text_config()
         if getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None) not in (None, 1, 1.0):
             return "logit soft-capping or scaling"

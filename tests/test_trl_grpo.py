@@ -204,3 +204,24 @@ def test_peft_model_scores_like_trl(tmp_path):
     assert (results[0][0] - results[0][1]).abs().max() > 1e-3  # the adapters matter
     for ours, theirs in zip(results[0], results[1]):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_ddp_runs_packed_and_sharded_models_fall_back(tmp_path):
+    """In a one-process gloo group: a DDP-wrapped policy keeps the packed path (its forward runs
+    through DDP, see tests/test_ddp.py); FSDP2-sharded parameters (DTensor) do not."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from test_ddp import free_port
+
+    model, tokenizer, prompts, args = tiny_setup(tmp_path)
+    trainer = make_trainer(SharedPrefixGRPOTrainer, model, tokenizer, prompts, args)
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(trainer.model))
+        assert trainer._shared_prefix_blocker(ddp, False, {}) is None
+        sharded = fully_shard(copy.deepcopy(trainer.model), mesh=init_device_mesh("cpu", (1,)))
+        assert trainer._shared_prefix_blocker(sharded, False, {}) == "sharded parameters (FSDP2 / tensor parallel)"
+    finally:
+        dist.destroy_process_group()

@@ -157,17 +157,40 @@ def _as_1d(name: str, values: Any, dtype: torch.dtype, device: torch.device) -> 
 
 
 def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model behind `model`: a PEFT wrapper's underlying model (its adapter layers
-    are injected there, so they still run), else `model` itself."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
+    """The transformers model behind `model`: unwraps DistributedDataParallel (`.module`),
+    torch.compile (`._orig_mod`) and PEFT (`get_base_model()`; the adapter layers are injected in
+    the model, so they still run)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        elif callable(getattr(model, "get_base_model", None)):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _forward_through_ddp(model: torch.nn.Module, hf_model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
+    """DistributedDataParallel only synchronises gradients of a forward run through it, so call the
+    wrapper (the causal LM's own forward, logits for one position only) and take the final hidden
+    states from a hook on the base model."""
+    captured = []
+    hook = hf_model.base_model.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        model(**kwargs, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[-1]
 
 
 def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = None) -> torch.Tensor:
     """Last hidden states of every packed token, each prefix computed once.
 
     model: a transformers causal LM (Llama / Qwen2 / Qwen3 family) or its base model, or a PEFT
-        model around one (its adapters run as usual).
+        model around one (its adapters run as usual), or a DistributedDataParallel around either
+        (the forward then runs through DDP, so the backward synchronises gradients).
+        Sharded parameters (FSDP, DeepSpeed ZeRO-3) are not supported.
     packed: a PackedTree (or any object) with `input_ids` (int [T]), `position_ids` (int [T], path
         positions) and `end` (int [T]); numpy arrays or tensors.
     backend: "triton" / "reference" to force the attention path (default: automatic).
@@ -175,8 +198,8 @@ def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = N
     The model's attention implementation is switched to "trace_tree" for the call and restored;
     layers under transformers' gradient checkpointing replay with "trace_tree" in the backward too.
     """
-    model = transformers_model(model)
-    device = next(model.parameters()).device
+    hf_model = transformers_model(model)
+    device = next(hf_model.parameters()).device
     input_ids = _as_1d("input_ids", packed.input_ids, torch.long, device)
     position_ids = _as_1d("position_ids", packed.position_ids, torch.long, device)
     end = _as_1d("end", packed.end, torch.int32, device)
@@ -189,17 +212,15 @@ def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = N
     if T == 0:
         raise ValueError("tree_forward: the packed tree has no tokens")
     check_tree_end(end)  # once here; the layers skip the check
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = hf_model.get_input_embeddings().num_embeddings
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
         raise ValueError(f"tree_forward: packed.input_ids must lie in [0, {vocab}) (the model's vocabulary)")
     if int(position_ids.min()) < 0:
         raise ValueError("tree_forward: packed.position_ids must be >= 0")
 
-    with tree_attention_mode(model), _checkpoint_replays_in_tree_mode(model):
-        output = model.base_model(
-            input_ids=input_ids[None],
-            position_ids=position_ids[None],
-            use_cache=False,
-            **{TREE_END_KWARG: end, BACKEND_KWARG: backend},
-        )
-    return output.last_hidden_state[0]
+    kwargs = dict(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False,
+                  **{TREE_END_KWARG: end, BACKEND_KWARG: backend})
+    with tree_attention_mode(hf_model), _checkpoint_replays_in_tree_mode(hf_model):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return _forward_through_ddp(model, hf_model, kwargs)[0]
+        return hf_model.base_model(**kwargs).last_hidden_state[0]

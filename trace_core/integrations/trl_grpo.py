@@ -11,11 +11,11 @@ scoring (tested); generation, rewards and the loss are TRL's.
     trainer = SharedPrefixGRPOTrainer(model=model, reward_funcs=..., args=GRPOConfig(...), ...)
 
 `SharedPrefixLogprobsMixin` does the same for your own GRPOTrainer subclass (put it first in the
-bases). Falls back to TRL's scoring, saying why once, where the packed forward does not apply:
-multimodal inputs, MoE aux loss, logit soft-capping or scaling, a PEFT adapter on the lm_head (PEFT
-adapters elsewhere are fine), and a model wrapped
-for distributed training (DDP / FSDP / DeepSpeed: the packed forward calls the inner model, which
-would bypass the wrapper's gradient synchronisation).
+bases). Multi-process DDP training works: the packed forward runs through the DDP wrapper, so the
+gradients are synchronised. Falls back to TRL's scoring, saying why once, where the packed forward
+does not apply: multimodal inputs, MoE aux loss, logit soft-capping or scaling, a PEFT adapter on
+the lm_head (PEFT adapters elsewhere are fine), and sharded or otherwise wrapped models (FSDP,
+DeepSpeed: the fused op reads lm_head.weight outside the forward, where it is only a shard).
 """
 from __future__ import annotations
 
@@ -44,12 +44,15 @@ class SharedPrefixLogprobsMixin:
             return "multimodal inputs"
         if compute_aux_loss:
             return "the MoE load-balancing aux loss"
-        if self.accelerator.num_processes > 1 or self.accelerator.unwrap_model(model) is not model:
-            return "a model wrapped for distributed training"
-        head = transformers_model(model).get_output_embeddings()
+        inner, hf_model = self.accelerator.unwrap_model(model), transformers_model(model)
+        if any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+            return "sharded parameters (FSDP2 / tensor parallel)"  # lm_head.weight is a shard outside the forward
+        if hf_model is not transformers_model(inner):  # accelerate unwrapped something we do not (FSDP1, DeepSpeed)
+            return "a distributed wrapper other than DDP (FSDP, DeepSpeed)"
+        head = hf_model.get_output_embeddings()
         if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
             return "a PEFT adapter on the lm_head"
-        text_config = model.config.get_text_config()
+        text_config = hf_model.config.get_text_config()
         if getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None) not in (None, 1, 1.0):
             return "logit soft-capping or scaling"
         return None

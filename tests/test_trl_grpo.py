@@ -15,6 +15,7 @@ datasets = pytest.importorskip("datasets")
 from trace_core.envs.word_tokenizer import build_word_tokenizer  # noqa: E402
 from trace_core.integrations.trl_grpo import SharedPrefixGRPOTrainer  # noqa: E402
 from trace_core.models import tiny_causal_lm  # noqa: E402
+from trace_core.prefix_packing import shared_prefix_micro_batches  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -84,9 +85,14 @@ def test_scoring_and_gradients_match_trl(tmp_path):
         scale = max(1.0, theirs[2][name].abs().max().item())
         torch.testing.assert_close(grad, theirs[2][name], rtol=1e-4, atol=1e-4 * scale, msg=name)
 
-    # TRL's memory chunking (batch_size rows per forward) gives the same values
+    # TRL's memory chunking (batch_size=2 rows): packed passes of at most 2 x width tokens instead,
+    # rows in token order; same values, in the caller's row order
+    budget_batches = shared_prefix_micro_batches(ids, mask, max_tokens=2 * ids.shape[1])
+    assert 1 < len(budget_batches) < -(-ids.shape[0] // 2)  # fewer passes than TRL's 2-row chunks
+    calls = trainer.shared_prefix_calls
     with torch.no_grad():
-        chunked = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep, batch_size=4)[0]
+        chunked = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep, batch_size=2)[0]
+    assert trainer.shared_prefix_calls == calls + len(budget_batches)
     torch.testing.assert_close(chunked, ours[0], rtol=0, atol=1e-5)
 
 

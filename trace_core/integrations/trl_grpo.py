@@ -24,6 +24,7 @@ import logging
 import torch
 from trl import GRPOTrainer
 
+from ..prefix_packing import shared_prefix_micro_batches
 from .hf import transformers_model
 from .shared_prefix import shared_prefix_logprobs
 
@@ -68,10 +69,18 @@ class SharedPrefixLogprobsMixin:
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
 
-        batch_size = batch_size or input_ids.size(0)  # TRL's memory chunking, kept
+        # TRL scores in chunks of `batch_size` rows to bound memory. Here a chunk is a budget of
+        # batch_size x width *packed* tokens (never more than TRL's chunk runs), filled with rows in
+        # token order, so a prompt's completions share one pass even across TRL's chunk borders.
+        B, width = input_ids.shape
+        if batch_size is None or batch_size >= B:
+            groups = [torch.arange(B)]
+        else:
+            groups = [torch.as_tensor(rows) for rows in
+                      shared_prefix_micro_batches(input_ids, attention_mask, max_tokens=batch_size * width)]
         logps, entropies = [], []
-        for start in range(0, input_ids.size(0), batch_size):
-            rows = slice(start, start + batch_size)
+        for rows in groups:
+            rows = rows.to(input_ids.device)
             with self.accelerator.autocast():
                 result = shared_prefix_logprobs(
                     model, input_ids[rows], attention_mask[rows], temperature=self.temperature,
@@ -81,7 +90,8 @@ class SharedPrefixLogprobsMixin:
             if compute_entropy:
                 entropies.append(entropy[:, -logits_to_keep:])
             self.shared_prefix_calls += 1
-        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+        inverse = torch.argsort(torch.cat(groups)).to(input_ids.device)  # back to the caller's row order
+        return torch.cat(logps)[inverse], torch.cat(entropies)[inverse] if compute_entropy else None, None
 
 
 class SharedPrefixGRPOTrainer(SharedPrefixLogprobsMixin, GRPOTrainer):

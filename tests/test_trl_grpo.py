@@ -212,14 +212,14 @@ def test_peft_model_scores_like_trl(tmp_path):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_ddp_runs_packed_and_sharded_models_fall_back(tmp_path):
-    """In a one-process gloo group: a DDP-wrapped policy keeps the packed path (its forward runs
-    through DDP, see tests/test_ddp.py); FSDP2-sharded parameters (DTensor) do not."""
+def test_ddp_and_fsdp2_keep_the_packed_path(tmp_path):
+    """In a one-process gloo group: DDP- and FSDP2-wrapped policies keep the packed path (their
+    gradients are checked in tests/test_distributed.py); another wrapper accelerate knows falls back."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from test_ddp import free_port
+    from test_distributed import free_port
 
     model, tokenizer, prompts, args = tiny_setup(tmp_path)
     trainer = make_trainer(SharedPrefixGRPOTrainer, model, tokenizer, prompts, args)
@@ -228,6 +228,15 @@ def test_ddp_runs_packed_and_sharded_models_fall_back(tmp_path):
         ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(trainer.model))
         assert trainer._shared_prefix_blocker(ddp, False, {}) is None
         sharded = fully_shard(copy.deepcopy(trainer.model), mesh=init_device_mesh("cpu", (1,)))
-        assert trainer._shared_prefix_blocker(sharded, False, {}) == "sharded parameters (FSDP2 / tensor parallel)"
+        assert trainer._shared_prefix_blocker(sharded, False, {}) is None
     finally:
         dist.destroy_process_group()
+
+    class OtherWrapper(torch.nn.Module):  # stands in for FSDP1 / DeepSpeedEngine, which accelerate unwraps
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    trainer.accelerator.unwrap_model = lambda wrapped, **kw: wrapped.module if isinstance(wrapped, OtherWrapper) else wrapped
+    assert (trainer._shared_prefix_blocker(OtherWrapper(trainer.model), False, {})
+            == "a distributed wrapper other than DDP and FSDP2 (FSDP1, DeepSpeed)")

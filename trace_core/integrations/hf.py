@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -171,34 +171,8 @@ def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def _forward_through_ddp(model: torch.nn.Module, hf_model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
-    """DistributedDataParallel only synchronises gradients of a forward run through it, so call the
-    wrapper (the causal LM's own forward, logits for one position only) and take the final hidden
-    states from a hook on the base model."""
-    captured = []
-    hook = hf_model.base_model.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
-    try:
-        model(**kwargs, logits_to_keep=1)
-    finally:
-        hook.remove()
-    return captured[-1]
-
-
-def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = None) -> torch.Tensor:
-    """Last hidden states of every packed token, each prefix computed once.
-
-    model: a transformers causal LM (Llama / Qwen2 / Qwen3 family) or its base model, or a PEFT
-        model around one (its adapters run as usual), or a DistributedDataParallel around either
-        (the forward then runs through DDP, so the backward synchronises gradients).
-        Sharded parameters (FSDP, DeepSpeed ZeRO-3) are not supported.
-    packed: a PackedTree (or any object) with `input_ids` (int [T]), `position_ids` (int [T], path
-        positions) and `end` (int [T]); numpy arrays or tensors.
-    backend: "triton" / "reference" to force the attention path (default: automatic).
-    Returns hidden [T, hidden_size] (after the final norm; apply `model.lm_head` for logits).
-    The model's attention implementation is switched to "trace_tree" for the call and restored;
-    layers under transformers' gradient checkpointing replay with "trace_tree" in the backward too.
-    """
-    hf_model = transformers_model(model)
+def _packed_kwargs(hf_model: torch.nn.Module, packed: Any, backend: str | None) -> dict:
+    """Validated forward kwargs of a packed tree for `hf_model` (tensors on its device)."""
     device = next(hf_model.parameters()).device
     input_ids = _as_1d("input_ids", packed.input_ids, torch.long, device)
     position_ids = _as_1d("position_ids", packed.position_ids, torch.long, device)
@@ -217,10 +191,60 @@ def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = N
         raise ValueError(f"tree_forward: packed.input_ids must lie in [0, {vocab}) (the model's vocabulary)")
     if int(position_ids.min()) < 0:
         raise ValueError("tree_forward: packed.position_ids must be >= 0")
+    return dict(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False,
+                **{TREE_END_KWARG: end, BACKEND_KWARG: backend})
 
-    kwargs = dict(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False,
-                  **{TREE_END_KWARG: end, BACKEND_KWARG: backend})
+
+def tree_forward_with_head(model: torch.nn.Module, packed: Any, head_fn: Callable, *,
+                           backend: str | None = None) -> Any:
+    """Run the causal LM's own forward over a packed tree, its lm_head computing
+    `head_fn(hidden [T, hidden_size], lm_head)` instead of logits; returns that result.
+
+    The call goes through `model` as given, so wrappers do their part: DDP prepares its gradient
+    synchronisation, FSDP2 gathers each module's parameters, and `head_fn` runs inside the
+    lm_head's own call, where its weight is whole. Accepts what `tree_forward` accepts (a causal LM).
+    """
+    hf_model = transformers_model(model)
+    head = hf_model.get_output_embeddings()
+    if head is None:
+        raise ValueError("model: has no output embeddings (lm_head); pass a causal LM, not its base model")
+    kwargs = _packed_kwargs(hf_model, packed, backend)
+    results = []
+
+    def scoring_forward(hidden: torch.Tensor) -> torch.Tensor:  # [1, T, H] from the model's forward
+        results.append(head_fn(hidden[0], head))
+        return hidden.new_zeros(*hidden.shape[:-1], 1)  # stands in for the logits nobody reads
+
+    previous = head.__dict__.get("forward")  # an instance-level forward (e.g. TRL's fp32 head) comes back after
+    head.forward = scoring_forward
+    try:
+        with tree_attention_mode(hf_model), _checkpoint_replays_in_tree_mode(hf_model):
+            model(**kwargs)
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+    return results[-1]
+
+
+def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = None) -> torch.Tensor:
+    """Last hidden states of every packed token, each prefix computed once.
+
+    model: a transformers causal LM (Llama / Qwen2 / Qwen3 family) or its base model; also a PEFT
+        model around one (its adapters run as usual), a DistributedDataParallel (the backward then
+        synchronises gradients) or an FSDP2 (`fully_shard`) model: the call runs through the
+        model's own forward, so every wrapper does its part.
+    packed: a PackedTree (or any object) with `input_ids` (int [T]), `position_ids` (int [T], path
+        positions) and `end` (int [T]); numpy arrays or tensors.
+    backend: "triton" / "reference" to force the attention path (default: automatic).
+    Returns hidden [T, hidden_size] (after the final norm; apply `model.lm_head` for logits).
+    The model's attention implementation is switched to "trace_tree" for the call and restored;
+    layers under transformers' gradient checkpointing replay with "trace_tree" in the backward too.
+    """
+    hf_model = transformers_model(model)
+    if hf_model.get_output_embeddings() is not None:  # a causal LM: hidden states are what reaches its head
+        return tree_forward_with_head(model, packed, lambda hidden, head: hidden, backend=backend)
+    kwargs = _packed_kwargs(hf_model, packed, backend)  # a base model: its output is the hidden states
     with tree_attention_mode(hf_model), _checkpoint_replays_in_tree_mode(hf_model):
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            return _forward_through_ddp(model, hf_model, kwargs)[0]
-        return hf_model.base_model(**kwargs).last_hidden_state[0]
+        return model(**kwargs).last_hidden_state[0]

@@ -22,7 +22,7 @@ import torch
 from trace_kernels import linear_logprob
 
 from ..prefix_packing import SharedPrefixPack, pack_shared_prefixes
-from .hf import autocast_off, transformers_model, tree_forward
+from .hf import autocast_off, transformers_model, tree_forward_with_head
 
 
 def shared_prefix_logprobs(
@@ -38,8 +38,9 @@ def shared_prefix_logprobs(
 ):
     """log p(input_ids[b, t] | input_ids[b, :t]) for every position, from one packed tree pass.
 
-    model: a transformers causal LM (Llama / Qwen2 / Qwen3 family), or a PEFT model around one
-        (adapters anywhere but on the lm_head).
+    model: a transformers causal LM (Llama / Qwen2 / Qwen3 family); also a PEFT model around one
+        (adapters anywhere but on the lm_head), DDP or FSDP2 (`fully_shard`): the call runs through
+        the model's own forward and scores inside the lm_head's call (see `tree_forward_with_head`).
     input_ids [B, L], attention_mask [B, L] (None: no padding): padded rows, each row's tokens one
         contiguous run (left and/or right padding).
     temperature: logits are divided by it, as in the sampler.
@@ -61,27 +62,32 @@ def shared_prefix_logprobs(
         raise ValueError(f"packed: was built for a batch of shape {tuple(packed.token_index.shape)}, "
                          f"but input_ids has shape {tuple(input_ids.shape)}")
     head = transformers_model(model).get_output_embeddings()
-    if head is None:
-        raise ValueError("model: has no output embeddings (lm_head); pass a causal LM, not its base model")
-    if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
+    if head is not None and (hasattr(head, "base_layer") or hasattr(head, "modules_to_save")):
         # linear_logprob reads lm_head.weight directly, which would miss a LoRA delta or a trained copy
         raise ValueError("model: the lm_head carries a PEFT adapter (target_modules or modules_to_save); "
                          "shared_prefix_logprobs reads lm_head.weight and would miss it: leave lm_head out of the adapter")
-    hidden = tree_forward(model, packed, backend=backend)  # [N, H]
-    device = hidden.device
-    pair_index = torch.as_tensor(packed.pair_index, device=device)  # [B, L]
-    if packed.labels.size == 0:  # every row is one token: nothing is predicted
-        zeros = hidden.new_zeros(pair_index.shape, dtype=torch.float32) + 0 * hidden.sum()  # keeps the graph
-        return (zeros, zeros.clone()) if return_entropy else zeros
+    device = next(transformers_model(model).parameters()).device
     rows = torch.as_tensor(packed.label_rows, device=device)
     labels = torch.as_tensor(packed.labels, device=device)
-    weight, bias = head.weight, head.bias
-    if lm_head_fp32:
-        hidden, weight = hidden.float(), weight.float()
-        bias = bias.float() if bias is not None else None
-    with autocast_off(device.type) if lm_head_fp32 else contextlib.nullcontext():
-        result = linear_logprob(hidden, weight, rows, labels, temperature=temperature, bias=bias,
-                                return_entropy=return_entropy, backend=backend)
+
+    def score(hidden: torch.Tensor, lm_head: torch.nn.Module):  # hidden [N, H]
+        """Pair logprobs (and row entropies), run inside the lm_head's own call: there its weight is
+        whole even when FSDP2 shards it between calls."""
+        if labels.numel() == 0:  # every row is one token: nothing is predicted
+            return 0.0 * hidden.float().sum()  # keeps the graph (and DDP's bookkeeping) intact
+        weight, bias = lm_head.weight, lm_head.bias
+        if lm_head_fp32:
+            hidden, weight = hidden.float(), weight.float()
+            bias = bias.float() if bias is not None else None
+        with autocast_off(device.type) if lm_head_fp32 else contextlib.nullcontext():
+            return linear_logprob(hidden, weight, rows, labels, temperature=temperature, bias=bias,
+                                  return_entropy=return_entropy, backend=backend)
+
+    result = tree_forward_with_head(model, packed, score, backend=backend)
+    pair_index = torch.as_tensor(packed.pair_index, device=device)  # [B, L]
+    if labels.numel() == 0:
+        zeros = torch.zeros(pair_index.shape, device=device) + result
+        return (zeros, zeros.clone()) if return_entropy else zeros
     pair_logprobs, row_entropy = result if return_entropy else (result, None)
 
     predicted = pair_index >= 0

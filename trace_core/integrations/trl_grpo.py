@@ -11,11 +11,11 @@ scoring (tested); generation, rewards and the loss are TRL's.
     trainer = SharedPrefixGRPOTrainer(model=model, reward_funcs=..., args=GRPOConfig(...), ...)
 
 `SharedPrefixLogprobsMixin` does the same for your own GRPOTrainer subclass (put it first in the
-bases). Multi-process DDP training works: the packed forward runs through the DDP wrapper, so the
-gradients are synchronised. Falls back to TRL's scoring, saying why once, where the packed forward
-does not apply: multimodal inputs, MoE aux loss, logit soft-capping or scaling, a PEFT adapter on
-the lm_head (PEFT adapters elsewhere are fine), and sharded or otherwise wrapped models (FSDP,
-DeepSpeed: the fused op reads lm_head.weight outside the forward, where it is only a shard).
+bases). Multi-process DDP and FSDP2 (`fully_shard`) training work: the packed forward runs through
+the model's own forward (DDP synchronises gradients, FSDP2 gathers parameters) and scores inside
+the lm_head's call, where its weight is whole. Falls back to TRL's scoring, saying why once, where
+the packed forward does not apply: multimodal inputs, MoE aux loss, logit soft-capping or scaling,
+a PEFT adapter on the lm_head (PEFT adapters elsewhere are fine), and FSDP1 or DeepSpeed wrappers.
 """
 from __future__ import annotations
 
@@ -45,11 +45,10 @@ class SharedPrefixLogprobsMixin:
             return "multimodal inputs"
         if compute_aux_loss:
             return "the MoE load-balancing aux loss"
-        inner, hf_model = self.accelerator.unwrap_model(model), transformers_model(model)
-        if any(type(p).__name__ == "DTensor" for p in inner.parameters()):
-            return "sharded parameters (FSDP2 / tensor parallel)"  # lm_head.weight is a shard outside the forward
-        if hf_model is not transformers_model(inner):  # accelerate unwrapped something we do not (FSDP1, DeepSpeed)
-            return "a distributed wrapper other than DDP (FSDP, DeepSpeed)"
+        hf_model = transformers_model(model)
+        if hf_model is not transformers_model(self.accelerator.unwrap_model(model)):
+            # accelerate unwrapped something we do not: FSDP1 (flat parameters) or DeepSpeed
+            return "a distributed wrapper other than DDP and FSDP2 (FSDP1, DeepSpeed)"
         head = hf_model.get_output_embeddings()
         if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
             return "a PEFT adapter on the lm_head"

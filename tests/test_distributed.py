@@ -1,9 +1,10 @@
-"""shared_prefix_logprobs / tree_forward under DistributedDataParallel (2 CPU processes, gloo).
+"""shared_prefix_logprobs under DistributedDataParallel and FSDP2 (2 CPU processes, gloo).
 
-DDP synchronises gradients only for a forward run through the wrapper, so the packed forward must
-go through it. Each rank scores a different GRPO group; after backward every rank must hold the
-gradient of the mean of the two ranks' losses, which is checked against one process doing the
-per-sequence computation of both groups.
+DDP synchronises gradients only for a forward run through the wrapper; FSDP2 gathers each module's
+parameters in its own call (the lm_head's weight is whole only there). So the packed forward runs
+through the model's own forward and scores inside the lm_head's call. Each rank scores a different
+GRPO group; after backward every rank must hold the gradient of the mean of the two ranks' losses,
+checked against one process doing the per-sequence computation of both groups.
 """
 import os
 import socket
@@ -27,15 +28,29 @@ def rank_inputs(rank: int):
     return ids[rows], mask[rows], advantages[rows]
 
 
-def ddp_worker(rank: int, port: int, out_dir: str) -> None:
+def wrap(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    if kind == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)  # the root group holds embeddings, final norm and lm_head
+
+
+def distributed_worker(rank: int, kind: str, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         model = tiny_model("qwen3")  # same seed on every rank
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        wrapped = wrap(model, kind)
         ids, mask, advantages = rank_inputs(rank)
-        (advantages * shared_prefix_logprobs(ddp, ids, mask, backend="reference")).sum().backward()
-        torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(out_dir, f"grads{rank}.pt"))
+        (advantages * shared_prefix_logprobs(wrapped, ids, mask, backend="reference")).sum().backward()
+        grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                 for n, p in model.named_parameters()}
+        torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -47,8 +62,9 @@ def free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_ddp_gradients_are_synchronised(tmp_path):
-    mp.spawn(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_gradients_are_synchronised(tmp_path, kind):
+    mp.spawn(distributed_worker, args=(kind, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     grads = [torch.load(tmp_path / f"grads{r}.pt") for r in range(WORLD)]
 
     model = tiny_model("qwen3")

@@ -151,3 +151,18 @@ def test_peft_lora_model_matches_flat_and_rejects_an_lm_head_adapter():
     with_head = peft.get_peft_model(tiny_model("qwen3"), peft.LoraConfig(target_modules=["q_proj", "lm_head"], **config))
     with pytest.raises(ValueError, match="model: the lm_head carries a PEFT adapter"):
         shared_prefix_logprobs(with_head, *grpo_batch(64), backend="reference")
+
+
+def test_torch_compiled_model_runs_its_original_module():
+    """A torch.compile'd policy: the packed call runs the original module (nothing is compiled for
+    the packed layout) and gives the flat values."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama")
+    compiled = torch.compile(model)
+    frames = counters["frames"]["total"]
+    got = shared_prefix_logprobs(compiled, *grpo_batch(64, seed=8), backend="reference")
+    assert counters["frames"]["total"] == frames  # dynamo traced nothing
+    with torch.no_grad():
+        want = flat_logprobs(model, *grpo_batch(64, seed=8))[0]
+    torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-4)

@@ -171,6 +171,13 @@ def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def _eager(model: torch.nn.Module) -> torch.nn.Module:
+    """The module to call: a torch.compile'd model runs its original module (its compiled graph was
+    traced for ordinary batches, not for the packed layout and the replaced lm_head)."""
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, torch.nn.Module) else model
+
+
 def _packed_kwargs(hf_model: torch.nn.Module, packed: Any, backend: str | None) -> dict:
     """Validated forward kwargs of a packed tree for `hf_model` (tensors on its device)."""
     device = next(hf_model.parameters()).device
@@ -219,7 +226,7 @@ def tree_forward_with_head(model: torch.nn.Module, packed: Any, head_fn: Callabl
     head.forward = scoring_forward
     try:
         with tree_attention_mode(hf_model), _checkpoint_replays_in_tree_mode(hf_model):
-            model(**kwargs)
+            _eager(model)(**kwargs)
     finally:
         if previous is None:
             del head.forward
@@ -234,7 +241,8 @@ def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = N
     model: a transformers causal LM (Llama / Qwen2 / Qwen3 family) or its base model; also a PEFT
         model around one (its adapters run as usual), a DistributedDataParallel (the backward then
         synchronises gradients) or an FSDP2 (`fully_shard`) model: the call runs through the
-        model's own forward, so every wrapper does its part.
+        model's own forward, so every wrapper does its part. A torch.compile'd model runs its
+        original module, eagerly (a packed tree's size changes every step).
     packed: a PackedTree (or any object) with `input_ids` (int [T]), `position_ids` (int [T], path
         positions) and `end` (int [T]); numpy arrays or tensors.
     backend: "triton" / "reference" to force the attention path (default: automatic).
@@ -247,4 +255,4 @@ def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = N
         return tree_forward_with_head(model, packed, lambda hidden, head: hidden, backend=backend)
     kwargs = _packed_kwargs(hf_model, packed, backend)  # a base model: its output is the hidden states
     with tree_attention_mode(hf_model), _checkpoint_replays_in_tree_mode(hf_model):
-        return model(**kwargs).last_hidden_state[0]
+        return _eager(model)(**kwargs).last_hidden_state[0]

@@ -166,3 +166,39 @@ def test_torch_compiled_model_runs_its_original_module():
     with torch.no_grad():
         want = flat_logprobs(model, *grpo_batch(64, seed=8))[0]
     torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-4)
+
+
+def test_score_mask_scores_only_the_positions_asked_for(monkeypatch):
+    """score_mask = the completion columns (what TRL / verl read): the same values and gradients
+    there, zeros elsewhere, and the fused op gets only the pairs those positions use."""
+    import trace_core.integrations.shared_prefix as shared_prefix
+
+    pairs_scored = []
+    original = shared_prefix.linear_logprob
+    monkeypatch.setattr(shared_prefix, "linear_logprob",
+                        lambda hidden, weight, rows, labels, **kw: pairs_scored.append(rows.numel()) or original(hidden, weight, rows, labels, **kw))
+    model = tiny_model("qwen3")
+    ids, mask = grpo_batch(64, seed=9)
+    completion = torch.zeros_like(mask, dtype=torch.bool)
+    completion[:, -6:] = True
+    advantages = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2)) * completion
+
+    results = []
+    for score_mask in (None, completion):
+        model.zero_grad()
+        lp, ent = shared_prefix_logprobs(model, ids, mask, return_entropy=True, score_mask=score_mask, backend="reference")
+        ((advantages * lp).sum() + 0.1 * (ent * completion).sum()).backward()
+        results.append((lp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]))
+    (full_lp, full_ent, full_grads), (lp, ent, grads) = results
+    torch.testing.assert_close(lp, torch.where(completion, full_lp, 0.0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ent, torch.where(completion, full_ent, 0.0), rtol=0, atol=1e-6)
+    for got, want in zip(grads, full_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    packed = pack_shared_prefixes(ids, mask)
+    needed = np.unique(packed.pair_index[completion.numpy() & (packed.pair_index >= 0)]).size
+    assert pairs_scored == [packed.labels.size, needed] and needed < packed.labels.size
+
+    with pytest.raises(ValueError, match=r"score_mask: has shape \(6, 3\), expected"):
+        shared_prefix_logprobs(model, ids, mask, score_mask=completion[:, :3], backend="reference")
+    with pytest.raises(TypeError, match="score_mask: must be boolean"):
+        shared_prefix_logprobs(model, ids, mask, score_mask=completion.long(), backend="reference")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 
 from trace_kernels import linear_logprob
@@ -33,6 +34,7 @@ def shared_prefix_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     packed: SharedPrefixPack | None = None,
+    score_mask=None,
     lm_head_fp32: bool = False,
     backend: str | None = None,
 ):
@@ -46,6 +48,9 @@ def shared_prefix_logprobs(
     temperature: logits are divided by it, as in the sampler.
     packed: the `pack_shared_prefixes(input_ids, attention_mask)` result, to reuse it across calls
         on the same batch (old, reference and current policy logprobs).
+    score_mask: bool [B, L], the positions whose logprob (and entropy) you need, e.g. the completion
+        tokens; the lm-head work is done only for them (a prompt's rows are skipped), and every
+        other position gives 0. None: every position.
     lm_head_fp32: score in fp32 (hidden states and lm_head weight upcast, autocast off), as TRL's
         `cast_lm_head_to_fp32`; default: the model's (or autocast's) dtype with fp32 accumulation.
     backend: "triton" / "reference" to force the kernels' path (default: automatic).
@@ -67,13 +72,14 @@ def shared_prefix_logprobs(
         raise ValueError("model: the lm_head carries a PEFT adapter (target_modules or modules_to_save); "
                          "shared_prefix_logprobs reads lm_head.weight and would miss it: leave lm_head out of the adapter")
     device = next(transformers_model(model).parameters()).device
-    rows = torch.as_tensor(packed.label_rows, device=device)
-    labels = torch.as_tensor(packed.labels, device=device)
+    pair_index, pair_rows, pair_labels = _scored_pairs(packed, score_mask)
+    rows = torch.as_tensor(pair_rows, device=device)
+    labels = torch.as_tensor(pair_labels, device=device)
 
     def score(hidden: torch.Tensor, lm_head: torch.nn.Module):  # hidden [N, H]
         """Pair logprobs (and row entropies), run inside the lm_head's own call: there its weight is
         whole even when FSDP2 shards it between calls."""
-        if labels.numel() == 0:  # every row is one token: nothing is predicted
+        if labels.numel() == 0:  # nothing to score (single-token rows, or an empty score_mask)
             return 0.0 * hidden.float().sum()  # keeps the graph (and DDP's bookkeeping) intact
         weight, bias = lm_head.weight, lm_head.bias
         if lm_head_fp32:
@@ -84,7 +90,7 @@ def shared_prefix_logprobs(
                                   return_entropy=return_entropy, backend=backend)
 
     result = tree_forward_with_head(model, packed, score, backend=backend)
-    pair_index = torch.as_tensor(packed.pair_index, device=device)  # [B, L]
+    pair_index = torch.as_tensor(pair_index, device=device)  # [B, L]
     if labels.numel() == 0:
         zeros = torch.zeros(pair_index.shape, device=device) + result
         return (zeros, zeros.clone()) if return_entropy else zeros
@@ -98,3 +104,21 @@ def shared_prefix_logprobs(
         return logprobs
     predicting_row = rows[safe]  # the packed row whose distribution predicted input (b, t)
     return logprobs, torch.where(predicted, row_entropy[predicting_row], zero)
+
+
+def _scored_pairs(packed: SharedPrefixPack, score_mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pair_index [B, L], label_rows [K], labels [K]) restricted to the pairs that `score_mask`
+    positions use (all pairs when it is None); pair_index is renumbered to 0..K-1, -1 elsewhere."""
+    if score_mask is None:
+        return packed.pair_index, packed.label_rows, packed.labels
+    mask = np.asarray(score_mask.detach().cpu() if hasattr(score_mask, "detach") else score_mask)
+    if mask.shape != packed.pair_index.shape:
+        raise ValueError(f"score_mask: has shape {mask.shape}, expected {packed.pair_index.shape} like input_ids")
+    if mask.dtype != bool:
+        raise TypeError(f"score_mask: must be boolean, got dtype {mask.dtype}")
+    wanted = mask & (packed.pair_index >= 0)
+    needed = np.unique(packed.pair_index[wanted])
+    renumber = np.full(packed.labels.size, -1, np.int64)
+    renumber[needed] = np.arange(needed.size)
+    pair_index = np.where(wanted, renumber[np.maximum(packed.pair_index, 0)], -1)
+    return pair_index, packed.label_rows[needed], packed.labels[needed]

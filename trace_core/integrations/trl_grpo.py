@@ -77,13 +77,16 @@ class SharedPrefixLogprobsMixin:
         else:
             groups = [torch.as_tensor(rows) for rows in
                       shared_prefix_micro_batches(input_ids, attention_mask, max_tokens=batch_size * width)]
+        completion = torch.zeros_like(attention_mask, dtype=torch.bool)
+        completion[:, -logits_to_keep:] = True  # TRL reads these columns only: score nothing else
         logps, entropies = [], []
         for rows in groups:
             rows = rows.to(input_ids.device)
             with self.accelerator.autocast():
                 result = shared_prefix_logprobs(
                     model, input_ids[rows], attention_mask[rows], temperature=self.temperature,
-                    return_entropy=compute_entropy, lm_head_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)))
+                    return_entropy=compute_entropy, score_mask=completion[rows],
+                    lm_head_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)))
             logp, entropy = result if compute_entropy else (result, None)
             logps.append(logp[:, -logits_to_keep:])
             if compute_entropy:

@@ -75,8 +75,13 @@ class SharedPrefixPack:
         return self.num_sequence_tokens / self.num_tokens
 
 
+def as_numpy(values) -> np.ndarray:
+    """A numpy view of an array-like or a torch tensor (on any device)."""
+    return np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
+
+
 def _as_2d_ints(values, field: str) -> np.ndarray:
-    array = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
+    array = as_numpy(values)
     if array.ndim != 2:
         raise SequenceBatchError(field, f"must be 2-D [batch, length], got shape {array.shape}")
     if not np.issubdtype(array.dtype, np.integer):
@@ -91,7 +96,7 @@ def _valid_spans(input_ids: np.ndarray, attention_mask) -> tuple[np.ndarray, np.
         raise SequenceBatchError("input_ids", "has no sequences (batch size 0)")
     if attention_mask is None:
         return np.zeros(B, np.int64), np.full(B, L, np.int64)
-    mask = np.asarray(attention_mask.detach().cpu() if hasattr(attention_mask, "detach") else attention_mask)
+    mask = as_numpy(attention_mask)
     if mask.shape != input_ids.shape:
         raise SequenceBatchError("attention_mask", f"has shape {mask.shape}, expected {input_ids.shape} like input_ids")
     if not (mask.dtype == bool or np.issubdtype(mask.dtype, np.number)) or np.any((mask != 0) & (mask != 1)):

@@ -22,7 +22,7 @@ import torch
 
 from trace_kernels import linear_logprob
 
-from ..prefix_packing import SharedPrefixPack, pack_shared_prefixes
+from ..prefix_packing import SharedPrefixPack, as_numpy, pack_shared_prefixes
 from .hf import autocast_off, transformers_model, tree_forward_with_head
 
 
@@ -66,12 +66,11 @@ def shared_prefix_logprobs(
     elif tuple(packed.token_index.shape) != tuple(input_ids.shape):
         raise ValueError(f"packed: was built for a batch of shape {tuple(packed.token_index.shape)}, "
                          f"but input_ids has shape {tuple(input_ids.shape)}")
-    head = transformers_model(model).get_output_embeddings()
-    if head is not None and (hasattr(head, "base_layer") or hasattr(head, "modules_to_save")):
-        # linear_logprob reads lm_head.weight directly, which would miss a LoRA delta or a trained copy
+    hf_model = transformers_model(model)
+    if lm_head_has_adapter(hf_model):
         raise ValueError("model: the lm_head carries a PEFT adapter (target_modules or modules_to_save); "
                          "shared_prefix_logprobs reads lm_head.weight and would miss it: leave lm_head out of the adapter")
-    device = next(transformers_model(model).parameters()).device
+    device = next(hf_model.parameters()).device
     pair_index, pair_rows, pair_labels = _scored_pairs(packed, score_mask)
     rows = torch.as_tensor(pair_rows, device=device)
     labels = torch.as_tensor(pair_labels, device=device)
@@ -106,12 +105,19 @@ def shared_prefix_logprobs(
     return logprobs, torch.where(predicted, row_entropy[predicting_row], zero)
 
 
+def lm_head_has_adapter(hf_model: torch.nn.Module) -> bool:
+    """A PEFT LoRA (`base_layer`) or trained copy (`modules_to_save`) on the lm_head: linear_logprob
+    reads lm_head.weight directly and would miss it."""
+    head = hf_model.get_output_embeddings()
+    return head is not None and (hasattr(head, "base_layer") or hasattr(head, "modules_to_save"))
+
+
 def _scored_pairs(packed: SharedPrefixPack, score_mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pair_index [B, L], label_rows [K], labels [K]) restricted to the pairs that `score_mask`
     positions use (all pairs when it is None); pair_index is renumbered to 0..K-1, -1 elsewhere."""
     if score_mask is None:
         return packed.pair_index, packed.label_rows, packed.labels
-    mask = np.asarray(score_mask.detach().cpu() if hasattr(score_mask, "detach") else score_mask)
+    mask = as_numpy(score_mask)
     if mask.shape != packed.pair_index.shape:
         raise ValueError(f"score_mask: has shape {mask.shape}, expected {packed.pair_index.shape} like input_ids")
     if mask.dtype != bool:

@@ -26,7 +26,7 @@ from trl import GRPOTrainer
 
 from ..prefix_packing import shared_prefix_micro_batches
 from .hf import transformers_model
-from .shared_prefix import shared_prefix_logprobs
+from .shared_prefix import lm_head_has_adapter, shared_prefix_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ class SharedPrefixLogprobsMixin:
         if hf_model is not transformers_model(self.accelerator.unwrap_model(model)):
             # accelerate unwrapped something we do not: FSDP1 (flat parameters) or DeepSpeed
             return "a distributed wrapper other than DDP and FSDP2 (FSDP1, DeepSpeed)"
-        head = hf_model.get_output_embeddings()
-        if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
+        if lm_head_has_adapter(hf_model):
             return "a PEFT adapter on the lm_head"
         text_config = hf_model.config.get_text_config()
         if getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None) not in (None, 1, 1.0):

@@ -1,12 +1,14 @@
 """The trainer end to end at toy size: the CLI, exact resume, the comparison report, config errors."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from trace_core.cli import main
-from trace_core.config import ConfigError, load_config
+from trace_core.config import ConfigError, load_config, save_config
+from trace_core.envs import make_env, make_task_source
 from trace_core.trainer import Trainer, _prefix_budgets
 from trace_core.trainer_config import TrainConfig
 
@@ -174,3 +176,39 @@ def test_prefix_budgets_move_unspendable_budget_to_prompts_with_anchors():
     assert moved == 2 and budget.tolist() == [5, 0, 7, 0] and budget.sum() == 12
     budget, moved = _prefix_budgets([3, 3], group=[1])
     assert moved == 3 and budget.tolist() == [0, 6]
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).parents[1] / "trace_core" / "configs").glob("*.yaml"))
+
+
+def test_env_tasks_default_to_the_named_envs_own():
+    # the embedded job's grid levels must not leak into another env's task source (they did: the
+    # shipped SmolLM2 config failed with "unknown option(s) ['levels']")
+    assert load_config(TrainConfig).env.tasks == {"levels": [0, 1]}
+    assert load_config(TrainConfig, None, ["env.name=search_qa"]).env.tasks == {}
+    assert load_config(TrainConfig, None, ["env.name=search_qa", "env.tasks={synthetic_seed: 3}"]).env.tasks == \
+        {"synthetic_seed": 3}
+    assert load_config(TrainConfig, None, ["env.tasks={levels: [2]}"]).env.tasks == {"levels": [2]}
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_build_their_env_and_tasks(path, tmp_path):
+    cfg = load_config(TrainConfig, path)
+    source = make_task_source(cfg.env.name, **cfg.env.tasks)
+    assert len(source.tasks("train")) >= cfg.allocation.candidates and source.tasks("eval")
+    make_env(cfg.env.name, **cfg.env.env)
+    save_config(cfg, tmp_path / "config.yaml")  # what a run directory keeps, and --resume reads back
+    assert load_config(TrainConfig, tmp_path / "config.yaml") == cfg
+
+
+def test_smollm2_search_qa_config_trains_a_step(tmp_path):
+    """The shipped SmolLM2 config end to end through the CLI, at a CPU-test budget: real model, BM25
+    search, chat template, stop strings, prefix expansion and a policy update."""
+    pytest.importorskip("bm25s")
+    small = ["steps=1", "optim.warmup_steps=1", "model.attention_backend=reference", "eval_every=0", "eval_tasks=2", "allocation.candidates=2", "allocation.roots=2",
+             "allocation.m_min=1", "allocation.m_max=2", "generation.max_tokens_per_turn=6", "progress=false"]
+    config = Path(__file__).parents[1] / "trace_core" / "configs" / "smollm2_search_qa.yaml"
+    assert main(["train", "--config", str(config), f"run_dir={tmp_path}", *small]) == 0
+    row = metrics(tmp_path)[-1]
+    assert row["step"] == 1 and row["leaves"] == 4 and math.isfinite(row["loss"])
+    assert row["generated_tokens"] > 0 and 0 <= row["eval/success"] <= 1

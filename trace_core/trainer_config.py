@@ -37,6 +37,10 @@ class ModelConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
+# tasks an env gets when the config names none (keyed by env name)
+DEFAULT_TASKS: dict[str, dict[str, Any]] = {"gridworld": {"levels": [0, 1]}}
+
+
 @dataclass
 class EnvSection:
     """name: a registered env ("gridworld", "search_qa"); env / tasks: keyword arguments of its env
@@ -44,9 +48,14 @@ class EnvSection:
 
     name: str = "gridworld"
     env: dict[str, Any] = field(default_factory=dict)
-    # levels 0-1 of the grid world: a from-scratch tiny model learns them in minutes on CPU
-    # (levels 2-3 need far longer); success still varies by layout, slip and turn prefix
-    tasks: dict[str, Any] = field(default_factory=lambda: {"levels": [0, 1]})
+    # None: the env's default tasks. For the grid world those are levels 0-1: a from-scratch tiny
+    # model learns them in minutes on CPU (levels 2-3 need far longer); success still varies by
+    # layout, slip and turn prefix. Other envs get their task source's own defaults.
+    tasks: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if self.tasks is None:  # resolved here, so the printed and saved config shows what ran
+            self.tasks = dict(DEFAULT_TASKS.get(self.name, {}))
 
 
 @dataclass

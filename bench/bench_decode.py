@@ -40,6 +40,7 @@ import torch
 
 from trace_core.kv_cache import PagedTreeKVCache
 from trace_kernels._runtime import interpreter_enabled
+from trace_kernels.autotune_report import format_tuned_configs
 from trace_kernels.tree_decode import tree_decode_attention
 from trace_kernels.tree_decode_reference import (attend_dense, tree_decode_attention_cascade,
                                                  tree_decode_attention_reference, tree_decode_attention_same_dtype)
@@ -322,6 +323,7 @@ def main() -> None:
             engine_rows(model, codec, backend, args.continuations, args.tokens)
         rows, prefix_len = engine_rows(model, codec, backend, args.continuations, args.tokens)
         print_engine(rows, prefix_len, description)
+    print("\n" + format_tuned_configs())
 
 
 # ---------------------------------------------------------------------- pytest-benchmark

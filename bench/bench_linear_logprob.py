@@ -33,6 +33,7 @@ import torch
 import torch.utils.checkpoint
 
 from trace_kernels._runtime import select_backend
+from trace_kernels.autotune_report import format_tuned_configs
 from trace_kernels.linear_logprob import OP_NAME, linear_logprob
 
 MODELS = {"Qwen3-8B": (4096, 151936), "SmolLM2": (576, 49152)}  # name -> (H, V)
@@ -234,6 +235,26 @@ def print_table(results: list[Result], device: torch.device, fused_path: str) ->
     print("speedup = torch eager fwd+bwd time / this; mem ratio = this peak / torch eager peak (fwd+bwd)")
 
 
+CHECK_ROWS = 256  # rows checked against the fp32 reference before a shape is timed
+CHECK_TOL = 1e-2  # fp32 accumulation lands ~1e-5 from it; a wrong kernel lands O(1) away
+
+
+def check_fused(hidden, weight, labels, backend=None) -> tuple[float, float]:
+    """Max |error| of the fused op and of torch eager (in the input dtype) against an fp32 reference on
+    the first CHECK_ROWS rows; raises if the fused op is off, so a wrong kernel is never timed."""
+    h, lab = hidden[:CHECK_ROWS], labels[:CHECK_ROWS]
+    rows = torch.arange(h.shape[0], device=h.device)
+    with torch.no_grad():
+        ref = torch.log_softmax(h.float() @ weight.float().T, dim=-1).gather(1, lab[:, None])[:, 0]
+        fused = linear_logprob(h, weight, rows, lab, backend=backend).float()
+        eager = torch.log_softmax((h @ weight.T).float(), dim=-1).gather(1, lab[:, None])[:, 0]
+    fused_err, eager_err = ((x - ref).abs().max().item() for x in (fused, eager))
+    if not fused_err <= CHECK_TOL:
+        raise AssertionError(f"linear_logprob is wrong: max |error| {fused_err:.3g} against the fp32 reference "
+                             f"(tolerance {CHECK_TOL}; torch eager in {hidden.dtype}: {eager_err:.3g})")
+    return fused_err, eager_err
+
+
 def make_inputs(hidden_size: int, vocab: int, n_tokens: int, device, dtype, seed: int = 0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     hidden = torch.randn(n_tokens, hidden_size, generator=gen).to(device, dtype)
@@ -298,6 +319,10 @@ def main(argv=None) -> None:
             hidden_size, vocab = MODELS[model]
             hidden, weight, labels = make_inputs(hidden_size, vocab, n_tokens, device, dtype)
             label = f"{model} N={n_tokens} H={hidden_size} V={vocab}"
+            if pass_name == "time":
+                fused_err, eager_err = check_fused(hidden, weight, labels, args.backend)
+                print(f"  check: {label:<36} max |logprob error| vs fp32 reference: fused {fused_err:.2e}, "
+                      f"torch eager {eager_err:.2e}", flush=True)
             for impl, fn in impls:
                 result = results.setdefault((label, impl), Result(shape=label, impl=impl))
                 meter = cpu_meter if pass_name == "memory" else None
@@ -312,6 +337,7 @@ def main(argv=None) -> None:
           "peak = extra memory of one fwd+bwd, gradients of hidden [N, H] and weight [V, H] included")
     for note in notes:
         print("note:", note)
+    print(format_tuned_configs())
 
 
 # ------------------------------------------------------------------------------------------------

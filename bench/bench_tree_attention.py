@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from trace_core.packing import pack
 from trace_core.tree import RolloutForest
 from trace_kernels._runtime import select_backend
+from trace_kernels.autotune_report import format_tuned_configs
 from trace_kernels.tree_attention import META, block_skip_metadata, tree_attention
 
 # tile shapes the schedule counts are reported for: (BLOCK_M, BLOCK_N) of the forward/dq kernels and
@@ -340,6 +341,7 @@ def main() -> None:
         rows = bench_case(case, heads, head_dim, dtype, device, args.repeats)
         print(f"  times on {device_name(device)}:")
         print_times(case, rows, heads, head_dim, device)
+    print("\n" + format_tuned_configs())  # which loop shape (RUNS) and tiles the autotuner chose
 
 
 # ---------------------------------------------------------------------- pytest-benchmark

@@ -10,10 +10,10 @@ from ._runtime import Backend, interpreter_enabled, select_backend
 from .linear_logprob import LinearLogprobFunction, linear_logprob
 from .linear_logprob_reference import linear_logprob_reference
 from .tree_attention import TreeAttentionFunction, block_skip_metadata, check_tree_end, tree_attention
-from .tree_attention_reference import tree_attention_reference
+from .tree_attention_reference import tree_attention_reference, tree_attention_torch
 
 __all__ = [
     "Backend", "LinearLogprobFunction", "TreeAttentionFunction", "block_skip_metadata", "check_tree_end",
     "interpreter_enabled", "linear_logprob", "linear_logprob_reference", "select_backend", "tree_attention",
-    "tree_attention_reference",
+    "tree_attention_reference", "tree_attention_torch",
 ]

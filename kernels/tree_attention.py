@@ -25,7 +25,8 @@ Two loop shapes, both autotune candidates (the faster depends on the tree and th
 
 Public op: `tree_attention(q, k, v, end, *, scale=None)` (functional wrapper of
 `TreeAttentionFunction`); dispatch through `trace_kernels._runtime.select_backend`, the pure-torch
-reference (`tree_attention_reference`) being the fallback.
+torch path (`tree_attention_torch`: the reference's math, batched over the independent trees) being
+the fallback.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import Backend, interpreter_enabled, select_backend
-from .tree_attention_reference import tree_attention_reference
+from .tree_attention_reference import tree_attention_torch
 
 META = 16  # granularity of the block-skipping metadata; every tile size is a multiple of it
 MAX_HEAD_DIM = 256
@@ -547,5 +548,5 @@ def tree_attention(
         check_tree_end(end)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
     if chosen is Backend.REFERENCE:
-        return tree_attention_reference(q, k, v, end, scale=scale)
+        return tree_attention_torch(q, k, v, end, scale=scale)
     return TreeAttentionFunction.apply(q, k, v, end, scale)

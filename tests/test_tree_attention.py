@@ -16,7 +16,9 @@ import triton
 from trace_core.packing import pack
 from trace_core.tree import RolloutForest
 from trace_kernels.tree_attention import block_skip_metadata, tree_attention
-from trace_kernels.tree_attention_reference import tree_attention_reference, tree_visibility_mask
+from trace_kernels.tree_attention_reference import (
+    independent_ranges, tree_attention_reference, tree_attention_torch, tree_visibility_mask,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -198,6 +200,56 @@ def test_reference_equals_causal_attention_on_each_leaf_path():
         qs, ks, vs = (x[idx].transpose(0, 1) for x in (q, k, v))
         leaf_out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1)
         torch.testing.assert_close(out[idx], leaf_out, rtol=1e-5, atol=1e-5)
+
+
+def test_independent_ranges_are_the_trees():
+    lens = [random_tree(np.random.default_rng(s), 5, 4) for s in range(3)]
+    packed = packed_forest([*lens, chain(4, 3)])
+    starts, stops = independent_ranges(torch.as_tensor(packed.end))
+    sizes = [sum(tree[1]) for tree in [*lens, chain(4, 3)]]
+    assert stops.tolist() == np.cumsum(sizes).tolist() and starts.tolist() == [0, *np.cumsum(sizes)[:-1]]
+    # no visible pair crosses a range: the dense mask is block diagonal over them
+    mask = tree_visibility_mask(torch.as_tensor(packed.end))
+    for a, b in zip(starts.tolist(), stops.tolist()):
+        assert not mask[a:b, :a].any() and not mask[b:, a:b].any()
+
+
+@pytest.mark.parametrize(
+    "name, trees, heads, dtype",
+    [
+        ("five random trees of unequal size, GQA 2:1", [random_tree(np.random.default_rng(s), 4 + s, 6)
+                                                         for s in range(5)], (4, 2), torch.float32),
+        ("forty small chains", [chain(2, 1 + s % 4) for s in range(40)],
+         (2, 1), torch.float32),
+        ("one tree: the dense reference", [random_tree(np.random.default_rng(3), 9, 5)], (2, 2), torch.float32),
+        ("one long tree among small ones: the dense reference", [chain(30, 4), chain(2, 1), chain(2, 2)],
+         (2, 2), torch.float32),
+        ("eight trees, bf16", [fan(3, 5, [2, 3, 1]) for _ in range(8)], (2, 1), torch.bfloat16),
+    ],
+)
+def test_cpu_path_equals_the_dense_reference(name, trees, heads, dtype, monkeypatch):
+    """tree_attention_torch (what CPU training runs) against the dense oracle: values and gradients."""
+    end = torch.as_tensor(packed_forest(trees).end)
+    q, k, v = (x.cpu() for x in make_qkv(end.shape[0], *heads, 16, dtype))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    module = importlib.import_module("trace_kernels.tree_attention_reference")
+    dense_calls = []
+    monkeypatch.setattr(module, "tree_attention_reference",
+                        lambda *a, **kw: dense_calls.append(1) or tree_attention_reference(*a, **kw))
+    got = run(tree_attention_torch, q, k, v, end, dout)
+    assert bool(dense_calls) == ("dense reference" in name)  # the batched path runs where it saves work
+    want = run(tree_attention_reference, q, k, v, end, dout)
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    for what, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+        assert g.dtype == dtype, what
+        torch.testing.assert_close(g, w, rtol=0, atol=atol, msg=lambda m: f"{name}: {what}: {m}")
+
+
+def test_cpu_path_is_the_reference_backend():
+    end = torch.as_tensor(packed_forest([chain(3, 2), chain(2, 3)]).end)
+    q, k, v = (x.cpu() for x in make_qkv(end.shape[0], 2, 1, 16, torch.float32))
+    torch.testing.assert_close(tree_attention(q, k, v, end, backend="reference"), tree_attention_torch(q, k, v, end),
+                               rtol=0, atol=0)
 
 
 # -------------------------------------------------------------------------- block skipping

@@ -152,6 +152,10 @@ def test_eval_command_reads_a_checkpoint(tmp_path, capsys):
         (["generation.num_pages=3"], "generation.num_pages: KV cache out of pages"),
         (["model.dtype=bf16"], "model.dtype: 'bf16' is not one of"),
         (["model.master_weights=maybe"], "model.master_weights"),
+        # PCL keeps roots // pcl_count prompts: with 8 roots, 16 per prompt cannot keep one
+        (["allocation.mode=pcl", "allocation.pcl_count=16", "allocation.m_max=16"],
+         "allocation: pcl_count: 16 bare rollouts per kept prompt does not fit roots=8"),
+        (["allocation.mode=pcl", "allocation.pcl_count=1"], "pcl_count: 1 bare rollouts per kept prompt does not fit"),
     ],
 )
 def test_config_errors_are_messages_not_tracebacks(tmp_path, capsys, overrides, message):

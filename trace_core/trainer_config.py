@@ -87,6 +87,22 @@ class AllocationConfig:
         if self.mode == "uniform" and leaves % self.candidates:
             raise ValueError(f"uniform: the {leaves} leaves of a step must divide evenly over the "
                              f"{self.candidates} candidate prompts (roots * (1 + continuations_per_root) % candidates == 0)")
+        if self.mode == "pcl":
+            self._check_pcl()
+
+    def _check_pcl(self):
+        """Fail at start-up, not at the first step: allocate one step's roots as PCL will."""
+        import numpy as np
+
+        from .allocation.strategies import PCLAllocator
+
+        try:
+            PCLAllocator(self.pcl_count).roots(np.full(self.candidates, 0.5), self.roots, m_min=self.m_min,
+                                               m_max=self.m_max, eps=self.eps)
+        except ValueError as err:
+            raise ValueError(f"pcl_count: {self.pcl_count} bare rollouts per kept prompt does not fit "
+                             f"roots={self.roots}, candidates={self.candidates}, m_min={self.m_min}, "
+                             f"m_max={self.m_max} ({err})") from None
 
     @property
     def leaves_per_step(self) -> int:

@@ -9,7 +9,7 @@ import torch
 from trace_core.cli import main
 from trace_core.config import ConfigError, load_config, save_config
 from trace_core.envs import make_env, make_task_source
-from trace_core.trainer import Trainer, _prefix_budgets
+from trace_core.trainer import Trainer, _prefix_budgets, _round_shares
 from trace_core.trainer_config import TrainConfig
 
 TOY = [
@@ -156,6 +156,7 @@ def test_eval_command_reads_a_checkpoint(tmp_path, capsys):
         (["allocation.mode=pcl", "allocation.pcl_count=16", "allocation.m_max=16"],
          "allocation: pcl_count: 16 bare rollouts per kept prompt does not fit roots=8"),
         (["allocation.mode=pcl", "allocation.pcl_count=1"], "pcl_count: 1 bare rollouts per kept prompt does not fit"),
+        (["allocation.expansion_rounds=0"], "allocation: expansion_rounds: must be >= 1, got 0"),
     ],
 )
 def test_config_errors_are_messages_not_tracebacks(tmp_path, capsys, overrides, message):
@@ -216,3 +217,59 @@ def test_smollm2_search_qa_config_trains_a_step(tmp_path):
     row = metrics(tmp_path)[-1]
     assert row["step"] == 1 and row["leaves"] == 4 and math.isfinite(row["loss"])
     assert row["generated_tokens"] > 0 and 0 <= row["eval/success"] <= 1
+
+
+def test_round_shares_split_each_prompts_budget_evenly():
+    assert [r.tolist() for r in _round_shares([5, 2, 0], 2)] == [[3, 1, 0], [2, 1, 0]]
+    assert [r.tolist() for r in _round_shares([5, 2, 0], 3)] == [[2, 1, 0], [2, 1, 0], [1, 0, 0]]
+    assert [r.tolist() for r in _round_shares([4], 1)] == [[4]]
+
+
+def _spy_expand(trainer):
+    """Record every engine.expand call of a trainer: (anchors, counts, uids returned)."""
+    calls, expand = [], trainer.engine.expand
+
+    def spy(anchors, counts, **kw):
+        out = expand(anchors, counts, **kw)
+        calls.append((list(anchors), list(counts), [t.uid for t in out]))
+        return out
+
+    trainer.engine.expand = spy
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["trace", "random_tree"])
+def test_expansion_rounds_branch_from_the_last_rounds_continuations(tmp_path, mode):
+    """Round 2 expands the turns round 1's continuations added, at the same total budget."""
+    trainer = Trainer(toy(tmp_path, f"allocation.mode={mode}", "allocation.expansion_rounds=2", "steps=4",
+                          "allocation.continuations_per_root=2"))
+    calls = _spy_expand(trainer)
+    from_continuations = 0
+    for step in range(4):
+        before = len(calls)
+        row = trainer.train_step()
+        assert row["leaves"] == 24 and row["expansion_rounds_run"] == 2  # 8 bare + 16 continuations
+        (anchors1, k1, uids1), (anchors2, k2, uids2) = calls[before:]
+        assert sum(k1) + sum(k2) == 16 and sum(k1) >= sum(k2)  # per-prompt halves, the first round rounds up
+        assert {a.uid for a in anchors2} <= set(uids1)  # round 2 branches from round 1's continuations only
+        from_continuations += sum(k for a, k in zip(anchors2, k2) if k)
+    assert from_continuations > 0
+    assert trainer.predictor.nodes_seen > 0
+
+
+def test_a_round_without_new_prefixes_branches_from_every_prefix(tmp_path):
+    # episodes of at most 2 turns: a continuation from turn 1 ends after its own first turn, so round 2
+    # has no new prefix and goes back to the bare rollouts' turn 1 (the step keeps its full budget)
+    trainer = Trainer(toy(tmp_path, "allocation.expansion_rounds=2", "steps=2", "env.env={max_turns: 2}"))
+    calls = _spy_expand(trainer)
+    row = trainer.train_step()
+    (anchors1, k1, uids1), (anchors2, k2, _) = calls
+    assert row["leaves"] == 16 and sum(k1) + sum(k2) == 8
+    assert {a.uid for a in anchors2} <= {a.uid for a in anchors1} and all(a.turn == 1 for a in anchors2)
+
+
+def test_one_round_is_the_default_and_expands_once(tmp_path):
+    trainer = Trainer(toy(tmp_path, "steps=1"))
+    calls = _spy_expand(trainer)
+    row = trainer.train_step()
+    assert len(calls) == 1 and row["expansion_rounds_run"] == 1 and sum(calls[0][1]) == 8

@@ -187,24 +187,15 @@ class Trainer:
         forest = RolloutForest.from_trajectories(_forest_trajectories(bare), vocab_size=self._vocab())
         bare_reward = forest.reward[[nodes[-1] for nodes in forest.turn_nodes]]
 
-        # Stage 2: continuations from the turn prefixes (anchors) of the bare rollouts
-        anchors, anchor_nodes, anchor_traj = _anchors(bare, forest)
-        p_anchor = np.full(len(anchors), 0.5)
-        continuations: list[EngineTrajectory] = []
-        reassigned = 0
-        if a.mode != "uniform" and a.continuations_per_root > 0 and anchors:
-            if informed:
-                with timer("predict"):
-                    p_anchor = self._predict_nodes(forest, anchor_nodes)
-            group = np.array([bare[i].prompt_id for i in anchor_traj], dtype=np.int64)
-            budget, reassigned = _prefix_budgets(counts * a.continuations_per_root, group)
-            k = allocator.prefixes(p_anchor, bare_reward[anchor_traj], group, budget, k_max=a.k_max, eps=a.eps)
-            with timer("expand"), self._kv_capacity_as_config_error(), self.policy.compute():
-                continuations = self.engine.expand(anchors, k)
+        # Stage 2: continuations from turn prefixes (anchors), in allocation.expansion_rounds rounds
+        expansion = _Expansion()
+        if a.mode != "uniform" and a.continuations_per_root > 0:
+            expansion = self._expand(bare, counts * a.continuations_per_root, allocator, informed, timer)
         generated_tokens = self.engine.generated_tokens - tokens_before
         self.engine.release_all()
-        forest = RolloutForest.from_trajectories(_forest_trajectories(bare + continuations), vocab_size=self._vocab())
-        batch = self._predictions(forest, counts, v, anchor_nodes, p_anchor, bare_reward[anchor_traj], informed)
+        forest = RolloutForest.from_trajectories(_forest_trajectories(bare + expansion.trajectories),
+                                                 vocab_size=self._vocab())
+        batch = self._predictions(forest, counts, v, expansion.nodes, expansion.predicted, expansion.outcome, informed)
 
         # Learn: predictor on subtree success rates, policy on the packed tree
         with timer("train"):
@@ -217,10 +208,41 @@ class Trainer:
             "prompts": int((counts > 0).sum()), "success_leaves": float(rewards.mean()),
             "success_bare": float(bare_reward.mean()), "effective_ratio": forest.effective_ratio(),
             "generated_tokens": generated_tokens, "predictor_informed": float(informed),
-            "continuation_budget_reassigned": reassigned,
+            "continuation_budget_reassigned": expansion.reassigned, "expansion_rounds_run": expansion.rounds,
             **{f"time/{k}": v for k, v in timer.seconds.items()},
         })
         return metrics
+
+    def _expand(self, bare: list[EngineTrajectory], budget: np.ndarray, allocator, informed: bool,
+                timer: PhaseTimer) -> "_Expansion":
+        """METHOD.md step 3. budget[i]: continuations of prompt i (m_i * N), split evenly over the
+        rounds (the first rounds get the remainder). Round 1 branches from the bare rollouts' turn
+        prefixes; round r (OURS, `allocation.expansion_rounds`) from the turns that round r-1's
+        continuations added after their branch point. A round with no new prefix anywhere branches
+        from every prefix so far, so the step still samples its full budget."""
+        a = self.cfg.allocation
+        done, fresh, out = list(bare), range(len(bare)), _Expansion()
+        for share in _round_shares(budget, a.expansion_rounds):
+            forest = RolloutForest.from_trajectories(_forest_trajectories(done), vocab_size=self._vocab())
+            anchors, nodes, owner = _anchors(done, forest, fresh)
+            if not anchors:
+                anchors, nodes, owner = _anchors(done, forest, range(len(done)))
+            if not anchors:
+                break
+            outcome = forest.reward[[forest.turn_nodes[i][-1] for i in owner]]
+            p_anchor = np.full(len(anchors), 0.5)
+            if informed:
+                with timer("predict"):
+                    p_anchor = self._predict_nodes(forest, nodes)
+            group = np.array([done[i].prompt_id for i in owner], dtype=np.int64)
+            round_budget, moved = _prefix_budgets(share, group)
+            k = allocator.prefixes(p_anchor, outcome, group, round_budget, k_max=a.k_max, eps=a.eps)
+            with timer("expand"), self._kv_capacity_as_config_error(), self.policy.compute():
+                new = self.engine.expand(anchors, k)
+            fresh = range(len(done), len(done) + len(new))
+            done += new
+            out.add(new, nodes, p_anchor, outcome, moved)
+        return out
 
     def _vocab(self) -> int:
         return self.model.get_input_embeddings().num_embeddings
@@ -464,16 +486,45 @@ def _forest_trajectories(trajectories: list[EngineTrajectory]):
     return [t if t.reward is not None else dataclasses.replace(t, reward=0.0) for t in converted]
 
 
-def _anchors(bare: list[EngineTrajectory], forest: RolloutForest):
-    """Every non-final turn of every bare rollout: engine anchors, their forest nodes, and the index
-    of the bare rollout each belongs to."""
+def _anchors(trajectories: list[EngineTrajectory], forest: RolloutForest, which):
+    """The non-final turns that trajectories[i] (i in `which`) generated itself (a continuation's
+    start after its branch point): engine anchors, their forest nodes (`forest` is built from
+    `trajectories`, in order) and the index of the trajectory each belongs to."""
     anchors, nodes, owner = [], [], []
-    for i, traj in enumerate(bare):
-        for t in range(1, traj.num_turns):
+    for i in which:
+        traj = trajectories[i]
+        first = 1 if traj.branch_from is None else traj.branch_from[1] + 1
+        for t in range(first, traj.num_turns):
             anchors.append(Anchor(traj.uid, t))
             nodes.append(forest.turn_nodes[i][t])
             owner.append(i)
     return anchors, np.asarray(nodes, dtype=np.int64), np.asarray(owner, dtype=np.int64)
+
+
+@dataclasses.dataclass
+class _Expansion:
+    """What stage 2 sampled, and the predictions it made on the way (over all rounds)."""
+
+    trajectories: list = dataclasses.field(default_factory=list)
+    nodes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # anchor forest nodes
+    predicted: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # Vhat of each anchor
+    outcome: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # reward of its trajectory
+    reassigned: int = 0  # budget moved to other prompts because a prompt had no anchor in a round
+    rounds: int = 0
+
+    def add(self, new, nodes, predicted, outcome, moved):
+        self.trajectories += new
+        self.nodes = np.concatenate([self.nodes, nodes])
+        self.predicted = np.concatenate([self.predicted, predicted])
+        self.outcome = np.concatenate([self.outcome, outcome])
+        self.reassigned += moved
+        self.rounds += 1
+
+
+def _round_shares(budget: np.ndarray, rounds: int) -> list[np.ndarray]:
+    """budget[i] split over `rounds`: as even as integers allow, the first rounds one more."""
+    budget = np.asarray(budget, dtype=np.int64)
+    return [budget // rounds + (r < budget % rounds) for r in range(rounds)]
 
 
 def _prefix_budgets(budget: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, int]:

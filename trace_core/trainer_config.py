@@ -71,12 +71,17 @@ class AllocationConfig:
     m_min: int = 4  # a prompt that is sampled gets at least this many bare rollouts (its group)
     m_max: int = 16
     k_max: int | None = None  # cap on continuations per anchor
+    # OURS (METHOD.md step 3): > 1 splits each prompt's continuations over rounds; round r branches from
+    # the turns round r-1's continuations added (the paper runs one round)
+    expansion_rounds: int = 1
     eps: float = 0.02  # predictions are clipped to [eps, 1 - eps]
     pcl_count: int = 4  # bare rollouts per selected prompt in `pcl`
 
     def __post_init__(self):
         if self.candidates < 1 or self.roots < 1 or self.continuations_per_root < 0:
             raise ValueError("candidates and roots must be >= 1 and continuations_per_root >= 0")
+        if self.expansion_rounds < 1:
+            raise ValueError(f"expansion_rounds: must be >= 1, got {self.expansion_rounds}")
         if self.m_min < 1 or self.m_max < self.m_min:
             raise ValueError(f"m_min/m_max: need 1 <= m_min <= m_max, got {self.m_min}, {self.m_max}")
         leaves = self.roots * (1 + self.continuations_per_root)

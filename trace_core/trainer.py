@@ -188,13 +188,12 @@ class Trainer:
         bare_reward = forest.reward[[nodes[-1] for nodes in forest.turn_nodes]]
 
         # Stage 2: continuations from turn prefixes (anchors), in allocation.expansion_rounds rounds
-        expansion = _Expansion()
+        expansion = _Expansion(forest)
         if a.mode != "uniform" and a.continuations_per_root > 0:
-            expansion = self._expand(bare, counts * a.continuations_per_root, allocator, informed, timer)
+            expansion = self._expand(bare, forest, counts * a.continuations_per_root, allocator, informed, timer)
         generated_tokens = self.engine.generated_tokens - tokens_before
         self.engine.release_all()
-        forest = RolloutForest.from_trajectories(_forest_trajectories(bare + expansion.trajectories),
-                                                 vocab_size=self._vocab())
+        forest = expansion.forest  # bare rollouts and every continuation
         batch = self._predictions(forest, counts, v, expansion.nodes, expansion.predicted, expansion.outcome, informed)
 
         # Learn: predictor on subtree success rates, policy on the packed tree
@@ -213,17 +212,18 @@ class Trainer:
         })
         return metrics
 
-    def _expand(self, bare: list[EngineTrajectory], budget: np.ndarray, allocator, informed: bool,
-                timer: PhaseTimer) -> "_Expansion":
+    def _expand(self, bare: list[EngineTrajectory], forest: RolloutForest, budget: np.ndarray, allocator,
+                informed: bool, timer: PhaseTimer) -> "_Expansion":
         """METHOD.md step 3. budget[i]: continuations of prompt i (m_i * N), split evenly over the
         rounds (the first rounds get the remainder). Round 1 branches from the bare rollouts' turn
         prefixes; round r (OURS, `allocation.expansion_rounds`) from the turns that round r-1's
         continuations added after their branch point. A round with no new prefix anywhere branches
-        from every prefix so far, so the step still samples its full budget."""
+        from every prefix so far, so the step still samples its full budget. `forest` is the bare
+        rollouts' forest; the result's is rebuilt once per round, after that round's continuations."""
         a = self.cfg.allocation
-        done, fresh, out = list(bare), range(len(bare)), _Expansion()
+        done, fresh, out = list(bare), range(len(bare)), _Expansion(forest)
         for share in _round_shares(budget, a.expansion_rounds):
-            forest = RolloutForest.from_trajectories(_forest_trajectories(done), vocab_size=self._vocab())
+            forest = out.forest  # the forest of `done`, in order
             anchors, nodes, owner = _anchors(done, forest, fresh)
             if not anchors:
                 anchors, nodes, owner = _anchors(done, forest, range(len(done)))
@@ -241,7 +241,8 @@ class Trainer:
                 new = self.engine.expand(anchors, k)
             fresh = range(len(done), len(done) + len(new))
             done += new
-            out.add(new, nodes, p_anchor, outcome, moved)
+            out.add(nodes, p_anchor, outcome, moved)
+            out.forest = RolloutForest.from_trajectories(_forest_trajectories(done), vocab_size=self._vocab())
         return out
 
     def _vocab(self) -> int:
@@ -505,15 +506,14 @@ def _anchors(trajectories: list[EngineTrajectory], forest: RolloutForest, which)
 class _Expansion:
     """What stage 2 sampled, and the predictions it made on the way (over all rounds)."""
 
-    trajectories: list = dataclasses.field(default_factory=list)
+    forest: RolloutForest  # the bare rollouts and every continuation so far
     nodes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # anchor forest nodes
     predicted: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # Vhat of each anchor
     outcome: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # reward of its trajectory
     reassigned: int = 0  # budget moved to other prompts because a prompt had no anchor in a round
     rounds: int = 0
 
-    def add(self, new, nodes, predicted, outcome, moved):
-        self.trajectories += new
+    def add(self, nodes, predicted, outcome, moved):
         self.nodes = np.concatenate([self.nodes, nodes])
         self.predicted = np.concatenate([self.predicted, predicted])
         self.outcome = np.concatenate([self.outcome, outcome])

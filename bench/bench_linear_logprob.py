@@ -50,14 +50,14 @@ def fused_sum(hidden, weight, labels, backend=None):
     return linear_logprob(hidden, weight, rows, labels, check_inputs=False, backend=backend).sum()
 
 
-def eager_sum(hidden, weight, labels):
+def eager_token_logprobs(hidden, weight, labels):
+    """[N] log-probabilities of the labels the plain way: logits in the inputs' dtype, [N, V] materialised."""
     log_probs = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
-    return log_probs.gather(1, labels[:, None]).sum()
+    return log_probs.gather(1, labels[:, None])[:, 0]
 
 
-def _chunk_logprob_sum(hidden_chunk, weight, labels_chunk):
-    log_probs = torch.log_softmax((hidden_chunk @ weight.T).float(), dim=-1)
-    return log_probs.gather(1, labels_chunk[:, None]).sum()
+def eager_sum(hidden, weight, labels):
+    return eager_token_logprobs(hidden, weight, labels).sum()
 
 
 _compiled_chunk = None
@@ -67,7 +67,7 @@ def compiled_chunked_sum(hidden, weight, labels, chunk: int):
     """Per-chunk compiled log-prob; checkpointing drops each chunk's logits until backward needs them."""
     global _compiled_chunk
     if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_chunk_logprob_sum, dynamic=False)
+        _compiled_chunk = torch.compile(eager_sum, dynamic=False)
     total = 0.0
     for t0 in range(0, hidden.shape[0], chunk):
         total = total + torch.utils.checkpoint.checkpoint(
@@ -245,9 +245,9 @@ def check_fused(hidden, weight, labels, backend=None) -> tuple[float, float]:
     h, lab = hidden[:CHECK_ROWS], labels[:CHECK_ROWS]
     rows = torch.arange(h.shape[0], device=h.device)
     with torch.no_grad():
-        ref = torch.log_softmax(h.float() @ weight.float().T, dim=-1).gather(1, lab[:, None])[:, 0]
+        ref = eager_token_logprobs(h.float(), weight.float(), lab)
         fused = linear_logprob(h, weight, rows, lab, backend=backend).float()
-        eager = torch.log_softmax((h @ weight.T).float(), dim=-1).gather(1, lab[:, None])[:, 0]
+        eager = eager_token_logprobs(h, weight, lab)
     fused_err, eager_err = ((x - ref).abs().max().item() for x in (fused, eager))
     if not fused_err <= CHECK_TOL:
         raise AssertionError(f"linear_logprob is wrong: max |error| {fused_err:.3g} against the fp32 reference "

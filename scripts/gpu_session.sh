@@ -16,8 +16,9 @@
 #
 # Per-stage time limits in seconds can be overridden: T_ENV T_GPU_MARKED T_TESTS T_ATTENTION T_LOGPROB
 # T_DECODE T_SHARED_PREFIX (T_GPU_MARKED is the `pytest -m gpu` part of the tests stage).
-# Inside `all` (benches first, tests last) the defaults add up to about 9 minutes; a stage run alone gets 480 s (env and the
-# `-m gpu` pass keep 30 s and 60 s, so every stage alone ends inside a 600 s call).
+# Inside `all` (benches first, tests last) the defaults add up to about 9 minutes; a stage run alone
+# gets 480 s (env and the `-m gpu` pass keep 30 s and 60 s, so every stage alone ends inside a 600 s
+# call).
 set -uo pipefail  # no -e: a failing stage must not stop the ones after it
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

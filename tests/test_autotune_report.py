@@ -6,14 +6,13 @@ import torch
 import triton
 
 from trace_kernels import linear_logprob, tree_attention
-from trace_kernels.autotune_report import AUTOTUNED_KERNELS, config_label, format_tuned_configs, tuned_configs
+from trace_kernels.autotune_report import AUTOTUNED_KERNELS, _kernel, config_label, format_tuned_configs, tuned_configs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _tuner(name):
-    module, attribute = AUTOTUNED_KERNELS[name]
-    return getattr(importlib.import_module(f"trace_kernels.{module}"), attribute)
+    return _kernel(*AUTOTUNED_KERNELS[name])
 
 
 def test_every_autotuned_kernel_is_listed():

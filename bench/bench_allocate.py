@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from trace_core.allocate import allocate_prefixes, allocate_roots  # noqa: E402
-from trace_core.allocation.reference import allocate_prefixes_reference, allocate_roots_reference  # noqa: E402
+from trace_core.allocation import allocate_prefixes, allocate_roots  # noqa: E402
+from trace_core.allocation.naive import allocate_prefixes_reference, allocate_roots_reference  # noqa: E402
 
 ROOT_FULL = dict(n_prompts=1024, budget=8192, m_max=32)
 ROOT_SMALL = dict(n_prompts=128, budget=1024, m_max=32)

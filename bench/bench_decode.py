@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from trace_core.kv_cache import PagedTreeKVCache
+from trace_core.rollout.kv_cache import PagedTreeKVCache
 from trace_kernels._runtime import interpreter_enabled
 from trace_kernels.autotune_report import format_tuned_configs
 from trace_kernels.tree_decode import tree_decode_attention
@@ -208,14 +208,14 @@ class ByteCodec:
 
 def engine_setup(choice: str, cuda: bool):
     """(model, codec, decode backend, description) for --engine-model `choice` (see module doc)."""
-    from trace_core.engine import HFTextCodec
+    from trace_core.rollout import HFTextCodec
 
     if choice == "auto":
         choice = "smollm2" if has_smollm2() or not cuda else "tiny"
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     backend = "triton" if cuda else "reference"
     if choice == "smollm2":
-        from trace_core.models import load_smollm2  # finds the GGUF without importing the `llm` plugin
+        from trace_core.model.loading import load_smollm2  # finds the GGUF without importing the `llm` plugin
 
         model, tokenizer = load_smollm2(torch.float32)
         codec = HFTextCodec(tokenizer, chat_template=True,
@@ -224,7 +224,7 @@ def engine_setup(choice: str, cuda: bool):
         codec.eos_token_ids = ()
         name = "SmolLM2-135M-Instruct"
     else:
-        from trace_core.models import tiny_causal_lm
+        from trace_core.model.loading import tiny_causal_lm
 
         shape = TINY_SHAPES["cuda" if cuda else "cpu"]
         model, codec = tiny_causal_lm("qwen3", **shape), ByteCodec()
@@ -264,7 +264,7 @@ def _clock() -> float:
 
 
 def engine_rows(model, codec, backend: str, continuations: int, tokens: int):
-    from trace_core.engine import Anchor, HFRolloutEngine, SamplingParams
+    from trace_core.rollout import Anchor, HFRolloutEngine, SamplingParams
 
     engine = HFRolloutEngine(model, codec, _TwoTurnEnv, sampling=SamplingParams(temperature=0.0, max_tokens=tokens),
                              num_pages=512, page_size=16, decode_backend=backend)

@@ -1,6 +1,6 @@
 """Benchmark: pack a TRACE-shaped rollout forest (~1M tokens, ~50k turn nodes).
 
-Compares the numba packer (`trace_core.packing.pack`) with the plain-Python packer
+Compares the numba packer (`trace_core.packing.forest.pack`) with the plain-Python packer
 (`pack_reference`, same algorithm) in the same run and checks they agree. Both include forest
 validation. Aim (2-core machine): under 1 s and at least 20x faster than plain Python.
 
@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from trace_core.packing import pack, pack_reference
-from trace_core.synthetic import synthetic_forest
+from trace_core.packing.forest import pack, pack_reference
+from trace_core.synthetic_forest import synthetic_forest
 
 
 def make_forest(num_prompts: int, seed: int = 0):

@@ -27,7 +27,7 @@ import torch
 
 from bench_tree_attention import device_name  # bench/ is on sys.path (script or pytest)
 from trace_core.integrations.shared_prefix import shared_prefix_logprobs
-from trace_core.prefix_packing import pack_shared_prefixes
+from trace_core.packing.flat import pack_shared_prefixes
 
 
 def grpo_batch(prompts: int, group: int, prompt_len: int, completion_len: int, vocab: int, seed: int = 0):
@@ -101,11 +101,11 @@ def timed(fn, device: str, repeats: int) -> tuple[float, float]:
 
 def load_model(device: str, dtype: torch.dtype):
     try:
-        from trace_core.models import load_smollm2
+        from trace_core.model.loading import load_smollm2
 
         return load_smollm2(dtype)[0].to(device), "SmolLM2-135M-Instruct"
     except Exception as error:  # noqa: BLE001 - the package is optional here; say what ran instead
-        from trace_core.models import tiny_causal_lm
+        from trace_core.model.loading import tiny_causal_lm
 
         print(f"  (SmolLM2 unavailable: {error.__class__.__name__}; using a random-init Qwen3 of its shape)")
         model = tiny_causal_lm("qwen3", vocab_size=49152, hidden_size=576, layers=30, heads=9, kv_heads=3,
@@ -173,7 +173,7 @@ def main() -> None:
 
 # ---------------------------------------------------------------------- pytest-benchmark
 def _tiny():
-    from trace_core.models import tiny_causal_lm
+    from trace_core.model.loading import tiny_causal_lm
 
     model = tiny_causal_lm("qwen3", vocab_size=512, hidden_size=64, heads=4, kv_heads=2, intermediate_size=96)
     return model, *grpo_batch(2, 4, 64, 16, vocab=512)

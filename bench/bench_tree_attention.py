@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trace_core.packing import pack
-from trace_core.tree import RolloutForest
+from trace_core.packing.forest import pack
+from trace_core.forest import RolloutForest
 from trace_kernels._runtime import select_backend
 from trace_kernels.autotune_report import format_tuned_configs
 from trace_kernels.tree_attention import META, block_skip_metadata, tree_attention

@@ -74,7 +74,7 @@ def main() -> None:
     import trl
 
     from trace_core.integrations.trl_grpo import SharedPrefixGRPOTrainer
-    from trace_core.models import cache_dir, load_smollm2
+    from trace_core.model.loading import cache_dir, load_smollm2
 
     model, tokenizer = load_smollm2(torch.float32)  # also fills the converted cache the ref model loads from
     model.config._name_or_path = str(cache_dir() / "smollm2-135m-instruct")

@@ -2,7 +2,7 @@
 import numpy as np
 from hypothesis import strategies as st
 
-from trace_core.tree import RolloutForest
+from trace_core.forest import RolloutForest
 
 VOCAB = 11
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 
 from forest_strategies import forests
 from trace_core.advantage import LEAF, NODE, compute_advantages, grpo, segment, tree_grpo
-from trace_core.tree import ForestError, RolloutForest
+from trace_core.forest import ForestError, RolloutForest
 
 S = math.sqrt(2.0 / 9.0)  # population std of rewards [1, 0, 0]
 

@@ -11,9 +11,9 @@ from trace_core.advantage import LEAF, NODE, segment, tree_grpo
 from trace_core.loss import (gather_token_logprobs, leaf_path_policy_loss, packed_loss_weights,
                              packed_policy_loss)
 from trace_core.loss import leaf_weights
-from trace_core.packing import pack, split_by_tokens, unpack
-from trace_core.synthetic import synthetic_forest
-from trace_core.tree import ForestError, RolloutForest
+from trace_core.packing.forest import pack, split_by_tokens, unpack
+from trace_core.synthetic_forest import synthetic_forest
+from trace_core.forest import ForestError, RolloutForest
 
 
 def per_leaf_advantages(forest, packed, adv, kind):

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from trace_core.advantage import LEAF, NODE, segment, tree_grpo
-from trace_core.integrations.hf import tree_forward
+from trace_core.model.tree_forward import tree_forward
 from trace_core.loss import gather_token_logprobs, leaf_path_policy_loss, packed_loss_weights, packed_policy_loss
-from trace_core.models import load_smollm2, tiny_causal_lm
-from trace_core.packing import pack, unpack
-from trace_core.synthetic import synthetic_forest
+from trace_core.model.loading import load_smollm2, tiny_causal_lm
+from trace_core.packing.forest import pack, unpack
+from trace_core.synthetic_forest import synthetic_forest
 from trace_kernels import linear_logprob
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

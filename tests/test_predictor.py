@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from trace_core.packing import pack
+from trace_core.packing.forest import pack
 from trace_core.predictor import (EncoderPredictor, MLPHeadPredictor, PredictorConfig, PrefixBatch, auc,
                                   calibration, prefix_batch, training_targets)
-from trace_core.synthetic import synthetic_forest
+from trace_core.synthetic_forest import synthetic_forest
 
 H = 16
 

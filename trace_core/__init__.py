@@ -1,7 +1,7 @@
 """trace_core: rollout trees, packing, allocation, advantages and the TRACE trainer."""
 
-from .packing import PackedTree, pack, split_by_tokens, unpack
-from .tree import ROLE_MODEL, ROLE_OBSERVATION, ForestError, LeafSequence, RolloutForest, Trajectory
+from trace_core.packing.forest import PackedTree, pack, split_by_tokens, unpack
+from trace_core.forest import ROLE_MODEL, ROLE_OBSERVATION, ForestError, LeafSequence, RolloutForest, Trajectory
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ from typing import Callable
 import numba
 import numpy as np
 
-from .tree import ForestError, RolloutForest
+from trace_core.forest import ForestError, RolloutForest
 
 LEAF, NODE = "leaf", "node"  # what an advantage array is indexed by (see module docstring)
 

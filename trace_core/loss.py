@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .advantage import LEAF, NODE
-from .packing import PackedTree
-from .tree import ForestError, RolloutForest
+from trace_core.advantage import LEAF, NODE
+from trace_core.packing.forest import PackedTree
+from trace_core.forest import ForestError, RolloutForest
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 

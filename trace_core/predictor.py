@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .packing import PackedTree
-from .tree import ForestError, RolloutForest
+from trace_core.packing.forest import PackedTree
+from trace_core.forest import ForestError, RolloutForest
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from trace_core.allocation import checks
-from trace_core.allocation.kernels import prefix_greedy, ranked_objectives, ranked_tables
+from trace_core.allocation.numba_loops import prefix_greedy, ranked_objectives, ranked_tables
 from trace_core.allocation.root_dp import CHECKPOINT_EVERY, TIE_RTOL, root_dp_backtrack, root_dp_forward
 
 ROOT_METHODS = ("dp", "ranked")

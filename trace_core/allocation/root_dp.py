@@ -1,4 +1,4 @@
-"""numba root DP behind trace_core.allocate.allocate_roots (inputs already validated and clipped).
+"""numba root DP behind trace_core.allocation.allocate_roots (inputs already validated and clipped).
 
 The DP over (prompt i, budget b) keeps V_i(b), the best objective of prompts 0..i sharing b
 rollouts. Storing the argmax of every cell, a (B, budget + 1) table, used to cost as much as the

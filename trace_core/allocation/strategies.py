@@ -3,7 +3,7 @@
 An allocator answers the two questions of a training step (METHOD.md steps 1 and 3): how many bare
 rollouts each candidate prompt gets (`roots`), and how many continuations each turn prefix gets
 (`prefixes`). Every allocator returns the same shapes, spends budgets exactly, respects the same
-caps and raises the same ValueErrors for bad input as trace_core.allocate.allocate_roots /
+caps and raises the same ValueErrors for bad input as trace_core.allocation.allocate_roots /
 allocate_prefixes, so a trainer can swap them by name:
 
     allocator = get_allocator("random_tree", rng=seed)    # options go to the factory

@@ -12,7 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .base import Env, EnvError, TaskSource
+from trace_core.envs.base import Env, EnvError, TaskSource
 
 EnvFactory = Callable[..., Env] | str
 TaskSourceFactory = Callable[..., TaskSource] | str

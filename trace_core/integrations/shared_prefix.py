@@ -3,7 +3,7 @@
 A drop-in for the per-token logprob function of trainers built on flat batches (verl's
 `compute_log_prob` / actor update, TRL's GRPO `_get_per_token_logps`): same inputs (padded
 `input_ids` and `attention_mask`), same output layout, same gradients, but the n completions of a
-prompt run its prompt once. The batch is packed as prefix trees (`trace_core.prefix_packing`),
+prompt run its prompt once. The batch is packed as prefix trees (`trace_core.packing.flat`),
 run through the model with tree attention (`integrations.hf.tree_forward`) and scored with the
 fused lm-head + log-softmax gather (`trace_kernels.linear_logprob`), so neither the repeated
 prefixes nor the [tokens x vocab] logits are ever materialised.
@@ -22,8 +22,8 @@ import torch
 
 from trace_kernels import linear_logprob
 
-from ..prefix_packing import SharedPrefixPack, as_numpy, pack_shared_prefixes
-from .hf import autocast_off, transformers_model, tree_forward_with_head
+from trace_core.packing.flat import SharedPrefixPack, as_numpy, pack_shared_prefixes
+from trace_core.model.tree_forward import autocast_off, transformers_model, tree_forward_with_head
 
 
 def shared_prefix_logprobs(

@@ -24,9 +24,9 @@ import logging
 import torch
 from trl import GRPOTrainer
 
-from ..prefix_packing import shared_prefix_micro_batches
-from .hf import transformers_model
-from .shared_prefix import lm_head_has_adapter, shared_prefix_logprobs
+from trace_core.packing.flat import shared_prefix_micro_batches
+from trace_core.model.tree_forward import transformers_model
+from trace_core.integrations.shared_prefix import lm_head_has_adapter, shared_prefix_logprobs
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,307 @@
+"""Search QA env: parsing policy, retrieval, tool failures, turn limit, rewards, resume, data loaders."""
+import json
+import pickle
+import time
+
+import pytest
+
+from trace_core.envs.base import Env, EnvError, EpisodeStateError
+from trace_core.envs.search_qa.data import answer_strings, answer_to_text, load_fanoutqa_dev, load_qa_jsonl
+from trace_core.envs.search_qa.metrics import exact_match, normalize_answer, token_f1
+from trace_core.envs.search_qa.policies import ChainFollowerPolicy
+from trace_core.envs.search_qa.sources import QATaskSource, make_search_qa_env
+from trace_core.envs.search_qa.retriever import BM25Retriever, Passage, bm25_from_file, load_corpus
+from trace_core.envs.search_qa.env import INVALID_OBSERVATION, SearchQAEnv, parse_search_action
+from trace_core.envs.search_qa.synthetic import QUESTIONS, build_world, synthetic_qa_tasks, write_synthetic_qa
+
+CORPUS = [
+    {"id": "a", "contents": '"Velmora"\nVelmora is a city in Dranthia.'},
+    {"id": "b", "contents": '"Ossik Tarn"\nOssik Tarn was born in Velmora.'},
+    {"id": "c", "contents": '"Dranthia"\nThe currency of Dranthia is the quill.'},
+]
+TASK = {"id": "q1", "question": "In which country was Ossik Tarn born?", "golden_answers": ["Dranthia"]}
+
+
+def run_episode(env, task, policy):
+    obs = env.reset(task)
+    while True:
+        step = env.step(policy.act(obs))
+        obs = step.observation
+        if step.done:
+            return step
+
+
+@pytest.fixture(scope="module")
+def env():
+    return SearchQAEnv(BM25Retriever(CORPUS), top_k=2, max_turns=3)
+
+
+def test_protocol_and_prompt(env):
+    assert isinstance(env, Env)
+    prompt = env.reset(TASK)
+    assert prompt.endswith("Question: In which country was Ossik Tarn born?\n") and "<search>" in prompt
+
+
+@pytest.mark.parametrize("text,kind,arg", [
+    ("think <search> Ossik Tarn </search>", "search", "Ossik Tarn"),
+    ("<search>a</search> then <search>b</search>", "search", "a"),
+    ("<answer> x </answer> and <answer>The Y.</answer>", "answer", "The Y."),
+    ("<search>q</search><answer>z</answer>", "answer", "z"),
+    ("<answer></answer>", "answer", ""),
+    ("<search>   </search>", None, None),
+    ("<search> unterminated", None, None),
+    ("just text", None, None),
+])
+def test_action_parser_policy(text, kind, arg):
+    got_kind, got_arg, reason = parse_search_action(text)
+    assert (got_kind, got_arg) == (kind, arg)
+    assert (reason is None) == (kind is not None)
+
+
+def test_search_then_answer_rewards_exact_match(env):
+    env.reset(TASK)
+    step = env.step("<search> Ossik Tarn </search>")
+    assert not step.done and step.info["retrieved_ids"][0] == "b"
+    assert step.observation.startswith("\n<information>Doc 1: \"Ossik Tarn\" Ossik Tarn was born in Velmora.")
+    step = env.step("<answer> the dranthia. </answer>")
+    assert step.done and step.reward == 1.0 and step.info["em"] and step.info["end_reason"] == "answer"
+    env.reset(TASK)
+    assert env.step("<answer>Velmora</answer>").reward == 0.0
+
+
+def test_empty_retrieval_is_reported_and_episode_goes_on(env):
+    env.reset(TASK)
+    step = env.step("<search> zeppelin harmonica </search>")
+    assert not step.done and step.observation == "\n<information>No results found.</information>\n"
+    assert step.info["retrieved_ids"] == []
+    assert not env.step("<search> the of and </search>").done  # stop words only: empty query after tokenising
+
+
+class ExplodingRetriever:
+    def search(self, query, k):
+        raise RuntimeError("index offline")
+
+
+class SlowRetriever:
+    def search(self, query, k):
+        time.sleep(1.0)
+        return [Passage("x", "late", 1.0)]
+
+
+def test_tool_exception_and_timeout_are_observations():
+    env = SearchQAEnv(ExplodingRetriever())
+    env.reset(TASK)
+    step = env.step("<search> x </search>")
+    assert not step.done and "Search failed: RuntimeError" in step.observation
+    assert step.info["tool_error"] == "RuntimeError: index offline"
+    env = SearchQAEnv(SlowRetriever(), tool_timeout_s=0.05)
+    env.reset(TASK)
+    step = env.step("<search> x </search>")
+    assert not step.done and "timed out" in step.observation and step.info["tool_error"].startswith("timeout")
+
+
+def test_invalid_actions_and_turn_limit(env):
+    env.reset(TASK)
+    step = env.step("I am not sure")
+    assert not step.done and step.observation == INVALID_OBSERVATION and env.turn == 1
+    assert step.info["invalid_reason"].startswith("no complete")
+    env.step("<search> Velmora </search>")
+    step = env.step("<search> Dranthia </search>")  # third turn of max_turns=3, not an answer
+    assert step.done and step.reward == 0.0 and step.info["end_reason"] == "turn_limit" and step.observation == ""
+    with pytest.raises(EpisodeStateError, match="episode is over"):
+        env.step("<answer> Dranthia </answer>")
+    strict = SearchQAEnv(BM25Retriever(CORPUS), on_invalid="end")
+    strict.reset(TASK)
+    step = strict.step("<search></search>")
+    assert step.done and step.reward == 0.0 and step.info["end_reason"] == "invalid_action"
+
+
+def test_answer_on_the_last_turn_still_counts(env):
+    env.reset(TASK)
+    env.step("<search> Ossik Tarn </search>")
+    env.step("<search> Velmora </search>")
+    assert env.step("<answer>Dranthia</answer>").reward == 1.0
+
+
+def test_f1_reward_option():
+    task = {"question": "Who?", "golden_answers": ["Ossik Tarn of Velmora"]}
+    lenient = SearchQAEnv(BM25Retriever(CORPUS), reward="f1", f1_threshold=0.8)
+    lenient.reset(task)
+    step = lenient.step("<answer>Ossik Tarn, Velmora</answer>")
+    assert step.reward == 1.0 and not step.info["em"] and step.info["f1"] == pytest.approx(6 / 7)
+    strict = SearchQAEnv(BM25Retriever(CORPUS), reward="em")
+    strict.reset(task)
+    assert strict.step("<answer>Ossik Tarn, Velmora</answer>").reward == 0.0
+
+
+def test_metrics():
+    assert normalize_answer("  The  Quick, brown FOX! ") == "quick brown fox"
+    assert exact_match("an apple", ["Apple", "pear"]) and not exact_match("apples", ["apple"])
+    assert token_f1("red apple", ["apple"]) == pytest.approx(2 / 3)
+    assert token_f1("", ["apple"]) == 0.0 and token_f1("a", ["the"]) == 0.0
+
+
+def untimed(step):
+    return step.observation, step.done, step.reward, {k: v for k, v in step.info.items() if k != "tool_seconds"}
+
+
+def test_restore_equals_replaying_the_prefix(env):
+    actions = ["<search> Ossik Tarn </search>", "<search> Velmora </search>", "<answer> Dranthia </answer>"]
+    env.reset(TASK)
+    first = untimed(env.step(actions[0]))
+    snap = pickle.loads(pickle.dumps(env.snapshot()))
+    rest = [untimed(env.step(a)) for a in actions[1:]]
+    assert rest[-1][2] == 1.0
+    other = SearchQAEnv(BM25Retriever(CORPUS), top_k=2, max_turns=3)
+    other.reset({"question": "something else?", "golden_answers": ["x"]})
+    other.restore(snap, seed=99)  # seed accepted; this env has no randomness
+    assert other.turn == 1 and other.searches == ["Ossik Tarn"]
+    assert [untimed(other.step(a)) for a in actions[1:]] == rest
+    env.reset(TASK)
+    assert [untimed(env.step(a)) for a in actions] == [first, *rest]
+    with pytest.raises(EnvError, match="snapshot"):
+        other.restore({"turn": 1})
+    with pytest.raises(EnvError, match="seed"):
+        other.restore(snap, seed=1.5)
+    with pytest.raises(EnvError, match="seed"):
+        other.reset(TASK, seed="x")
+
+
+def test_synthetic_world_scripted_policy_solves_every_question():
+    env = make_search_qa_env()
+    source = QATaskSource()
+    for split in ("train", "eval"):
+        tasks = source.tasks(split)
+        rewards = [run_episode(env, task, ChainFollowerPolicy(task)).reward for task in tasks]
+        assert sum(rewards) == len(tasks), split
+    train_people = {t["metadata"]["start"] for t in source.tasks("train")}
+    assert not train_people & {t["metadata"]["start"] for t in source.tasks("eval")}
+
+
+class OneHopPolicy(ChainFollowerPolicy):
+    """Answers right after the first hop: must fail on every multi-hop question."""
+
+    def act(self, observation):
+        action = super().act(observation)
+        return f"<answer> {self.entity} </answer>" if self.hop >= 1 else action
+
+
+def test_synthetic_questions_really_need_every_hop():
+    world = build_world(3, num_people=20)
+    tasks = synthetic_qa_tasks(world, "eval")
+    assert {t["metadata"]["hops"] for t in tasks} == {2, 3}
+    assert len(tasks) == len(QUESTIONS) * 4
+    env = SearchQAEnv(BM25Retriever(world.corpus))
+    assert sum(run_episode(env, t, OneHopPolicy(t)).reward for t in tasks) == 0
+    assert sum(run_episode(env, t, ChainFollowerPolicy(t)).reward for t in tasks) == len(tasks)
+
+
+def test_synthetic_files_round_trip(tmp_path):
+    paths = write_synthetic_qa(tmp_path, seed=1, num_people=10)
+    corpus = load_corpus(paths["corpus"])
+    train = load_qa_jsonl(paths["train"])
+    assert corpus == build_world(1, num_people=10).corpus
+    assert train == synthetic_qa_tasks(build_world(1, num_people=10), "train")
+    env = make_search_qa_env(corpus_path=str(paths["corpus"]))
+    assert bm25_from_file(paths["corpus"]) is env.retriever  # indexed once per file
+    assert run_episode(env, train[0], ChainFollowerPolicy(train[0])).reward == 1.0
+    source = QATaskSource(train_path=str(paths["train"]), eval_path=str(paths["eval"]))
+    assert source.tasks("eval") == load_qa_jsonl(paths["eval"])
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"golden_answers": ["x"]}', "missing the field 'question'"),
+    ('{"question": "", "golden_answers": ["x"]}', "'question' must be a non-empty string"),
+    ('{"question": "q?"}', "missing the field 'golden_answers'"),
+    ('{"question": "q?", "golden_answers": []}', "'golden_answers' must be a non-empty list"),
+    ('{"question": "q?", "golden_answers": ["x"], "metadata": 3}', "'metadata' must be an object"),
+    ('{"question": ', "not valid JSON"),
+])
+def test_qa_jsonl_errors_name_line_and_field(tmp_path, line, message):
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "ok?", "golden_answers": "x"}\n' + line + "\n")
+    with pytest.raises(EnvError, match=f"qa.jsonl:2: .*{message}" if "JSON" not in message else message):
+        load_qa_jsonl(path)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"contents": "x"}', "missing the field 'id'"),
+    ('{"id": "1"}', "missing the field 'contents'"),
+    ('{"id": "1", "contents": 5}', "'contents' must be a string"),
+    ('[1]', "must be a JSON object"),
+])
+def test_corpus_errors_name_line_and_field(tmp_path, line, message):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"id": 0, "contents": "fine"}\n' + line + "\n")
+    with pytest.raises(EnvError, match=f"corpus.jsonl:2: .*{message}"):
+        load_corpus(path)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    retriever = BM25Retriever(CORPUS)
+    for kwargs, field in [({"top_k": 0}, "top_k"), ({"max_turns": 0}, "max_turns"), ({"reward": "bleu"}, "reward"),
+                          ({"f1_threshold": 0}, "f1_threshold"), ({"on_invalid": "retry"}, "on_invalid"),
+                          ({"tool_timeout_s": -1}, "tool_timeout_s"), ({"prompt_template": "Q:"}, "prompt_template")]:
+        with pytest.raises(EnvError, match=field):
+            SearchQAEnv(retriever, **kwargs)
+    with pytest.raises(EnvError, match="retriever"):
+        SearchQAEnv(object())
+    with pytest.raises(EnvError, match="corpus_path"):
+        make_search_qa_env(corpus_path=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(EnvError, match="corpus must hold"):
+        BM25Retriever([])
+    with pytest.raises(EnvError, match="split"):
+        QATaskSource().tasks("test")
+    with pytest.raises(EpisodeStateError, match="reset"):
+        SearchQAEnv(retriever).step("<answer>x</answer>")
+
+
+FANOUT_SAMPLE = [
+    {"id": "f1", "question": "Which cities host the three oldest fictional leagues?", "categories": ["Sports"],
+     "answer": {"League A": "Velmora", "League B": "Ostrand"},
+     "decomposition": [{"id": "s1", "question": "?", "decomposition": [], "answer": ["League A", "League B"],
+                        "depends_on": [], "evidence": None}]},
+    {"id": "f2", "question": "Is Dranthia larger than Velmora?", "categories": [], "answer": True, "decomposition": []},
+    {"id": "f3", "question": "Population of Velmora?", "categories": [], "answer": 1200, "decomposition": []},
+]
+
+
+def test_fanoutqa_loader_on_the_documented_format(tmp_path):
+    path = tmp_path / "fanout-final-dev.json"
+    path.write_text(json.dumps(FANOUT_SAMPLE))
+    tasks = load_fanoutqa_dev(path)
+    assert [t["id"] for t in tasks] == ["f1", "f2", "f3"]
+    assert tasks[0]["golden_answers"] == ["League A - Velmora\nLeague B - Ostrand"]
+    assert tasks[0]["metadata"]["answer_strings"] == ["League A", "Velmora", "League B", "Ostrand"]
+    assert tasks[0]["metadata"]["num_subquestions"] == 1 and tasks[0]["metadata"]["categories"] == ["Sports"]
+    assert tasks[1]["golden_answers"] == ["yes"] and tasks[2]["golden_answers"] == ["1200"]
+    env = SearchQAEnv(BM25Retriever(CORPUS), reward="f1", f1_threshold=0.6)
+    env.reset(tasks[0])
+    assert env.step("<answer>League A - Velmora, League B - Ostrand</answer>").reward == 1.0
+    assert answer_to_text(["a", {"k": False}]) == "a\nk - no" and answer_strings([1, ["b"]]) == ["1", "b"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"id": "x"}', "expected a JSON list"),
+    ('[{"id": "x", "question": "q?"}]', r"\[0\]: FanOutQA question is missing the field 'answer'"),
+    ('[{"id": "x", "question": "", "answer": "a"}]', "'question' must be a non-empty string"),
+    ("not json", "not valid JSON"),
+])
+def test_fanoutqa_loader_errors(tmp_path, content, message):
+    path = tmp_path / "dev.json"
+    path.write_text(content)
+    with pytest.raises(EnvError, match=message):
+        load_fanoutqa_dev(path)
+
+
+def test_fanoutqa_shipped_dev_set():
+    """Runs where the optional fanoutqa package is installed (its wheel ships the dev set)."""
+    from importlib import metadata
+    try:
+        metadata.distribution("fanoutqa")
+    except metadata.PackageNotFoundError:
+        with pytest.raises(EnvError, match="fanoutqa package is not installed"):
+            load_fanoutqa_dev()
+        return
+    tasks = load_fanoutqa_dev()
+    assert len(tasks) > 100 and all(t["golden_answers"][0] for t in tasks)

@@ -1,0 +1,275 @@
+"""The trainer end to end at toy size: the CLI, exact resume, the comparison report, config errors."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from trace_core.train.cli import main
+from trace_core.train.config_loader import ConfigError, load_config, save_config
+from trace_core.envs import make_env, make_task_source
+from trace_core.train.trainer import Trainer, _prefix_budgets, _round_shares
+from trace_core.train.config import TrainConfig
+
+TOY = [
+    "model.hidden_size=32", "model.layers=1", "model.heads=2", "model.kv_heads=1", "model.attention_backend=reference",
+    "allocation.candidates=4", "allocation.roots=8", "allocation.continuations_per_root=1", "allocation.m_min=2",
+    "allocation.m_max=4", "eval_tasks=8", "eval_every=0", "progress=false", "predictor.warmup_nodes=20",
+    "env.tasks={num_train: 40, num_eval: 8}",
+]
+
+
+def toy(tmp_path, *extra):
+    return load_config(TrainConfig, None, [*TOY, f"run_dir={tmp_path}", *extra])
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_train_writes_run_directory(tmp_path, capsys):
+    assert main(["train", *TOY, f"run_dir={tmp_path}", "steps=3", "checkpoint_every=2"]) == 0
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    last = rows[-1]
+    assert last["leaves"] == 16 and last["leaves_sampled"] == 48  # equal budget: 8 roots x (1 + 1)
+    assert 0 <= last["eval/success"] <= 1 and 0 <= last["effective_ratio"] <= 1
+    assert last["tokens_leaf_paths"] >= last["tokens_packed"] > 0 and math.isfinite(last["loss"])
+    assert {"time/rollout", "time/train"} <= set(last)
+    assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    try:
+        import tensorboard  # noqa: F401  (optional: events are written only when it is installed)
+        assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    except ImportError:
+        assert not (tmp_path / "tensorboard").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == ["step_00000002.pt", "step_00000003.pt"]
+    assert "run directory" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["trace", "uniform", "random_tree", "pcl"])
+def test_every_mode_samples_the_same_number_of_leaves(tmp_path, mode):
+    trainer = Trainer(toy(tmp_path, f"allocation.mode={mode}", "steps=2"))
+    for _ in range(2):
+        row = trainer.train_step()
+        assert row["leaves"] == 16, mode
+    assert trainer.predictor.nodes_seen > 0
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = Trainer(toy(tmp_path / "a", "steps=4", "checkpoint_every=2"))
+    straight.fit()
+    first = Trainer(toy(tmp_path / "b", "steps=2", "checkpoint_every=2"))
+    first.fit()
+    del first
+    resumed = Trainer(toy(tmp_path / "b", "steps=4", "checkpoint_every=2"), resume=True)
+    assert resumed.step == 2
+    resumed.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # training metrics of every step agree; wall times differ, and run b evaluated at its end (step 2)
+    same = lambda row: {k: v for k, v in row.items() if not k.startswith(("time/", "eval/"))}  # noqa: E731
+    assert [same(r) for r in metrics(tmp_path / "a")] == [same(r) for r in metrics(tmp_path / "b")]
+    assert metrics(tmp_path / "a")[-1]["eval/success"] == metrics(tmp_path / "b")[-1]["eval/success"]
+
+
+def test_gradient_checkpointing_trains_the_same(tmp_path):
+    """model.gradient_checkpointing=true recomputes layers in the backward; the run is the same."""
+    plain = Trainer(toy(tmp_path / "a", "steps=2"))
+    plain.fit()
+    checkpointed = Trainer(toy(tmp_path / "b", "steps=2", "model.gradient_checkpointing=true"))
+    assert all(layer.gradient_checkpointing for layer in checkpointed.model.model.layers)
+    checkpointed.fit()
+    for (name, a), b in zip(plain.model.state_dict().items(), checkpointed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    losses = [[row["loss"] for row in metrics(tmp_path / run)] for run in "ab"]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_optimizer_follows_the_lr_schedule(tmp_path):
+    """Each step's update uses learning_rate(step); the rate is logged with the step's metrics."""
+    from trace_core.train.schedule import learning_rate
+
+    trainer = Trainer(toy(tmp_path, "steps=3", "optim.lr=0.01", "optim.lr_schedule=cosine",
+                          "optim.warmup_steps=1", "optim.min_lr_ratio=0.2"))
+    logged = []
+    for step in range(3):
+        logged.append(trainer.train_step()["lr"])
+        assert trainer.optimizer.param_groups[0]["lr"] == logged[-1]
+    expected = [learning_rate(s, lr=0.01, steps=3, schedule="cosine", warmup_steps=1, min_lr_ratio=0.2)
+                for s in range(3)]
+    assert logged == pytest.approx(expected) and logged[1] > logged[2] >= 0.002
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(ConfigError, match="has no checkpoint to resume from"):
+        Trainer(toy(tmp_path, "steps=1"), resume=True)
+    Trainer(toy(tmp_path, "steps=1")).fit()
+    with pytest.raises(ConfigError, match="resume: optim differs"):
+        Trainer(toy(tmp_path, "steps=2", "optim.lr=0.5"), resume=True)
+
+
+def test_compare_writes_table_and_plot(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--seeds", "0", "--modes", "trace", "uniform", "--out", str(out), *TOY, "steps=2"]) == 0
+    summary = json.loads((out / "comparison.json").read_text())
+    assert set(summary) == {"trace", "uniform"}
+    assert summary["trace"]["leaves_per_step"] == summary["uniform"]["leaves_per_step"] == 16
+    table = (out / "comparison.md").read_text()
+    assert "| trace |" in table and "| uniform |" in table
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_command_reads_a_checkpoint(tmp_path, capsys):
+    Trainer(toy(tmp_path, "steps=1")).fit()
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path), "--tasks", "4"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 1 and result["eval/tasks"] == 4 and 0 <= result["eval/success"] <= 1
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "unknown key 'optim.lrr'; did you mean 'optim.lr'"),
+        (["steps=many"], "steps: expected an integer, got 'many'"),
+        (["allocation.mode=best"], "allocation.mode: 'best' is not one of"),
+        (["allocation.mode=uniform", "allocation.candidates=3", "allocation.m_max=16"], "must divide evenly"),
+        (["allocation.candidates=2", "allocation.m_max=2"], "cannot hold the 8 bare rollouts"),
+        (["env.name=search_qa"], "model.name: 'tiny' needs an env with a built-in word tokenizer"),
+        (["model.name=/no/such/dir"], "model.name: '/no/such/dir' is neither"),
+        (["allocation.candidates=100"], "allocation.candidates: 100 prompts per step, but the train split has only 40"),
+        (["optim.warmup_steps=5"], "optim.warmup_steps: 5 is more than the run's 1 steps"),
+        (["optim.min_lr_ratio=1.5"], "min_lr_ratio: must be in [0, 1], got 1.5"),
+        (["optim.lr_schedule=step"], "optim.lr_schedule: 'step' is not one of"),
+        (["generation.num_pages=auto"], "generation.num_pages: 'auto' sizes the KV cache from free GPU memory, "
+                                        "but the model is on cpu"),
+        (["generation.num_pages=0"], "num_pages: must be >= 1 or 'auto', got 0"),
+        (["generation.kv_memory_fraction=0"], "kv_memory_fraction: must be in (0, 1], got 0"),
+        # a cache of 3 pages cannot hold a step's rollouts: the error names the setting to raise
+        (["generation.num_pages=3"], "generation.num_pages: KV cache out of pages"),
+        (["model.dtype=bf16"], "model.dtype: 'bf16' is not one of"),
+        (["model.master_weights=maybe"], "model.master_weights"),
+        # PCL keeps roots // pcl_count prompts: with 8 roots, 16 per prompt cannot keep one
+        (["allocation.mode=pcl", "allocation.pcl_count=16", "allocation.m_max=16"],
+         "allocation: pcl_count: 16 bare rollouts per kept prompt does not fit roots=8"),
+        (["allocation.mode=pcl", "allocation.pcl_count=1"], "pcl_count: 1 bare rollouts per kept prompt does not fit"),
+        (["allocation.expansion_rounds=0"], "allocation: expansion_rounds: must be >= 1, got 0"),
+    ],
+)
+def test_config_errors_are_messages_not_tracebacks(tmp_path, capsys, overrides, message):
+    assert main(["train", *TOY, f"run_dir={tmp_path}", "steps=1", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_model_tokenizer_mismatch(tmp_path, capsys):
+    from trace_core.model.word_tokenizer import gridworld_tokenizer
+    from trace_core.model.loading import tiny_causal_lm
+
+    model_dir = tmp_path / "model"
+    tiny_causal_lm("llama", vocab_size=8, hidden_size=16, heads=2, kv_heads=1, layers=1).save_pretrained(model_dir)
+    gridworld_tokenizer().save_pretrained(model_dir)
+    assert main(["train", *TOY, f"run_dir={tmp_path / 'run'}", "steps=1", f"model.name={model_dir}"]) == 2
+    assert "but the model's vocabulary has 8" in capsys.readouterr().err
+
+
+def test_prefix_budgets_move_unspendable_budget_to_prompts_with_anchors():
+    budget, moved = _prefix_budgets([4, 2, 6, 0], group=[0, 0, 2, 2, 2])  # prompt 1 has no anchor
+    assert moved == 2 and budget.tolist() == [5, 0, 7, 0] and budget.sum() == 12
+    budget, moved = _prefix_budgets([3, 3], group=[1])
+    assert moved == 3 and budget.tolist() == [0, 6]
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).parents[2] / "trace_core" / "configs").glob("*.yaml"))
+
+
+def test_env_tasks_default_to_the_named_envs_own():
+    # the embedded job's grid levels must not leak into another env's task source (they did: the
+    # shipped SmolLM2 config failed with "unknown option(s) ['levels']")
+    assert load_config(TrainConfig).env.tasks == {"levels": [0, 1]}
+    assert load_config(TrainConfig, None, ["env.name=search_qa"]).env.tasks == {}
+    assert load_config(TrainConfig, None, ["env.name=search_qa", "env.tasks={synthetic_seed: 3}"]).env.tasks == \
+        {"synthetic_seed": 3}
+    assert load_config(TrainConfig, None, ["env.tasks={levels: [2]}"]).env.tasks == {"levels": [2]}
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_build_their_env_and_tasks(path, tmp_path):
+    cfg = load_config(TrainConfig, path)
+    source = make_task_source(cfg.env.name, **cfg.env.tasks)
+    assert len(source.tasks("train")) >= cfg.allocation.candidates and source.tasks("eval")
+    make_env(cfg.env.name, **cfg.env.env)
+    save_config(cfg, tmp_path / "config.yaml")  # what a run directory keeps, and --resume reads back
+    assert load_config(TrainConfig, tmp_path / "config.yaml") == cfg
+
+
+def test_smollm2_search_qa_config_trains_a_step(tmp_path):
+    """The shipped SmolLM2 config end to end through the CLI, at a CPU-test budget: real model, BM25
+    search, chat template, stop strings, prefix expansion and a policy update."""
+    pytest.importorskip("bm25s")
+    small = ["steps=1", "optim.warmup_steps=1", "model.attention_backend=reference", "eval_every=0", "eval_tasks=2", "allocation.candidates=2", "allocation.roots=2",
+             "allocation.m_min=1", "allocation.m_max=2", "generation.max_tokens_per_turn=6", "progress=false"]
+    config = Path(__file__).parents[2] / "trace_core" / "configs" / "smollm2_search_qa.yaml"
+    assert main(["train", "--config", str(config), f"run_dir={tmp_path}", *small]) == 0
+    row = metrics(tmp_path)[-1]
+    assert row["step"] == 1 and row["leaves"] == 4 and math.isfinite(row["loss"])
+    assert row["generated_tokens"] > 0 and 0 <= row["eval/success"] <= 1
+
+
+def test_round_shares_split_each_prompts_budget_evenly():
+    assert [r.tolist() for r in _round_shares([5, 2, 0], 2)] == [[3, 1, 0], [2, 1, 0]]
+    assert [r.tolist() for r in _round_shares([5, 2, 0], 3)] == [[2, 1, 0], [2, 1, 0], [1, 0, 0]]
+    assert [r.tolist() for r in _round_shares([4], 1)] == [[4]]
+
+
+def _spy_expand(trainer):
+    """Record every engine.expand call of a trainer: (anchors, counts, uids returned)."""
+    calls, expand = [], trainer.engine.expand
+
+    def spy(anchors, counts, **kw):
+        out = expand(anchors, counts, **kw)
+        calls.append((list(anchors), list(counts), [t.uid for t in out]))
+        return out
+
+    trainer.engine.expand = spy
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["trace", "random_tree"])
+def test_expansion_rounds_branch_from_the_last_rounds_continuations(tmp_path, mode):
+    """Round 2 expands the turns round 1's continuations added, at the same total budget."""
+    trainer = Trainer(toy(tmp_path, f"allocation.mode={mode}", "allocation.expansion_rounds=2", "steps=4",
+                          "allocation.continuations_per_root=2"))
+    calls = _spy_expand(trainer)
+    from_continuations = 0
+    for step in range(4):
+        before = len(calls)
+        row = trainer.train_step()
+        assert row["leaves"] == 24 and row["expansion_rounds_run"] == 2  # 8 bare + 16 continuations
+        (anchors1, k1, uids1), (anchors2, k2, uids2) = calls[before:]
+        assert sum(k1) + sum(k2) == 16 and sum(k1) >= sum(k2)  # per-prompt halves, the first round rounds up
+        assert {a.uid for a in anchors2} <= set(uids1)  # round 2 branches from round 1's continuations only
+        from_continuations += sum(k for a, k in zip(anchors2, k2) if k)
+    assert from_continuations > 0
+    assert trainer.predictor.nodes_seen > 0
+
+
+def test_a_round_without_new_prefixes_branches_from_every_prefix(tmp_path):
+    # episodes of at most 2 turns: a continuation from turn 1 ends after its own first turn, so round 2
+    # has no new prefix and goes back to the bare rollouts' turn 1 (the step keeps its full budget)
+    trainer = Trainer(toy(tmp_path, "allocation.expansion_rounds=2", "steps=2", "env.env={max_turns: 2}"))
+    calls = _spy_expand(trainer)
+    row = trainer.train_step()
+    (anchors1, k1, uids1), (anchors2, k2, _) = calls
+    assert row["leaves"] == 16 and sum(k1) + sum(k2) == 8
+    assert {a.uid for a in anchors2} <= {a.uid for a in anchors1} and all(a.turn == 1 for a in anchors2)
+
+
+def test_one_round_is_the_default_and_expands_once(tmp_path):
+    trainer = Trainer(toy(tmp_path, "steps=1"))
+    calls = _spy_expand(trainer)
+    row = trainer.train_step()
+    assert len(calls) == 1 and row["expansion_rounds_run"] == 1 and sum(calls[0][1]) == 8

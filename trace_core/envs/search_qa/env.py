@@ -1,0 +1,171 @@
+"""Search-R1-style multi-hop QA: the policy searches a corpus, reads passages, answers.
+
+Turn protocol (tags as in Search-R1):
+    action       free text (reasoning allowed) containing either
+                 <search> query </search>   -> observation "\\n<information>Doc 1: ...\\nDoc 2: ...</information>\\n"
+                 <answer> text </answer>    -> the episode ends; reward from the answer
+Action parsing (`parse_search_action`):
+    - if the action holds a complete <answer>...</answer>, it is final and the LAST one counts
+      (even if a <search> block is present too);
+    - else the FIRST complete <search>...</search> is run (engines stop a turn at </search>);
+    - else, or when the query is empty after stripping, the action is invalid.
+Invalid actions follow `on_invalid` (base.INVALID_ACTION_POLICIES): "continue" (default) uses the
+turn and returns an observation saying how to act; "end" ends the episode with reward 0.
+Retrieval with no match: "<information>No results found.</information>", episode goes on.
+Tool failure (the retriever raised, or exceeded `tool_timeout_s`): "<information>Search failed:
+<reason></information>", info["tool_error"] is set, episode goes on; the turn counts.
+Turn limit: a turn that is not an answer, taken when `max_turns` turns are used up, ends the
+episode with reward 0 (info["end_reason"] == "turn_limit").
+Reward: "em" -> 1 if the normalised answer equals a normalised gold answer; "f1" -> 1 if the
+best token F1 against the gold answers is >= `f1_threshold`. info["f1"] and info["em"] hold both.
+
+The env is deterministic (stateless retrieval), so `restore(..., seed=...)` accepts a seed for
+protocol compatibility and it has no effect.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from trace_core.envs.base import (
+    INVALID_ACTION_POLICIES, EnvError, EpisodeStateError, Step, check_choice, check_positive_int, check_seed,
+)
+from trace_core.envs.search_qa.data import check_qa_task
+from trace_core.envs.search_qa.metrics import exact_match, token_f1
+from trace_core.envs.search_qa.retriever import Passage, Retriever
+from trace_core.envs.tools import ToolTimeout, call_with_timeout
+
+DEFAULT_PROMPT = (
+    "Answer the question below. Think before each step. To look something up, write "
+    "<search> your query </search>; the results will appear between <information> and </information>. "
+    "You may search several times. When you know the answer, write only the answer between <answer> and "
+    "</answer>, for example <answer> Lisbon </answer>.\nQuestion: {question}\n"
+)
+INVALID_OBSERVATION = ("\nInvalid action: write <search> query </search> to search, or "
+                       "<answer> text </answer> to give the final answer.\n")
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_SEARCH_RE = re.compile(r"<search>(.*?)</search>", re.DOTALL)
+
+
+def parse_search_action(text: str) -> tuple[str | None, str | None, str | None]:
+    """(kind, argument, invalid_reason): kind "answer" or "search", or None with a reason."""
+    if not isinstance(text, str):
+        return None, None, f"action must be text, got {type(text).__name__}"
+    answers = _ANSWER_RE.findall(text)
+    if answers:
+        return "answer", answers[-1].strip(), None
+    search = _SEARCH_RE.search(text)
+    if search is None:
+        return None, None, "no complete <search>...</search> or <answer>...</answer> block"
+    query = search.group(1).strip()
+    if not query:
+        return None, None, "empty search query"
+    return "search", query, None
+
+
+def render_passages(passages: list[Passage]) -> str:
+    if not passages:
+        return "\n<information>No results found.</information>\n"
+    lines = [f"Doc {i}: " + " ".join(p.contents.split()) for i, p in enumerate(passages, 1)]
+    return "\n<information>" + "\n".join(lines) + "</information>\n"
+
+
+class SearchQAEnv:
+    """Env protocol implementation for search-augmented QA (module docstring has the rules)."""
+
+    def __init__(self, retriever: Retriever, *, top_k: int = 3, max_turns: int = 5, reward: str = "em",
+                 f1_threshold: float = 0.8, on_invalid: str = "continue", tool_timeout_s: float | None = 10.0,
+                 prompt_template: str = DEFAULT_PROMPT):
+        if not callable(getattr(retriever, "search", None)):
+            raise EnvError(f"retriever must have a search(query, k) method, got {type(retriever).__name__}")
+        self.retriever = retriever
+        self.top_k = check_positive_int("top_k", top_k)
+        self.max_turns = check_positive_int("max_turns", max_turns)
+        check_choice("reward", reward, ("em", "f1"))
+        self.reward_mode = reward
+        if not 0.0 < f1_threshold <= 1.0:
+            raise EnvError(f"f1_threshold must be in (0, 1], got {f1_threshold!r}")
+        self.f1_threshold = f1_threshold
+        check_choice("on_invalid", on_invalid, INVALID_ACTION_POLICIES)
+        self.on_invalid = on_invalid
+        if tool_timeout_s is not None and not tool_timeout_s > 0:
+            raise EnvError(f"tool_timeout_s must be > 0 or None, got {tool_timeout_s!r}")
+        self.tool_timeout_s = tool_timeout_s
+        if "{question}" not in prompt_template:
+            raise EnvError("prompt_template must contain the placeholder {question}")
+        self.prompt_template = prompt_template
+        self._task: dict[str, Any] | None = None
+
+    # --- protocol ---------------------------------------------------------------------------
+    def reset(self, task: Mapping[str, Any], *, seed: int | None = None) -> str:
+        check_seed(seed)
+        self._task = check_qa_task(task)
+        self.turn, self.done, self.reward = 0, False, None
+        self.searches: list[str] = []
+        return self.prompt_template.format(question=self._task["question"])
+
+    def step(self, action: str) -> Step:
+        if self._task is None:
+            raise EpisodeStateError("SearchQAEnv: call reset(task) (or restore) before step")
+        if self.done:
+            raise EpisodeStateError("SearchQAEnv: the episode is over; reset or restore before stepping again")
+        self.turn += 1
+        kind, argument, reason = parse_search_action(action)
+        info: dict[str, Any] = {"turn": self.turn, "action": kind}
+        if kind == "answer":
+            return self._score(argument, info)
+        if kind is None:
+            info["invalid_reason"] = reason
+            if self.on_invalid == "end":
+                return self._finish(0.0, "invalid_action", info)
+        else:
+            info["query"] = argument
+        if self.turn >= self.max_turns:
+            return self._finish(0.0, "turn_limit", info)
+        if kind is None:
+            return Step(INVALID_OBSERVATION, False, None, info)
+        self.searches.append(argument)
+        return Step(self._search(argument, info), False, None, info)
+
+    def snapshot(self) -> dict[str, Any]:
+        if self._task is None:
+            raise EpisodeStateError("SearchQAEnv: nothing to snapshot before reset")
+        return {"task": dict(self._task), "turn": self.turn, "done": self.done, "reward": self.reward,
+                "searches": list(self.searches)}
+
+    def restore(self, snapshot: Any, *, seed: int | None = None) -> None:
+        if not isinstance(snapshot, Mapping) or not {"task", "turn", "done", "searches"} <= set(snapshot):
+            raise EnvError("snapshot must be a value returned by SearchQAEnv.snapshot()")
+        check_seed(seed)
+        self._task = check_qa_task(snapshot["task"])
+        self.turn, self.done, self.reward = snapshot["turn"], snapshot["done"], snapshot.get("reward")
+        self.searches = list(snapshot["searches"])
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _search(self, query: str, info: dict[str, Any]) -> str:
+        try:
+            passages, seconds = call_with_timeout(self.retriever.search, query, self.top_k,
+                                                  timeout_s=self.tool_timeout_s)
+        except ToolTimeout:
+            info["tool_error"] = f"timeout after {self.tool_timeout_s} s"
+            return f"\n<information>Search failed: timed out after {self.tool_timeout_s} s.</information>\n"
+        except Exception as exc:  # noqa: BLE001 - a broken tool must not crash the rollout
+            info["tool_error"] = f"{type(exc).__name__}: {exc}"
+            return f"\n<information>Search failed: {type(exc).__name__}.</information>\n"
+        info["tool_seconds"] = seconds
+        info["retrieved_ids"] = [p.id for p in passages]
+        return render_passages(list(passages)[: self.top_k])
+
+    def _score(self, answer: str, info: dict[str, Any]) -> Step:
+        golds = self._task["golden_answers"]
+        info["answer"] = answer
+        info["em"] = exact_match(answer, golds)
+        info["f1"] = token_f1(answer, golds)
+        correct = info["em"] if self.reward_mode == "em" else info["f1"] >= self.f1_threshold
+        return self._finish(1.0 if correct else 0.0, "answer", info)
+
+    def _finish(self, reward: float, reason: str, info: dict[str, Any]) -> Step:
+        self.done, self.reward = True, reward
+        info["end_reason"] = reason
+        return Step("", True, reward, info)

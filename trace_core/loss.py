@@ -39,8 +39,12 @@ class PackedLossWeights:
     adv_neg: np.ndarray
     kl_weight: np.ndarray
 
-    def to_torch(self, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(torch.as_tensor(x, dtype=dtype, device=device) for x in (self.adv_pos, self.adv_neg, self.kl_weight))
+    def to_torch(
+        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        adv_pos, adv_neg, kl_weight = (torch.as_tensor(x, dtype=dtype, device=device)
+                                       for x in (self.adv_pos, self.adv_neg, self.kl_weight))
+        return adv_pos, adv_neg, kl_weight
 
 
 def leaf_weights(forest: RolloutForest, packed: PackedTree, loss_agg: str = "token-mean") -> np.ndarray:

@@ -23,8 +23,16 @@ prefixes of sorted neighbours, so the work is O(B log B) comparisons plus O(tota
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from numpy.typing import ArrayLike
+
+    # what the public functions accept: a numpy array (or array-like) or a torch tensor on any device
+    ArrayOrTensor = ArrayLike | torch.Tensor
 
 
 class SequenceBatchError(ValueError):
@@ -75,12 +83,12 @@ class SharedPrefixPack:
         return self.num_sequence_tokens / self.num_tokens
 
 
-def as_numpy(values) -> np.ndarray:
+def as_numpy(values: ArrayOrTensor) -> np.ndarray:
     """A numpy view of an array-like or a torch tensor (on any device)."""
     return np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
 
 
-def _as_2d_ints(values, field: str) -> np.ndarray:
+def _as_2d_ints(values: ArrayOrTensor, field: str) -> np.ndarray:
     array = as_numpy(values)
     if array.ndim != 2:
         raise SequenceBatchError(field, f"must be 2-D [batch, length], got shape {array.shape}")
@@ -89,7 +97,7 @@ def _as_2d_ints(values, field: str) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
-def _valid_spans(input_ids: np.ndarray, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+def _valid_spans(input_ids: np.ndarray, attention_mask: ArrayOrTensor | None) -> tuple[np.ndarray, np.ndarray]:
     """(start [B], stop [B]): each row's tokens are input_ids[b, start:stop] (one contiguous run)."""
     B, L = input_ids.shape
     if B == 0:
@@ -131,7 +139,7 @@ def _sorted_lcp(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return order, lcp
 
 
-def pack_shared_prefixes(input_ids, attention_mask=None) -> SharedPrefixPack:
+def pack_shared_prefixes(input_ids: ArrayOrTensor, attention_mask: ArrayOrTensor | None = None) -> SharedPrefixPack:
     """Pack the rows of a padded batch as prefix trees (see the module docstring).
 
     input_ids [B, L] int (numpy or torch); attention_mask [B, L] 0/1 or bool (None: no padding).
@@ -195,8 +203,8 @@ def pack_shared_prefixes(input_ids, attention_mask=None) -> SharedPrefixPack:
     )
 
 
-def shared_prefix_micro_batches(input_ids, attention_mask=None, *, max_tokens: int,
-                                oversized: str = "error") -> list[np.ndarray]:
+def shared_prefix_micro_batches(input_ids: ArrayOrTensor, attention_mask: ArrayOrTensor | None = None, *,
+                                max_tokens: int, oversized: str = "error") -> list[np.ndarray]:
     """Split a batch's rows into micro-batches of at most `max_tokens` *packed* tokens each,
     keeping rows that share prefixes together (for token-budgeted micro-batching, e.g. verl's
     dynamic batch size, without losing the sharing).
@@ -219,7 +227,9 @@ def shared_prefix_micro_batches(input_ids, attention_mask=None, *, max_tokens: i
         raise SequenceBatchError("max_tokens", f"{max_tokens} is smaller than row {too_long[0]} "
                                  f"({lengths[too_long[0]]} tokens); a row cannot be split across micro-batches")
     order, lcp = _sorted_lcp([input_ids[b, start[b]:stop[b]] for b in range(input_ids.shape[0])])
-    batches, current, used = [], [], 0
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    used = 0
     for k, row in enumerate(order.tolist()):
         shared_cost = int(lengths[row] - lcp[k])  # what the row adds to the micro-batch of its predecessor
         if current and used + shared_cost > max_tokens:

@@ -19,11 +19,16 @@ baseline).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
 
 from trace_core.forest import ROLE_MODEL, ForestError, RolloutForest, _children_csr, _leaf_paths
+
+if TYPE_CHECKING:
+    import torch
+    from numpy.typing import ArrayLike
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,7 +97,7 @@ class PackedTree:
                    and getattr(self, f.name).dtype == getattr(other, f.name).dtype for f in fields(self))
 
 
-def unpack(packed: PackedTree, values=None) -> list:
+def unpack(packed: PackedTree, values: np.ndarray | torch.Tensor | None = None) -> list:
     """Split a per-packed-token array (numpy or torch, leading dim N) into per-leaf sequences,
     in the order of `packed.leaf_nodes`. Default values: input_ids (restores the leaf token ids)."""
     values = packed.input_ids if values is None else values
@@ -107,7 +112,7 @@ def unpack(packed: PackedTree, values=None) -> list:
     return list(torch.split(gathered, np.diff(offsets).tolist()))
 
 
-def _selected_roots(forest: RolloutForest, roots) -> np.ndarray:
+def _selected_roots(forest: RolloutForest, roots: ArrayLike | None) -> np.ndarray:
     if roots is None:
         return forest.roots
     roots = np.asarray(roots, dtype=np.int64).reshape(-1)
@@ -121,7 +126,7 @@ def _selected_roots(forest: RolloutForest, roots) -> np.ndarray:
     return roots
 
 
-def pack(forest: RolloutForest, roots=None, *, validate: bool = True) -> PackedTree:
+def pack(forest: RolloutForest, roots: ArrayLike | None = None, *, validate: bool = True) -> PackedTree:
     """Pack the trees of `roots` (default: every tree, in node order) into one PackedTree."""
     if validate:
         forest.validate()
@@ -141,7 +146,9 @@ def pack(forest: RolloutForest, roots=None, *, validate: bool = True) -> PackedT
     )
 
 
-def split_by_tokens(forest: RolloutForest, max_tokens: int, roots=None, *, oversized: str = "error") -> list[np.ndarray]:
+def split_by_tokens(
+    forest: RolloutForest, max_tokens: int, roots: ArrayLike | None = None, *, oversized: str = "error"
+) -> list[np.ndarray]:
     """Group whole trees into micro-batches of at most `max_tokens` packed tokens each, in root
     order (greedy, contiguous). A tree is never split: its shared prefix must be in the same pass
     as its branches. A tree larger than `max_tokens` raises (oversized="error") or gets a
@@ -159,7 +166,9 @@ def split_by_tokens(forest: RolloutForest, max_tokens: int, roots=None, *, overs
         r = roots[too_big[0]]
         raise ForestError("max_tokens", f"{max_tokens} is smaller than the tree of prompt {forest.prompt_id[r]} "
                           f"({sizes[too_big[0]]} tokens); a tree cannot be split across micro-batches")
-    batches, current, used = [], [], 0
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    used = 0
     for r, size in zip(roots.tolist(), sizes.tolist()):
         if current and used + size > max_tokens:
             batches.append(np.asarray(current, np.int64))
@@ -307,7 +316,7 @@ def _leaf_token_index(path_offsets, path_nodes, node_start, node_end):
 
 
 # ---------------------------------------------------------------------- plain-Python reference
-def pack_reference(forest: RolloutForest, roots=None) -> PackedTree:
+def pack_reference(forest: RolloutForest, roots: ArrayLike | None = None) -> PackedTree:
     """The same packing with plain Python loops and lists (same O(nodes + tokens) algorithm, no
     numba): the oracle for tests and the baseline of bench/bench_packing.py."""
     forest.validate()
@@ -343,8 +352,15 @@ def pack_reference(forest: RolloutForest, roots=None) -> PackedTree:
         if parent[u] >= 0:
             path_pos[u] = path_pos[parent[u]] + length[parent[u]]
 
-    ids, pos, end, mask, mult, lp, node = [], [], [], [], [], [], []
-    label_pos, label_rows = [], []
+    ids: list[int] = []
+    pos: list[int] = []
+    end: list[int] = []
+    mask: list[bool] = []
+    mult: list[int] = []
+    lp: list[float] = []
+    node: list[int] = []
+    label_pos: list[int] = []
+    label_rows: list[int] = []
     for u in order:
         for k, i in enumerate(range(starts[u], ends[u])):
             here = len(ids)
@@ -360,7 +376,8 @@ def pack_reference(forest: RolloutForest, roots=None) -> PackedTree:
             node.append(u)
     tree_offsets = [node_start[r] for r in roots] + [len(ids)]
     leaf_nodes = [u for u in range(n) if node_start[u] >= 0 and is_leaf[u]]
-    path_offsets, path_nodes = [0], []
+    path_offsets: list[int] = [0]
+    path_nodes: list[int] = []
     for leaf in leaf_nodes:
         path = [leaf]
         while parent[path[-1]] >= 0:

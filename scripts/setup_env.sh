@@ -8,6 +8,9 @@
 #                 machines; GPU users set e.g. TORCH_SPEC="torch==2.13.0 --index-url <cuda index>"
 #                 or TORCH_SPEC=torch to take their platform's default build)
 #   EXTRAS        optional extras to install          (default: none; test.sh uses "test")
+#
+# A script that sources this file exports TRACE_RL_SETUP_DONE; scripts it starts with the same
+# VENV / TORCH_SPEC / EXTRAS skip the pip calls.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +28,11 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 VENV_PY="$VENV/bin/python"
+# Already set up by a calling script with the same settings (e.g. .ci/run, then scripts/test.sh)?
+SETUP_KEY="$VENV|$TORCH_SPEC|$EXTRAS"
+if [ "${TRACE_RL_SETUP_DONE:-}" = "$SETUP_KEY" ]; then
+    return 0 2>/dev/null || exit 0
+fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first and on its own, so the project's "torch>=2.4" is already satisfied and pip
 # never resolves a multi-GB CUDA build on a CPU-only machine.
@@ -38,3 +46,4 @@ spec="$REPO_ROOT"
 [ -n "$EXTRAS" ] && spec="$REPO_ROOT[$EXTRAS]"
 echo "[setup] installing trace-rl${EXTRAS:+[$EXTRAS]} (editable)"
 "$VENV_PY" -m pip install --quiet -e "$spec"
+export TRACE_RL_SETUP_DONE="$SETUP_KEY"

@@ -9,17 +9,21 @@ Two shapes of credit, both returned as a float64 array over forest nodes [n]:
 
 `trace_core.loss.packed_loss_weights` turns either into the per-token sums the exact packed loss needs.
 
+Estimators are selected by name (`optim.advantage` in a trainer config) from the registry ADVANTAGES; add
+yours with `register_advantage("mine", fn, kind=LEAF)` (fn(forest) -> [n] float array), e.g. in a plugin.
+
 Standard-deviation convention: population std (ddof=0) over the group's leaves; a group whose std
 is <= `eps` (all rewards equal, or a single leaf) contributes exactly 0.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numba
 import numpy as np
 
 from trace_core.forest import ForestError, RolloutForest
+from trace_core.registry import Registry
 
 LEAF, NODE = "leaf", "node"  # what an advantage array is indexed by (see module docstring)
 
@@ -60,19 +64,33 @@ def segment(forest: RolloutForest) -> np.ndarray:
     return _segment_credit(forest.parent, forest.num_children, value)
 
 
-ADVANTAGES: dict[str, tuple[Callable[..., np.ndarray], str]] = {
-    "tree_grpo": (tree_grpo, LEAF),
-    "grpo": (grpo, LEAF),
-    "segment": (segment, NODE),
-}
+# name -> (estimator, LEAF or NODE)
+ADVANTAGES: Registry[tuple[Callable[..., np.ndarray], str]] = Registry(
+    "advantage estimator", field="advantage", error=ForestError,
+    unknown="unknown estimator {name!r}; choose one of {names}")
+
+
+def register_advantage(name: str, fn: Callable[..., np.ndarray], *, kind: str = LEAF, replace: bool = False) -> None:
+    """Register estimator `fn(forest) -> [n] advantages` under `name`; `kind` says what it is indexed by."""
+    if kind not in (LEAF, NODE):
+        raise ForestError("kind", f"must be {LEAF!r} or {NODE!r}, got {kind!r}")
+    if not callable(fn):
+        raise ForestError("fn", f"advantage estimator {name!r} must be callable, got {fn!r}")
+    ADVANTAGES.register(name, (fn, kind), replace=replace)
+
+
+register_advantage("tree_grpo", tree_grpo)
+register_advantage("grpo", grpo)
+register_advantage("segment", segment, kind=NODE)
+
+
+def available_advantages() -> list[str]:
+    return ADVANTAGES.names()
 
 
 def compute_advantages(forest: RolloutForest, name: str = "tree_grpo") -> tuple[np.ndarray, str]:
     """Look an estimator up by name; returns (advantages [n], LEAF or NODE)."""
-    try:
-        fn, kind = ADVANTAGES[name]
-    except KeyError:
-        raise ForestError("advantage", f"unknown estimator {name!r}; choose one of {sorted(ADVANTAGES)}") from None
+    fn, kind = ADVANTAGES.get(name)
     return fn(forest), kind
 
 

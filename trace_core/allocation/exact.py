@@ -57,7 +57,7 @@ def allocate_roots(
             within the caps (the message gives the numbers).
     """
     if method not in ROOT_METHODS:
-        raise ValueError(f"method must be one of {ROOT_METHODS}, got {method!r}")
+        raise checks.AllocationError("method", f"method must be one of {ROOT_METHODS}, got {method!r}")
     v, budget, m_min, m_max, eps = _check_roots(v, budget, m_min, m_max, eps)
     counts = np.zeros(v.shape[0], dtype=np.int64)
     if budget == 0:

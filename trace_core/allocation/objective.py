@@ -58,7 +58,8 @@ def tree_mixed_probability(p, r, group, counts, bare_mixed, *, eps: float = 0.02
     """
     bare_mixed = np.asarray(bare_mixed)
     if bare_mixed.ndim != 1 or bare_mixed.dtype != bool:
-        raise ValueError(f"bare_mixed must be a 1-D bool array (one entry per group), got {bare_mixed.dtype} {bare_mixed.shape}")
+        raise checks.AllocationError("bare_mixed", f"bare_mixed must be a 1-D bool array (one entry per group), "
+                                                   f"got {bare_mixed.dtype} {bare_mixed.shape}")
     p = checks.as_probabilities(p, "p")
     r = checks.as_binary_outcomes(r, "r")
     group = checks.as_group_ids(group, bare_mixed.shape[0])

@@ -5,9 +5,19 @@ and registered envs are imported when first built with `make_env`.
 """
 from trace_core.envs import builtin  # noqa: F401  (registers "gridworld" and "search_qa")
 from trace_core.envs.base import INVALID_ACTION_POLICIES, Env, EnvError, EpisodeStateError, Step, TaskSource
-from trace_core.envs.registry import EnvConfig, available_envs, make_env, make_task_source, register_env
+from trace_core.envs.registry import ENVS, EnvConfig, available_envs, make_env, make_task_source, register_env
 
 __all__ = [
-    "INVALID_ACTION_POLICIES", "Env", "EnvConfig", "EnvError", "EpisodeStateError", "Step", "TaskSource",
-    "available_envs", "make_env", "make_task_source", "register_env",
+    "ENVS",
+    "INVALID_ACTION_POLICIES",
+    "Env",
+    "EnvConfig",
+    "EnvError",
+    "EpisodeStateError",
+    "Step",
+    "TaskSource",
+    "available_envs",
+    "make_env",
+    "make_task_source",
+    "register_env",
 ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, runtime_checkable
 
+from trace_core.errors import TraceError
+
 
 @dataclass(frozen=True)
 class Step:
@@ -57,8 +59,8 @@ end       the episode ends at once with reward 0 and info["end_reason"] == "inva
 """
 
 
-class EnvError(ValueError):
-    """A user-caused error in an env's configuration or task record; the message names the field."""
+class EnvError(TraceError):
+    """A user-caused error in an env's configuration or task record: EnvError(field, message), `field` names it."""
 
 
 class EpisodeStateError(RuntimeError):
@@ -76,13 +78,13 @@ class TaskSource(Protocol):
 def check_choice(name: str, value: Any, choices: tuple) -> None:
     """Raise EnvError naming `name` unless `value` is one of `choices`."""
     if value not in choices:
-        raise EnvError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise EnvError(name, f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def check_positive_int(name: str, value: Any) -> int:
     """Raise EnvError naming `name` unless `value` is an int >= 1; returns it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EnvError(f"{name} must be an integer >= 1, got {value!r}")
+        raise EnvError(name, f"{name} must be an integer >= 1, got {value!r}")
     return value
 
 
@@ -94,20 +96,20 @@ def check_split(split: Any) -> str:
 def require_field(task: Mapping[str, Any], field_name: str, kind: type | tuple[type, ...], where: str = "task") -> Any:
     """task[field_name], checked to be of `kind`; EnvError naming the field otherwise."""
     if not isinstance(task, Mapping):
-        raise EnvError(f"{where} must be a mapping (dict), got {type(task).__name__}")
+        raise EnvError(where, f"{where} must be a mapping (dict), got {type(task).__name__}")
     if field_name not in task:
-        raise EnvError(f"{where} is missing the field {field_name!r}")
+        raise EnvError(where, f"{where} is missing the field {field_name!r}")
     value = task[field_name]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     bool_as_number = isinstance(value, bool) and bool not in kinds  # True is an int to Python, not to us
     if not isinstance(value, kinds) or bool_as_number:
         names = "/".join(k.__name__ for k in kinds)
-        raise EnvError(f"{where} field {field_name!r} must be {names}, got {type(value).__name__}: {value!r}")
+        raise EnvError(field_name, f"{where} field {field_name!r} must be {names}, got {type(value).__name__}: {value!r}")
     return value
 
 
 def check_seed(seed: Any) -> int | None:
     """Raise EnvError naming `seed` unless it is None or a non-negative integer."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise EnvError(f"seed must be None or an integer >= 0, got {seed!r}")
+        raise EnvError("seed", f"seed must be None or an integer >= 0, got {seed!r}")
     return seed

@@ -11,11 +11,29 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from trace_core.registry import Registry
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# model.name -> loader(cfg: ModelConfig, env_name: str, seed: int, dtype: torch.dtype) -> (model, tokenizer,
+# extra stop token ids); a name that is not registered is read as a local Hugging Face model directory.
+# Entries are "module:attribute" paths imported on first use (trace_core.model.policy builds the policy).
+MODELS: Registry[Callable[..., tuple[Any, Any, tuple[int, ...]]]] = Registry(
+    "model", field="model.name", callable_only=True)
+MODELS.register("tiny", "trace_core.model.policy:load_tiny")
+MODELS.register("smollm2", "trace_core.model.policy:load_smollm2_policy")
+
+
+def register_model(name: str, loader: Callable[..., tuple[Any, Any, tuple[int, ...]]] | str, *,
+                   replace: bool = False) -> None:
+    """Register `loader(cfg, env_name, seed, dtype) -> (model, tokenizer, stop_token_ids)` as model.name `name`."""
+    MODELS.register(name, loader, replace=replace)
 
 
 def cache_dir() -> Path:

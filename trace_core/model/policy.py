@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from trace_core.train.config_loader import ConfigError
 from trace_core.rollout import HFTextCodec
 from trace_core.train.config import ModelConfig
+from trace_core.train.config_loader import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,10 +64,32 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"model.device: {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+        raise ConfigError("model.device", f"{name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"model.device: {name!r} asked for, but CUDA is not available here")
+        raise ConfigError("model.device", f"{name!r} asked for, but CUDA is not available here")
     return device
+
+
+def load_tiny(cfg: ModelConfig, env_name: str, seed: int, dtype: torch.dtype):
+    """model.name=tiny: a random-init model sized for the env's word tokenizer (the grid world's)."""
+    if env_name != "gridworld":
+        raise ConfigError("model.name", f"'tiny' needs an env with a built-in word tokenizer (gridworld), got "
+                                        f"env.name={env_name!r}; use model.name=smollm2 or a model directory")
+    from trace_core.model.tiny import build_tiny_model
+    from trace_core.model.word_tokenizer import EOT, gridworld_tokenizer
+
+    tokenizer = gridworld_tokenizer()
+    model = build_tiny_model(tokenizer, seed=seed, dtype=dtype, arch=cfg.arch, hidden_size=cfg.hidden_size,
+                             num_layers=cfg.layers, num_heads=cfg.heads, num_kv_heads=cfg.kv_heads)
+    return model, tokenizer, (tokenizer.convert_tokens_to_ids(EOT),)
+
+
+def load_smollm2_policy(cfg: ModelConfig, env_name: str, seed: int, dtype: torch.dtype):
+    """model.name=smollm2: SmolLM2-135M-Instruct, offline (trace_core.model.loading.load_smollm2)."""
+    from trace_core.model.loading import load_smollm2
+
+    model, tokenizer = load_smollm2(dtype)
+    return model, tokenizer, ()
 
 
 def build_policy(cfg: ModelConfig, env_name: str, seed: int) -> Policy:
@@ -75,7 +97,7 @@ def build_policy(cfg: ModelConfig, env_name: str, seed: int) -> Policy:
     compute_dtype, device = DTYPES[cfg.dtype], resolve_device(cfg.device)
     low_precision = compute_dtype != torch.float32
     if low_precision and cfg.master_weights and not autocast_supported(device.type, compute_dtype):
-        raise ConfigError(f"model.dtype: {cfg.dtype} compute over fp32 master weights needs torch autocast to "
+        raise ConfigError("model.dtype", f"{cfg.dtype} compute over fp32 master weights needs torch autocast to "
                           f"{cfg.dtype} on {device.type}, which this torch build does not support; use "
                           "model.dtype=bfloat16 or float32")
     if low_precision and not cfg.master_weights:
@@ -83,27 +105,16 @@ def build_policy(cfg: ModelConfig, env_name: str, seed: int) -> Policy:
                     "than its resolution (about 1/%d of a weight) is lost; keep model.master_weights=true for fp32 "
                     "master weights", cfg.dtype, round(2 / torch.finfo(compute_dtype).eps))
     dtype = torch.float32 if low_precision and cfg.master_weights else compute_dtype  # parameter storage
-    if cfg.name == "tiny":
-        if env_name != "gridworld":
-            raise ConfigError(f"model.name: 'tiny' needs an env with a built-in word tokenizer (gridworld), got "
-                              f"env.name={env_name!r}; use model.name=smollm2 or a model directory")
-        from trace_core.model.tiny import build_tiny_model
-        from trace_core.model.word_tokenizer import EOT, gridworld_tokenizer
+    from trace_core.model.loading import MODELS
 
-        tokenizer = gridworld_tokenizer()
-        model = build_tiny_model(tokenizer, seed=seed, dtype=dtype, arch=cfg.arch, hidden_size=cfg.hidden_size,
-                                 num_layers=cfg.layers, num_heads=cfg.heads, num_kv_heads=cfg.kv_heads)
-        stop = (tokenizer.convert_tokens_to_ids(EOT),)
-    elif cfg.name == "smollm2":
-        from trace_core.model.loading import load_smollm2
-
-        model, tokenizer = load_smollm2(dtype)
-        stop = ()
+    if cfg.name in MODELS:
+        model, tokenizer, stop = MODELS.get(cfg.name)(cfg, env_name, seed, dtype)
     else:
         path = Path(cfg.name)
         if not (path / "config.json").is_file():
-            raise ConfigError(f"model.name: {cfg.name!r} is neither 'tiny', 'smollm2' nor a model directory "
-                              "with a config.json (no model hub is used)")
+            raise ConfigError("model.name", f"{cfg.name!r} is neither a registered model "
+                                            f"({', '.join(MODELS.names())}) nor a model directory with a config.json "
+                                            "(no model hub is used)")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -111,8 +122,8 @@ def build_policy(cfg: ModelConfig, env_name: str, seed: int) -> Policy:
         stop = ()
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
-        raise ConfigError(f"model.name: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
-                          f"has {vocab}; they do not belong together")
+        raise ConfigError("model.name", f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                                        f"has {vocab}; they do not belong together")
     if cfg.gradient_checkpointing:
         # recompute each layer in the backward instead of keeping its activations (tree_forward
         # makes the replay use tree attention); generation runs in eval mode, where it is off

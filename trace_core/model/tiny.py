@@ -29,11 +29,11 @@ def tiny_model_config(tokenizer: PreTrainedTokenizerBase, *, arch: str = "llama"
                         ("num_kv_heads", num_kv_heads), ("max_positions", max_positions)):
         check_positive_int(name, value)
     if hidden_size % num_heads:
-        raise EnvError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        raise EnvError("hidden_size", f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     if num_heads % num_kv_heads:
-        raise EnvError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+        raise EnvError("num_heads", f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise EnvError("tokenizer must define pad_token and eos_token")
+        raise EnvError("tokenizer", "tokenizer must define pad_token and eos_token")
     eos_ids = [tokenizer.eos_token_id]
     eot_id = tokenizer.convert_tokens_to_ids(EOT)
     if eot_id is not None and eot_id != tokenizer.unk_token_id:

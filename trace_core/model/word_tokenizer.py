@@ -33,7 +33,7 @@ def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     vocab: dict[str, int] = {}
     for word in (*SPECIAL_TOKENS, *words):
         if not isinstance(word, str) or not word or any(ch.isspace() for ch in word):
-            raise EnvError(f"words: every word must be a non-empty string without whitespace, got {word!r}")
+            raise EnvError("words", f"every word must be a non-empty string without whitespace, got {word!r}")
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -12,8 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from trace_core.train.config_loader import ConfigError, from_dict, load_config, save_config, to_dict
 from trace_core.train.config import ALLOCATION_MODES, TrainConfig
+from trace_core.train.config_loader import ConfigError, from_dict, load_config, save_config, to_dict
 
 SHOWN = ("success_bare", "effective_ratio", "loss", "eval/success", "eval/success_greedy", "predictor/brier")
 
@@ -46,8 +46,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> list[dict]:
 
 def compare(cfg: TrainConfig, seeds: list[int], modes: list[str], out: Path) -> dict:
     """Train every mode with every seed at the same budget; write a table and a plot under `out`."""
+    from trace_core.allocation import available_modes
     from trace_core.train.report import write_comparison
 
+    unknown = [mode for mode in modes if mode not in available_modes()]  # before the first run, not after it
+    if unknown:
+        raise ConfigError("--modes", f"{', '.join(map(repr, unknown))} not registered; registered modes: "
+                                     f"{', '.join(available_modes())}")
     runs: dict[str, list[list[dict]]] = {mode: [] for mode in modes}
     for mode in modes:
         for seed in seeds:
@@ -64,7 +69,7 @@ def evaluate(target: Path, tasks: int | None) -> dict:
 
     path = ckpt.latest_checkpoint(target) if target.is_dir() else target
     if path is None or not path.is_file():
-        raise ConfigError(f"eval: {target} is neither a checkpoint file nor a run directory with checkpoints")
+        raise ConfigError("eval", f"{target} is neither a checkpoint file nor a run directory with checkpoints")
     state = ckpt.load_checkpoint(path)
     cfg = from_dict(TrainConfig, {**state["config"], "run_dir": str(path.parent.parent)})
     trainer = Trainer(cfg, resume=True)
@@ -83,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p_cmp = sub.add_parser("compare", help="TRACE vs baselines at equal budget over several seeds")
     p_cmp.add_argument("--config", type=Path)
     p_cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p_cmp.add_argument("--modes", nargs="+", default=["trace", "uniform", "random_tree"], choices=ALLOCATION_MODES)
+    p_cmp.add_argument("--modes", nargs="+", default=["trace", "uniform", "random_tree"],
+                       help=f"registered allocation modes (built in: {', '.join(ALLOCATION_MODES)}; plugins add more)")
     p_cmp.add_argument("--out", type=Path, default=Path("runs/compare"))
     p_cmp.add_argument("overrides", nargs="*")
     p_eval = sub.add_parser("eval", help="success rate of a checkpoint on the held-out split")

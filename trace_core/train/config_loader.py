@@ -5,7 +5,12 @@
 
 Nested dataclasses map to nested YAML mappings and dotted override keys. Values are converted to
 the field's annotated type (int, float, bool, str, Literal[...], Optional[...], list/tuple/dict of
-those); anything that does not fit raises ConfigError naming the dotted key.
+those); anything that does not fit raises ConfigError naming the dotted key. A dataclass's __post_init__
+may raise ConfigError(field, message) with `field` relative to its section (the loader qualifies it,
+e.g. "mode" in the allocation section becomes "allocation.mode") or a plain ValueError (then named by
+the section). A field whose metadata has "load_first" (a callable) is converted before the others and
+the callable is called with its value: the trainer's `plugins` are imported that way, so every section
+can name what they register.
 """
 from __future__ import annotations
 
@@ -17,11 +22,16 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from trace_core.errors import TraceError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names the key."""
+class ConfigError(TraceError):
+    """A configuration problem a user can fix: ConfigError(key, message), `field` is the (dotted) key.
+
+    The one-argument form ConfigError("key: message") still works (the key is read before the first ": ").
+    """
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
@@ -30,18 +40,18 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"--config: no such file {str(path)!r}")
+            raise ConfigError("--config", f"no such file {str(path)!r}")
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise ConfigError(f"--config: {path} is not valid YAML: {err}") from None
+            raise ConfigError("--config", f"{path} is not valid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"--config: {path} must hold a mapping of keys, got {type(loaded).__name__}")
+            raise ConfigError("--config", f"{path} must hold a mapping of keys, got {type(loaded).__name__}")
         data = loaded or {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-5")
+            raise ConfigError(f"override {item!r}", "expected key=value, e.g. optim.lr=1e-5")
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
     return from_dict(cls, data)
 
@@ -49,21 +59,32 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Instantiate dataclass `cls` from a (possibly partial) nested mapping."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {data!r}")
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
-    kwargs = {name: _convert(data[name], hints[name], f"{prefix}{name}") for name in names if name in data}
+            raise ConfigError(f"{prefix}{key}", f"unknown key '{prefix}{key}'{hint}")
+    kwargs = {}
+    first = [f for f in dataclasses.fields(cls) if f.init and "load_first" in f.metadata]
+    for f in first:  # e.g. plugins: imported before the other keys are converted and checked
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], f"{prefix}{f.name}")
+            try:
+                f.metadata["load_first"](kwargs[f.name])
+            except TraceError as err:
+                raise ConfigError(f"{prefix}{err.field or f.name}", err.detail) from None
+    kwargs.update({name: _convert(data[name], hints[name], f"{prefix}{name}") for name in names
+                   if name in data and name not in kwargs})
+    section = prefix.rstrip(".") or cls.__name__
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as err:  # its field is relative to this section
+        raise ConfigError(f"{prefix}{err.field}" if err.field else section, err.detail) from None
     except (TypeError, ValueError) as err:  # __post_init__ checks of the dataclass itself
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from None
+        raise ConfigError(section, str(err)) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -89,7 +110,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+            raise ConfigError(f"override {key!r}", f"{part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -115,39 +136,41 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _convert(value, option, key)
             except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {_type_name(tp)}")
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(key, f"{value!r} fits none of {_type_name(tp)}")
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+            raise ConfigError(key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(key, f"expected a list, got {value!r}")
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+                raise ConfigError(key, f"expected {len(args)} values, got {len(value)}")
             return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         converted = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(converted) if origin is tuple else converted
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
         _, vt = get_args(tp) or (Any, Any)
         return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(key, f"expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(key, f"expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -156,18 +179,18 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(key, f"expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(key, f"expected a string, got {value!r}")
     if tp is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+        raise ConfigError(key, f"expected null, got {value!r}")
+    raise ConfigError(key, f"unsupported config type {_type_name(tp)}")
 
 
 __all__ = ["ConfigError", "from_dict", "load_config", "save_config", "to_dict"]

@@ -138,7 +138,7 @@ class GridWorldEnv:
 
     def restore(self, snapshot: Any, *, seed: int | None = None) -> None:
         if not isinstance(snapshot, Mapping) or "task" not in snapshot or "rng" not in snapshot:
-            raise EnvError("snapshot must be a value returned by GridWorldEnv.snapshot()")
+            raise EnvError("snapshot", "snapshot must be a value returned by GridWorldEnv.snapshot()")
         check_seed(seed)
         self._task = dict(snapshot["task"])
         self._layout = parse_grid_task(self._task)

@@ -80,9 +80,9 @@ class GridLayout:
 def _cell(task: Mapping[str, Any], name: str, size: int) -> tuple[int, int]:
     value = require_field(task, name, (list, tuple))
     if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise EnvError(f"task field {name!r} must be [row, col] integers, got {value!r}")
+        raise EnvError(name, f"task field {name!r} must be [row, col] integers, got {value!r}")
     if not all(0 <= v < size for v in value):
-        raise EnvError(f"task field {name!r} = {list(value)} lies outside the {size}x{size} grid")
+        raise EnvError(name, f"task field {name!r} = {list(value)} lies outside the {size}x{size} grid")
     return int(value[0]), int(value[1])
 
 
@@ -91,21 +91,21 @@ def parse_grid_task(task: Mapping[str, Any]) -> GridLayout:
     size = check_positive_int("task field 'size'", require_field(task, "size", int))
     slip = float(require_field(task, "slip", (int, float)))
     if not 0.0 <= slip <= 1.0:
-        raise EnvError(f"task field 'slip' must be in [0, 1], got {slip!r}")
+        raise EnvError("slip", f"task field 'slip' must be in [0, 1], got {slip!r}")
     max_turns = check_positive_int("task field 'max_turns'", require_field(task, "max_turns", int))
     start, goal = _cell(task, "start", size), _cell(task, "goal", size)
     cells = {}
     for name in ("walls", "holes"):
         raw = task.get(name, [])
         if not isinstance(raw, (list, tuple)):
-            raise EnvError(f"task field {name!r} must be a list of [row, col], got {type(raw).__name__}")
+            raise EnvError(name, f"task field {name!r} must be a list of [row, col], got {type(raw).__name__}")
         cells[name] = frozenset(_cell({name: c}, name, size) for c in raw)
     if start == goal:
-        raise EnvError(f"task fields 'start' and 'goal' must differ, both are {list(start)}")
+        raise EnvError("goal", f"task fields 'start' and 'goal' must differ, both are {list(start)}")
     for name in ("start", "goal"):
         cell = start if name == "start" else goal
         if cell in cells["walls"] or cell in cells["holes"]:
-            raise EnvError(f"task field {name!r} = {list(cell)} is on a wall or hole")
+            raise EnvError(name, f"task field {name!r} = {list(cell)} is on a wall or hole")
     return GridLayout(str(task.get("id", "")), int(task.get("level", -1)), size, slip, max_turns, start, goal,
                       cells["walls"], cells["holes"])
 
@@ -156,7 +156,7 @@ def generate_grid_tasks(num_tasks: int, *, split: str = "train", seed: int = 0,
     check_split(split)
     levels = tuple(levels)
     if not levels or any(level not in LEVELS for level in levels):
-        raise EnvError(f"levels must be a non-empty subset of {sorted(LEVELS)}, got {list(levels)}")
+        raise EnvError("levels", f"levels must be a non-empty subset of {sorted(LEVELS)}, got {list(levels)}")
     rng = np.random.default_rng([seed, 0x6A1D])
     tasks: list[dict[str, Any]] = []
     while len(tasks) < num_tasks:

@@ -19,23 +19,23 @@ FANOUTQA_DEV_FILE = "fanoutqa/data/fanout-final-dev.json"
 def check_qa_task(record: Any, where: str = "task") -> dict[str, Any]:
     """Validate a QA record; returns a normalised copy. EnvError naming the field otherwise."""
     if not isinstance(record, Mapping):
-        raise EnvError(f"{where}: a QA record must be a JSON object / mapping, got {type(record).__name__}")
+        raise EnvError(where, f"a QA record must be a JSON object / mapping, got {type(record).__name__}")
     question = record.get("question")
     if "question" not in record:
-        raise EnvError(f"{where}: QA record is missing the field 'question'")
+        raise EnvError(where, "QA record is missing the field 'question'")
     if not isinstance(question, str) or not question.strip():
-        raise EnvError(f"{where}: QA field 'question' must be a non-empty string, got {question!r}")
+        raise EnvError(where, f"QA field 'question' must be a non-empty string, got {question!r}")
     if "golden_answers" not in record:
-        raise EnvError(f"{where}: QA record is missing the field 'golden_answers'")
+        raise EnvError(where, "QA record is missing the field 'golden_answers'")
     golds = record["golden_answers"]
     if isinstance(golds, str):
         golds = [golds]
     if (not isinstance(golds, (list, tuple)) or not golds
             or not all(isinstance(g, (str, int, float)) and not isinstance(g, bool) for g in golds)):
-        raise EnvError(f"{where}: QA field 'golden_answers' must be a non-empty list of strings, got {golds!r}")
+        raise EnvError(where, f"QA field 'golden_answers' must be a non-empty list of strings, got {golds!r}")
     meta = record.get("metadata", {})
     if not isinstance(meta, Mapping):
-        raise EnvError(f"{where}: QA field 'metadata' must be an object, got {type(meta).__name__}")
+        raise EnvError(where, f"QA field 'metadata' must be an object, got {type(meta).__name__}")
     return {"id": str(record.get("id", where)), "question": question, "golden_answers": [str(g) for g in golds],
             "metadata": dict(meta)}
 
@@ -45,7 +45,7 @@ def iter_jsonl(path: str | os.PathLike, name: str) -> Iterator[tuple[int, str, A
     naming `name` if the file is missing and the line if it is not valid JSON."""
     path = Path(path)
     if not path.is_file():
-        raise EnvError(f"{name} {str(path)!r} does not exist or is not a file")
+        raise EnvError(name, f"{name} {str(path)!r} does not exist or is not a file")
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, 1):
             if not line.strip():
@@ -53,7 +53,7 @@ def iter_jsonl(path: str | os.PathLike, name: str) -> Iterator[tuple[int, str, A
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise EnvError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                raise EnvError(f"{path}:{lineno}", f"not valid JSON ({exc.msg})") from None
             yield lineno, f"{path}:{lineno}", value
 
 
@@ -67,7 +67,7 @@ def load_qa_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             record["id"] = f"{path.stem}-{lineno}"
         records.append(record)
     if not records:
-        raise EnvError(f"QA data path {str(path)!r} holds no records")
+        raise EnvError("path", f"QA data path {str(path)!r} holds no records")
     return records
 
 
@@ -105,11 +105,11 @@ def fanoutqa_dev_path() -> Path:
     try:
         dist = importlib_metadata.distribution("fanoutqa")
     except importlib_metadata.PackageNotFoundError:
-        raise EnvError("the fanoutqa package is not installed: `pip install fanoutqa` (or the "
+        raise EnvError("path", "the fanoutqa package is not installed: `pip install fanoutqa` (or the "
                        "trace-rl[fanoutqa] extra), or pass path= to a fanout-final-dev.json file") from None
     path = Path(str(dist.locate_file(FANOUTQA_DEV_FILE)))
     if not path.is_file():
-        raise EnvError(f"the installed fanoutqa package has no {FANOUTQA_DEV_FILE}; pass path= explicitly")
+        raise EnvError("path", f"the installed fanoutqa package has no {FANOUTQA_DEV_FILE}; pass path= explicitly")
     return path
 
 
@@ -124,21 +124,21 @@ def load_fanoutqa_dev(path: str | os.PathLike | None = None) -> list[dict[str, A
     """
     path = fanoutqa_dev_path() if path is None else Path(path)
     if not path.is_file():
-        raise EnvError(f"path {str(path)!r} does not exist or is not a file")
+        raise EnvError("path", f"path {str(path)!r} does not exist or is not a file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise EnvError(f"{path}: not valid JSON ({exc.msg})") from None
+        raise EnvError(path, f"not valid JSON ({exc.msg})") from None
     if not isinstance(data, list):
-        raise EnvError(f"{path}: expected a JSON list of questions, got {type(data).__name__}")
+        raise EnvError(path, f"expected a JSON list of questions, got {type(data).__name__}")
     tasks = []
     for i, item in enumerate(data):
         where = f"{path}[{i}]"
         if not isinstance(item, Mapping):
-            raise EnvError(f"{where}: a FanOutQA question must be an object")
+            raise EnvError(where, "a FanOutQA question must be an object")
         for name in ("id", "question", "answer"):
             if name not in item:
-                raise EnvError(f"{where}: FanOutQA question is missing the field {name!r}")
+                raise EnvError(where, f"FanOutQA question is missing the field {name!r}")
         record = {"id": str(item["id"]), "question": item["question"],
                   "golden_answers": [answer_to_text(item["answer"])],
                   "metadata": {"source": "fanoutqa-dev", "answer": item["answer"],

@@ -78,22 +78,22 @@ class SearchQAEnv:
                  f1_threshold: float = 0.8, on_invalid: str = "continue", tool_timeout_s: float | None = 10.0,
                  prompt_template: str = DEFAULT_PROMPT):
         if not callable(getattr(retriever, "search", None)):
-            raise EnvError(f"retriever must have a search(query, k) method, got {type(retriever).__name__}")
+            raise EnvError("retriever", f"retriever must have a search(query, k) method, got {type(retriever).__name__}")
         self.retriever = retriever
         self.top_k = check_positive_int("top_k", top_k)
         self.max_turns = check_positive_int("max_turns", max_turns)
         check_choice("reward", reward, ("em", "f1"))
         self.reward_mode = reward
         if not 0.0 < f1_threshold <= 1.0:
-            raise EnvError(f"f1_threshold must be in (0, 1], got {f1_threshold!r}")
+            raise EnvError("f1_threshold", f"f1_threshold must be in (0, 1], got {f1_threshold!r}")
         self.f1_threshold = f1_threshold
         check_choice("on_invalid", on_invalid, INVALID_ACTION_POLICIES)
         self.on_invalid = on_invalid
         if tool_timeout_s is not None and not tool_timeout_s > 0:
-            raise EnvError(f"tool_timeout_s must be > 0 or None, got {tool_timeout_s!r}")
+            raise EnvError("tool_timeout_s", f"tool_timeout_s must be > 0 or None, got {tool_timeout_s!r}")
         self.tool_timeout_s = tool_timeout_s
         if "{question}" not in prompt_template:
-            raise EnvError("prompt_template must contain the placeholder {question}")
+            raise EnvError("prompt_template", "prompt_template must contain the placeholder {question}")
         self.prompt_template = prompt_template
         self._task: dict[str, Any] | None = None
 
@@ -136,7 +136,7 @@ class SearchQAEnv:
 
     def restore(self, snapshot: Any, *, seed: int | None = None) -> None:
         if not isinstance(snapshot, Mapping) or not {"task", "turn", "done", "searches"} <= set(snapshot):
-            raise EnvError("snapshot must be a value returned by SearchQAEnv.snapshot()")
+            raise EnvError("snapshot", "snapshot must be a value returned by SearchQAEnv.snapshot()")
         check_seed(seed)
         self._task = check_qa_task(snapshot["task"])
         self.turn, self.done, self.reward = snapshot["turn"], snapshot["done"], snapshot.get("reward")

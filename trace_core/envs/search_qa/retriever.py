@@ -38,20 +38,20 @@ def load_corpus(path: str | os.PathLike) -> list[dict[str, str]]:
     """Read a corpus JSONL file; EnvError naming the line and field of any bad record."""
     records = [check_passage(record, where) for _, where, record in iter_jsonl(path, "corpus_path")]
     if not records:
-        raise EnvError(f"corpus_path {str(path)!r} holds no passages")
+        raise EnvError("corpus_path", f"corpus_path {str(path)!r} holds no passages")
     return records
 
 
 def check_passage(record: Any, where: str) -> dict[str, str]:
     if not isinstance(record, Mapping):
-        raise EnvError(f"{where}: a corpus record must be a JSON object")
+        raise EnvError(where, "a corpus record must be a JSON object")
     for name in ("id", "contents"):
         if name not in record:
-            raise EnvError(f"{where}: corpus record is missing the field {name!r}")
+            raise EnvError(where, f"corpus record is missing the field {name!r}")
     if not isinstance(record["contents"], str):
-        raise EnvError(f"{where}: corpus field 'contents' must be a string")
+        raise EnvError(where, "corpus field 'contents' must be a string")
     if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
-        raise EnvError(f"{where}: corpus field 'id' must be a string or integer")
+        raise EnvError(where, "corpus field 'id' must be a string or integer")
     return {"id": str(record["id"]), "contents": record["contents"]}
 
 
@@ -65,7 +65,7 @@ class BM25Retriever:
     def __init__(self, corpus: Sequence[Mapping[str, Any]], *, stopwords: str | None = "en"):
         self.passages = [check_passage(r, f"corpus[{i}]") for i, r in enumerate(corpus)]
         if not self.passages:
-            raise EnvError("corpus must hold at least one passage")
+            raise EnvError("corpus", "corpus must hold at least one passage")
         self.stopwords = stopwords
         self._bm25 = bm25s.BM25()
         self._bm25.index(bm25s.tokenize([p["contents"] for p in self.passages], stopwords=stopwords,
@@ -73,7 +73,7 @@ class BM25Retriever:
 
     def search(self, query: str, k: int) -> list[Passage]:
         if k < 1:
-            raise EnvError(f"k must be >= 1, got {k}")
+            raise EnvError("k", f"k must be >= 1, got {k}")
         tokens = bm25s.tokenize([query], stopwords=self.stopwords, return_ids=False, show_progress=False)
         if not tokens[0]:
             return []
@@ -92,5 +92,5 @@ def bm25_from_file(corpus_path: str | os.PathLike) -> BM25Retriever:
     """BM25 over a corpus JSONL file; indexed once per (path, modification time) per process."""
     path = Path(corpus_path)
     if not path.is_file():
-        raise EnvError(f"corpus_path {str(path)!r} does not exist or is not a file")
+        raise EnvError("corpus_path", f"corpus_path {str(path)!r} does not exist or is not a file")
     return _cached_bm25(str(path.resolve()), path.stat().st_mtime_ns)

@@ -118,7 +118,7 @@ def synthetic_qa_tasks(world: SyntheticQAWorld, split: str = "train", *, eval_fr
     """Every question of every template about the people of `split` (the last `eval_fraction` of people)."""
     check_split(split)
     if not 0.0 < eval_fraction < 1.0:
-        raise EnvError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
+        raise EnvError("eval_fraction", f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
     cut = len(world.people) - max(1, int(round(eval_fraction * len(world.people))))
     people = world.people[:cut] if split == "train" else world.people[cut:]
     tasks = []

@@ -29,13 +29,15 @@ from typing import Sequence
 import numba
 import numpy as np
 
+from trace_core.errors import TraceError
+
 ROLE_OBSERVATION = 0  # prompt, tool output, template tokens: never trained on
 ROLE_MODEL = 1  # sampled from the policy: carries the loss
 
 _LOGPROB_TOLERANCE = 1e-4  # sampling engines round; a logprob a hair above 0 is not an error
 
 
-class ForestError(ValueError):
+class ForestError(TraceError):
     """Invalid rollout-forest input. `field` names the offending field or argument."""
 
     def __init__(self, field: str, message: str):

@@ -1,4 +1,5 @@
 """trace_core.registry (Registry, plugins) and trace_core.errors (TraceError and the errors built on it)."""
+
 from __future__ import annotations
 
 import pickle
@@ -126,7 +127,8 @@ def test_lazy_entries_are_imported_on_first_use(tmp_path, monkeypatch):
 
 
 def _plugin(path, name, body=""):
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         from trace_core.registry import Registry
         import trace_core.registry as r
         COUNT = getattr(r, "_test_plugin_count", 0) + 1
@@ -134,7 +136,9 @@ def _plugin(path, name, body=""):
         REGISTRY = getattr(r, "_test_registry", None) or Registry("thing", field="f")
         r._test_registry = REGISTRY
         REGISTRY.register({name!r}, COUNT)
-    """) + body)
+    """)
+        + body
+    )
     return path
 
 

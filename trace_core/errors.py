@@ -7,6 +7,7 @@ Subclasses say where the error comes from: ConfigError (trace_core.train.config_
 (trace_core.forest), EnvError (trace_core.envs.base), AllocationError (trace_core.allocation). Every one is a
 ValueError, so `except ValueError` keeps catching them.
 """
+
 from __future__ import annotations
 
 import re
@@ -46,8 +47,9 @@ class TraceError(ValueError):
 
 def _names(message: str, field: str) -> bool:
     """Whether `message` starts with the field's name as a word (then prefixing it again would repeat it)."""
-    return message.startswith(field) and (len(message) == len(field) or not (message[len(field)].isalnum()
-                                                                            or message[len(field)] in "_."))
+    return message.startswith(field) and (
+        len(message) == len(field) or not (message[len(field)].isalnum() or message[len(field)] in "_.")
+    )
 
 
 __all__ = ["TraceError"]

@@ -14,6 +14,7 @@ Plugins are user modules whose import registers things: `load_plugins(["my_pkg.m
 entry point of the group "trace_rl.plugins" (a package declares `[project.entry-points."trace_rl.plugins"]
 mine = "my_pkg.register"`). A config's `plugins` list is loaded before any name in it is resolved.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,8 +61,15 @@ class Registry(Generic[T]):
         unknown: message of an unknown name, formatted with name, kind, kinds (plural), names (comma-separated).
     """
 
-    def __init__(self, kind: str, *, field: str, error: type[TraceError] = TraceError, callable_only: bool = False,
-                 unknown: str = "{name!r} is not one of the registered {kinds}: {names}"):
+    def __init__(
+        self,
+        kind: str,
+        *,
+        field: str,
+        error: type[TraceError] = TraceError,
+        callable_only: bool = False,
+        unknown: str = "{name!r} is not one of the registered {kinds}: {names}",
+    ):
         self.kind, self.field, self.error, self.callable_only, self.unknown = kind, field, error, callable_only, unknown
         self.plural = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
         self._entries: dict[str, Any] = {}
@@ -78,11 +86,15 @@ class Registry(Generic[T]):
 
         def add(value: Any) -> Any:
             if self.callable_only and not (callable(value) or is_lazy_path(value)):
-                raise self.error("name", f"{self.kind} {name!r}: the registered object must be callable (a class or "
-                                         f"factory) or a 'module:attribute' path, got {value!r}")
+                raise self.error(
+                    "name",
+                    f"{self.kind} {name!r}: the registered object must be callable (a class or "
+                    f"factory) or a 'module:attribute' path, got {value!r}",
+                )
             if name in self._entries and not replace:
-                raise self.error("name", f"a {self.kind} named {name!r} is already registered; pass replace=True "
-                                         "to override it")
+                raise self.error(
+                    "name", f"a {self.kind} named {name!r} is already registered; pass replace=True to override it"
+                )
             self._entries[name] = value
             return value
 
@@ -101,15 +113,20 @@ class Registry(Generic[T]):
         if isinstance(name, str) and name not in self._entries:
             load_entry_point_plugins()  # a plugin package may register it
         if not isinstance(name, str) or name not in self._entries:
-            raise self.error(field or self.field, self.unknown.format(name=name, kind=self.kind, kinds=self.plural,
-                                                                      names=", ".join(self.names()) or "(none)"))
+            raise self.error(
+                field or self.field,
+                self.unknown.format(
+                    name=name, kind=self.kind, kinds=self.plural, names=", ".join(self.names()) or "(none)"
+                ),
+            )
         value = self._entries[name]
         if is_lazy_path(value):
             try:
                 value = import_path(value)
             except (ImportError, AttributeError) as exc:
-                raise self.error(field or self.field,
-                                 f"{self.kind} {name!r}: cannot import factory {value!r} ({exc})") from exc
+                raise self.error(
+                    field or self.field, f"{self.kind} {name!r}: cannot import factory {value!r} ({exc})"
+                ) from exc
             self._entries[name] = value
         return value
 
@@ -177,8 +194,9 @@ def _load_plugin(spec: str, field: str) -> ModuleType:
         try:
             return importlib.import_module(spec)
         except ModuleNotFoundError:
-            raise TraceError(field, f"no module named {spec!r} (a module path on sys.path, the current "
-                                    "directory, or a .py file)") from exc
+            raise TraceError(
+                field, f"no module named {spec!r} (a module path on sys.path, the current directory, or a .py file)"
+            ) from exc
         finally:
             sys.path.remove(cwd)
     except TraceError:
@@ -221,8 +239,11 @@ def load_entry_point_plugins() -> None:
         try:
             entry.load()
         except Exception as exc:
-            raise TraceError("plugins", f"entry point {entry.name!r} ({entry.value}) of group "
-                                        f"{ENTRY_POINT_GROUP!r} failed to load: {type(exc).__name__}: {exc}") from exc
+            raise TraceError(
+                "plugins",
+                f"entry point {entry.name!r} ({entry.value}) of group "
+                f"{ENTRY_POINT_GROUP!r} failed to load: {type(exc).__name__}: {exc}",
+            ) from exc
 
 
 def call_with_options(factory: Callable[..., T], options: dict[str, Any]) -> T:
@@ -235,10 +256,20 @@ def call_with_options(factory: Callable[..., T], options: dict[str, Any]) -> T:
         return factory()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return factory(**options)
-    accepted = {k: v for k, v in options.items() if k in params
-                and params[k].kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    accepted = {
+        k: v
+        for k, v in options.items()
+        if k in params and params[k].kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    }
     return factory(**accepted)
 
 
-__all__ = ["ENTRY_POINT_GROUP", "Registry", "call_with_options", "import_path", "is_lazy_path",
-           "load_entry_point_plugins", "load_plugins"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Registry",
+    "call_with_options",
+    "import_path",
+    "is_lazy_path",
+    "load_entry_point_plugins",
+    "load_plugins",
+]

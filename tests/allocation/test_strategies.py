@@ -1,5 +1,6 @@
 """Allocation as a pair of strategies (trace_core.allocation.modes): modes, budgets, cold start, options,
 user strategies, and the Allocator adapter."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -127,16 +128,22 @@ def test_builtin_strategies_match_the_solvers_and_the_legacy_allocators():
         assert np.array_equal(got, allocate_roots(v, 30, m_min=2, m_max=6, method=method))
     p, r, group = rng.random(20), rng.integers(0, 2, 20), rng.integers(0, 4, 20)
     budgets = np.bincount(group, minlength=4) * 2
-    assert np.array_equal(ActivePrefixes()(p, r, group, budgets, k_max=3, eps=0.02, rng=RNG(0)),
-                          allocate_prefixes(p, r, group, budgets, k_max=3))
-    assert np.array_equal(UniformRoots()(v, 30, m_min=2, m_max=6, eps=0.02, rng=RNG(0)),
-                          get_allocator("uniform").roots(v, 30, m_min=2, m_max=6))
+    assert np.array_equal(
+        ActivePrefixes()(p, r, group, budgets, k_max=3, eps=0.02, rng=RNG(0)),
+        allocate_prefixes(p, r, group, budgets, k_max=3),
+    )
+    assert np.array_equal(
+        UniformRoots()(v, 30, m_min=2, m_max=6, eps=0.02, rng=RNG(0)),
+        get_allocator("uniform").roots(v, 30, m_min=2, m_max=6),
+    )
     # random: draws from the rng argument, so the same seed gives the same tree and another seed another one
     first = RandomPrefixes()(p, r, group, budgets, k_max=3, eps=0.02, rng=RNG(7))
     assert np.array_equal(first, RandomPrefixes()(p, r, group, budgets, k_max=3, eps=0.02, rng=RNG(7)))
     assert np.array_equal(first, get_allocator("random_tree", rng=7).prefixes(p, r, group, budgets, k_max=3))
-    assert not all(np.array_equal(first, RandomPrefixes()(p, r, group, budgets, k_max=3, eps=0.02, rng=RNG(s)))
-                   for s in range(8, 12))
+    assert not all(
+        np.array_equal(first, RandomPrefixes()(p, r, group, budgets, k_max=3, eps=0.02, rng=RNG(s)))
+        for s in range(8, 12)
+    )
     assert np.array_equal(np.bincount(group, weights=first, minlength=4), budgets) and first.max() <= 3
     with pytest.raises(AllocationError, match=r"needs a numpy\.random\.Generator"):
         RandomPrefixes()(p, r, group, budgets, k_max=3, eps=0.02, rng=None)
@@ -202,11 +209,14 @@ def test_lazy_strategy_paths_and_incomplete_strategies(cleanup):
         register_root_strategy("test_not_callable", 42)
 
 
-@pytest.mark.parametrize("kwargs, field, listed", [
-    (dict(mode="best"), "allocation.mode", "pcl, random_tree, trace, uniform"),
-    (dict(mode="trace", root_strategy="greedy"), "allocation.root_strategy", "active, pcl, uniform"),
-    (dict(mode="trace", prefix_strategy="all"), "allocation.prefix_strategy", "active, none, random, uniform"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field, listed",
+    [
+        (dict(mode="best"), "allocation.mode", "pcl, random_tree, trace, uniform"),
+        (dict(mode="trace", root_strategy="greedy"), "allocation.root_strategy", "active, pcl, uniform"),
+        (dict(mode="trace", prefix_strategy="all"), "allocation.prefix_strategy", "active, none, random, uniform"),
+    ],
+)
 def test_unknown_names_name_the_key_and_list_the_registered(kwargs, field, listed):
     with pytest.raises(AllocationError) as info:
         build_allocation(**kwargs)

@@ -15,6 +15,7 @@ are passed to it (e.g. count_per_prompt, root_method), so a factory without para
 a named pair: `register_mode(name, root=..., prefix=...)`. Built-in modes: trace = active/active,
 uniform = uniform/none, random_tree = uniform/random, pcl = pcl/none (METHOD.md's baselines).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -35,8 +36,9 @@ class RootStrategy(Protocol):
     uses_predictor: bool  # reads Vhat of the prompts
     cold_start: str | None  # registered root strategy to run while the predictor is untrained (None: run on v = 0.5)
 
-    def __call__(self, v: np.ndarray, budget: int, *, m_min: int, m_max: int | None, eps: float,
-                 rng: np.random.Generator) -> np.ndarray:
+    def __call__(
+        self, v: np.ndarray, budget: int, *, m_min: int, m_max: int | None, eps: float, rng: np.random.Generator
+    ) -> np.ndarray:
         """(B,) int64 counts in {0} U [m_min, m_max], summing to budget."""
         ...
 
@@ -49,29 +51,46 @@ class PrefixStrategy(Protocol):
     expands: bool  # False: samples no continuation (the pair's bare budget is then every leaf)
     cold_start: str | None
 
-    def __call__(self, p: np.ndarray, r: np.ndarray, group: np.ndarray, budget_per_group: np.ndarray, *,
-                 k_max: int | None, eps: float, rng: np.random.Generator) -> np.ndarray:
+    def __call__(
+        self,
+        p: np.ndarray,
+        r: np.ndarray,
+        group: np.ndarray,
+        budget_per_group: np.ndarray,
+        *,
+        k_max: int | None,
+        eps: float,
+        rng: np.random.Generator,
+    ) -> np.ndarray:
         """(N,) int64 counts in [0, k_max], summing to budget_per_group[g] over each group g."""
         ...
 
 
 ROOT_STRATEGIES: Registry[Callable[..., RootStrategy]] = Registry(
-    "root strategy", field="allocation.root_strategy", error=AllocationError, callable_only=True)
+    "root strategy", field="allocation.root_strategy", error=AllocationError, callable_only=True
+)
 PREFIX_STRATEGIES: Registry[Callable[..., PrefixStrategy]] = Registry(
-    "prefix strategy", field="allocation.prefix_strategy", error=AllocationError, callable_only=True)
+    "prefix strategy", field="allocation.prefix_strategy", error=AllocationError, callable_only=True
+)
 MODES: Registry[tuple[str, str]] = Registry("mode", field="allocation.mode", error=AllocationError)
 
 
-def register_root_strategy(name: str, factory: Any = None, *, replace: bool = False):
+def register_root_strategy(name: str, factory: Any = None, *, replace: bool = False) -> Any:
     """Register a root-strategy factory (decorator without `factory`); a "module:attribute" path is lazy."""
-    return ROOT_STRATEGIES.register(name, replace=replace) if factory is None else \
-        ROOT_STRATEGIES.register(name, factory, replace=replace)
+    return (
+        ROOT_STRATEGIES.register(name, replace=replace)
+        if factory is None
+        else ROOT_STRATEGIES.register(name, factory, replace=replace)
+    )
 
 
-def register_prefix_strategy(name: str, factory: Any = None, *, replace: bool = False):
+def register_prefix_strategy(name: str, factory: Any = None, *, replace: bool = False) -> Any:
     """Register a prefix-strategy factory (decorator without `factory`); a "module:attribute" path is lazy."""
-    return PREFIX_STRATEGIES.register(name, replace=replace) if factory is None else \
-        PREFIX_STRATEGIES.register(name, factory, replace=replace)
+    return (
+        PREFIX_STRATEGIES.register(name, replace=replace)
+        if factory is None
+        else PREFIX_STRATEGIES.register(name, factory, replace=replace)
+    )
 
 
 def register_mode(name: str, *, root: str, prefix: str, replace: bool = False) -> None:
@@ -139,8 +158,13 @@ class Allocation:
         return f"{self.root_name}/{self.prefix_name}"
 
 
-def build_allocation(mode: str, *, root_strategy: str | None = None, prefix_strategy: str | None = None,
-                     options: Mapping[str, Any] | None = None) -> Allocation:
+def build_allocation(
+    mode: str,
+    *,
+    root_strategy: str | None = None,
+    prefix_strategy: str | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> Allocation:
     """The pair `mode` names, with either stage replaced by `root_strategy` / `prefix_strategy` when given.
 
     `options` go to every strategy factory whose signature accepts them (count_per_prompt, root_method, ...).
@@ -151,10 +175,12 @@ def build_allocation(mode: str, *, root_strategy: str | None = None, prefix_stra
     root_name = root_strategy if root_strategy is not None else root_name
     prefix_name = prefix_strategy if prefix_strategy is not None else prefix_name
     options = MappingProxyType(dict(options or {}))
-    root = _build_root(root_name, options,
-                       "allocation.root_strategy" if root_strategy is not None else "allocation.mode")
-    prefix = _build_prefix(prefix_name, options,
-                           "allocation.prefix_strategy" if prefix_strategy is not None else "allocation.mode")
+    root = _build_root(
+        root_name, options, "allocation.root_strategy" if root_strategy is not None else "allocation.mode"
+    )
+    prefix = _build_prefix(
+        prefix_name, options, "allocation.prefix_strategy" if prefix_strategy is not None else "allocation.mode"
+    )
     allocation = Allocation(root, prefix, root_name, prefix_name, options)
     # the cold-start strategies must exist too: a typo there would otherwise surface at the first step
     allocation.cold()
@@ -182,8 +208,11 @@ def _check_attributes(strategy: Any, name: str, field: str, attributes: tuple[st
     missing = [a for a in attributes if not hasattr(strategy, a)]
     if missing or not callable(strategy):
         lacks = ", ".join(missing + ([] if callable(strategy) else ["__call__"]))
-        raise AllocationError(field, f"{name!r} builds a {type(strategy).__name__}, which lacks {lacks} "
-                                     f"(see trace_core.allocation.modes for the strategy protocol)")
+        raise AllocationError(
+            field,
+            f"{name!r} builds a {type(strategy).__name__}, which lacks {lacks} "
+            f"(see trace_core.allocation.modes for the strategy protocol)",
+        )
 
 
 register_mode("trace", root="active", prefix="active")

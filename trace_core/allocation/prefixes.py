@@ -3,6 +3,7 @@
 Every strategy returns (N,) int64 counts in [0, k_max] summing to budget_per_group[g] over each group g, and
 raises the same AllocationErrors for bad input as allocate_prefixes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,11 @@ class NoPrefixes:
         p, r, group, budgets, k_max, eps = _check_prefixes(p, r, group, budget_per_group, k_max, eps)
         if budgets.any():
             g = int(np.flatnonzero(budgets)[0])
-            raise AllocationError("budget_per_group", f"budget_per_group[{g}] = {int(budgets[g])}, but the prefix "
-                                                      "strategy 'none' expands nothing (its budget must be 0)")
+            raise AllocationError(
+                "budget_per_group",
+                f"budget_per_group[{g}] = {int(budgets[g])}, but the prefix "
+                "strategy 'none' expands nothing (its budget must be 0)",
+            )
         return np.zeros(p.shape[0], dtype=np.int64)
 
 
@@ -79,7 +83,7 @@ class RandomPrefixes:
         order = np.argsort(group, kind="stable")
         starts = np.concatenate(([0], np.cumsum(checks.group_sizes(group, budgets.shape[0]))))
         for g in np.flatnonzero(budgets):
-            members = order[starts[g]:starts[g + 1]]
+            members = order[starts[g] : starts[g + 1]]
             slots_per_anchor = int(budgets[g]) if k_max is None else k_max
             slots = rng.choice(members.size * slots_per_anchor, size=int(budgets[g]), replace=False)
             counts[members] = np.bincount(slots // slots_per_anchor, minlength=members.size)

@@ -3,6 +3,7 @@
 Every strategy returns (B,) int64 counts in {0} U [m_min, m_max] summing to the budget exactly, and raises
 the same AllocationErrors for bad input as allocate_roots.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,7 +45,7 @@ class ActiveRoots:
     uses_predictor = True
     cold_start = "uniform"
 
-    def __init__(self, root_method: str = "dp"):
+    def __init__(self, root_method: str = "dp") -> None:
         if root_method not in ROOT_METHODS:
             raise AllocationError("root_method", f"root_method must be one of {ROOT_METHODS}, got {root_method!r}")
         self.root_method = root_method
@@ -68,7 +69,7 @@ class PCLRoots:
     uses_predictor = True
     cold_start = None
 
-    def __init__(self, count_per_prompt: int = 8):
+    def __init__(self, count_per_prompt: int = 8) -> None:
         self.count_per_prompt = checks.as_count(count_per_prompt, "count_per_prompt", minimum=1)
 
     def __call__(self, v, budget, *, m_min=2, m_max=None, eps=0.02, rng=None):
@@ -80,22 +81,32 @@ class PCLRoots:
             return counts
         selected = budget // c
         if selected == 0:
-            raise AllocationError("count_per_prompt", f"pcl: budget={budget} is below count_per_prompt={c}; not "
-                                                      "even one prompt can be kept")
+            raise AllocationError(
+                "count_per_prompt",
+                f"pcl: budget={budget} is below count_per_prompt={c}; not even one prompt can be kept",
+            )
         if not (m_min <= c <= cap):
-            raise AllocationError("count_per_prompt", f"count_per_prompt={c} must lie in [m_min={m_min}, {cap}] "
-                                                      "(cap = min(m_max, budget))")
+            raise AllocationError(
+                "count_per_prompt",
+                f"count_per_prompt={c} must lie in [m_min={m_min}, {cap}] (cap = min(m_max, budget))",
+            )
         if selected > v.shape[0]:
-            raise AllocationError("count_per_prompt", f"pcl: budget={budget} with count_per_prompt={c} needs "
-                                                      f"{selected} prompts but v has only {v.shape[0]}; raise "
-                                                      "count_per_prompt or the candidate pool")
+            raise AllocationError(
+                "count_per_prompt",
+                f"pcl: budget={budget} with count_per_prompt={c} needs "
+                f"{selected} prompts but v has only {v.shape[0]}; raise "
+                "count_per_prompt or the candidate pool",
+            )
         nearest = np.argsort(np.abs(checks.clipped(v, eps) - 0.5), kind="stable")[:selected]
         chosen = np.full(selected, c, dtype=np.int64)
         spread_evenly(chosen, budget - selected * c, add=True)
         if chosen.max() > cap:
-            raise AllocationError("count_per_prompt", f"pcl: spending budget={budget} on {selected} prompts needs "
-                                                      f"{int(chosen.max())} rollouts for some prompt, above the cap "
-                                                      f"{cap}; choose a budget divisible by count_per_prompt={c}")
+            raise AllocationError(
+                "count_per_prompt",
+                f"pcl: spending budget={budget} on {selected} prompts needs "
+                f"{int(chosen.max())} rollouts for some prompt, above the cap "
+                f"{cap}; choose a budget divisible by count_per_prompt={c}",
+            )
         counts[nearest] = chosen
         return counts
 

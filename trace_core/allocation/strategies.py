@@ -20,7 +20,7 @@ Users add their own with the decorator:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -35,11 +35,15 @@ from trace_core.registry import Registry
 class Allocator(Protocol):
     """Interface of an allocation strategy (see the module docstring for the contract)."""
 
-    def roots(self, v, budget: int, *, m_min: int = 2, m_max: int | None = None, eps: float = 0.02) -> np.ndarray:
+    def roots(
+        self, v: Any, budget: int, *, m_min: int = 2, m_max: int | None = None, eps: float = 0.02
+    ) -> np.ndarray:
         """(B,) int64 counts in {0} U [m_min, m_max] summing to budget."""
         ...
 
-    def prefixes(self, p, r, group, budget_per_group, *, k_max: int | None = None, eps: float = 0.02) -> np.ndarray:
+    def prefixes(
+        self, p: Any, r: Any, group: Any, budget_per_group: Any, *, k_max: int | None = None, eps: float = 0.02
+    ) -> np.ndarray:
         """(N,) int64 counts in [0, k_max], summing to budget_per_group[g] over each group g."""
         ...
 
@@ -60,7 +64,7 @@ def register_allocator(name: str, *, replace: bool = False) -> Callable[[Allocat
     return _REGISTRY.register(name, replace=replace)
 
 
-def get_allocator(name: str, **options) -> Allocator:
+def get_allocator(name: str, **options: Any) -> Allocator:
     """A new allocator registered under `name`, built with `options` (e.g. rng=0 for random_tree)."""
     allocator = _REGISTRY.get(name)(**options)
     if not isinstance(allocator, Allocator):
@@ -73,7 +77,7 @@ def available_allocators() -> list[str]:
     return _REGISTRY.names()
 
 
-def _as_generator(rng) -> np.random.Generator:
+def _as_generator(rng: np.random.Generator | int) -> np.random.Generator:
     if isinstance(rng, (bool, np.bool_)) or not isinstance(rng, (np.random.Generator, int, np.integer)):
         raise AllocationError("rng", f"rng must be a numpy.random.Generator or an int seed, got {rng!r}")
     return np.random.default_rng(rng)
@@ -83,7 +87,7 @@ class StagedAllocator:
     """An Allocator over an Allocation: roots() runs its root strategy, prefixes() its prefix strategy, both
     drawing from one generator (`rng`: a Generator or an int seed)."""
 
-    def __init__(self, allocation: Allocation, rng=0):
+    def __init__(self, allocation: Allocation, rng: np.random.Generator | int = 0) -> None:
         self.allocation = allocation
         self.rng = _as_generator(rng)
 
@@ -94,7 +98,7 @@ class StagedAllocator:
         return self.allocation.prefix(p, r, group, budget_per_group, k_max=k_max, eps=eps, rng=self.rng)
 
 
-def allocator_from_allocation(allocation: Allocation, rng=0) -> StagedAllocator:
+def allocator_from_allocation(allocation: Allocation, rng: np.random.Generator | int = 0) -> StagedAllocator:
     return StagedAllocator(allocation, rng)
 
 
@@ -107,7 +111,7 @@ class TraceAllocator:
             allocate_roots.
     """
 
-    def __init__(self, root_method: str = "dp"):
+    def __init__(self, root_method: str = "dp") -> None:
         self._roots, self._prefixes = ActiveRoots(root_method), ActivePrefixes()
         self.root_method = root_method
 
@@ -164,7 +168,7 @@ class PCLAllocator:
     prefix strategy `none`); with a positive budget this adapter spreads evenly like UniformAllocator.
     """
 
-    def __init__(self, count_per_prompt: int = 8):
+    def __init__(self, count_per_prompt: int = 8) -> None:
         self._roots = PCLRoots(count_per_prompt)
         self.count_per_prompt = self._roots.count_per_prompt
 

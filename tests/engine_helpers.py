@@ -6,7 +6,9 @@ generate / fresh-forward oracles run on whatever device the model is on."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from trace_core.envs.base import Step
@@ -111,3 +113,43 @@ def fresh_logprobs(model, token_ids, temperature=1.0):
         logits = model(torch.tensor([token_ids], device=model.device)).logits[0].float().cpu()
     logp = torch.log_softmax(logits[:-1] / temperature, -1).gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0]
     return torch.cat([torch.zeros(1), logp])
+
+
+@dataclass
+class Episode:
+    """One episode an engine wrote, read back from the forest: its root-to-leaf path."""
+
+    leaf: int
+    nodes: list[int]  # root, turn 1, ..., the leaf
+    prompt_id: int
+    token_ids: list[int]
+    model_mask: list[bool]
+    logprobs: list[float]
+    turn_starts: list[int]  # offset of each turn's first token
+    reward: float
+    finished: bool
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.turn_starts)
+
+    def turn_tokens(self, t: int) -> list[int]:
+        bounds = [*self.turn_starts, len(self.token_ids)]
+        return self.token_ids[bounds[t - 1] : bounds[t]]
+
+
+def episodes(forest, out) -> list[Episode]:
+    """The episodes of one engine call (`out`, a Generated), in request order."""
+    result = []
+    for leaf, finished in zip(out.leaves.tolist(), out.finished.tolist()):
+        nodes = forest.leaf_path(leaf).tolist()
+        seq = forest.leaf_sequence(leaf)
+        ends = np.cumsum([forest.tok_end[u] - forest.tok_start[u] for u in nodes]).tolist()
+        result.append(Episode(leaf, nodes, int(forest.prompt_id[leaf]), seq.token_ids.tolist(), seq.loss_mask.tolist(),
+                              seq.logprobs.tolist(), ends[:-1], seq.reward, finished))
+    return result
+
+
+def run_rollout(engine, forest, tasks, counts):
+    """prefill + rollout in one call; returns the episodes."""
+    return episodes(forest, engine.rollout(forest, engine.prefill(tasks), counts))

@@ -469,6 +469,22 @@ class RolloutForest:
         """[n] the depth-1 ancestor of each node (its bare rollout's first turn), -1 for roots."""
         return _ancestor_at_depth(self.parent, self.depth, 1)
 
+    def path_lengths(self) -> np.ndarray:
+        """[n] int64 tokens from the tree's first token to the node's last: the length of the prefix
+        the policy has seen after the node (what the predictor reads)."""
+        return _path_lengths(self.parent, self.tok_end - self.tok_start)
+
+    def episode_leaf(self, nodes) -> np.ndarray:
+        """[k] for each node, the leaf reached by always taking the lowest-numbered child: the end of
+        the episode that wrote the node when episodes are appended turn after turn (as engines and
+        `from_trajectories` do; later continuations get higher ids)."""
+        offsets, children = self.children_csr()
+        out = np.asarray(nodes, dtype=np.int64).copy().reshape(-1)
+        for i in range(out.size):
+            while offsets[out[i] + 1] > offsets[out[i]]:
+                out[i] = children[offsets[out[i]]]
+        return out
+
     # ------------------------------------------------------------------ values (predictor targets)
     def subtree_leaf_counts(self) -> np.ndarray:
         """[n] int64 number of leaves in each node's subtree (1 for a leaf)."""
@@ -608,6 +624,14 @@ def _depths(parent):
 def _mark_spans(flags, starts, ends):
     for k in range(starts.size):
         flags[starts[k] : ends[k]] = True
+
+
+@numba.njit(cache=True)
+def _path_lengths(parent, node_tokens):
+    out = np.empty(parent.size, np.int64)
+    for u in range(parent.size):  # parents come first
+        out[u] = node_tokens[u] + (out[parent[u]] if parent[u] >= 0 else 0)
+    return out
 
 
 @numba.njit(cache=True)

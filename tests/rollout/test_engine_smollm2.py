@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from engine_helpers import CounterEnv, fresh_logprobs, generate_greedy
+from engine_helpers import CounterEnv, episodes, fresh_logprobs, generate_greedy, run_rollout
 
-from trace_core.rollout import Anchor, HFRolloutEngine, HFTextCodec, SamplingParams
+from trace_core.forest import RolloutForest
+from trace_core.rollout import HFRolloutEngine, HFTextCodec, SamplingParams
 from trace_core.model.loading import load_smollm2
 
 TOKENS_PER_TURN = 4
@@ -27,10 +28,11 @@ def run(smollm2):
                         observation_template="\n<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n")
     engine = HFRolloutEngine(model, codec, lambda: CounterEnv(max_turns=2),
                              sampling=SamplingParams(temperature=0.0, max_tokens=TOKENS_PER_TURN),
-                             num_pages=64, page_size=16, decode_backend="reference")
-    bare = engine.rollout([{"prompt": "Name a color."}], [2])
+                             num_pages=64, page_size=16, decode_backend="cpu")
+    forest = RolloutForest()
+    bare = run_rollout(engine, forest, [{"prompt": "Name a color."}], [2])
     before = engine.tokens_run
-    conts = engine.expand([Anchor(bare[0].uid, 1)], [2])
+    conts = episodes(forest, engine.expand(forest, [bare[0].nodes[1]], [2]))
     return model, codec, bare, conts, engine.tokens_run - before
 
 
@@ -70,7 +72,7 @@ def test_continuation_at_turn_1_equals_generation_from_scratch(run):
     prefix = base.token_ids[: base.turn_starts[1]]
     from_scratch = generate_greedy(model, prefix, TOKENS_PER_TURN)
     for cont in conts:
-        assert cont.branch_from == (base.uid, 1)
+        assert cont.nodes[:2] == base.nodes[:2]  # it hangs under turn 1 of the bare rollout
         assert cont.token_ids[: len(prefix)] == prefix
         assert cont.turn_tokens(2) == from_scratch
     # only the continuations' own tokens went through the model (minus each one's last token)

@@ -15,7 +15,7 @@ from test_tree_attention import packed_forest, random_tree, same_dtype_attention
 from trace_core.train.cli import main
 from trace_core.model.tree_forward import trace_tree_attention_forward
 from trace_core.train.trainer import Trainer
-from trace_kernels.tree_attention_reference import tree_attention_reference
+from trace_kernels.tree_attention.naive import tree_attention_reference
 
 BF16 = "model.dtype=bfloat16"
 
@@ -87,7 +87,7 @@ def test_tree_attention_under_cpu_autocast_takes_mixed_dtypes():
     scale = 0.25
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = trace_tree_attention_forward(None, q, k, v, None, scaling=scale, tree_end=end,
-                                              tree_attention_backend="reference")
+                                              tree_attention_backend="cpu")
     assert out.dtype == torch.bfloat16 and out.shape == (1, T, 4, 16)
     q16, k16, v16 = (x[0].transpose(0, 1).bfloat16() for x in (q, k, v))  # [T, H, D] in the compute dtype
     want = tree_attention_reference(q16.float(), k16.float(), v16.float(), end, scale=scale)
@@ -114,9 +114,9 @@ def test_linear_logprob_under_autocast_runs_on_compute_dtype_inputs():
     hidden, weight = torch.randn(6, 16, generator=g), torch.randn(40, 16, generator=g, requires_grad=True)
     rows, labels = torch.tensor([0, 2, 2, 5]), torch.tensor([3, 39, 0, 7])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, entropy = linear_logprob(hidden, weight, rows, labels, return_entropy=True, backend="reference")
+        got, entropy = linear_logprob(hidden, weight, rows, labels, return_entropy=True, backend="cpu")
     want, want_entropy = linear_logprob(hidden.bfloat16(), weight.detach().bfloat16(), rows, labels,
-                                        return_entropy=True, backend="reference")
+                                        return_entropy=True, backend="cpu")
     assert torch.equal(got, want) and torch.equal(entropy, want_entropy)
     got.sum().backward()
     assert weight.grad.dtype == torch.float32 and weight.grad.abs().sum() > 0
@@ -139,14 +139,14 @@ def test_fp16_compute_scales_the_loss_and_checkpoints_the_scaler(tmp_path):
     """float16 has a narrow range: its backward runs on a scaled loss (GradScaler), whose state is
     checkpointed; bf16 and fp32 need no scaling."""
     run = Trainer(toy(tmp_path / "fp16", "model.dtype=float16", "steps=2", "checkpoint_every=1"))
-    assert run.scaler.is_enabled()
+    assert run.updater.scaler.is_enabled()
     rows = [run.train_step() for _ in range(2)]
     assert all(math.isfinite(r["loss"]) and r["grad_scale"] > 0 for r in rows)
     assert all(p.dtype == torch.float32 for p in run.model.parameters())
-    run.scaler.update(new_scale=1234.0)  # a scale the resumed run can only have from the checkpoint
+    run.updater.scaler.update(new_scale=1234.0)  # a scale the resumed run can only have from the checkpoint
     run.save()
     resumed = Trainer(toy(tmp_path / "fp16", "model.dtype=float16", "steps=3", "checkpoint_every=1"), resume=True)
-    assert resumed.scaler.get_scale() == 1234.0
+    assert resumed.updater.scaler.get_scale() == 1234.0
     for dtype in ("bfloat16", "float32"):
         other = Trainer(toy(tmp_path / dtype, f"model.dtype={dtype}", "steps=1"))
-        assert not other.scaler.is_enabled() and "grad_scale" not in other.train_step()
+        assert not other.updater.scaler.is_enabled() and "grad_scale" not in other.train_step()

@@ -9,7 +9,8 @@ import torch
 from trace_core.train.cli import main
 from trace_core.train.config_loader import ConfigError, load_config, save_config
 from trace_core.envs import make_env, make_task_source
-from trace_core.train.trainer import Trainer, _prefix_budgets, _round_shares
+from trace_core.train.expansion import prefix_budgets as _prefix_budgets, round_shares as _round_shares
+from trace_core.train.trainer import Trainer
 from trace_core.train.config import TrainConfig
 
 TOY = [
@@ -152,11 +153,11 @@ def test_eval_command_reads_a_checkpoint(tmp_path, capsys):
         (["generation.num_pages=3"], "generation.num_pages: KV cache out of pages"),
         (["model.dtype=bf16"], "model.dtype: 'bf16' is not one of"),
         (["model.master_weights=maybe"], "model.master_weights"),
-        # PCL keeps roots // pcl_count prompts: with 8 roots, 16 per prompt cannot keep one
-        (["allocation.mode=pcl", "allocation.pcl_count=16", "allocation.m_max=16"],
-         "allocation: pcl_count: 16 bare rollouts per kept prompt does not fit roots=8"),
+        # PCL keeps M(1+N) // pcl_count prompts: with 8 x (1 + 1) = 16 bare rollouts, 32 per prompt cannot keep one
+        (["allocation.mode=pcl", "allocation.pcl_count=32", "allocation.m_max=32"],
+         "allocation.pcl_count: 32 bare rollouts per kept prompt does not fit"),
         (["allocation.mode=pcl", "allocation.pcl_count=1"], "pcl_count: 1 bare rollouts per kept prompt does not fit"),
-        (["allocation.expansion_rounds=0"], "allocation: expansion_rounds: must be >= 1, got 0"),
+        (["allocation.expansion_rounds=0"], "allocation.expansion_rounds: must be >= 1, got 0"),
     ],
 )
 def test_config_errors_are_messages_not_tracebacks(tmp_path, capsys, overrides, message):
@@ -226,12 +227,12 @@ def test_round_shares_split_each_prompts_budget_evenly():
 
 
 def _spy_expand(trainer):
-    """Record every engine.expand call of a trainer: (anchors, counts, uids returned)."""
+    """Record every engine.expand call of a trainer: (anchor nodes, counts, nodes added, forest)."""
     calls, expand = [], trainer.engine.expand
 
-    def spy(anchors, counts, **kw):
-        out = expand(anchors, counts, **kw)
-        calls.append((list(anchors), list(counts), [t.uid for t in out]))
+    def spy(forest, anchors, counts, **kw):
+        out = expand(forest, anchors, counts, **kw)
+        calls.append((list(anchors), list(counts), out.nodes.tolist(), forest))
         return out
 
     trainer.engine.expand = spy
@@ -249,9 +250,9 @@ def test_expansion_rounds_branch_from_the_last_rounds_continuations(tmp_path, mo
         before = len(calls)
         row = trainer.train_step()
         assert row["leaves"] == 24 and row["expansion_rounds_run"] == 2  # 8 bare + 16 continuations
-        (anchors1, k1, uids1), (anchors2, k2, uids2) = calls[before:]
+        (anchors1, k1, nodes1, _), (anchors2, k2, _, _) = calls[before:]
         assert sum(k1) + sum(k2) == 16 and sum(k1) >= sum(k2)  # per-prompt halves, the first round rounds up
-        assert {a.uid for a in anchors2} <= set(uids1)  # round 2 branches from round 1's continuations only
+        assert set(anchors2) <= set(nodes1)  # round 2 branches from round 1's continuations only
         from_continuations += sum(k for a, k in zip(anchors2, k2) if k)
     assert from_continuations > 0
     assert trainer.predictor.nodes_seen > 0
@@ -263,9 +264,9 @@ def test_a_round_without_new_prefixes_branches_from_every_prefix(tmp_path):
     trainer = Trainer(toy(tmp_path, "allocation.expansion_rounds=2", "steps=2", "env.env={max_turns: 2}"))
     calls = _spy_expand(trainer)
     row = trainer.train_step()
-    (anchors1, k1, uids1), (anchors2, k2, _) = calls
+    (anchors1, k1, _, forest), (anchors2, k2, _, _) = calls
     assert row["leaves"] == 16 and sum(k1) + sum(k2) == 8
-    assert {a.uid for a in anchors2} <= {a.uid for a in anchors1} and all(a.turn == 1 for a in anchors2)
+    assert set(anchors2) <= set(anchors1) and (forest.depth[anchors2] == 1).all()
 
 
 def test_one_round_is_the_default_and_expands_once(tmp_path):
@@ -273,3 +274,48 @@ def test_one_round_is_the_default_and_expands_once(tmp_path):
     calls = _spy_expand(trainer)
     row = trainer.train_step()
     assert len(calls) == 1 and row["expansion_rounds_run"] == 1 and sum(calls[0][1]) == 8
+
+
+def test_stage_pairs_from_config_run_through_the_cli(tmp_path):
+    """The paper's stage ablation is a config line: uniform roots with TRACE's active prefixes."""
+    run_dir = tmp_path / "uniform_active"
+    assert main(["train", *TOY, f"run_dir={run_dir}", "steps=2", "allocation.root_strategy=uniform",
+                 "allocation.prefix_strategy=active"]) == 0
+    rows = metrics(run_dir)
+    # uniform roots: 8 bare rollouts on 4 prompts (2 each), then 8 continuations from turn prefixes
+    assert [r["prompts"] for r in rows] == [4, 4] and all(r["leaves"] == 16 for r in rows)
+    assert all(r["expansion_rounds_run"] == 1 for r in rows)
+    # the pair reads the predictor (its prefix stage does): cold start at step 1, informed at step 2
+    assert [r["predictor_informed"] for r in rows] == [0.0, 1.0]
+
+
+PLUGIN = '''
+import numpy as np
+from trace_core.allocation import register_mode, register_root_strategy
+
+
+@register_root_strategy("one_prompt")
+class OnePrompt:
+    """Every bare rollout on the first candidate (a strategy no built-in mode has)."""
+    uses_predictor = False
+    cold_start = None
+
+    def __call__(self, v, budget, *, m_min, m_max, eps, rng):
+        counts = np.zeros(len(v), dtype=np.int64)
+        counts[0] = budget
+        return counts
+
+
+register_mode("one_prompt_trees", root="one_prompt", prefix="random")
+'''
+
+
+def test_a_user_registered_strategy_runs_through_trace_train(tmp_path):
+    plugin = tmp_path / "my_allocation.py"
+    plugin.write_text(PLUGIN)
+    run_dir = tmp_path / "run"
+    assert main(["train", *TOY, f"run_dir={run_dir}", "steps=2", "allocation.m_max=8", f"plugins=[{plugin}]",
+                 "allocation.mode=one_prompt_trees"]) == 0
+    rows = metrics(run_dir)
+    assert [r["prompts"] for r in rows] == [1, 1] and all(r["leaves"] == 16 for r in rows)
+    assert all(r["expansion_rounds_run"] == 1 for r in rows)

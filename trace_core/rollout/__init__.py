@@ -1,7 +1,15 @@
-"""Rollout engines: the protocol the trainer uses, and the built-in HF engine on the paged tree KV cache."""
+"""Rollout: the engine protocol and the built-in HF engine, which generates over a paged tree KV
+cache and writes each turn into a `RolloutForest` as a node.
+
+    protocol.py      what a trainer asks of an engine (prefill / rollout / expand / hidden_states)
+    engine.py        HFRolloutEngine: batched decode of every branch, env between turns, forking
+    paged_runner.py  an HF model's forward over the paged KV cache (prefill, decode)
+    kv_cache.py      the paged tree KV cache (pages owned by tree nodes, reference counts)
+    sampling.py      temperature / nucleus sampling that records the tempered logprob
+    codec.py         text <-> tokens for prompts, observations and actions
+"""
 from trace_core.rollout.codec import HFTextCodec, TextCodec
 from trace_core.rollout.engine import HFRolloutEngine
-from trace_core.rollout.protocol import Anchor, EngineTrajectory, RolloutEngine, SamplingParams, to_forest_trajectories
+from trace_core.rollout.protocol import Generated, Prompts, RolloutEngine, SamplingParams
 
-__all__ = ["Anchor", "EngineTrajectory", "HFRolloutEngine", "HFTextCodec", "RolloutEngine", "SamplingParams",
-           "TextCodec", "to_forest_trajectories"]
+__all__ = ["Generated", "HFRolloutEngine", "HFTextCodec", "Prompts", "RolloutEngine", "SamplingParams", "TextCodec"]

@@ -1,20 +1,23 @@
-"""The built-in rollout engine: any HF causal LM over the paged tree KV cache, with branching.
+"""The built-in rollout engine: any HF causal LM over the paged tree KV cache, writing a RolloutForest.
 
 Flow of one call (rollout or expand):
 - every live branch holds a *pending* token (sampled, not yet in the cache) and a KV node of its
   own; one batched decode step feeds all pending tokens and samples the next ones;
 - when a branch's turn ends (stop id / stop string / max tokens), the env gets the action text; if
   the episode goes on, the pending token and the observation tokens are prefilled into the
-  branch's node (all such branches in one extend pass), the node becomes the *turn node* of that
-  turn (frozen, retained with the env's snapshot and the last hidden state), and the next turn
-  starts in a fresh child node;
-- `expand(Anchor(uid, t))` forks new children off turn t's retained node: the prefix is neither
-  recomputed nor copied; the first token is sampled from the retained hidden state, and the env is
-  restored from the snapshot with a fresh seed.
+  branch's KV node (all such branches in one extend pass), which becomes the turn's *prefix node*
+  (frozen, retained with the env's snapshot and the last hidden state), and the next turn starts in
+  a fresh child KV node;
+- when every branch of the call has ended, its turns are appended to the forest in request order
+  (a root for each prompt the first time it is used), each leaf gets its reward, and every non-final
+  turn node is remembered as an anchor: `expand` forks new KV children off it (the prefix is neither
+  recomputed nor copied), samples the first token from the retained hidden state and restores the
+  env from the snapshot with a fresh seed.
 
-Rollouts of one task share the prompt's node: the prompt is prefilled once, `reset` is called once
-per task, and each copy's env is restored from that snapshot with its own seed.
-Retained prefixes stay until `release_all()`.
+Prompts are prefilled once (`prefill`); every rollout of a prompt forks its KV node, and each
+copy's env is restored from the prompt's snapshot with its own seed. The hidden state at the last
+token of every prompt and turn prefix is kept for the predictor (`hidden_states`), so nothing is
+recomputed to predict. Everything retained stays until `release_all()`.
 """
 from __future__ import annotations
 
@@ -25,37 +28,52 @@ import numpy as np
 import torch
 
 from trace_core.envs.base import Env
+from trace_core.forest import RolloutForest
 from trace_core.rollout.codec import TextCodec
 from trace_core.rollout.paged_runner import HFPagedRunner
-from trace_core.rollout.protocol import Anchor, EngineTrajectory, SamplingParams
+from trace_core.rollout.protocol import Generated, Prompts, SamplingParams
 from trace_core.rollout.sampling import sample_tokens
+
+CUTOFF_REWARD = 0.0  # an episode the env did not end (cut at env.max_turns) counts as failed
 
 
 @dataclass
-class _TurnRecord:
-    node: int  # the turn node (prompt + turns 1..t on its path), retained
-    hidden: torch.Tensor  # [hidden] final hidden state of its last token
-    snapshot: Any  # env state after the turn
-    prefix_len: int  # tokens of the trajectory up to the end of this turn
+class _Prefix:
+    """A retained prefix (a prompt, or a prompt and turns 1..t): what a branch can start from."""
+
+    kv_node: int  # KV node holding the prefix (retained)
+    hidden: torch.Tensor  # [H] hidden state of its last token
+    snapshot: Any  # env state at its end
+    length: int  # tokens from the prompt's first to the prefix's last
+    turn: int  # turns in the prefix (0 for a prompt)
+
+
+@dataclass
+class _Turn:
+    tokens: list[int]
+    logprobs: list[float]
+    observation: list[int]
+    prefix: _Prefix | None  # retained if the episode went on after this turn
 
 
 @dataclass
 class _Branch:
-    uid: int
-    prompt_id: int
+    """One episode being generated, from `start` (a prompt or an anchor turn) on."""
+
     env: Env
-    node: int  # KV node the current turn is written into
-    tokens: list[int]
-    mask: list[bool]
-    logprobs: list[float]
-    turn_starts: list[int]
-    branch_from: tuple[int, int] | None
-    turn: int = 1  # the turn being generated (1-based)
+    start: _Prefix
+    parent: int | None  # forest node the first new turn hangs under (None: the prompt's root, made lazily)
+    prompt: int  # index of the prefilled prompt
+    kv_node: int  # KV node the current turn is written into
+    turn: int  # the turn being generated (1-based)
+    length: int  # tokens so far (prefix + finished turns)
+    first_hidden: torch.Tensor
     pending: int | None = None
     turn_tokens: list[int] = field(default_factory=list)
     turn_logprobs: list[float] = field(default_factory=list)
-    turn_info: list[Mapping[str, Any]] = field(default_factory=list)
-    first_hidden: torch.Tensor | None = None  # hidden state the turn's first token is sampled from
+    turns: list[_Turn] = field(default_factory=list)
+    reward: float | None = None
+    finished: bool = False
 
 
 class HFRolloutEngine:
@@ -68,7 +86,7 @@ class HFRolloutEngine:
     num_pages, page_size   KV cache size
     decode_backend None (auto), "triton" or "reference" for the decode attention
     kv_dtype       dtype of the KV cache; None = the parameter dtype (fp32 master weights under
-                   autocast: the compute dtype, and call rollout / expand inside the autocast)
+                   autocast: the compute dtype, and call the engine inside the autocast)
     seed           seeds sampling and the env seeds
     """
 
@@ -85,90 +103,105 @@ class HFRolloutEngine:
         self.cache = self.runner.cache
         self.codec, self.env_factory = codec, env_factory
         self.vocab_size = int(model.config.vocab_size)
-        self._generator = torch.Generator(device=self.runner.device).manual_seed(int(seed))
-        self._seeds = np.random.default_rng(int(seed))
-        self._next_uid = 0
-        self._turns: dict[int, list[_TurnRecord]] = {}  # uid -> records of turns 1..T-1
-        self._prefixes: dict[int, EngineTrajectory] = {}  # uid -> finished trajectory
-        self._retained: list[int] = []  # node handles held for later expansion
+        self._generator = torch.Generator(device=self.runner.device)
+        self.reseed(seed)
+        self._prompts: list[tuple[_Prefix, int, list[int]]] = []  # prefilled: (prefix, prompt_id, tokens)
+        self._forest: RolloutForest | None = None  # the forest the retained nodes belong to
+        self._root_of: dict[int, int] = {}  # prefilled prompt -> its root node in that forest
+        self._anchors: dict[int, _Prefix] = {}  # forest node -> retained prefix (roots and non-final turns)
+        self._retained: list[int] = []  # KV node handles held until release_all
         self.generated_tokens = 0
 
     # ------------------------------------------------------------------ public API
-    def rollout(self, tasks: Sequence[Mapping[str, Any]], counts: Sequence[int], *,
-                prompt_ids: Sequence[int] | None = None) -> list[EngineTrajectory]:
-        counts = self._check_counts(counts, len(tasks), "counts")
+    def prefill(self, tasks: Sequence[Mapping[str, Any]], prompt_ids: Sequence[int] | None = None) -> Prompts:
         prompt_ids = list(range(len(tasks))) if prompt_ids is None else [int(p) for p in prompt_ids]
         if len(prompt_ids) != len(tasks):
             raise ValueError(f"prompt_ids: {len(prompt_ids)} ids for {len(tasks)} tasks")
-        roots, prompts, branches = [], [], []
-        for task, count in zip(tasks, counts):
-            if count == 0:
-                continue
+        encoded, snapshots = [], []
+        for i, task in enumerate(tasks):
             env = self.env_factory()
-            prompt = self.codec.encode_prompt(env.reset(task, seed=self._fresh_seed()))
+            prompt = self.codec.encode_prompt(env.reset(task, seed=self._fresh_seed(self._reset_seeds)))
             self._check_tokens(prompt, "prompt (codec.encode_prompt)")
             if not prompt:
-                raise ValueError(f"tasks[{len(roots)}]: the prompt encodes to no tokens (codec.encode_prompt)")
-            roots.append(self.cache.new_root())
-            prompts.append((prompt, env.snapshot()))
-        if roots:
-            hidden = self.runner.extend(roots, [p for p, _ in prompts])
-            self._retained.extend(roots)
-        live = iter(zip(roots, prompts, hidden if roots else []))
-        for task_index, count in enumerate(counts):
-            if count == 0:
-                continue
-            root, (prompt, snapshot), h = next(live)
-            for _ in range(count):
-                env = self.env_factory()
-                env.restore(snapshot, seed=self._fresh_seed())
-                branches.append(self._new_branch(prompt_ids[task_index], env, root, list(prompt), [False] * len(prompt),
-                                                 [0.0] * len(prompt), [], None, 1, h))
+                raise ValueError(f"tasks[{i}]: the prompt encodes to no tokens (codec.encode_prompt)")
+            encoded.append(list(prompt))
+            snapshots.append(env.snapshot())
+        kv_nodes = [self.cache.new_root() for _ in tasks]
+        self._retained.extend(kv_nodes)
+        hidden = self.runner.extend(kv_nodes, encoded) if tasks else torch.zeros(0, 1)
+        handles = []
+        for kv, tokens, snapshot, h, pid in zip(kv_nodes, encoded, snapshots, hidden, prompt_ids):
+            handles.append(len(self._prompts))
+            self._prompts.append((_Prefix(kv, h.clone(), snapshot, len(tokens), 0), pid, tokens))
+        return Prompts(prompt_ids=np.asarray(prompt_ids, dtype=np.int64), token_ids=encoded,
+                       hidden=hidden.detach().float().cpu(), handles=tuple(handles))
+
+    def rollout(self, forest: RolloutForest, prompts: Prompts, counts: Sequence[int]) -> Generated:
+        counts = self._check_counts(counts, len(prompts), "counts")
+        self._bind(forest)
+        branches = []
+        for handle, count in zip(prompts.handles, counts):
+            if not 0 <= handle < len(self._prompts):
+                raise ValueError("prompts: were prefilled before the last release_all(); prefill them again")
+            prefix = self._prompts[handle][0]
+            branches += [self._new_branch(prefix, None, handle) for _ in range(count)]
         return self._generate(branches)
 
-    def expand(self, anchors: Sequence[Anchor], counts: Sequence[int], *,
-               share_prefix: bool = True) -> list[EngineTrajectory]:
+    def expand(self, forest: RolloutForest, anchors: Sequence[int], counts: Sequence[int], *,
+               share_prefix: bool = True) -> Generated:
         """counts[a] continuations of anchors[a]. share_prefix=False is the no-sharing ablation (for
         benchmarks): each continuation prefills a private copy of its prefix instead of forking."""
         counts = self._check_counts(counts, len(anchors), "counts")
+        self._bind(forest)
         branches = []
         for i, (anchor, count) in enumerate(zip(anchors, counts)):
-            uid, turn = int(anchor.uid), int(anchor.turn)
-            if uid not in self._prefixes:
-                raise ValueError(f"anchors[{i}]: trajectory uid {uid} is unknown or was released")
-            records = self._turns[uid]
-            if not 1 <= turn <= len(records):
-                raise ValueError(f"anchors[{i}]: turn {turn} is not a branch point of trajectory {uid}, which "
-                                 f"has {self._prefixes[uid].num_turns} turns (anchors are turns 1..{len(records)})")
-            base, record = self._prefixes[uid], records[turn - 1]
-            n = record.prefix_len
+            node = int(anchor)
+            prefix = self._anchors.get(node)
+            if prefix is None or prefix.turn == 0:
+                raise ValueError(f"anchors[{i}]: node {node} is not a non-final turn this engine wrote into the "
+                                 f"forest (or it was released); anchors are turn prefixes, never roots or leaves")
             for _ in range(count):
-                env = self.env_factory()
-                env.restore(record.snapshot, seed=self._fresh_seed())
-                node, hidden = record.node, record.hidden
+                start = prefix
                 if not share_prefix:
-                    node = self.cache.new_root()
-                    self._retained.append(node)
-                    hidden = self.runner.extend([node], [base.token_ids[:n]])[0]
-                branch = self._new_branch(base.prompt_id, env, node, base.token_ids[:n], base.model_mask[:n],
-                                          base.logprobs[:n], base.turn_starts[:turn], (uid, turn), turn + 1, hidden)
-                branch.turn_info = list(base.turn_info[:turn])
-                branches.append(branch)
+                    kv = self.cache.new_root()
+                    self._retained.append(kv)
+                    path = forest.leaf_path(node)
+                    tokens = np.concatenate([forest.node_tokens(u) for u in path]).tolist()
+                    start = _Prefix(kv, self.runner.extend([kv], [tokens])[0], prefix.snapshot, prefix.length,
+                                    prefix.turn)
+                branches.append(self._new_branch(start, node, -1))
         return self._generate(branches)
+
+    def hidden_states(self, nodes: Sequence[int]) -> torch.Tensor:
+        rows = []
+        for node in np.asarray(nodes, dtype=np.int64).reshape(-1):
+            prefix = self._anchors.get(int(node))
+            if prefix is None:
+                raise ValueError(f"nodes: node {int(node)} is not a root or non-final turn this engine wrote "
+                                 f"(or it was released)")
+            rows.append(prefix.hidden)
+        if not rows:
+            return torch.zeros(0, self.runner.model.config.hidden_size)
+        return torch.stack(rows).float().cpu()
 
     def reseed(self, seed: int) -> None:
         """Restart the sampling and env-seed streams from `seed` (a trainer reseeds every step, so a
         resumed run samples exactly what the uninterrupted run did)."""
         self._generator.manual_seed(int(seed))
         self._seeds = np.random.default_rng(int(seed))
+        # prompts are reset from their own stream: prefilling a candidate the allocation then drops
+        # must not shift the seeds of the rollouts that run
+        self._reset_seeds = np.random.default_rng([int(seed), 1])
 
     def release_all(self) -> None:
         for node in self._retained:
             if node in self.cache:
                 self.cache.release(node)
         self._retained.clear()
-        self._turns.clear()
-        self._prefixes.clear()
+        self._prompts.clear()
+        self._anchors.clear()
+        self._root_of.clear()
+        self._forest = None
 
     @property
     def tokens_run(self) -> int:
@@ -176,32 +209,31 @@ class HFRolloutEngine:
         return self.runner.tokens_run
 
     # ------------------------------------------------------------------ generation loop
-    def _new_branch(self, prompt_id, env, parent_node, tokens, mask, logprobs, turn_starts, branch_from, turn, hidden):
-        branch = _Branch(uid=self._next_uid, prompt_id=prompt_id, env=env, node=self.cache.fork(parent_node),
-                         tokens=list(tokens), mask=list(mask), logprobs=list(logprobs), turn_starts=list(turn_starts),
-                         branch_from=branch_from, turn=turn)
-        self._next_uid += 1
-        branch.first_hidden = hidden
-        # a continuation's turns 1..turn-1 are its anchor's: it can be expanded there too
-        self._turns[branch.uid] = list(self._turns[branch_from[0]][: turn - 1]) if branch_from else []
-        return branch
+    def _bind(self, forest: RolloutForest) -> None:
+        if self._forest is not None and self._forest is not forest:
+            raise ValueError("forest: this engine holds nodes of another forest; call release_all() first")
+        self._forest = forest
 
-    def _generate(self, branches: list[_Branch]) -> list[EngineTrajectory]:
-        results: dict[int, EngineTrajectory] = {}
-        order = [b.uid for b in branches]
-        generating, ended = [], []
+    def _new_branch(self, start: _Prefix, parent: int | None, prompt: int) -> _Branch:
+        env = self.env_factory()
+        env.restore(start.snapshot, seed=self._fresh_seed())
+        return _Branch(env=env, start=start, parent=parent, prompt=prompt, kv_node=self.cache.fork(start.kv_node),
+                       turn=start.turn + 1, length=start.length, first_hidden=start.hidden)
+
+    def _generate(self, branches: list[_Branch]) -> Generated:
+        generating: list[_Branch] = []
+        ended: list[_Branch] = []
         if branches:
-            hidden = torch.stack([b.first_hidden for b in branches])
-            self._sample_into(branches, hidden, generating, ended)
+            self._sample_into(branches, torch.stack([b.first_hidden for b in branches]), generating, ended)
         while generating or ended:
             if ended:
                 batch, ended = ended, []
-                self._finish_turns(batch, results, generating, ended)
+                self._finish_turns(batch, generating, ended)
                 continue
             batch, generating = generating, []
-            hidden = self.runner.decode([b.node for b in batch], [b.pending for b in batch])
+            hidden = self.runner.decode([b.kv_node for b in batch], [b.pending for b in batch])
             self._sample_into(batch, hidden, generating, ended)
-        return [results[uid] for uid in order]
+        return self._write(branches)
 
     def _params(self, turn: int) -> SamplingParams:
         return self.sampling[min(turn, len(self.sampling)) - 1]
@@ -227,51 +259,65 @@ class HFRolloutEngine:
             return any(s in tail for s in p.stop_strings)
         return False
 
-    def _finish_turns(self, batch, results, generating, ended):
+    def _finish_turns(self, batch, generating, ended):
         extend = []
         for b in batch:
-            b.turn_starts.append(len(b.tokens))
-            b.tokens.extend(b.turn_tokens)
-            b.mask.extend([True] * len(b.turn_tokens))
-            b.logprobs.extend(b.turn_logprobs)
             step = b.env.step(self.codec.decode(b.turn_tokens))
-            b.turn_info.append(dict(step.info))
             obs = self.codec.encode_observation(step.observation) if step.observation else []
             self._check_tokens(obs, "observation (codec.encode_observation)")
-            b.tokens.extend(obs)
-            b.mask.extend([False] * len(obs))
-            b.logprobs.extend([0.0] * len(obs))
+            b.turns.append(_Turn(b.turn_tokens, b.turn_logprobs, list(obs), None))
+            b.length += len(b.turn_tokens) + len(obs)
             if step.done or b.turn >= b.env.max_turns:
-                results[b.uid] = self._finalize(b, step.reward if step.done else None, bool(step.done))
+                b.finished = bool(step.done)
+                b.reward = float(step.reward) if step.done and step.reward is not None else CUTOFF_REWARD
+                self.cache.release(b.kv_node)  # the last turn is never a branch point: its pages go back now
             else:
                 extend.append((b, [b.pending, *obs], b.env.snapshot()))
         if not extend:
             return
-        hidden = self.runner.extend([b.node for b, _, _ in extend], [toks for _, toks, _ in extend])
+        hidden = self.runner.extend([b.kv_node for b, _, _ in extend], [toks for _, toks, _ in extend])
         for (b, _, snapshot), h in zip(extend, hidden):
-            self._turns[b.uid].append(_TurnRecord(b.node, h.clone(), snapshot, len(b.tokens)))
-            turn_node = b.node
-            b.node = self.cache.fork(turn_node)
-            self._retained.append(turn_node)  # the handle from fork now keeps the turn node for expansion
+            b.turns[-1].prefix = _Prefix(b.kv_node, h.clone(), snapshot, b.length, b.turn)
+            self._retained.append(b.kv_node)  # the handle from fork now keeps the turn node for expansion
+            b.kv_node = self.cache.fork(b.kv_node)
             b.turn += 1
             b.turn_tokens, b.turn_logprobs, b.pending = [], [], None
         self._sample_into([b for b, _, _ in extend], hidden, generating, ended)
 
-    def _finalize(self, b: _Branch, reward, finished) -> EngineTrajectory:
-        traj = EngineTrajectory(uid=b.uid, prompt_id=b.prompt_id, token_ids=b.tokens, model_mask=b.mask,
-                                logprobs=b.logprobs, turn_starts=b.turn_starts, reward=reward, finished=finished,
-                                branch_from=b.branch_from, turn_info=b.turn_info)
-        self.cache.release(b.node)  # the last turn is never a branch point: its pages go back now
-        self._prefixes[b.uid] = traj
-        return traj
+    def _write(self, branches: list[_Branch]) -> Generated:
+        """Append every episode's turns to the forest, in request order."""
+        forest = self._forest
+        assert forest is not None
+        nodes, leaves = [], []
+        for b in branches:
+            parent = b.parent
+            if parent is None:  # a bare rollout: its prompt's root, made the first time it is used
+                if b.prompt not in self._root_of:
+                    prefix, prompt_id, tokens = self._prompts[b.prompt]
+                    root = forest.add_root(prompt_id, tokens)
+                    self._root_of[b.prompt] = root
+                    self._anchors[root] = prefix
+                    nodes.append(root)
+                parent = self._root_of[b.prompt]
+            for turn in b.turns:
+                tokens = turn.tokens + turn.observation
+                mask = [True] * len(turn.tokens) + [False] * len(turn.observation)
+                parent = forest.add_node(parent, tokens, mask, turn.logprobs + [0.0] * len(turn.observation))
+                nodes.append(parent)
+                if turn.prefix is not None:
+                    self._anchors[parent] = turn.prefix
+            forest.set_reward(parent, b.reward)
+            leaves.append(parent)
+        return Generated(nodes=np.asarray(nodes, dtype=np.int64), leaves=np.asarray(leaves, dtype=np.int64),
+                         finished=np.array([b.finished for b in branches], dtype=bool))
 
     # ------------------------------------------------------------------ checks
-    def _fresh_seed(self) -> int:
-        return int(self._seeds.integers(0, 2**31 - 1))
+    def _fresh_seed(self, stream: np.random.Generator | None = None) -> int:
+        return int((stream or self._seeds).integers(0, 2**31 - 1))
 
     @staticmethod
     def _check_counts(counts, n, name) -> list[int]:
-        counts = [c for c in counts]
+        counts = list(counts)
         if len(counts) != n:
             raise ValueError(f"{name}: {len(counts)} counts for {n} items")
         if any(not isinstance(c, (int, np.integer)) or c < 0 for c in counts):

@@ -1,20 +1,31 @@
 """What the trainer asks of a rollout engine, and what it gets back.
 
-    engine.rollout(tasks, counts)   -> bare rollouts: counts[i] episodes of tasks[i]
-    engine.expand(anchors, counts)  -> counts[a] continuations forked after turn t of rollout uid
-                                       (anchors[a] = Anchor(uid, t)), sharing that prefix
-    engine.release_all()            -> forget retained prefixes (KV pages, env snapshots)
+The engine writes straight into a `RolloutForest` (the incremental builder): nothing is flattened
+into per-episode lists and rebuilt.
 
-Every result is an `EngineTrajectory` with a unique `uid`; a continuation records the anchor it
-forks from in `branch_from = (uid, t)`. `to_forest_trajectories` turns a batch into the
-`trace_core.forest.Trajectory` list that `RolloutForest.from_trajectories` builds a forest from.
+    prompts = engine.prefill(tasks, prompt_ids)        -> prompts in the KV cache + their hidden states
+    out = engine.rollout(forest, prompts, counts)      -> counts[i] bare rollouts of prompt i: a root
+                                                          per prompt with count > 0, a node per turn
+    out = engine.expand(forest, anchors, counts)       -> counts[a] continuations forked after the
+                                                          turn node anchors[a] (a forest node id)
+    engine.hidden_states(nodes)                        -> [n, H] the policy's hidden state at the last
+                                                          token of each root / turn prefix it wrote
+    engine.release_all()                               -> forget retained prefixes (KV pages, env
+                                                          snapshots, hidden states)
+
+Anchors are forest node ids of non-final turns. An episode the env did not end (cut at
+`env.max_turns`) gets reward 0 and `finished=False`. Flat per-leaf sequences for other trainers:
+`forest.leaf_sequences()`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
-from trace_core.forest import Trajectory
+import numpy as np
+import torch
+
+from trace_core.forest import RolloutForest
 
 
 @dataclass(frozen=True)
@@ -49,76 +60,54 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
-class Anchor:
-    """A turn prefix to continue from: the prompt and turns 1..turn of trajectory `uid`."""
+class Prompts:
+    """Prompts prefilled into an engine's KV cache, not yet in any forest.
 
-    uid: int
-    turn: int
+    prompt_ids  [B] the id each prompt's tree gets in the forest
+    token_ids   B token lists (the encoded prompts)
+    hidden      [B, H] float32 hidden state at each prompt's last token (what the predictor reads)
+    """
+
+    prompt_ids: np.ndarray
+    token_ids: list[list[int]]
+    hidden: torch.Tensor
+    handles: tuple[int, ...]  # engine-private: which prefilled prompt each row is
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(t) for t in self.token_ids], dtype=np.int64)
 
 
 @dataclass(frozen=True)
-class EngineTrajectory:
-    """One finished episode.
+class Generated:
+    """What one rollout / expand call wrote into the forest.
 
-    token_ids    [L] prompt, then every turn (model tokens followed by observation tokens)
-    model_mask   [L] True where the policy sampled the token
-    logprobs     [L] sampling logprob at model tokens, 0.0 at observation tokens
-    turn_starts  [T] offset of each turn's first token (the prompt is token_ids[:turn_starts[0]])
-    reward       the env's outcome when it ended the episode; None if the episode was cut off
-    finished     the env said done (False: cut at env.max_turns)
-    branch_from  (uid, t) for a continuation of trajectory uid after turn t; None for a bare rollout
-    turn_info    the env's `Step.info` of each turn
+    nodes     [n] every node it added, in the order added (roots, then each episode's turns)
+    leaves    [k] each episode's final turn node, in request order
+    finished  [k] bool: the env ended the episode (False: cut at env.max_turns, reward 0)
     """
 
-    uid: int
-    prompt_id: int
-    token_ids: list[int]
-    model_mask: list[bool]
-    logprobs: list[float]
-    turn_starts: list[int]
-    reward: float | None
-    finished: bool
-    branch_from: tuple[int, int] | None = None
-    turn_info: list[Mapping[str, Any]] = field(default_factory=list)
-
-    @property
-    def num_turns(self) -> int:
-        return len(self.turn_starts)
-
-    def turn_tokens(self, t: int) -> list[int]:
-        """Tokens of turn t (1-based): its model tokens and then its observation."""
-        bounds = [*self.turn_starts, len(self.token_ids)]
-        return self.token_ids[bounds[t - 1] : bounds[t]]
+    nodes: np.ndarray
+    leaves: np.ndarray
+    finished: np.ndarray
 
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    def rollout(self, tasks: Sequence[Mapping[str, Any]], counts: Sequence[int], *,
-                prompt_ids: Sequence[int] | None = None) -> list[EngineTrajectory]:
-        """counts[i] bare rollouts of tasks[i] (prompt_id defaults to i)."""
+    def prefill(self, tasks: Sequence[Mapping[str, Any]], prompt_ids: Sequence[int] | None = None) -> Prompts:
+        """Reset an env per task, encode and prefill its prompt (prompt_id defaults to the index)."""
 
-    def expand(self, anchors: Sequence[Anchor], counts: Sequence[int]) -> list[EngineTrajectory]:
-        """counts[a] continuations of each anchor's prefix, with fresh env seeds."""
+    def rollout(self, forest: RolloutForest, prompts: Prompts, counts: Sequence[int]) -> Generated:
+        """counts[i] bare rollouts of prompts[i]; a prompt with count 0 never enters the forest."""
+
+    def expand(self, forest: RolloutForest, anchors: Sequence[int], counts: Sequence[int]) -> Generated:
+        """counts[a] continuations after turn node anchors[a], with fresh env seeds."""
+
+    def hidden_states(self, nodes: Sequence[int]) -> torch.Tensor:
+        """[n, H] float32 hidden state at the last token of each root / non-final turn node."""
 
     def release_all(self) -> None:
-        """Drop every retained prefix; anchors of earlier results can no longer be expanded."""
-
-
-def to_forest_trajectories(trajectories: Sequence[EngineTrajectory]) -> list[Trajectory]:
-    """Engine output -> `trace_core.forest.Trajectory` list (branch_from re-indexed by position).
-
-    A continuation must come after the trajectory it branches from."""
-    position: dict[int, int] = {}
-    out = []
-    for i, traj in enumerate(trajectories):
-        branch = None
-        if traj.branch_from is not None:
-            uid, turn = traj.branch_from
-            if uid not in position:
-                raise ValueError(f"trajectories[{i}].branch_from: trajectory uid {uid} is not earlier in the list")
-            branch = (position[uid], turn)
-        position[traj.uid] = i
-        out.append(Trajectory(prompt_id=traj.prompt_id, token_ids=traj.token_ids, model_mask=traj.model_mask,
-                              turn_starts=traj.turn_starts, reward=traj.reward, logprobs=traj.logprobs,
-                              branch_from=branch))
-    return out
+        """Drop every retained prefix; nodes written so far can no longer be expanded."""

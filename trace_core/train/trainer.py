@@ -1,19 +1,18 @@
-"""The TRACE trainer: one step of METHOD.md, top to bottom.
+"""The TRACE trainer. One step, in the order of docs/method.md, data flowing one way:
 
-    step = Stage 1 (roots) -> bare rollouts -> Stage 2 (prefixes) -> continuations -> rewards
-           -> predictor update -> advantages -> packed tree forward -> fused logprob
-           -> packed loss -> optimizer step
+    env -> engine.prefill (prompts + hidden states) -> predictor -> Stage 1 -> engine.rollout
+        -> predictor -> Stage 2 -> engine.expand -> forest complete -> advantages
+        -> policy update (pack -> tree forward -> fused logprob -> packed loss -> optimizer)
+        -> predictor update (subtree success rates, on the hidden states the engine kept)
 
-Every mode (`trace`, `uniform`, `random_tree`, `pcl`) samples the same number of leaves per step.
-The run directory holds config.yaml, metrics.jsonl (one JSON object per step / eval), and atomic
+The engine writes every turn into the step's `RolloutForest` as it generates; nothing is flattened
+and rebuilt. Every allocation (`allocation.mode`, or `root_strategy` / `prefix_strategy`) samples the
+same number of leaves per step. The run directory holds config.yaml, metrics.jsonl and atomic
 checkpoints; `resume=True` continues a run exactly where its latest checkpoint left it.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -22,24 +21,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trace_core.train import checkpoint as ckpt
 from trace_core.advantage import compute_advantages
-from trace_core.allocation import get_allocator
-from trace_core.train.config_loader import ConfigError, save_config, to_dict
-from trace_core.rollout import Anchor, EngineTrajectory, HFRolloutEngine, SamplingParams, to_forest_trajectories
-from trace_core.rollout.paged_runner import kv_geometry
+from trace_core.allocation import Allocation
+from trace_core.allocation.objective import repeat_probability, root_mixed_probability
 from trace_core.envs import make_env, make_task_source
-from trace_core.model.tree_forward import tree_forward
-from trace_core.rollout.kv_cache import CacheCapacityError, page_bytes
-from trace_core.loss import leaf_weights, packed_loss_weights, packed_policy_loss
-from trace_core.train.schedule import learning_rate
-from trace_core.packing.forest import pack, split_by_tokens
-from trace_core.model.policy import build_policy
-from trace_core.train.report import plot_runs
-from trace_core.predictor import MLPHeadPredictor, PrefixBatch, calibration, prefix_batch, training_targets
 from trace_core.forest import RolloutForest
+from trace_core.model.policy import build_policy
+from trace_core.predictor import MLPHeadPredictor, PrefixBatch, calibration, training_targets
+from trace_core.rollout import Generated, HFRolloutEngine, Prompts, SamplingParams
+from trace_core.rollout.kv_cache import CacheCapacityError, page_bytes
+from trace_core.rollout.paged_runner import kv_geometry
+from trace_core.train import checkpoint as ckpt
 from trace_core.train.config import TrainConfig
-from trace_kernels import linear_logprob
+from trace_core.train.config_loader import ConfigError, save_config, to_dict
+from trace_core.train.expansion import Expansion, expand_prefixes
+from trace_core.train.metrics_log import MetricsLog
+from trace_core.train.policy_update import PolicyUpdater
+from trace_core.train.schedule import learning_rate
 
 log = logging.getLogger("trace_core.train.trainer")
 
@@ -58,13 +56,15 @@ class PhaseTimer:
 
 
 @dataclass
-class StepBatch:
-    """The predictions a step made before its outcomes were known."""
+class Predictions:
+    """What the step predicted before the outcomes were known, for the calibration metrics.
 
-    predicted_nodes: np.ndarray  # forest nodes that got a prediction (roots, anchors)
-    predicted: np.ndarray  # their Vhat at allocation time
-    contrast: np.ndarray  # predicted chance that each node's subtree turns out mixed
-    informed: bool  # the predictor drove the allocation (not cold start, mode uses it)
+    nodes [K] forest nodes (active roots, then anchors); value [K] their Vhat; contrast [K] the
+    chance each gave that the node's subtree turns out mixed."""
+
+    nodes: np.ndarray
+    value: np.ndarray
+    contrast: np.ndarray
 
 
 class Trainer:
@@ -74,6 +74,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
+        self.allocation: Allocation = cfg.allocation.build()
         self.policy = build_policy(cfg.model, cfg.env.name, cfg.seed)
         self.model = self.policy.model
         try:
@@ -85,34 +86,144 @@ class Trainer:
         if len(self.train_tasks) < cfg.allocation.candidates:
             raise ConfigError(f"allocation.candidates: {cfg.allocation.candidates} prompts per step, but the train "
                               f"split has only {len(self.train_tasks)} tasks")
-        get_allocator(cfg.allocation.mode, **self._allocator_options(cfg.allocation.mode, np.random.default_rng(0)))  # fail early
         self.predictor = MLPHeadPredictor(self.model.config.hidden_size, cfg.predictor)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        # float16 compute over fp32 master weights: scale the loss so small gradients do not flush
-        # to zero in fp16 (bf16 has fp32's range and needs none); a step with inf/nan grads is skipped
-        self.scaler = torch.amp.GradScaler(self.policy.device.type,
-                                           enabled=self.policy.autocast and self.policy.compute_dtype == torch.float16)
-        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.optim.kl_coef > 0 else None
         self.backend = None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend
+        self.updater = PolicyUpdater(self.policy, cfg.optim, temperature=cfg.generation.temperature,
+                                     backend=self.backend)
         self.engine = self._make_engine()
         self.step = 0
         self.leaves_sampled = 0
-        self._tensorboard = _tensorboard_writer(self.run_dir / "tensorboard")
-        if resume:
-            self._load_latest()
-        else:
+        if not resume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "metrics.jsonl").write_text("")
+        self.metrics = MetricsLog(self.run_dir, fresh=not resume)
+        if resume:
+            self._load_latest()
 
-    # ------------------------------------------------------------------ set-up helpers
-    def _allocator_options(self, mode: str, rng: np.random.Generator) -> dict:
-        if mode == "random_tree":
-            return {"rng": int(rng.integers(2**62))}
-        if mode == "pcl":
-            return {"count_per_prompt": self.cfg.allocation.pcl_count}
-        return {}
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.updater.optimizer
 
+    # ------------------------------------------------------------------ one training step
+    def train_step(self) -> dict[str, float]:
+        """One step of docs/method.md; returns its metrics."""
+        cfg, a, timer = self.cfg, self.cfg.allocation, PhaseTimer()
+        rng = np.random.default_rng([cfg.seed, self.step])  # a pure function of (seed, step): resumable
+        self.engine.reseed(int(rng.integers(2**62)))
+        informed = self.allocation.uses_predictor and self.predictor.ready
+        allocation = self.allocation if informed else self.allocation.cold()  # cold start: step 1 of the method
+        alloc_rng = np.random.default_rng([cfg.seed, self.step, 1])  # the strategies' own stream (random anchors)
+        forest = RolloutForest(vocab_size=self.model.get_input_embeddings().num_embeddings)
+        tokens_before = self.engine.generated_tokens
+        self.model.eval()
+
+        with timer("rollout"), self._generating():
+            prompts = self.engine.prefill(self._candidates(rng))
+        with timer("predict"):
+            v = self._predict_prompts(prompts) if informed else np.full(len(prompts), 0.5)
+        counts = self._allocate_roots(allocation, v, alloc_rng)                     # Stage 1
+        with timer("rollout"), self._generating():
+            bare = self.engine.rollout(forest, prompts, counts)              # bare rollouts
+        with timer("expand"), self._generating():
+            expansion = self._expand(forest, bare, allocation, counts, informed, alloc_rng)  # Stage 2
+        generated_tokens = self.engine.generated_tokens - tokens_before
+        predictor_batch = self._predictor_targets(forest)                  # rewards -> subtree success rates
+        self.engine.release_all()
+
+        metrics = self._calibration(forest, prompts, v, counts, expansion) if informed else {}
+        with timer("train"):
+            metrics.update(self._update_policy(forest))                    # advantages -> packed loss -> step
+            metrics.update(self._update_predictor(*predictor_batch))
+        self.step += 1
+        self.leaves_sampled += int(forest.leaves.size)
+        metrics.update(self._rollout_metrics(forest, bare, counts, expansion, generated_tokens, informed))
+        metrics.update({f"time/{k}": s for k, s in timer.seconds.items()})
+        return metrics
+
+    def _candidates(self, rng: np.random.Generator) -> list:
+        """B prompts drawn from the train split without replacement."""
+        a = self.cfg.allocation
+        return [self.train_tasks[i] for i in rng.choice(len(self.train_tasks), a.candidates, replace=False)]
+
+    def _allocate_roots(self, allocation: Allocation, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Stage 1. v [B] predicted success of each candidate -> [B] bare rollouts per prompt."""
+        a = self.cfg.allocation
+        budget = allocation.bare_budget(a.roots, a.continuations_per_root)
+        counts = allocation.root(v, budget, m_min=a.m_min, m_max=a.m_max, eps=a.eps, rng=rng)
+        return np.asarray(counts, dtype=np.int64)
+
+    def _expand(self, forest: RolloutForest, bare: Generated, allocation: Allocation, counts: np.ndarray,
+                informed: bool, rng: np.random.Generator) -> Expansion:
+        """Stage 2: each prompt's m_i * N continuations over the anchors of its tree (train/expansion.py)."""
+        a = self.cfg.allocation
+        budget = allocation.continuation_budget(counts, a.continuations_per_root)
+        if not budget.any():
+            return Expansion()
+        return expand_prefixes(
+            forest, bare, budget, rounds=a.expansion_rounds,
+            predict=lambda nodes: self._predict_nodes(forest, nodes) if informed else np.full(nodes.size, 0.5),
+            allocate=lambda p, r, group, k: allocation.prefix(p, r, group, k, k_max=a.k_max, eps=a.eps, rng=rng),
+            expand=lambda anchors, k: self.engine.expand(forest, anchors, k))
+
+    # ------------------------------------------------------------------ the predictor
+    def _predict_prompts(self, prompts: Prompts) -> np.ndarray:
+        """[B] Vhat of each prompt, from the hidden state the engine's prefill computed."""
+        return self.predictor.predict(PrefixBatch(depth=torch.zeros(len(prompts), dtype=torch.long),
+                                                  prefix_len=torch.as_tensor(prompts.lengths),
+                                                  hidden=prompts.hidden))
+
+    def _prefix_batch(self, forest: RolloutForest, nodes: np.ndarray) -> PrefixBatch:
+        """Predictor inputs of forest nodes (roots or turn prefixes) the engine wrote this step."""
+        return PrefixBatch(depth=torch.as_tensor(forest.depth[nodes], dtype=torch.long),
+                           prefix_len=torch.as_tensor(forest.path_lengths()[nodes]),
+                           hidden=self.engine.hidden_states(nodes))
+
+    def _predict_nodes(self, forest: RolloutForest, nodes: np.ndarray) -> np.ndarray:
+        return self.predictor.predict(self._prefix_batch(forest, nodes))
+
+    def _predictor_targets(self, forest: RolloutForest) -> tuple[PrefixBatch, np.ndarray, np.ndarray]:
+        """Every root and internal node: its inputs, subtree success rate [K] and leaves under it [K]."""
+        nodes, targets, weights = training_targets(forest)
+        return self._prefix_batch(forest, nodes), targets, weights
+
+    def _update_predictor(self, batch: PrefixBatch, targets: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+        """Regress Vhat onto subtree success rates (docs/method.md step 5); never enters the policy loss."""
+        return self.predictor.observe(batch, targets, weights) if len(batch) else {}
+
+    def _calibration(self, forest, prompts: Prompts, v, counts, expansion: Expansion) -> dict[str, float]:
+        """How well this step's predictions, made before the outcomes, matched them."""
+        a = self.cfg.allocation
+        active = counts > 0
+        roots = np.array([forest.root_of(i) for i in prompts.prompt_ids[active]], dtype=np.int64)
+        contrast_roots = root_mixed_probability(v[active], counts[active], eps=a.eps)
+        contrast_anchors = 1.0 - repeat_probability(expansion.predicted, expansion.outcome, a.eps)
+        pred = Predictions(nodes=np.concatenate([roots, expansion.anchors]).astype(np.int64),
+                           value=np.concatenate([v[active], expansion.predicted]),
+                           contrast=np.concatenate([contrast_roots, contrast_anchors]))
+        rates, leaves, mixed = forest.subtree_success_rates(), forest.subtree_leaf_counts(), forest.is_mixed()
+        cal = calibration(pred.value, rates[pred.nodes], leaves[pred.nodes], mixed[pred.nodes], pred.contrast)
+        return {f"predictor/{k}": x for k, x in cal.items()}
+
+    # ------------------------------------------------------------------ the policy
+    def _update_policy(self, forest: RolloutForest) -> dict[str, float]:
+        """Advantages on the finished forest (docs/method.md step 6), then the packed clipped loss."""
+        o = self.cfg.optim
+        lr = learning_rate(self.step, lr=o.lr, steps=self.cfg.steps, schedule=o.lr_schedule,
+                           warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio)
+        advantages, kind = compute_advantages(forest, o.advantage)
+        return self.updater.update(forest, advantages, kind, lr)
+
+    def _rollout_metrics(self, forest, bare: Generated, counts, expansion: Expansion, generated_tokens: int,
+                         informed: bool) -> dict[str, float]:
+        return {
+            "step": self.step, "leaves": int(forest.leaves.size), "leaves_sampled": self.leaves_sampled,
+            "prompts": int((counts > 0).sum()), "success_leaves": float(forest.reward[forest.leaves].mean()),
+            "success_bare": float(forest.reward[bare.leaves].mean()), "effective_ratio": forest.effective_ratio(),
+            "generated_tokens": generated_tokens, "predictor_informed": float(informed),
+            "continuation_budget_reassigned": expansion.reassigned, "expansion_rounds_run": expansion.rounds,
+        }
+
+    # ------------------------------------------------------------------ generation set-up
     def _sampling(self, greedy: bool) -> SamplingParams:
         g = self.cfg.generation
         return SamplingParams(temperature=0.0 if greedy else g.temperature, top_p=1.0 if greedy else g.top_p,
@@ -126,8 +237,7 @@ class Trainer:
                                  page_size=g.page_size, decode_backend=self.backend,
                                  kv_dtype=self.policy.compute_dtype, seed=self.cfg.seed)
         cache = engine.runner.cache
-        log.info("KV cache: %d pages of %d tokens, %s", cache.num_pages, cache.page_size,
-                 _size(cache.nbytes))
+        log.info("KV cache: %d pages of %d tokens, %s", cache.num_pages, cache.page_size, _size(cache.nbytes))
         return engine
 
     def _num_pages(self) -> int:
@@ -148,238 +258,18 @@ class Trainer:
         return pages
 
     @contextlib.contextmanager
-    def _kv_capacity_as_config_error(self):
-        """A step that outgrows the KV cache names the setting to change, not the cache internals."""
+    def _generating(self):
+        """Generation runs in the compute dtype; a step that outgrows the KV cache names the setting
+        to change, not the cache internals."""
         try:
-            yield
+            with self.policy.compute():
+                yield
         except CacheCapacityError as err:
             cache = self.engine.runner.cache
             raise ConfigError(
                 f"generation.num_pages: {err}. This run's cache holds {cache.num_pages} pages "
                 f"({_size(cache.nbytes)}); raise generation.num_pages (or use "
                 f"'auto' on a GPU) or lower allocation.roots / generation.max_tokens_per_turn") from None
-
-    def _uses_predictor(self) -> bool:
-        return self.cfg.allocation.mode in ("trace", "pcl") and self.predictor.ready
-
-    # ------------------------------------------------------------------ one training step
-    def train_step(self) -> dict[str, float]:
-        cfg, a = self.cfg, self.cfg.allocation
-        timer = PhaseTimer()
-        rng = np.random.default_rng([cfg.seed, self.step])  # a pure function of (seed, step): resumable
-        self.engine.reseed(int(rng.integers(2**62)))
-        tokens_before = self.engine.generated_tokens
-        informed = self._uses_predictor()
-        # cold start (METHOD.md step 1): TRACE allocates uniformly until the predictor has seen enough nodes
-        mode = "uniform" if a.mode == "trace" and not informed else a.mode
-        allocator = get_allocator(mode, **self._allocator_options(mode, rng))
-        self.model.eval()
-
-        # Stage 1: how many bare rollouts each candidate prompt gets
-        candidates = [self.train_tasks[i] for i in rng.choice(len(self.train_tasks), a.candidates, replace=False)]
-        with timer("predict"):
-            v = self._predict_prompts(candidates) if informed else np.full(a.candidates, 0.5)
-        bare_budget = a.leaves_per_step if a.mode == "uniform" else a.roots
-        counts = np.asarray(allocator.roots(v, bare_budget, m_min=a.m_min, m_max=a.m_max, eps=a.eps), dtype=np.int64)
-
-        with timer("rollout"), self._kv_capacity_as_config_error(), self.policy.compute():
-            bare = self.engine.rollout(candidates, counts, prompt_ids=range(a.candidates))
-        forest = RolloutForest.from_trajectories(_forest_trajectories(bare), vocab_size=self._vocab())
-        bare_reward = forest.reward[[nodes[-1] for nodes in forest.turn_nodes]]
-
-        # Stage 2: continuations from turn prefixes (anchors), in allocation.expansion_rounds rounds
-        expansion = _Expansion(forest)
-        if a.mode != "uniform" and a.continuations_per_root > 0:
-            expansion = self._expand(bare, forest, counts * a.continuations_per_root, allocator, informed, timer)
-        generated_tokens = self.engine.generated_tokens - tokens_before
-        self.engine.release_all()
-        forest = expansion.forest  # bare rollouts and every continuation
-        batch = self._predictions(forest, counts, v, expansion.nodes, expansion.predicted, expansion.outcome, informed)
-
-        # Learn: predictor on subtree success rates, policy on the packed tree
-        with timer("train"):
-            metrics = self._update(forest, batch)
-        self.step += 1
-        self.leaves_sampled += int(forest.leaves.size)
-        rewards = forest.reward[forest.leaves]
-        metrics.update({
-            "step": self.step, "leaves": int(forest.leaves.size), "leaves_sampled": self.leaves_sampled,
-            "prompts": int((counts > 0).sum()), "success_leaves": float(rewards.mean()),
-            "success_bare": float(bare_reward.mean()), "effective_ratio": forest.effective_ratio(),
-            "generated_tokens": generated_tokens, "predictor_informed": float(informed),
-            "continuation_budget_reassigned": expansion.reassigned, "expansion_rounds_run": expansion.rounds,
-            **{f"time/{k}": v for k, v in timer.seconds.items()},
-        })
-        return metrics
-
-    def _expand(self, bare: list[EngineTrajectory], forest: RolloutForest, budget: np.ndarray, allocator,
-                informed: bool, timer: PhaseTimer) -> "_Expansion":
-        """METHOD.md step 3. budget[i]: continuations of prompt i (m_i * N), split evenly over the
-        rounds (the first rounds get the remainder). Round 1 branches from the bare rollouts' turn
-        prefixes; round r (OURS, `allocation.expansion_rounds`) from the turns that round r-1's
-        continuations added after their branch point. A round with no new prefix anywhere branches
-        from every prefix so far, so the step still samples its full budget. `forest` is the bare
-        rollouts' forest; the result's is rebuilt once per round, after that round's continuations."""
-        a = self.cfg.allocation
-        done, fresh, out = list(bare), range(len(bare)), _Expansion(forest)
-        for share in _round_shares(budget, a.expansion_rounds):
-            forest = out.forest  # the forest of `done`, in order
-            anchors, nodes, owner = _anchors(done, forest, fresh)
-            if not anchors:
-                anchors, nodes, owner = _anchors(done, forest, range(len(done)))
-            if not anchors:
-                break
-            outcome = forest.reward[[forest.turn_nodes[i][-1] for i in owner]]
-            p_anchor = np.full(len(anchors), 0.5)
-            if informed:
-                with timer("predict"):
-                    p_anchor = self._predict_nodes(forest, nodes)
-            group = np.array([done[i].prompt_id for i in owner], dtype=np.int64)
-            round_budget, moved = _prefix_budgets(share, group)
-            k = allocator.prefixes(p_anchor, outcome, group, round_budget, k_max=a.k_max, eps=a.eps)
-            with timer("expand"), self._kv_capacity_as_config_error(), self.policy.compute():
-                new = self.engine.expand(anchors, k)
-            fresh = range(len(done), len(done) + len(new))
-            done += new
-            out.add(nodes, p_anchor, outcome, moved)
-            out.forest = RolloutForest.from_trajectories(_forest_trajectories(done), vocab_size=self._vocab())
-        return out
-
-    def _vocab(self) -> int:
-        return self.model.get_input_embeddings().num_embeddings
-
-    @torch.no_grad()
-    def _predict_prompts(self, tasks) -> np.ndarray:
-        """Vhat of each prompt: the predictor on the policy's hidden state at the prompt's last token."""
-        prompts = []
-        for task in tasks:
-            env = make_env(self.cfg.env.name, **self.cfg.env.env)
-            prompts.append(np.asarray(self.policy.codec.encode_prompt(env.reset(task, seed=0)), dtype=np.int64))
-        lengths = np.array([p.size for p in prompts])
-        ends = np.cumsum(lengths)
-        packed = _Chains(input_ids=np.concatenate(prompts), position_ids=np.concatenate([np.arange(n) for n in lengths]),
-                         end=np.repeat(ends, lengths).astype(np.int32))
-        with self.policy.compute():
-            hidden = tree_forward(self.model, packed, backend=self.backend)
-        batch = PrefixBatch(depth=torch.zeros(len(tasks), dtype=torch.long), prefix_len=torch.as_tensor(lengths),
-                            hidden=hidden[torch.as_tensor(ends - 1)].float().cpu())
-        return self.predictor.predict(batch)
-
-    @torch.no_grad()
-    def _predict_nodes(self, forest: RolloutForest, nodes: np.ndarray) -> np.ndarray:
-        packed = pack(forest)
-        with self.policy.compute():
-            hidden = tree_forward(self.model, packed, backend=self.backend)
-        return self.predictor.predict(prefix_batch(forest, packed, nodes, hidden))
-
-    def _predictions(self, forest, counts, v, anchor_nodes, p_anchor, anchor_r, informed) -> StepBatch:
-        """The predictions made before this step's outcomes, on the final forest's nodes, with the
-        chance each gave that the node's subtree turns out mixed."""
-        active = counts > 0
-        roots = np.array([forest.root_of(i) for i in np.flatnonzero(active)], dtype=np.int64)
-        v_roots, m = np.asarray(v)[active], counts[active]
-        root_contrast = 1 - v_roots**m - (1 - v_roots) ** m
-        q = anchor_r * p_anchor + (1 - anchor_r) * (1 - p_anchor)  # chance a continuation repeats the outcome
-        return StepBatch(predicted_nodes=np.concatenate([roots, anchor_nodes]).astype(np.int64),
-                         predicted=np.concatenate([v_roots, p_anchor]), contrast=np.concatenate([root_contrast, 1 - q]),
-                         informed=informed)
-
-    def _update(self, forest: RolloutForest, batch: StepBatch) -> dict[str, float]:
-        cfg = self.cfg
-        metrics: dict[str, float] = {}
-        if batch.informed and batch.predicted_nodes.size:  # calibration of predictions made before the outcomes
-            rates, counts, mixed = forest.subtree_success_rates(), forest.subtree_leaf_counts(), forest.is_mixed()
-            nodes = batch.predicted_nodes
-            cal = calibration(batch.predicted, rates[nodes], counts[nodes], mixed[nodes], batch.contrast)
-            metrics.update({f"predictor/{k}": v for k, v in cal.items()})
-
-        o = cfg.optim
-        lr = learning_rate(self.step, lr=o.lr, steps=cfg.steps, schedule=o.lr_schedule, warmup_steps=o.warmup_steps,
-                           min_lr_ratio=o.min_lr_ratio)
-        advantages, kind = compute_advantages(forest, cfg.optim.advantage)
-        full = pack(forest)
-        weights_all = leaf_weights(forest, full, cfg.optim.loss_agg)
-        target_nodes, targets, target_weights = training_targets(forest)
-        target_tree = forest.tree_root()[target_nodes]  # which micro-batch (tree) holds each target
-        batches = [(roots, full if len(roots) == forest.roots.size else pack(forest, roots=roots))
-                   # a tree larger than micro_batch_tokens runs alone (TRACE may give one prompt many leaves)
-                   for roots in split_by_tokens(forest, cfg.optim.micro_batch_tokens, oversized="alone")]
-        hidden_rows: dict[int, torch.Tensor] = {}
-        ratio_dev, ratio_max_dev = 0.0, 0.0  # first epoch only
-        for epoch in range(cfg.optim.epochs):
-            self.model.train()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_total, clip_weighted, entropy_total = 0.0, 0.0, 0.0
-            for roots, packed in batches:
-                weights = packed_loss_weights(forest, packed, advantages, kind, loss_agg=cfg.optim.loss_agg,
-                                              leaf_weight=weights_all)
-                pos, neg, kl_w = weights.to_torch(device=self.policy.device)
-                with self.policy.compute():  # forwards under autocast (master weights); backward outside
-                    hidden = tree_forward(self.model, packed, backend=self.backend)
-                    if epoch == 0:  # the predictor learns from the policy that generated the step
-                        in_batch = target_nodes[np.isin(target_tree, roots)]
-                        for node, row in zip(in_batch, packed.node_end[in_batch] - 1):
-                            hidden_rows[int(node)] = hidden[int(row)].detach().float().cpu()
-                    loss, m = self._packed_loss(packed, hidden, pos, neg, kl_w)
-                self.scaler.scale(loss).backward()
-                loss_total += loss.item()
-                clip_weighted += m["clip_fraction"].item() * float(kl_w.sum())
-                entropy_total += m["entropy"].item()
-                if epoch == 0:  # before any update: how far the trainer's logprobs are from the sampler's
-                    ratio_dev += m["ratio_abs_dev"].item() * float(kl_w.sum())
-                    ratio_max_dev = max(ratio_max_dev, m["ratio_max_dev"].item())
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op unless float16)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self.model.eval()
-
-        # predictor: every root and internal node, from the hidden states of this forward
-        order = [i for i, u in enumerate(target_nodes) if int(u) in hidden_rows]
-        nodes = target_nodes[order]
-        depth, prefix_len = forest.depth[nodes], full.position_ids[full.node_end[nodes] - 1] + 1
-        pb = PrefixBatch(depth=torch.as_tensor(depth, dtype=torch.long), prefix_len=torch.as_tensor(prefix_len),
-                         hidden=torch.stack([hidden_rows[int(u)] for u in nodes]) if len(nodes) else None)
-        if len(nodes):
-            metrics.update(self.predictor.observe(pb, targets[order], target_weights[order]))
-        if self.scaler.is_enabled():
-            metrics["grad_scale"] = float(self.scaler.get_scale())
-        metrics.update({"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, "clip_fraction": clip_weighted,
-                        "entropy": entropy_total,
-                        "sampler/ratio_abs_dev": ratio_dev, "sampler/ratio_max_dev": ratio_max_dev,  # first epoch
-                        "tokens_packed": full.num_tokens, "tokens_leaf_paths": full.num_leaf_path_tokens,
-                        "dedup_ratio": full.num_leaf_path_tokens / max(full.num_tokens, 1)})
-        return metrics
-
-    def _packed_loss(self, packed, hidden, pos, neg, kl_w):
-        """Logprobs of the model tokens only (the others carry no loss), then the clipped surrogate."""
-        device = hidden.device
-        use = packed.loss_mask[packed.label_pos]
-        rows = torch.as_tensor(packed.label_rows[use], device=device)
-        labels = torch.as_tensor(packed.labels[use], device=device)
-        temperature = self.cfg.generation.temperature or 1.0  # greedy sampling records untempered logprobs
-        weight = self.model.get_output_embeddings().weight  # under autocast the op takes both in the compute dtype
-        coef = self.cfg.optim.entropy_coef
-        pair_lp, entropy = linear_logprob(hidden, weight, rows, labels, temperature=temperature, backend=self.backend,
-                                          return_entropy=True)
-        positions = torch.as_tensor(packed.label_pos[use], device=device)
-        token_lp = torch.zeros(packed.num_tokens, device=device, dtype=pair_lp.dtype).index_copy(0, positions, pair_lp)
-        old = torch.nan_to_num(torch.as_tensor(packed.old_logprobs, device=device), nan=0.0)
-        ref = None
-        if self.reference is not None:
-            with torch.no_grad():
-                ref_hidden = tree_forward(self.reference, packed, backend=self.backend)
-                ref_pairs = linear_logprob(ref_hidden, self.reference.get_output_embeddings().weight, rows, labels,
-                                           temperature=temperature, backend=self.backend)
-            ref = torch.zeros_like(token_lp).index_copy(0, torch.as_tensor(packed.label_pos[use], device=device), ref_pairs)
-        loss, metrics = packed_policy_loss(token_lp, old, pos, neg, kl_w, eps_low=self.cfg.optim.eps_low,
-                                           eps_high=self.cfg.optim.eps_high, ref_logprobs=ref, kl_coef=self.cfg.optim.kl_coef)
-        # entropy of the sampling distribution behind each model token, aggregated like the loss
-        token_entropy = (kl_w[positions] * entropy[rows]).sum()
-        metrics["entropy"] = token_entropy.detach()
-        return loss - coef * token_entropy, metrics
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -393,10 +283,11 @@ class Trainer:
             for name, greedy in (("eval/success", False), ("eval/success_greedy", True)):
                 self.engine.sampling = [self._sampling(greedy)]
                 self.engine.reseed(self.cfg.seed + 7919)
-                with self._kv_capacity_as_config_error(), self.policy.compute():
-                    trajectories = self.engine.rollout(tasks, [1] * len(tasks))
+                forest = RolloutForest()
+                with self._generating():
+                    out = self.engine.rollout(forest, self.engine.prefill(tasks), [1] * len(tasks))
                 self.engine.release_all()
-                result[name] = float(np.mean([t.reward or 0.0 for t in trajectories]))
+                result[name] = float(forest.reward[out.leaves].mean())
         finally:
             self.engine.sampling = training_sampling
         return result
@@ -409,31 +300,18 @@ class Trainer:
             metrics = self.train_step()
             if (self.cfg.eval_every and self.step % self.cfg.eval_every == 0) or self.step == self.cfg.steps:
                 metrics.update(self.evaluate())
-            self._log(metrics)
+            self.metrics.write(metrics, self.step)
             history.append(metrics)
             if progress is not None:
                 progress(metrics)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self.save()
-        rows = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
-        if rows:
-            plot_runs({self.cfg.allocation.mode: [rows]}, self.run_dir / "metrics.png")
+        self.metrics.plot(self.cfg.allocation.mode)
         return history
-
-    def _log(self, metrics: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, np.integer)) else v)
-                                     for k, v in metrics.items()}) + "\n")
-        if self._tensorboard is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float, np.floating, np.integer)) and key != "step":
-                    self._tensorboard.add_scalar(key, float(value), self.step)
-            self._tensorboard.flush()
 
     def save(self) -> Path:
         state = {"step": self.step, "leaves_sampled": self.leaves_sampled, "config": to_dict(self.cfg),
-                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "grad_scaler": self.scaler.state_dict(),
+                 "model": self.model.state_dict(), **self.updater.state_dict(),
                  "predictor": self.predictor.state_dict(), "rng": ckpt.rng_state()}
         return ckpt.save_checkpoint(self.run_dir, self.step, state)
 
@@ -447,99 +325,12 @@ class Trainer:
             if saved[key] != to_dict(self.cfg)[key]:
                 raise ConfigError(f"resume: {key} differs from the run's saved config.yaml; resume with the same config")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("grad_scaler"):  # absent in checkpoints from before loss scaling; empty when disabled
-            self.scaler.load_state_dict(state["grad_scaler"])
+        self.updater.load_state_dict(state)
         self.predictor.load_state_dict(state["predictor"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.leaves_sampled = int(state["step"]), int(state["leaves_sampled"])
-        # metrics written after the checkpoint belong to steps that will run again
-        lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= self.step]
-        (self.run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+        self.metrics.truncate_after(self.step)  # rows after the checkpoint belong to steps that run again
 
 
 def _size(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
-
-
-def _tensorboard_writer(folder: Path):
-    """TensorBoard event writer when the tensorboard package is installed (optional), else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(log_dir=str(folder))
-
-
-@dataclass
-class _Chains:
-    """Independent sequences packed back to back: the packed-tree fields tree_forward reads."""
-
-    input_ids: np.ndarray
-    position_ids: np.ndarray
-    end: np.ndarray
-
-
-def _forest_trajectories(trajectories: list[EngineTrajectory]):
-    """Engine output -> forest input; an episode the engine cut off (no reward) counts as failed."""
-    converted = to_forest_trajectories(trajectories)
-    return [t if t.reward is not None else dataclasses.replace(t, reward=0.0) for t in converted]
-
-
-def _anchors(trajectories: list[EngineTrajectory], forest: RolloutForest, which):
-    """The non-final turns that trajectories[i] (i in `which`) generated itself (a continuation's
-    start after its branch point): engine anchors, their forest nodes (`forest` is built from
-    `trajectories`, in order) and the index of the trajectory each belongs to."""
-    anchors, nodes, owner = [], [], []
-    for i in which:
-        traj = trajectories[i]
-        first = 1 if traj.branch_from is None else traj.branch_from[1] + 1
-        for t in range(first, traj.num_turns):
-            anchors.append(Anchor(traj.uid, t))
-            nodes.append(forest.turn_nodes[i][t])
-            owner.append(i)
-    return anchors, np.asarray(nodes, dtype=np.int64), np.asarray(owner, dtype=np.int64)
-
-
-@dataclasses.dataclass
-class _Expansion:
-    """What stage 2 sampled, and the predictions it made on the way (over all rounds)."""
-
-    forest: RolloutForest  # the bare rollouts and every continuation so far
-    nodes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # anchor forest nodes
-    predicted: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # Vhat of each anchor
-    outcome: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # reward of its trajectory
-    reassigned: int = 0  # budget moved to other prompts because a prompt had no anchor in a round
-    rounds: int = 0
-
-    def add(self, nodes, predicted, outcome, moved):
-        self.nodes = np.concatenate([self.nodes, nodes])
-        self.predicted = np.concatenate([self.predicted, predicted])
-        self.outcome = np.concatenate([self.outcome, outcome])
-        self.reassigned += moved
-        self.rounds += 1
-
-
-def _round_shares(budget: np.ndarray, rounds: int) -> list[np.ndarray]:
-    """budget[i] split over `rounds`: as even as integers allow, the first rounds one more."""
-    budget = np.asarray(budget, dtype=np.int64)
-    return [budget // rounds + (r < budget % rounds) for r in range(rounds)]
-
-
-def _prefix_budgets(budget: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, int]:
-    """Per-prompt continuation budgets. A prompt whose bare rollouts all ended after one turn has no
-    anchor; its share goes to the prompts that have anchors (in proportion to their budgets, ties to
-    the lowest ids) so every step samples the same number of leaves. Returns (budgets, moved)."""
-    budget = np.asarray(budget, dtype=np.int64).copy()
-    has_anchor = np.zeros(budget.size, dtype=bool)
-    has_anchor[group] = True
-    moved = int(budget[~has_anchor].sum())
-    budget[~has_anchor] = 0
-    if moved and has_anchor.any():
-        base = np.where(has_anchor, np.maximum(budget, 1), 0).astype(np.float64)
-        share = np.floor(moved * base / base.sum()).astype(np.int64)
-        rest = moved - int(share.sum())
-        share[np.flatnonzero(has_anchor)[:rest]] += 1
-        budget += share
-    return budget, moved

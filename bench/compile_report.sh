@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Compile every Triton kernel for an H100 (sm_90; ARCH=80 for an A100) on this machine, GPU or not,
 # and write the table to bench/results/compile_sm<arch>_triton<version>.md: registers, spills,
-# shared memory and pipelined loads of each autotune candidate (trace_kernels.compile_check). Another triton can be checked by
-# putting it first on PYTHONPATH, e.g. `pip install --target /tmp/t36 triton==3.6.0` and
-# `PYTHONPATH=/tmp/t36 bash bench/compile_report.sh` (3.6 is what the GPU machines run).
+# shared memory and pipelined loads of each autotune candidate (trace_kernels.tools.compile_check).
+# Another triton can be checked by putting it first on PYTHONPATH, e.g. `pip install --target /tmp/t36
+# triton==3.6.0` and `PYTHONPATH=/tmp/t36 bash bench/compile_report.sh` (3.6 is what the GPU machines run).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PY:-.venv/bin/python}"
@@ -13,7 +13,7 @@ ARCH="${ARCH:-90}"
 version="$("$PY" -c 'import triton; print(triton.__version__)')"
 out="bench/results/compile_sm${ARCH}_triton${version}.md"
 failed=0
-check() { "$PY" -m trace_kernels.compile_check --arch "$ARCH" "$@" | grep -v '^triton ' || failed=1; }
+check() { "$PY" -m trace_kernels.tools.compile_check --arch "$ARCH" "$@" | grep -v '^triton ' || failed=1; }
 {
     echo "# Kernels compiled for sm_${ARCH} with triton ${version}, on a CPU machine"
     echo

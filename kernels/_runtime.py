@@ -1,8 +1,11 @@
-"""Choosing between the Triton path and the pure-PyTorch reference of an op.
+"""Choosing between an op's Triton path and its pure-PyTorch CPU path (the op's cpu.py).
 
 Triton runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 (how the tests exercise
-kernels without a GPU). Anything else takes the reference. The choice is logged once per
+kernels without a GPU). Anything else takes the CPU path. The choice is logged once per
 (op, backend, reason) so a benchmark can never be silently timing the slow path.
+
+Every op spells it the same way: `backend=None` (automatic), "triton" or "cpu". "reference", the
+old name of "cpu", is still accepted (configs and callers written before the rename pass it).
 """
 from __future__ import annotations
 
@@ -19,7 +22,12 @@ _announced: set[tuple[str, str, str]] = set()
 
 class Backend(str, enum.Enum):
     TRITON = "triton"
-    REFERENCE = "reference"
+    CPU = "cpu"  # the pure-PyTorch path: runs on any device, chosen automatically where Triton cannot run
+    REFERENCE = "cpu"  # noqa: PIE796 - the old name of CPU, an alias on purpose: Backend.REFERENCE is Backend.CPU
+
+    @classmethod
+    def _missing_(cls, value):
+        return cls.CPU if value == "reference" else None  # Backend("reference") is Backend.CPU
 
 
 def interpreter_enabled() -> bool:
@@ -31,30 +39,31 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def select_backend(op: str, *tensors: torch.Tensor, force: Backend | str | None = None) -> Backend:
+def select_backend(op: str, *tensors: torch.Tensor, backend: Backend | str | None = None) -> Backend:
     """Pick the backend for `op` given its input tensors.
 
-    force: "triton" or "reference" to override (a forced Triton path that cannot run raises).
+    backend: "triton" or "cpu" ("reference") to force a path (a forced Triton path that cannot run
+    raises); None chooses.
     """
     devices = {t.device.type for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"{op}: all inputs must be on one device, got {sorted(devices)}")
     device = devices.pop() if devices else "cpu"
     can_triton = triton_installed() and (device == "cuda" or (device == "cpu" and interpreter_enabled()))
-    if force is not None:
-        backend = Backend(force)
-        if backend is Backend.TRITON and not can_triton:
+    if backend is not None:
+        chosen = Backend(backend)
+        if chosen is Backend.TRITON and not can_triton:
             raise RuntimeError(
                 f"{op}: the Triton path was forced but cannot run on {device} tensors "
                 f"(needs CUDA, or CPU with TRITON_INTERPRET=1, and triton installed)"
             )
         reason = "forced"
     elif can_triton:
-        backend, reason = Backend.TRITON, ("interpreter" if device == "cpu" else "cuda")
+        chosen, reason = Backend.TRITON, ("interpreter" if device == "cpu" else "cuda")
     else:
-        backend, reason = Backend.REFERENCE, f"{device} without triton"
-    key = (op, backend.value, reason)
+        chosen, reason = Backend.CPU, f"{device} without triton"
+    key = (op, chosen.value, reason)
     if key not in _announced:
         _announced.add(key)
-        log.info("%s: using the %s path (%s)", op, backend.value, reason)
-    return backend
+        log.info("%s: using the %s path (%s)", op, chosen.value, reason)
+    return chosen

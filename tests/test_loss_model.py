@@ -91,4 +91,4 @@ def test_tiny_qwen3_triton_tree_attention(estimator):
 def test_smollm2_reference_tree_attention():
     model, _ = load_smollm2(torch.float32)
     forest = small_forest(model.config.vocab_size, seed=2)
-    assert_same(*losses_and_grads(model, forest, tree_grpo(forest), LEAF, backend="reference"), model)
+    assert_same(*losses_and_grads(model, forest, tree_grpo(forest), LEAF, backend="cpu"), model)

@@ -47,7 +47,7 @@ def distributed_worker(rank: int, kind: str, port: int, out_dir: str) -> None:
         model = tiny_model("qwen3")  # same seed on every rank
         wrapped = wrap(model, kind)
         ids, mask, advantages = rank_inputs(rank)
-        (advantages * shared_prefix_logprobs(wrapped, ids, mask, backend="reference")).sum().backward()
+        (advantages * shared_prefix_logprobs(wrapped, ids, mask, backend="cpu")).sum().backward()
         grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                  for n, p in model.named_parameters()}
         torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))

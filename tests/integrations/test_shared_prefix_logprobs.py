@@ -82,10 +82,10 @@ def test_qwen3_triton_matches_flat_logprobs_and_entropy():
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_reference_path_matches_flat_logprobs(family):
-    check_against_flat(tiny_model(family), *grpo_batch(64, seed=1), backend="reference")
+    check_against_flat(tiny_model(family), *grpo_batch(64, seed=1), backend="cpu")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_gradients_match_flat_gradients(backend):
     """A GRPO-like loss (advantage x logprob + entropy bonus) has the same parameter gradients."""
     device = DEVICE if backend == "triton" else "cpu"
@@ -111,15 +111,15 @@ def test_reusing_the_pack_and_no_padding():
     ids = torch.tensor([[3, 4, 5, 6], [3, 4, 5, 7], [3, 4, 5, 6]])
     packed = pack_shared_prefixes(ids)
     assert packed.num_tokens == 5
-    a = shared_prefix_logprobs(model, ids, packed=packed, backend="reference")
-    b = shared_prefix_logprobs(model, ids, torch.ones_like(ids), backend="reference")
+    a = shared_prefix_logprobs(model, ids, packed=packed, backend="cpu")
+    b = shared_prefix_logprobs(model, ids, torch.ones_like(ids), backend="cpu")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(a[0], a[2], rtol=0, atol=0)  # identical rows, identical values
 
 
 def test_single_token_rows_give_zeros_with_a_gradient_path():
     model = tiny_model("llama")
-    lp, ent = shared_prefix_logprobs(model, torch.tensor([[3], [4]]), return_entropy=True, backend="reference")
+    lp, ent = shared_prefix_logprobs(model, torch.tensor([[3], [4]]), return_entropy=True, backend="cpu")
     assert lp.shape == (2, 1) and (lp == 0).all() and (ent == 0).all()
 
 
@@ -131,26 +131,26 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="model: has no output embeddings"):
         shared_prefix_logprobs(model.model, ids)
     with pytest.raises(ValueError, match=r"temperature"):
-        shared_prefix_logprobs(model, ids, temperature=0.0, backend="reference")
+        shared_prefix_logprobs(model, ids, temperature=0.0, backend="cpu")
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 64\)"):
-        shared_prefix_logprobs(model, torch.tensor([[3, 99]]), backend="reference")
+        shared_prefix_logprobs(model, torch.tensor([[3, 99]]), backend="cpu")
 
 
 def test_smollm2_grpo_batch_matches_flat():
     """Real weights (Llama architecture, 30 layers, vocab 49152), reference attention path."""
     model = load_smollm2(torch.float32)[0]
     ids, mask = grpo_batch(model.config.vocab_size, prompts=2, completions=2, seed=3)
-    check_against_flat(model, ids, mask, backend="reference")
+    check_against_flat(model, ids, mask, backend="cpu")
 
 
 def test_peft_lora_model_matches_flat_and_rejects_an_lm_head_adapter():
     peft = pytest.importorskip("peft")
     config = dict(r=4, init_lora_weights=False)
     model = peft.get_peft_model(tiny_model("qwen3"), peft.LoraConfig(target_modules=["q_proj", "o_proj"], **config))
-    check_against_flat(model, *grpo_batch(64, seed=5), backend="reference")
+    check_against_flat(model, *grpo_batch(64, seed=5), backend="cpu")
     with_head = peft.get_peft_model(tiny_model("qwen3"), peft.LoraConfig(target_modules=["q_proj", "lm_head"], **config))
     with pytest.raises(ValueError, match="model: the lm_head carries a PEFT adapter"):
-        shared_prefix_logprobs(with_head, *grpo_batch(64), backend="reference")
+        shared_prefix_logprobs(with_head, *grpo_batch(64), backend="cpu")
 
 
 def test_torch_compiled_model_runs_its_original_module():
@@ -161,7 +161,7 @@ def test_torch_compiled_model_runs_its_original_module():
     model = tiny_model("llama")
     compiled = torch.compile(model)
     frames = counters["frames"]["total"]
-    got = shared_prefix_logprobs(compiled, *grpo_batch(64, seed=8), backend="reference")
+    got = shared_prefix_logprobs(compiled, *grpo_batch(64, seed=8), backend="cpu")
     assert counters["frames"]["total"] == frames  # dynamo traced nothing
     with torch.no_grad():
         want = flat_logprobs(model, *grpo_batch(64, seed=8))[0]
@@ -186,7 +186,7 @@ def test_score_mask_scores_only_the_positions_asked_for(monkeypatch):
     results = []
     for score_mask in (None, completion):
         model.zero_grad()
-        lp, ent = shared_prefix_logprobs(model, ids, mask, return_entropy=True, score_mask=score_mask, backend="reference")
+        lp, ent = shared_prefix_logprobs(model, ids, mask, return_entropy=True, score_mask=score_mask, backend="cpu")
         ((advantages * lp).sum() + 0.1 * (ent * completion).sum()).backward()
         results.append((lp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]))
     (full_lp, full_ent, full_grads), (lp, ent, grads) = results
@@ -199,6 +199,6 @@ def test_score_mask_scores_only_the_positions_asked_for(monkeypatch):
     assert pairs_scored == [packed.labels.size, needed] and needed < packed.labels.size
 
     with pytest.raises(ValueError, match=r"score_mask: has shape \(6, 3\), expected"):
-        shared_prefix_logprobs(model, ids, mask, score_mask=completion[:, :3], backend="reference")
+        shared_prefix_logprobs(model, ids, mask, score_mask=completion[:, :3], backend="cpu")
     with pytest.raises(TypeError, match="score_mask: must be boolean"):
-        shared_prefix_logprobs(model, ids, mask, score_mask=completion.long(), backend="reference")
+        shared_prefix_logprobs(model, ids, mask, score_mask=completion.long(), backend="cpu")

@@ -6,7 +6,13 @@ import torch
 import triton
 
 from trace_kernels import linear_logprob, tree_attention
-from trace_kernels.autotune_report import AUTOTUNED_KERNELS, _kernel, config_label, format_tuned_configs, tuned_configs
+from trace_kernels.tools.autotune_report import (
+    AUTOTUNED_KERNELS,
+    _kernel,
+    config_label,
+    format_tuned_configs,
+    tuned_configs,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -16,7 +22,7 @@ def _tuner(name):
 
 
 def test_every_autotuned_kernel_is_listed():
-    for module in ("tree_attention", "linear_logprob_triton", "tree_decode"):
+    for module in ("tree_attention.triton", "linear_logprob.triton", "tree_decode.triton"):
         mod = importlib.import_module(f"trace_kernels.{module}")
         tuners = {a for a, v in vars(mod).items() if isinstance(v, triton.runtime.Autotuner)}
         assert tuners == {a for m, a in AUTOTUNED_KERNELS.values() if m == module}, module
@@ -49,7 +55,8 @@ def test_report_lists_the_candidates_of_the_last_tuning(monkeypatch):
     assert row.key == (128, 4, "torch.bfloat16") and row.config == "BLOCK_M=128,RUNS=True w8 s3"
     assert row.timings_ms == (("BLOCK_M=128,RUNS=True w8 s3", 0.5), ("BLOCK_M=128,RUNS=False w8 s3", 0.9))
     text = format_tuned_configs([row])
-    assert "128, 4, torch.bfloat16 | BLOCK_M=128,RUNS=True w8 s3" in text and "0.9000 ms  BLOCK_M=128,RUNS=False" in text
+    assert "128, 4, torch.bfloat16 | BLOCK_M=128,RUNS=True w8 s3" in text
+    assert "0.9000 ms  BLOCK_M=128,RUNS=False" in text
 
 
 @pytest.mark.parametrize("timing, expected", [(0.25, 0.25), ([0.5, 0.4, 0.6], 0.5)])

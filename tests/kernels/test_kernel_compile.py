@@ -2,7 +2,7 @@
 
 The interpreter runs kernels as numpy code and never lowers them, so a kernel can pass every
 interpreter test and still fail to compile, spill registers or overflow shared memory on the GPU.
-Triton compiles ahead of time without a driver (trace_kernels.compile_check), so this runs on CPU.
+Triton compiles ahead of time without a driver (trace_kernels.tools.compile_check), so this runs on CPU.
 It runs in a subprocess: the test session sets TRITON_INTERPRET=1, which swaps kernels for
 interpreted ones.
 """
@@ -32,7 +32,7 @@ def _compile_check(tmp_path, *args) -> tuple[subprocess.CompletedProcess, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset; 1 is what launches use
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "trace_kernels.compile_check", *args, "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "trace_kernels.tools.compile_check", *args, "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     return proc, (json.loads(out.read_text()) if out.exists() else {})
 
@@ -56,7 +56,7 @@ def test_every_autotune_config_compiles_for_h100_without_spills(tmp_path):
 
 _LIST_KERNELS = """
 import importlib, json
-from trace_kernels import compile_check as cc
+from trace_kernels.tools import compile_check as cc
 kernels = set()
 for mod in cc.KERNEL_MODULES:
     m = importlib.import_module("trace_kernels." + mod)
@@ -78,7 +78,7 @@ def test_every_kernel_of_the_package_is_checked():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="only meaningful under the interpreter")
 def test_compile_check_refuses_interpreted_kernels():
     """Under TRITON_INTERPRET=1 (CPU test sessions) kernels are interpreted: a clear error, not a crash."""
-    from trace_kernels import compile_check
+    from trace_kernels.tools import compile_check
 
     with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
         compile_check.kernel_builds()

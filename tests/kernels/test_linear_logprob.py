@@ -1,27 +1,27 @@
-"""linear_logprob: outputs and gradients against the dense reference, bad input, and peak memory.
+"""linear_logprob: outputs and gradients against the dense oracle (naive.py), bad input, and peak memory.
 
-Two paths are compared with the fp32 dense reference: the Triton kernels (under TRITON_INTERPRET=1
-on CPU) and the chunked torch fallback. Tolerances are relative to a same-dtype torch run: a path
+Two paths are compared with the fp32 dense oracle: the Triton kernels (under TRITON_INTERPRET=1
+on CPU) and the chunked torch CPU path. Tolerances are relative to a same-dtype torch run: a path
 may be off from the fp32 reference by at most twice what the dense reference itself is off when it
 runs in that dtype, plus a small floor.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import subprocess
 import sys
 import textwrap
 
-import importlib
-
 import pytest
 import torch
 
+from trace_kernels.linear_logprob import LinearLogprobFunction, _merge_splits, linear_logprob
+from trace_kernels.linear_logprob.naive import linear_logprob_reference
+
 # the package re-exports the function `linear_logprob`, which shadows the module attribute
 op_module = importlib.import_module("trace_kernels.linear_logprob")
-from trace_kernels.linear_logprob import LinearLogprobFunction, _merge_splits, linear_logprob
-from trace_kernels.linear_logprob_reference import linear_logprob_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 floor is generous for TF32-free kernels; 16-bit floors cover one rounding of the output.
@@ -52,7 +52,7 @@ def make_case(n_rows=13, hidden_size=40, vocab=300, n_pairs=29, *, dtype=torch.f
     labels[:2] = 7  # the same (row, label) pair twice
     grad_logprob = torch.randn(n_pairs, generator=gen)
     grad_entropy = torch.randn(n_rows, generator=gen)
-    cast = lambda t: None if t is None else t.to(device=DEVICE, dtype=dtype)  # noqa: E731
+    cast = lambda t: None if t is None else t.to(device=DEVICE, dtype=dtype)
     return {
         "hidden": cast(hidden), "weight": cast(weight), "bias": cast(bias),
         "rows": rows.to(DEVICE, index_dtype), "labels": labels.to(DEVICE, index_dtype),
@@ -75,7 +75,7 @@ def run(fn, case, *, dtype=None, temperature=1.0, return_entropy=True, use_logpr
     wrt = [t for t in leaves.values() if t is not None]
     grads = torch.autograd.grad(loss, wrt)
     result = {"logprob": logprob.detach(), "entropy": None if entropy is None else entropy.detach()}
-    result.update({name: g for name, g in zip([n for n, t in leaves.items() if t is not None], grads)})
+    result.update(zip([n for n, t in leaves.items() if t is not None], grads))
     return result
 
 
@@ -97,7 +97,7 @@ def assert_matches_reference(got, case, dtype, floor_factor=1.0, **kwargs):
     assert (got["logprob"] <= 0).all(), "log-probabilities must never be positive"
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_matches_reference_with_branch_points(backend, dtype, small_chunks):
     """M > N, repeated and unused rows, V % block != 0, temperature != 1, bias, both upstream grads."""
@@ -112,7 +112,7 @@ def test_matches_reference_with_branch_points(backend, dtype, small_chunks):
     assert torch.all(got["entropy"][used] > 0)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])  # "reference": the old name of "cpu"
 def test_logprob_only_without_bias_default_blocks(backend):
     """One block (default chunk sizes), no bias, temperature 1, only logprob returned."""
     case = make_case(with_bias=False, seed=1)
@@ -186,7 +186,7 @@ def test_triton_forward_really_splits_the_vocabulary():
     Splits are whole multiples of SPLIT_GRANULE (64 interpreted, 256 on a GPU, whatever vocab tile
     the autotuner picks), so a V above two granules always gives >= 3 splits, the last one short:
     V=300 here (5 splits), 556 on a GPU."""
-    from trace_kernels.linear_logprob_triton import SPLIT_GRANULE, row_stats_partials_triton
+    from trace_kernels.linear_logprob.triton import SPLIT_GRANULE, row_stats_partials_triton
 
     case = make_case(seed=7, vocab=max(300, 2 * SPLIT_GRANULE + 44))
     hidden, weight = case["hidden"], case["weight"]
@@ -210,11 +210,12 @@ def _bad_cases():
     inf_h[4, 0] = float("inf")
     nan_b = b.clone()
     nan_b[9] = float("nan")
-    with_label = lambda v: torch.cat([l[:-1], l.new_tensor([v])])  # noqa: E731
-    with_row = lambda v: torch.cat([r[:-1], r.new_tensor([v])])  # noqa: E731
+    with_label = lambda v: torch.cat([l[:-1], l.new_tensor([v])])
+    with_row = lambda v: torch.cat([r[:-1], r.new_tensor([v])])
     V, N = w.shape[0], h.shape[0]
     return [
-        ("label_too_big", dict(labels=with_label(V)), ValueError, r"labels must lie in \[0, V=300\).*labels\[28\] = 300"),
+        ("label_too_big", dict(labels=with_label(V)), ValueError,
+         r"labels must lie in \[0, V=300\).*labels\[28\] = 300"),
         ("label_negative", dict(labels=with_label(-1)), ValueError, r"labels must lie in \[0, V=300\).*= -1"),
         ("row_too_big", dict(rows=with_row(N)), ValueError, r"rows must lie in \[0, N=13\).*rows\[28\] = 13"),
         ("row_negative", dict(rows=with_row(-2)), ValueError, r"rows must lie in \[0, N=13\)"),
@@ -294,7 +295,7 @@ _MEMORY_PROBE = textwrap.dedent(
     import importlib
     op_module = importlib.import_module("trace_kernels.linear_logprob")
     from trace_kernels.linear_logprob import linear_logprob
-    from trace_kernels.linear_logprob_reference import linear_logprob_reference
+    from trace_kernels.linear_logprob.naive import linear_logprob_reference
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: large blocks via mmap, unmapped on free
@@ -313,7 +314,7 @@ _MEMORY_PROBE = textwrap.dedent(
         weight = (torch.randn(vocab, hidden_size, generator=gen) / 8).requires_grad_()
         rows = torch.arange(n_rows)
         labels = torch.randint(0, vocab, (n_rows,), generator=gen)
-        kwargs = {"backend": "reference"} if fn is linear_logprob else {}
+        kwargs = {"backend": "cpu"} if fn is linear_logprob else {}
         libc.malloc_trim(0)  # release free heap pages earlier calls left resident
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak to the current resident size

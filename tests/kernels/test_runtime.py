@@ -29,20 +29,26 @@ def test_triton_kernel_runs_in_test_configuration():
 
 def test_select_backend_prefers_triton_where_it_can_run():
     cpu = torch.zeros(1)
-    expected = Backend.TRITON if interpreter_enabled() else Backend.REFERENCE  # CPU tests: interpreter on
+    expected = Backend.TRITON if interpreter_enabled() else Backend.CPU  # CPU tests: interpreter on
     assert select_backend("op", cpu) is expected
-    assert select_backend("op", cpu, force="reference") is Backend.REFERENCE
+    assert select_backend("op", cpu, backend="cpu") is Backend.CPU
 
 
 def test_select_backend_without_interpreter_falls_back(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert select_backend("op", torch.zeros(1)) is Backend.REFERENCE
+    assert select_backend("op", torch.zeros(1)) is Backend.CPU
     with pytest.raises(RuntimeError, match="forced"):
-        select_backend("op", torch.zeros(1), force="triton")
+        select_backend("op", torch.zeros(1), backend="triton")
 
 
 def test_select_backend_rejects_mixed_devices():
     with pytest.raises(ValueError, match="one device"):
         select_backend("op", torch.zeros(1), torch.zeros(1, device="meta"))
-    with pytest.raises(ValueError):
-        select_backend("op", torch.zeros(1), force="fast")
+    with pytest.raises(ValueError, match="fast"):
+        select_backend("op", torch.zeros(1), backend="fast")
+
+
+def test_reference_is_the_old_name_of_the_cpu_backend():
+    """Configs and callers written before the rename pass "reference"; it means the CPU path."""
+    assert Backend("reference") is Backend.CPU and Backend.REFERENCE is Backend.CPU
+    assert select_backend("op", torch.zeros(1), backend="reference") is Backend.CPU

@@ -1,4 +1,4 @@
-"""Tree attention: the Triton kernel (interpreter on CPU) against the pure-torch reference.
+"""Tree attention: the Triton kernel (interpreter on CPU) and the CPU path against the naive oracle.
 
 Trees come from trace_core.packing.forest.pack, so `end` is exactly what training feeds the op. Outputs
 and gradients of q, k, v are compared with the fp32 reference; for fp16 / bf16 the tolerance is
@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from trace_core.packing.forest import pack
 from trace_core.forest import RolloutForest
+from trace_core.packing.forest import pack
 from trace_kernels.tree_attention import block_skip_metadata, tree_attention
-from trace_kernels.tree_attention_reference import (
-    independent_ranges, tree_attention_reference, tree_attention_torch, tree_visibility_mask,
-)
+from trace_kernels.tree_attention.cpu import independent_ranges, tree_attention_torch
+from trace_kernels.tree_attention.naive import tree_attention_reference, tree_visibility_mask
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -105,7 +104,7 @@ def assert_matches_reference(q, k, v, end, scale=None):
 def loop_shape(request, monkeypatch):
     """Pin the forward and dq kernels to one key-loop shape (both are autotune candidates): RUNS
     scans for runs of visible keys and streams them branch-free; branch tests every key tile."""
-    ta = importlib.import_module("trace_kernels.tree_attention")
+    ta = importlib.import_module("trace_kernels.tree_attention.triton")
     for kernel in (ta._tree_attn_fwd_kernel, ta._tree_attn_bwd_dq_kernel):
         cfg = next(c for c in kernel.configs if c.kwargs["RUNS"] == request.param) if not ta._INTERPRET \
             else kernel.configs[0]
@@ -158,7 +157,7 @@ def test_gpu_tile_sizes(monkeypatch):
     """The GPU's own tiles (head_dim 128 bucket's first configs: 128 x 64 run-scanning forward / dq
     with a 64-block scan window, 16 x 128 dk/dv) on an agent-shaped tree of ~1.5k tokens; the other
     tests use small interpreter tiles."""
-    ta = importlib.import_module("trace_kernels.tree_attention")
+    ta = importlib.import_module("trace_kernels.tree_attention.triton")
     for name, kernel in (("fwd", ta._tree_attn_fwd_kernel), ("dq", ta._tree_attn_bwd_dq_kernel),
                          ("dkdv", ta._tree_attn_bwd_dkdv_kernel)):
         cfg = ta._config(name, ta._SHAPES[name][128][0])
@@ -232,7 +231,7 @@ def test_cpu_path_equals_the_dense_reference(name, trees, heads, dtype, monkeypa
     end = torch.as_tensor(packed_forest(trees).end)
     q, k, v = (x.cpu() for x in make_qkv(end.shape[0], *heads, 16, dtype))
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
-    module = importlib.import_module("trace_kernels.tree_attention_reference")
+    module = importlib.import_module("trace_kernels.tree_attention.cpu")
     dense_calls = []
     monkeypatch.setattr(module, "tree_attention_reference",
                         lambda *a, **kw: dense_calls.append(1) or tree_attention_reference(*a, **kw))
@@ -242,14 +241,15 @@ def test_cpu_path_equals_the_dense_reference(name, trees, heads, dtype, monkeypa
     atol = 1e-5 if dtype == torch.float32 else 1e-2
     for what, g, w in zip(["out", "dq", "dk", "dv"], got, want):
         assert g.dtype == dtype, what
-        torch.testing.assert_close(g, w, rtol=0, atol=atol, msg=lambda m: f"{name}: {what}: {m}")
+        torch.testing.assert_close(g, w, rtol=0, atol=atol, msg=lambda m, what=what: f"{name}: {what}: {m}")
 
 
-def test_cpu_path_is_the_reference_backend():
+def test_cpu_path_is_the_cpu_backend():
     end = torch.as_tensor(packed_forest([chain(3, 2), chain(2, 3)]).end)
     q, k, v = (x.cpu() for x in make_qkv(end.shape[0], 2, 1, 16, torch.float32))
-    torch.testing.assert_close(tree_attention(q, k, v, end, backend="reference"), tree_attention_torch(q, k, v, end),
-                               rtol=0, atol=0)
+    for backend in ("cpu", "reference"):  # "reference": the old name, still accepted
+        torch.testing.assert_close(tree_attention(q, k, v, end, backend=backend), tree_attention_torch(q, k, v, end),
+                                   rtol=0, atol=0)
 
 
 # -------------------------------------------------------------------------- block skipping
@@ -345,7 +345,7 @@ def test_gpu_agent_tree_matches_reference(dtype):
 @pytest.mark.gpu
 def test_gpu_new_lengths_do_not_recompile():
     def compiled_variants():
-        from trace_kernels.tree_attention import _tree_attn_fwd_kernel
+        from trace_kernels.tree_attention.triton import _tree_attn_fwd_kernel
 
         caches = getattr(_tree_attn_fwd_kernel.fn, "device_caches", None)
         if caches is None:

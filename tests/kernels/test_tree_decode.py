@@ -1,5 +1,5 @@
-"""Shared-prefix decode attention: Triton kernel (interpreter on CPU) and torch cascade vs the
-per-branch reference on random trees of the paged KV cache.
+"""Shared-prefix decode attention: Triton kernel (interpreter on CPU), the CPU path and the torch cascade
+vs the per-branch oracle (naive.py) on random trees of the paged KV cache.
 
 The kernel tests build the cache and the queries on DEVICE, so on a GPU machine they run the
 compiled kernel (which computes fp16 / bf16 dot products in that dtype; see `kernel_tolerance`)."""
@@ -12,10 +12,9 @@ import torch
 
 from trace_core.rollout.kv_cache import PagedTreeKVCache
 from trace_kernels._runtime import interpreter_enabled
-from trace_kernels.tree_decode import tree_decode_attention
-from trace_kernels.tree_decode_meta import build_tree_decode_meta, choose_split_tokens
-from trace_kernels.tree_decode_reference import (tree_decode_attention_cascade, tree_decode_attention_reference,
-                                                 tree_decode_attention_same_dtype)
+from trace_kernels.tree_decode import build_tree_decode_meta, choose_split_tokens, tree_decode_attention
+from trace_kernels.tree_decode.cpu import tree_decode_attention_cascade
+from trace_kernels.tree_decode.naive import tree_decode_attention_reference, tree_decode_attention_same_dtype
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -47,7 +46,7 @@ def _random_tree(seed, *, kv_heads, head_dim, page_size, depth=3, dtype=torch.fl
     root = cache.new_root()
     fill(root, rng.randint(1, 2 * page_size + 3))
     frontier, leaves = [root], []
-    for level in range(depth):
+    for _ in range(depth):
         nxt = []
         for node in frontier:
             for _ in range(rng.randint(1, 3)):
@@ -75,13 +74,23 @@ def test_kernel_matches_reference_on_random_trees(dtype, q_heads, kv_heads, head
     q = torch.randn(len(leaves), q_heads, head_dim, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     k_pool, v_pool = cache.k_pools[0], cache.v_pools[0]
     expected = tree_decode_attention_reference(q.float(), k_pool.float(), v_pool.float(), meta)
-    got = tree_decode_attention(q, k_pool, v_pool, meta, force="triton")
+    got = tree_decode_attention(q, k_pool, v_pool, meta, backend="triton")
     assert got.dtype == dtype and got.shape == q.shape
     atol = kernel_tolerance(q, k_pool, v_pool, meta, expected)
     torch.testing.assert_close(got.float(), expected, rtol=0, atol=atol)
     # the reference in the input dtype agrees too (it upcasts internally)
     torch.testing.assert_close(tree_decode_attention_reference(q, k_pool, v_pool, meta).float(), expected,
                                rtol=0, atol=TOL[dtype])
+
+
+def test_cpu_backend_is_the_per_branch_math():
+    cache, leaves = _random_tree(5, kv_heads=2, head_dim=8, page_size=4, depth=2)
+    meta = cache.decode_meta(leaves)
+    q = torch.randn(len(leaves), 4, 8)
+    k_pool, v_pool = cache.k_pools[0], cache.v_pools[0]
+    for backend in ("cpu", "reference"):  # "reference": the old name, still accepted
+        torch.testing.assert_close(tree_decode_attention(q, k_pool, v_pool, meta, scale=0.3, backend=backend),
+                                   tree_decode_attention_reference(q, k_pool, v_pool, meta, 0.3), rtol=0, atol=0)
 
 
 def test_cascade_torch_matches_reference():
@@ -112,10 +121,10 @@ def test_branch_alone_equals_branch_among_64_siblings(dtype):
                      torch.randn(1, n, 1, head_dim, generator=gen).to(DEVICE, dtype))
         leaves.append(leaf)
     q = torch.randn(64, 2, head_dim, generator=gen).to(DEVICE, dtype)
-    shared = tree_decode_attention(q, cache.k_pools[0], cache.v_pools[0], cache.decode_meta(leaves), force="triton")
+    shared = tree_decode_attention(q, cache.k_pools[0], cache.v_pools[0], cache.decode_meta(leaves), backend="triton")
     for b in (0, 37):
         alone = tree_decode_attention(q[b : b + 1], cache.k_pools[0], cache.v_pools[0],
-                                      cache.decode_meta([leaves[b]]), force="triton")
+                                      cache.decode_meta([leaves[b]]), backend="triton")
         torch.testing.assert_close(alone.float(), shared[b : b + 1].float(), rtol=0, atol=1e-6)
 
 
@@ -125,7 +134,7 @@ def test_bad_inputs_name_the_argument():
     k, v = cache.k_pools[0], cache.v_pools[0]
     with pytest.raises(ValueError, match="q: 3 query heads is not a multiple of 2"):
         tree_decode_attention(torch.randn(len(leaves), 3, 8), k, v, meta)
-    with pytest.raises(ValueError, match="q: .* queries but meta"):
+    with pytest.raises(ValueError, match=r"q: .* queries but meta"):
         tree_decode_attention(torch.randn(len(leaves) + 1, 2, 8), k, v, meta)
     with pytest.raises(ValueError, match="v_pool"):
         tree_decode_attention(torch.randn(len(leaves), 2, 8), k, v[:2], meta)
@@ -154,7 +163,7 @@ def test_split_segments_give_the_same_attention(split_tokens):
     k_pool, v_pool = cache.k_pools[0], cache.v_pools[0]
     expected = tree_decode_attention_reference(q, k_pool, v_pool, whole)
     for meta in (whole, split):
-        got = tree_decode_attention(q, k_pool, v_pool, meta, force="triton")
+        got = tree_decode_attention(q, k_pool, v_pool, meta, backend="triton")
         torch.testing.assert_close(got, expected, rtol=0, atol=TOL[torch.float32])
     torch.testing.assert_close(tree_decode_attention_cascade(q, k_pool, v_pool, split), expected,
                                rtol=0, atol=TOL[torch.float32])
@@ -163,7 +172,7 @@ def test_split_segments_give_the_same_attention(split_tokens):
 def test_choose_split_tokens_fills_the_gpu_and_no_more():
     # one 8192-token prefix read by 4 branches (one query tile), 2 kv heads: 2 programs unsplit
     lens, users = [8192, 256, 256, 256, 256], [4, 1, 1, 1, 1]
-    programs = lambda c: 2 * sum(-(-n // c) for n in lens)  # noqa: E731  (one tile per segment here)
+    programs = lambda c: 2 * sum(-(-n // c) for n in lens)
     split = choose_split_tokens(lens, users, block_q=16, kv_heads=2, page_size=16, target_programs=40)
     assert split == 512 and programs(512) >= 40 > programs(1024)  # the largest chunk that fills the GPU
     # a GPU too large to fill: the smallest chunk allowed

@@ -84,7 +84,7 @@ def test_qwen3_triton_kernel_matches_per_leaf_logits(monkeypatch):
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_reference_path_matches_per_leaf_logits(family):
-    assert_tree_logits_match(tiny_model(family), small_forest(64, seed=1), backend="reference")
+    assert_tree_logits_match(tiny_model(family), small_forest(64, seed=1), backend="cpu")
 
 
 def test_qwen3_gradients_match_per_leaf_gradients():
@@ -109,7 +109,7 @@ def test_qwen3_gradients_match_per_leaf_gradients():
         torch.testing.assert_close(packed_grads[name], param.grad, rtol=1e-4, atol=1e-4 * max(1.0, scale), msg=name)
 
 
-@pytest.mark.parametrize("backend, reentrant", [("triton", False), ("reference", True)])
+@pytest.mark.parametrize("backend, reentrant", [("triton", False), ("cpu", True)])
 def test_gradient_checkpointing_replays_tree_attention(backend, reentrant):
     """With transformers' gradient checkpointing the backward replays each layer after tree_forward
     has returned (and restored "sdpa"): the replay must still run tree attention. Reentrant
@@ -150,7 +150,7 @@ def test_peft_lora_model_matches_per_leaf_logits_and_gradients():
     weights = torch.randn(packed.num_tokens, model.config.vocab_size, generator=torch.Generator().manual_seed(1))
 
     model.zero_grad()
-    logits = head(tree_forward(model, packed, backend="reference"))
+    logits = head(tree_forward(model, packed, backend="cpu"))
     (logits * weights).sum().backward()
     lora = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in n for n in lora)  # only the adapters train
@@ -164,19 +164,19 @@ def test_peft_lora_model_matches_per_leaf_logits_and_gradients():
     for name, grad in lora.items():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-5, msg=name)
     with model.disable_adapter(), torch.no_grad():  # and the adapters did change the outputs
-        assert (head(tree_forward(model, packed, backend="reference")) - logits).abs().max().item() > 1e-3
+        assert (head(tree_forward(model, packed, backend="cpu")) - logits).abs().max().item() > 1e-3
 
 
 def test_model_forward_with_trace_tree_and_tree_end_kwarg():
     """The plain transformers call: attn_implementation="trace_tree", metadata in forward kwargs."""
     model = tiny_model("llama")
     packed = pack(small_forest(64, seed=4))
-    expected = model.lm_head(tree_forward(model, packed, backend="reference"))
+    expected = model.lm_head(tree_forward(model, packed, backend="cpu"))
     hf.register()
     model.set_attn_implementation(ATTENTION_NAME)
     logits = model(
         input_ids=torch.as_tensor(packed.input_ids)[None], position_ids=torch.as_tensor(packed.position_ids)[None],
-        tree_end=torch.as_tensor(packed.end), tree_attention_backend="reference", use_cache=False,
+        tree_end=torch.as_tensor(packed.end), tree_attention_backend="cpu", use_cache=False,
     ).logits[0]
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
 
@@ -189,7 +189,7 @@ def smollm2():
     return load_smollm2(torch.float32)[0].to(DEVICE)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_smollm2_packed_tree_matches_per_leaf_logits(smollm2, backend):
     """Real weights: 30 layers, GQA 9/3 heads, head_dim 64; the Triton path runs interpreted on CPU."""
     assert smollm2.config.model_type == "llama"
@@ -229,5 +229,5 @@ class _Packed:
 def test_tree_forward_rejects_bad_packed_tree(packed, match):
     model = tiny_model("llama")
     with pytest.raises((ValueError, TypeError), match=match):
-        tree_forward(model, packed, backend="reference")
+        tree_forward(model, packed, backend="cpu")
     assert model.config._attn_implementation == "sdpa"

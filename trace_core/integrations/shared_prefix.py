@@ -53,7 +53,7 @@ def shared_prefix_logprobs(
         other position gives 0. None: every position.
     lm_head_fp32: score in fp32 (hidden states and lm_head weight upcast, autocast off), as TRL's
         `cast_lm_head_to_fp32`; default: the model's (or autocast's) dtype with fp32 accumulation.
-    backend: "triton" / "reference" to force the kernels' path (default: automatic).
+    backend: "triton" / "cpu" to force the kernels' path (default: automatic).
 
     Returns logprobs [B, L] fp32 on the model's device, 0 where nothing is predicted (padding and
     each row's first token); with return_entropy=True also entropy [B, L]: the entropy of the

@@ -69,7 +69,7 @@ def trace_tree_attention_forward(
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     q, k, v = autocast_inputs(q, k, v)
     with autocast_off(q.device.type):
-        out = tree_attention(q, k, v, end, scale=scaling, check_end=False, backend=kwargs.get(BACKEND_KWARG))
+        out = tree_attention(q, k, v, end, scale=scaling, check_inputs=False, backend=kwargs.get(BACKEND_KWARG))
     return out.unsqueeze(0), None
 
 
@@ -245,7 +245,7 @@ def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = N
         original module, eagerly (a packed tree's size changes every step).
     packed: a PackedTree (or any object) with `input_ids` (int [T]), `position_ids` (int [T], path
         positions) and `end` (int [T]); numpy arrays or tensors.
-    backend: "triton" / "reference" to force the attention path (default: automatic).
+    backend: "triton" / "cpu" to force the attention path (default: automatic).
     Returns hidden [T, hidden_size] (after the final norm; apply `model.lm_head` for logits).
     The model's attention implementation is switched to "trace_tree" for the call and restored;
     layers under transformers' gradient checkpointing replay with "trace_tree" in the backward too.

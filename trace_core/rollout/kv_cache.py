@@ -24,7 +24,7 @@ k, v)` stores a layer's K/V there. `append(node, k, v)` does both for all layers
 `reserve_many` reserves for several nodes all-or-nothing (a batch never half-allocates).
 
 `decode_meta(leaves)` describes one shared-prefix decode step over the leaves' paths for
-`trace_kernels.tree_decode.tree_decode_attention`.
+`trace_kernels.tree_decode_attention`.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from trace_kernels.tree_decode_meta import TreeDecodeMeta, build_tree_decode_meta, choose_split_tokens
+from trace_kernels.tree_decode import TreeDecodeMeta, build_tree_decode_meta, choose_split_tokens
 
 
 class CacheCapacityError(RuntimeError):
@@ -240,7 +240,7 @@ class PagedTreeKVCache:
         (every node on the leaves' paths is one segment, listed once however many leaves share it).
 
         split_tokens: chunk long segments so a few branches over a long prefix still fill the GPU
-        (see trace_kernels.tree_decode_meta); "auto" picks the chunk on CUDA (2 programs per SM)
+        (see trace_kernels.tree_decode.meta); "auto" picks the chunk on CUDA (2 programs per SM)
         and keeps segments whole on CPU; None never splits.
         """
         index: dict[int, int] = {}

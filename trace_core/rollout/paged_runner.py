@@ -6,8 +6,8 @@ is swapped: while the runner executes, the model's `config._attn_implementation`
 "trace_paged", an attention function registered with `transformers.AttentionInterface`. It
 receives each layer's rotated K/V of the new tokens, writes them into the nodes' pages, and attends:
 
-- decode (one new token per branch): `trace_kernels.tree_decode.tree_decode_attention` over the
-  tree (shared prefixes read once per tile of branches; Triton on CUDA/interpreter, reference on CPU);
+- decode (one new token per branch): `trace_kernels.tree_decode_attention` over the
+  tree (shared prefixes read once per tile of branches; Triton on CUDA/interpreter, torch on CPU);
 - extend (prompt / observation prefill of a node): each node's new tokens attend to their path's
   keys, causally, through torch SDPA on the gathered path (one gather per node per layer).
 
@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from trace_kernels.tree_decode import tree_decode_attention
-from trace_kernels.tree_decode_meta import TreeDecodeMeta
+from trace_kernels.tree_decode import TreeDecodeMeta, tree_decode_attention
 
 from trace_core.model.tree_forward import autocast_off
 from trace_core.rollout.kv_cache import PagedTreeKVCache
@@ -66,7 +65,8 @@ def _paged_attention_math(module, query, key, value, step: _StepContext, scaling
         # the compute dtype; without autocast the dtypes already match
         q = q.to(k_pool.dtype)
     if step.decode_meta is not None:
-        out = tree_decode_attention(q, k_pool, v_pool, step.decode_meta, scaling, force=step.decode_backend)
+        out = tree_decode_attention(q, k_pool, v_pool, step.decode_meta, scale=scaling,
+                                    backend=step.decode_backend)
         return out[None], None
     out = torch.empty_like(q)
     flat_k = k_pool.view(-1, cache.num_kv_heads, cache.head_dim)
@@ -96,7 +96,7 @@ def kv_geometry(model, dtype: torch.dtype | None = None) -> dict:
 class HFPagedRunner:
     """Forward passes of `model` whose K/V live in a `PagedTreeKVCache` it owns (`self.cache`).
 
-    num_pages, page_size   cache size; decode_backend None (auto) / "triton" / "reference"
+    num_pages, page_size   cache size; decode_backend None (auto) / "triton" / "cpu"
     kv_dtype       dtype of the cached K/V; None = the parameter dtype. With fp32 master weights run
                    under autocast, pass the compute dtype (bf16 / fp16) and call the runner inside it.
     """

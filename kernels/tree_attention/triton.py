@@ -15,7 +15,7 @@ T is a runtime argument (not specialised), so a new packed length does not recom
 
 Two loop shapes, both autotune candidates (the faster depends on the tree and the GPU):
   RUNS=False  one loop over key tiles with `if visible:` around the body. Simple, but the branch
-              stops Triton's software pipelining: no tile is prefetched (see compile_check).
+              stops Triton's software pipelining: no tile is prefetched (see tools/compile_check).
   RUNS=True   an outer loop finds the next run of visible META-blocks by scanning kv_max_end
               (SCAN blocks per step, O(1) loads each), an inner branch-free loop streams that run's
               tiles, so its loads are pipelined. A visible run is a stretch of the query tile's
@@ -23,25 +23,19 @@ Two loop shapes, both autotune candidates (the faster depends on the tree and th
               the outer loop runs about depth + 1 times. Keys are masked to [run_start, run_end):
               a tile overhanging its run's end never counts a key twice.
 
-Public op: `tree_attention(q, k, v, end, *, scale=None)` (functional wrapper of
-`TreeAttentionFunction`); dispatch through `trace_kernels._runtime.select_backend`, the pure-torch
-torch path (`tree_attention_torch`: the reference's math, batched over the independent trees) being
-the fallback.
+Host side: `block_skip_metadata`, and `tree_attention_forward` / `tree_attention_backward`, which
+the op's autograd Function (in __init__) calls. Inputs arrive validated.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._runtime import Backend, interpreter_enabled, select_backend
-from .tree_attention_reference import tree_attention_torch
+from .._runtime import interpreter_enabled
 
 META = 16  # granularity of the block-skipping metadata; every tile size is a multiple of it
-MAX_HEAD_DIM = 256
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256  # the largest head dim with a bucket of configs (see _SHAPES)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -49,10 +43,10 @@ _INTERPRET = interpreter_enabled()
 
 
 # Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages[, RUNS]) per head-dim bucket
-# (BLOCK_D <= 64, 128, 256). Each was compiled for sm_90 with trace_kernels.compile_check on
+# (BLOCK_D <= 64, 128, 256). Each was compiled for sm_90 with trace_kernels.tools.compile_check on
 # triton 3.6 and 3.9 and kept only if it spills no registers and fits the H100's shared memory
-# (bench/results/compile_report_sm90.md); tests/test_kernel_compile.py re-checks on the installed
-# triton. fwd / dq list the run-scanning loop (RUNS=True) first and keep the branching loop
+# (bench/results/compile_sm90_triton*.md); tests/kernels/test_kernel_compile.py re-checks on the
+# installed triton. fwd / dq list the run-scanning loop (RUNS=True) first and keep the branching loop
 # (RUNS=False) as a candidate: which is faster depends on the tree and the GPU.
 _SHAPES = {
     "fwd": {
@@ -396,13 +390,13 @@ def _launch_args(q: torch.Tensor) -> dict:
     )
 
 
-def _tree_attention_forward(q, k, v, end, scale):
+def tree_attention_forward(q, k, v, end, scale):
     T, Hq, D = q.shape
     group = Hq // k.shape[1]
     kv_max_end, first_kv = block_skip_metadata(end)
     out = torch.empty((T, Hq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), Hq)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), Hq)
     _tree_attn_fwd_kernel[grid](
         q, k, v, end, kv_max_end, first_kv, out, lse,
         T, kv_max_end.shape[0], scale * LOG2E,
@@ -412,8 +406,8 @@ def _tree_attention_forward(q, k, v, end, scale):
     return out, lse, kv_max_end, first_kv
 
 
-def _tree_attention_backward(q, k, v, end, out, lse, kv_max_end, first_kv, dout, scale):
-    T, Hq, D = q.shape
+def tree_attention_backward(q, k, v, end, out, lse, kv_max_end, first_kv, dout, scale):
+    T, Hq, _ = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
     dout = dout.contiguous()
@@ -435,118 +429,3 @@ def _tree_attention_backward(q, k, v, end, out, lse, kv_max_end, first_kv, dout,
         T, scale * LOG2E, scale, *strides, **common,
     )
     return dq, dk, dv
-
-
-class TreeAttentionFunction(torch.autograd.Function):
-    """Triton tree attention; differentiable in q, k, v (not in end)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, end, scale):
-        out, lse, kv_max_end, first_kv = _tree_attention_forward(q, k, v, end, scale)
-        ctx.save_for_backward(q, k, v, end, out, lse, kv_max_end, first_kv)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, end, out, lse, kv_max_end, first_kv = ctx.saved_tensors
-        dq, dk, dv = _tree_attention_backward(q, k, v, end, out, lse, kv_max_end, first_kv, dout, ctx.scale)
-        return dq, dk, dv, None, None
-
-
-# ----------------------------------------------------------------------------------------------
-# validation and the public op
-
-
-def _check_inputs(q, k, v, end, *, triton_path: bool) -> torch.Tensor:
-    """Raise a clear error naming the argument for every malformed input; returns end as int32."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"tree_attention: {name} must have shape [T, heads, head_dim], got {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"tree_attention: {name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"tree_attention: q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    devices = {t.device for t in (q, k, v, end)}
-    if len(devices) > 1:
-        raise ValueError(
-            f"tree_attention: q, k, v, end must be on one device, got q {q.device}, k {k.device}, "
-            f"v {v.device}, end {end.device}"
-        )
-    T, Hq, D = q.shape
-    if T == 0:
-        raise ValueError("tree_attention: q has no tokens (T = 0)")
-    if k.shape != v.shape:
-        raise ValueError(f"tree_attention: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[0] != T:
-        raise ValueError(f"tree_attention: k has {k.shape[0]} tokens but q has {T}")
-    if k.shape[2] != D:
-        raise ValueError(f"tree_attention: k has head_dim {k.shape[2]} but q has {D}")
-    Hkv = k.shape[1]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"tree_attention: q's heads ({Hq}) must be a multiple of k's heads ({Hkv}) (GQA)")
-    if end.dim() != 1 or end.shape[0] != T:
-        raise ValueError(f"tree_attention: end must have shape [T] = [{T}], got {tuple(end.shape)}")
-    if end.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"tree_attention: end must be int32 (or int64), got {end.dtype}")
-    if triton_path:
-        if D > MAX_HEAD_DIM:
-            raise ValueError(f"tree_attention: head_dim {D} is larger than the kernel's maximum {MAX_HEAD_DIM}")
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if t.stride(2) != 1:
-                raise ValueError(
-                    f"tree_attention: {name} must have unit stride along head_dim, got strides {t.stride()}; "
-                    f"pass {name}.contiguous()"
-                )
-        if T >= 2**31:
-            raise ValueError(f"tree_attention: T = {T} tokens does not fit int32 positions")
-    return end.to(torch.int32).contiguous()
-
-
-def check_tree_end(end: torch.Tensor) -> None:
-    """Raise unless every end[j] satisfies j < end[j] <= T (one host sync)."""
-    T = end.shape[0]
-    idx = torch.arange(T, device=end.device, dtype=end.dtype)
-    too_small = end <= idx
-    if bool(too_small.any()):
-        j = int(too_small.nonzero()[0, 0])
-        raise ValueError(
-            f"tree_attention: end[{j}] = {int(end[j])} must be > {j}: the subtree range [j, end[j]) of a "
-            f"token contains the token itself"
-        )
-    too_large = end > T
-    if bool(too_large.any()):
-        j = int(too_large.nonzero()[0, 0])
-        raise ValueError(f"tree_attention: end[{j}] = {int(end[j])} is out of range (> T = {T})")
-
-
-def tree_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    end: torch.Tensor,
-    *,
-    scale: float | None = None,
-    check_end: bool = True,
-    backend: Backend | str | None = None,
-) -> torch.Tensor:
-    """Attention of a packed tree (DFS pre-order): query i attends key j iff j <= i < end[j].
-
-    q: [T, Hq, D]; k, v: [T, Hkv, D], Hq a multiple of Hkv; float16 / bfloat16 / float32.
-    end: int32 [T] (int64 accepted), j < end[j] <= T.  scale: default 1/sqrt(D).
-    check_end: validate end's values (costs one host sync; callers that validated the tree once,
-        e.g. per model forward, pass False for every layer).
-    backend: "triton" / "reference" to force a path; default: select_backend's choice.
-    Returns out [T, Hq, D] in q's dtype, differentiable in q, k, v.
-    """
-    for name, t in (("q", q), ("k", k), ("v", v), ("end", end)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tree_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-    chosen = select_backend("tree_attention", q, k, v, end, force=backend)
-    end = _check_inputs(q, k, v, end, triton_path=chosen is Backend.TRITON)
-    if check_end:
-        check_tree_end(end)
-    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-    if chosen is Backend.REFERENCE:
-        return tree_attention_torch(q, k, v, end, scale=scale)
-    return TreeAttentionFunction.apply(q, k, v, end, scale)

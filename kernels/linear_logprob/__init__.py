@@ -1,27 +1,35 @@
-"""Fused lm-head + log-softmax gather + entropy: `linear_logprob` (forward and backward).
+"""linear_logprob: fused lm-head + log-softmax gather (+ entropy), forward and backward.
 
-Per-token log-probabilities for policy-gradient losses without the [tokens x vocab] logits tensor.
+    logprob = linear_logprob(hidden, weight, rows, labels, *, temperature=1.0, bias=None,
+                             return_entropy=False, check_inputs=True, backend=None)
+
+hidden [N, H] (fp32 / fp16 / bf16), weight [V, H] and bias [V] of the same dtype, rows / labels
+int [M]: pair m asks for log p(labels[m] | row rows[m]). Returns logprob [M] fp32 (<= 0), and with
+return_entropy=True entropy [N] fp32. Never materialises [tokens x vocab] logits.
+
 A packed rollout tree has one hidden row per token, but the last token of a node predicts the first
 token of *every* child, so the op gathers (row, label) pairs: M may exceed N, rows may repeat or be
 absent. Log-sum-exp and entropy are computed once per *used* row: `torch.unique(rows)` compacts the
 U used rows, and every pair maps to its compacted row.
 
-Paths (chosen by `trace_kernels._runtime.select_backend`, which logs its choice):
-- Triton (CUDA, or CPU under TRITON_INTERPRET=1): kernels in `linear_logprob_triton.py`. Forward
-  splits the vocabulary over programs and merges the splits' (max, sum-exp, entropy) partials with
-  a log-sum-exp; backward recomputes logits one [token chunk x vocab chunk] block at a time.
-- reference (anything else, e.g. plain CPU): the same chunked algorithm with torch tiles
-  (`linear_logprob_reference.py`), so memory stays bounded there too.
-Either way at most one bounded tile of logits exists at a time; the dense oracle used by the tests
-is `linear_logprob_reference`.
+Backends (`trace_kernels._runtime.select_backend`, which logs its choice):
+    triton.py  CUDA, or CPU under TRITON_INTERPRET=1. Forward splits the vocabulary over programs
+               and merges the splits' (max, sum-exp, entropy) partials with a log-sum-exp; backward
+               recomputes logits one [token chunk x vocab chunk] block at a time.
+    cpu.py     anywhere else: the same chunked algorithm with torch tiles.
+    naive.py   the dense oracle (`linear_logprob_reference`) the tests compare against.
+    checks.py  argument validation, shared by the op and the oracle so both raise alike.
+Either way at most one bounded tile of logits exists at a time.
 """
 from __future__ import annotations
 
 import torch
 
-from ._runtime import Backend, select_backend
-from .linear_logprob_checks import check_linear_logprob_inputs
-from .linear_logprob_reference import label_logits_torch, logit_grad_tile_torch, row_stats_partials_torch
+from .._runtime import Backend, select_backend
+from .checks import check_linear_logprob_inputs
+from .cpu import label_logits_torch, logit_grad_tile_torch, row_stats_partials_torch
+
+__all__ = ["LinearLogprobFunction", "linear_logprob"]
 
 OP_NAME = "linear_logprob"
 
@@ -69,7 +77,7 @@ class LinearLogprobFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, rows, labels, inv_temp: float, with_entropy: bool, backend: Backend):
         use_triton = backend is Backend.TRITON
         if use_triton:
-            from . import linear_logprob_triton as tri
+            from . import triton as tri  # imported only when the Triton path runs
         n_rows = hidden.shape[0]
         used_rows, pair_to_used = torch.unique(rows, return_inverse=True)  # [U] sorted, [M]
         used_rows, pair_to_used = used_rows.long(), pair_to_used.long()
@@ -86,7 +94,8 @@ class LinearLogprobFunction(torch.autograd.Function):
                 partials = tri.row_stats_partials_triton(h_used, weight, bias, inv_temp, with_entropy)
                 label_logits = tri.label_logits_triton(hidden, weight, bias, rows, labels, inv_temp)
             else:
-                partials = row_stats_partials_torch(h_used, weight, bias, inv_temp, with_entropy, *_chunks(hidden.device))
+                partials = row_stats_partials_torch(h_used, weight, bias, inv_temp, with_entropy,
+                                                    *_chunks(hidden.device))
                 label_logits = label_logits_torch(hidden, weight, bias, rows, labels, inv_temp)
             lse, ent_used = _merge_splits(*partials)
         # The label's logit is part of its row's LSE, so logprob <= 0 exactly; the two are computed
@@ -127,7 +136,7 @@ def _linear_logprob_backward(
     Accumulators are fp32: [U, H] for hidden, [vocab chunk, H] for the current weight chunk.
     """
     if use_triton:
-        from .linear_logprob_triton import logit_grad_tile_triton as grad_tile
+        from .triton import logit_grad_tile_triton as grad_tile
     else:
         grad_tile = logit_grad_tile_torch
     n_rows, hidden_size = hidden.shape
@@ -160,7 +169,9 @@ def _linear_logprob_backward(
     grad_h_used = torch.zeros((n_used, hidden_size), dtype=torch.float32, device=device) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
-    block = torch.empty((min(token_chunk, n_used), min(vocab_chunk, vocab)), dtype=dtype, device=device) if use_triton else None
+    block = None  # the Triton path writes each logits block into one reused buffer
+    if use_triton:
+        block = torch.empty((min(token_chunk, n_used), min(vocab_chunk, vocab)), dtype=dtype, device=device)
     weight_grad_in_place = weight.dtype == torch.float32  # else an fp32 buffer per vocab chunk
     for vi, v0 in enumerate(range(0, vocab, vocab_chunk)):
         v1 = min(v0 + vocab_chunk, vocab)
@@ -229,12 +240,12 @@ def linear_logprob(
 
     check_inputs: validate labels in [0, V), rows in [0, N) and finite hidden / bias (reads the
     data, i.e. a GPU sync; shape/dtype/device checks always run). backend: force "triton" or
-    "reference" (the chunked torch path); None lets `select_backend` choose.
+    "cpu" (the chunked torch path); None lets `select_backend` choose.
     """
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         # not an autocast op: take hidden / weight / bias in the autocast dtype, then run as written
-        # (the reference path's fp32 tile matmuls must not be cast back down by the autocast)
+        # (the CPU path's fp32 tile matmuls must not be cast back down by the autocast)
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
@@ -243,5 +254,6 @@ def linear_logprob(
                                   return_entropy=return_entropy, check_inputs=check_inputs, backend=backend)
     check_linear_logprob_inputs(OP_NAME, hidden, weight, rows, labels, temperature, bias, check_values=check_inputs)
     tensors = (hidden, weight, rows, labels) + ((bias,) if bias is not None else ())
-    chosen = select_backend(OP_NAME, *tensors, force=backend)
-    return LinearLogprobFunction.apply(hidden, weight, bias, rows, labels, 1.0 / float(temperature), bool(return_entropy), chosen)
+    chosen = select_backend(OP_NAME, *tensors, backend=backend)
+    return LinearLogprobFunction.apply(hidden, weight, bias, rows, labels, 1.0 / float(temperature),
+                                       bool(return_entropy), chosen)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import interpreter_enabled
+from .._runtime import interpreter_enabled
 
 _INTERPRET = interpreter_enabled()
 
@@ -196,7 +196,7 @@ def row_stats_partials_triton(h_used, weight, bias, inv_temp: float, with_entrop
     part_max = torch.empty((n_splits, n_used), dtype=torch.float32, device=h_used.device)
     part_sum = torch.empty_like(part_max)
     part_ent = torch.empty_like(part_max) if with_entropy else None
-    grid = lambda meta: (triton.cdiv(n_used, meta["BLOCK_M"]), n_splits)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n_used, meta["BLOCK_M"]), n_splits)
     _row_stats_kernel[grid](
         h_used, weight, bias if bias is not None else weight, part_max, part_sum,
         part_ent if with_entropy else part_max,
@@ -226,7 +226,7 @@ def logit_grad_tile_triton(h_tile, w_tile, b_tile, inv_temp: float, lse, grad_su
     n_tok, vocab_chunk = h_tile.shape[0], w_tile.shape[0]
     dz = out if out is not None else torch.empty((n_tok, vocab_chunk), dtype=h_tile.dtype, device=h_tile.device)
     with_ent = grad_entropy is not None
-    grid = lambda meta: (triton.cdiv(n_tok, meta["BLOCK_M"]), triton.cdiv(vocab_chunk, meta["BLOCK_V"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n_tok, meta["BLOCK_M"]), triton.cdiv(vocab_chunk, meta["BLOCK_V"]))
     _logit_grad_kernel[grid](
         h_tile, w_tile, b_tile if b_tile is not None else w_tile, lse, grad_sum,
         entropy if with_ent else lse, grad_entropy if with_ent else lse, dz,

@@ -49,7 +49,9 @@ def check_linear_logprob_inputs(
         )
     vocab = weight.shape[0]
     if vocab < 1:
-        raise ValueError(f"{op}: weight must have at least one vocabulary row (V >= 1), got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"{op}: weight must have at least one vocabulary row (V >= 1), got shape {tuple(weight.shape)}"
+        )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != vocab):
         raise ValueError(f"{op}: bias must be 1-D [V={vocab}] (V from weight), got shape {tuple(bias.shape)}")
     for name in ("rows", "labels"):
@@ -71,7 +73,9 @@ def check_linear_logprob_inputs(
 
     for name, tensor in named.items():
         if tensor.device != hidden.device:
-            raise ValueError(f"{op}: {name} is on {tensor.device} but hidden is on {hidden.device}; move both to one device")
+            raise ValueError(
+                f"{op}: {name} is on {tensor.device} but hidden is on {hidden.device}; move both to one device"
+            )
 
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"{op}: temperature must be a real number, got {type(temperature).__name__}")

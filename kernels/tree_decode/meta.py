@@ -12,7 +12,7 @@ below it, in tiles of `block_q` queries:
     tile_seg    [W] int32              work tiles: segment of tile w ...
     tile_start  [W] int32              ... and its first pair, relative to pair_ptr[s]
     query_slots [B, max_len] int64     flat slot ids (page * page_size + offset) of every key of each
-                                       query, padded with 0 (used by the per-branch reference)
+                                       query, padded with 0 (read by the per-branch attention: oracle, CPU path)
     query_len   [B] int32              keys per query
 
 Attention is a softmax over a *set* of keys (positions are already inside K via RoPE), so the
@@ -24,8 +24,8 @@ page is still read once per tile of queries. `choose_split_tokens` picks the chu
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -148,9 +148,9 @@ def build_tree_decode_meta(
         tile_start.extend(starts)
     pair_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
 
-    # per-query key slots, for the per-branch reference
+    # per-query key slots, for the per-branch attention (the oracle and the CPU path)
     slots_of = []
-    for b, segs in enumerate(query_segments):
+    for segs in query_segments:
         parts = []
         for s in segs:
             pages, length = segments[s]

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 # name -> (module of trace_kernels, attribute): every autotuned kernel of the package
 AUTOTUNED_KERNELS = {
-    "tree_attn_fwd": ("tree_attention", "_tree_attn_fwd_kernel"),
-    "tree_attn_bwd_dq": ("tree_attention", "_tree_attn_bwd_dq_kernel"),
-    "tree_attn_bwd_dkdv": ("tree_attention", "_tree_attn_bwd_dkdv_kernel"),
-    "ll_row_stats": ("linear_logprob_triton", "_row_stats_kernel"),
-    "ll_logit_grad": ("linear_logprob_triton", "_logit_grad_kernel"),
-    "tree_decode_partial": ("tree_decode", "_segment_partial_kernel"),
+    "tree_attn_fwd": ("tree_attention.triton", "_tree_attn_fwd_kernel"),
+    "tree_attn_bwd_dq": ("tree_attention.triton", "_tree_attn_bwd_dq_kernel"),
+    "tree_attn_bwd_dkdv": ("tree_attention.triton", "_tree_attn_bwd_dkdv_kernel"),
+    "ll_row_stats": ("linear_logprob.triton", "_row_stats_kernel"),
+    "ll_logit_grad": ("linear_logprob.triton", "_logit_grad_kernel"),
+    "tree_decode_partial": ("tree_decode.triton", "_segment_partial_kernel"),
 }
 
 

@@ -11,9 +11,9 @@ driver. That makes the GPU build checkable on a CPU-only machine, which the inte
 
 Run it (not under TRITON_INTERPRET, which swaps kernels for interpreted ones):
 
-    python -m trace_kernels.compile_check --arch 90 --dtype bf16 --head-dim 128 [--all-configs]
+    python -m trace_kernels.tools.compile_check --arch 90 --dtype bf16 --head-dim 128 [--all-configs]
 
-`tests/test_kernel_compile.py` runs the default configs in a subprocess; the full table is in
+`tests/kernels/test_kernel_compile.py` runs the default configs in a subprocess; the full table is in
 bench/results/. Every `@triton.jit` kernel of the package has an entry in `kernel_builds` (a test
 checks), so a new kernel cannot skip this check.
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # opt-in max per block (bytes)
 # The package's Triton kernels, by module; kept in sync with `kernel_builds` by a test.
-KERNEL_MODULES = ("tree_attention", "linear_logprob_triton", "tree_decode")
+KERNEL_MODULES = ("tree_attention.triton", "linear_logprob.triton", "tree_decode.triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _build(kernel, autotuned, types: dict, constexprs: dict, config, scalar_one:
 
 def _typed(names: str, ty: str) -> dict:
     """{name: ty} for each space-separated name."""
-    return {n: ty for n in names.split()}
+    return dict.fromkeys(names.split(), ty)
 
 
 def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = False,
@@ -115,9 +115,7 @@ def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = 
     all_configs=False takes each autotuned kernel's first config only; prune=False keeps the
     configs the autotuner's early pruning would drop (to recalibrate it).
     """
-    ta = importlib.import_module("trace_kernels.tree_attention")
-    ll = importlib.import_module("trace_kernels.linear_logprob_triton")
-    td = importlib.import_module("trace_kernels.tree_decode")
+    ta, ll, td = (importlib.import_module(f"trace_kernels.{module}") for module in KERNEL_MODULES)
     if getattr(ta, "_INTERPRET", False):
         raise RuntimeError("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
     t = DTYPES[dtype]
@@ -150,7 +148,7 @@ def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = 
     unit = ("stride_hk", "stride_wk")
     tokens = ("U", "M", "T", "C")
     ll_types = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **_typed("max_ptr sum_ptr ent_ptr", "*fp32"),
-                **{n: "i32" for n in ("U", "V", "H", "split_size", "M", "T", "C")},
+                **dict.fromkeys(("U", "V", "H", "split_size", "M", "T", "C"), "i32"),
                 **_typed("stride_hm stride_wv stride_dzm", "i32"), "inv_temp": "fp32",
                 **_typed("rows_ptr labels_ptr", "*i64"), "out_ptr": "*fp32",
                 **_typed("lse_ptr gsum_ptr gent_ptr", "*fp32"), "dz_ptr": f"*{t}"}

@@ -1,39 +1,35 @@
-"""Shared-prefix decode attention over a paged tree KV cache (Triton), with a torch reference.
+"""Triton kernel of shared-prefix decode attention over a paged tree KV cache: cascade attention.
 
 One decode step of B branches: query b (one token, Hq heads) attends to every key on its
-root-to-leaf path of segments (see tree_decode_meta.py). The kernel is cascade attention:
+root-to-leaf path of segments (see meta.py).
 
 1. one program per (tile of up to `block_q` queries of one segment, kv head) streams that
    segment's pages once, for all its queries and all their GQA heads together (rows = query x
    head), and writes a normalised partial output and its natural-log LSE per (segment, query);
-2. the partials of each query are merged in fp32 (`merge_partials`).
+2. the partials of each query are merged in fp32 (`cpu.merge_partials`).
 
 A query's result depends only on its own path (each (segment, query) partial is computed row by
 row), so a branch alone and the same branch among many siblings agree within fp tolerance.
-
-Forward only: this op serves generation (no autograd), so it is a plain function rather than an
-autograd.Function; the training-side tree attention has its own differentiable kernel.
-
-    out = tree_decode_attention(q, k_pool, v_pool, meta, scale=None)   # [B, Hq, D], q's dtype
+Host side: `tree_decode_triton`, which the op (in __init__) calls with validated inputs.
 """
 from __future__ import annotations
 
 import torch
 
-from ._runtime import Backend, interpreter_enabled, select_backend
-from .tree_decode_meta import TreeDecodeMeta
-from .tree_decode_reference import check_tree_decode_inputs, merge_partials, tree_decode_attention_reference
+from .._runtime import interpreter_enabled
+from .cpu import merge_partials
+from .meta import TreeDecodeMeta
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - reference path only
+except ImportError:  # pragma: no cover - CPU path only
     triton = None
 
 _BLOCK_N = 16  # keys per inner step under the interpreter (tl.dot needs >= 16)
 # GPU autotune candidates (BLOCK_N keys per step, num_warps, num_stages): a decode step is
 # memory-bound, so longer key steps with deeper prefetch; all compile for sm_90 without spills at
-# head_dim 64 and 128 (trace_kernels.compile_check, tests/test_kernel_compile.py). Above 128 only
+# head_dim 64 and 128 (trace_kernels.tools.compile_check, tests/kernels/test_kernel_compile.py). Above 128 only
 # steps of <= 32 keys fit in registers (bench/results/compile_sm90_triton*.md).
 _GPU_SHAPES = [(64, 4, 3), (32, 4, 3), (64, 4, 4), (128, 8, 3), (16, 4, 4)]
 
@@ -135,7 +131,8 @@ if triton is not None:
         tl.store(lse_ptr + pair64 * stride_lb + head, lse, mask=row_ok)
 
 
-def _tree_decode_triton(q, k_pool, v_pool, meta: TreeDecodeMeta, scale: float):
+def tree_decode_triton(q, k_pool, v_pool, meta: TreeDecodeMeta, scale: float):
+    """The Triton path of the op: per-(segment, query) partials, then their LSE merge. [B, Hq, D] in q's dtype."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = k_pool.shape[2]
     group = num_q_heads // kv_heads
@@ -164,20 +161,3 @@ def _tree_decode_triton(q, k_pool, v_pool, meta: TreeDecodeMeta, scale: float):
     )
     out = merge_partials(partial_out, partial_lse, meta.pair_query.long(), meta.num_queries)
     return out.to(q.dtype)
-
-
-def tree_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: TreeDecodeMeta,
-                          scale: float | None = None, *, force: Backend | str | None = None) -> torch.Tensor:
-    """Decode attention of B branches over the paged tree KV cache.
-
-    q [B, Hq, D]; k_pool, v_pool [num_pages, page_size, Hkv, D] (one layer's pools); meta from
-    `build_tree_decode_meta` (on q's device); scale defaults to D**-0.5. Returns [B, Hq, D].
-    force: "triton" / "reference" overrides the backend choice.
-    """
-    check_tree_decode_inputs(q, k_pool, v_pool, meta)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = select_backend("tree_decode_attention", q, k_pool, v_pool, force=force)
-    with torch.no_grad():
-        if backend is Backend.TRITON:
-            return _tree_decode_triton(q, k_pool, v_pool, meta, scale)
-        return tree_decode_attention_reference(q, k_pool, v_pool, meta, scale)

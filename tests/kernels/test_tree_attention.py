@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from trace_core.forest import RolloutForest
-from trace_core.packing.forest import pack
+from attention_cases import packed_forest, random_tree, same_dtype_attention
 from trace_kernels.tree_attention import block_skip_metadata, tree_attention
 from trace_kernels.tree_attention.cpu import independent_ranges, tree_attention_torch
 from trace_kernels.tree_attention.naive import tree_attention_reference, tree_visibility_mask
@@ -23,36 +22,12 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-def packed_forest(trees: list[tuple[list[int], list[int]]]):
-    """Pack trees given as (parent list, token count per node); parent -1 is the root.
-    Node ids are per tree; trees are concatenated in order."""
-    parent, prompt, lengths = [], [], []
-    for t, (parents, lens) in enumerate(trees):
-        base = len(parent)
-        parent += [p if p < 0 else p + base for p in parents]
-        prompt += [t] * len(parents)
-        lengths += lens
-    lengths = np.asarray(lengths)
-    tok_end = np.cumsum(lengths)
-    total = int(tok_end[-1])
-    forest = RolloutForest.from_arrays(
-        parent=np.asarray(parent), prompt_id=np.asarray(prompt), tok_start=tok_end - lengths, tok_end=tok_end,
-        tokens=np.arange(total) % 7, role=np.zeros(total, np.uint8),  # roles do not matter here
-    )
-    return pack(forest)
-
-
 def chain(n_nodes: int, length: int = 1):
     return [i - 1 for i in range(n_nodes)], [length] * n_nodes
 
 
 def fan(n_children: int, root_len: int, child_lens: list[int]):
     return [-1] + [0] * n_children, [root_len] + child_lens
-
-
-def random_tree(rng: np.random.Generator, n_nodes: int, max_len: int):
-    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, n_nodes)]
-    return parents, [int(x) for x in rng.integers(1, max_len + 1, n_nodes)]
 
 
 def end_of(packed) -> torch.Tensor:
@@ -65,15 +40,6 @@ def make_qkv(T, Hq, Hkv, D, dtype, seed=0):
     k = torch.randn(T, Hkv, D, generator=g)
     v = torch.randn(T, Hkv, D, generator=g)
     return [x.to(device=DEVICE, dtype=dtype) for x in (q, k, v)]
-
-
-def same_dtype_attention(q, k, v, end, scale):
-    """The reference math carried out in the inputs' own dtype (sets the fp16/bf16 tolerance)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = torch.einsum("ihd,jhd->hij", q, k) * scale
-    s = s.masked_fill(~tree_visibility_mask(end)[None], float("-inf"))
-    return torch.einsum("hij,jhd->ihd", torch.softmax(s, -1), v)
 
 
 def run(fn, q, k, v, end, dout, **kw):

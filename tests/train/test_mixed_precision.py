@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from test_trainer import TOY, metrics, toy
-from test_tree_attention import packed_forest, random_tree, same_dtype_attention
+from attention_cases import packed_forest, random_tree, same_dtype_attention
 from trace_core.train.cli import main
 from trace_core.model.tree_forward import trace_tree_attention_forward
 from trace_core.train.trainer import Trainer

@@ -84,7 +84,7 @@ class HFRolloutEngine:
     env_factory    () -> Env, a fresh environment instance
     sampling       SamplingParams for every turn, or a sequence indexed by turn (the last repeats)
     num_pages, page_size   KV cache size
-    decode_backend None (auto), "triton" or "reference" for the decode attention
+    decode_backend None (auto), "triton" or "cpu" for the decode attention
     kv_dtype       dtype of the KV cache; None = the parameter dtype (fp32 master weights under
                    autocast: the compute dtype, and call the engine inside the autocast)
     seed           seeds sampling and the env seeds

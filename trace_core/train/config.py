@@ -39,7 +39,7 @@ class ModelConfig:
     master_weights: bool = True
     gradient_checkpointing: bool = False  # recompute layers in the backward: activation memory per layer, ~1.3x compute
     device: str = "auto"  # auto: cuda when available
-    attention_backend: Literal["auto", "triton", "reference"] = "auto"  # tree attention, logprob and decode kernels
+    attention_backend: Literal["auto", "triton", "cpu", "reference"] = "auto"  # kernels; "reference" = "cpu" (old name)
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template (instruct models)
 
     def __post_init__(self):

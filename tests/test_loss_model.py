@@ -81,6 +81,7 @@ def small_forest(vocab_size, seed):
 
 
 @pytest.mark.parametrize("estimator", ["tree_grpo", "segment"])
+@pytest.mark.slow  # 29 s (tree_grpo) + 8 s (segment) on 2 cores
 def test_tiny_qwen3_triton_tree_attention(estimator):
     model = tiny_causal_lm("qwen3", vocab_size=96, hidden_size=64, heads=4, kv_heads=2, layers=2).to(DEVICE)
     forest = small_forest(96, seed=1)
@@ -88,6 +89,7 @@ def test_tiny_qwen3_triton_tree_attention(estimator):
     assert_same(*losses_and_grads(model, forest, adv, kind, backend=None), model)  # Triton (interpreted on CPU)
 
 
+@pytest.mark.slow  # SmolLM2: 55 s on 2 cores
 def test_smollm2_reference_tree_attention():
     model, _ = load_smollm2(torch.float32)
     forest = small_forest(model.config.vocab_size, seed=2)

@@ -18,6 +18,8 @@ from trace_core.integrations.shared_prefix import shared_prefix_logprobs
 
 from test_shared_prefix_logprobs import flat_logprobs, grpo_batch, tiny_model
 
+pytestmark = pytest.mark.slow  # 2-process gloo runs: ddp 37 s, fsdp2 10 s on 2 cores
+
 WORLD = 2
 
 

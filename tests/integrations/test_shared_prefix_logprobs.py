@@ -72,6 +72,7 @@ def check_against_flat(model, ids, mask, backend, temperature=1.0, tol=1e-4):
     return got_lp, got_ent
 
 
+@pytest.mark.slow  # 13 s on 2 cores
 def test_qwen3_triton_matches_flat_logprobs_and_entropy():
     model = tiny_model("qwen3", device=DEVICE)
     ids, mask = grpo_batch(64)
@@ -136,6 +137,7 @@ def test_errors_name_the_argument():
         shared_prefix_logprobs(model, torch.tensor([[3, 99]]), backend="cpu")
 
 
+@pytest.mark.slow  # SmolLM2: 8 s on 2 cores, plus its load
 def test_smollm2_grpo_batch_matches_flat():
     """Real weights (Llama architecture, 30 layers, vocab 49152), reference attention path."""
     model = load_smollm2(torch.float32)[0]

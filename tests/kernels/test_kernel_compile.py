@@ -37,6 +37,7 @@ def _compile_check(tmp_path, *args) -> tuple[subprocess.CompletedProcess, dict]:
     return proc, (json.loads(out.read_text()) if out.exists() else {})
 
 
+@pytest.mark.slow  # compiles every kernel: 33 s on 2 cores
 def test_every_autotune_config_compiles_for_h100_without_spills(tmp_path):
     """bf16, head_dim 128 (Llama/Qwen): each config the autotuner may pick compiles for sm_90,
     fits its shared memory, spills no registers, and its tile loop loads are software-pipelined."""

@@ -73,6 +73,7 @@ def assert_tree_logits_match(model, forest, backend=None):
 # -------------------------------------------------------------------------- tiny configs
 
 
+@pytest.mark.slow  # 11 s on 2 cores
 def test_qwen3_triton_kernel_matches_per_leaf_logits(monkeypatch):
     """The Triton kernel (interpreter on CPU) inside a Qwen3 model, through AttentionInterface."""
     model = tiny_model("qwen3", device=DEVICE)
@@ -190,6 +191,7 @@ def smollm2():
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.slow  # SmolLM2: 54 s (triton), 5 s (reference)
 def test_smollm2_packed_tree_matches_per_leaf_logits(smollm2, backend):
     """Real weights: 30 layers, GQA 9/3 heads, head_dim 64; the Triton path runs interpreted on CPU."""
     assert smollm2.config.model_type == "llama"

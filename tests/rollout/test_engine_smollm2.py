@@ -12,6 +12,8 @@ from trace_core.forest import RolloutForest
 from trace_core.rollout import HFRolloutEngine, HFTextCodec, SamplingParams
 from trace_core.model.loading import load_smollm2
 
+pytestmark = pytest.mark.slow  # loads SmolLM2-135M: 35 s for the file on 2 cores
+
 TOKENS_PER_TURN = 4
 
 

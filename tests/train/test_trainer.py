@@ -207,6 +207,7 @@ def test_shipped_configs_build_their_env_and_tasks(path, tmp_path):
     assert load_config(TrainConfig, tmp_path / "config.yaml") == cfg
 
 
+@pytest.mark.slow  # SmolLM2 through the CLI: 81 s on 2 cores
 def test_smollm2_search_qa_config_trains_a_step(tmp_path):
     """The shipped SmolLM2 config end to end through the CLI, at a CPU-test budget: real model, BM25
     search, chat template, stop strings, prefix expansion and a policy update."""

@@ -18,6 +18,7 @@ single-threaded. Aims (issue 5, on a 2-core machine): root DP under 50 ms, prefi
 The prefix stage's pure-Python baseline is the same greedy with heapq (a C heap), so its heap
 operations already run at C speed; most of the numba path's remaining time is the heap work itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from trace_core.allocation import allocate_prefixes, allocate_roots  # noqa: E402
-from trace_core.allocation.naive import allocate_prefixes_reference, allocate_roots_reference  # noqa: E402
+from trace_core.allocation import allocate_prefixes, allocate_roots
+from trace_core.allocation.naive import allocate_prefixes_reference, allocate_roots_reference
 
 ROOT_FULL = dict(n_prompts=1024, budget=8192, m_max=32)
 ROOT_SMALL = dict(n_prompts=128, budget=1024, m_max=32)
@@ -79,17 +80,50 @@ def run(full_reference: bool = False) -> list[tuple]:
     rows = []
     args, kwargs = root_case(**ROOT_FULL)
     dp_wall, dp_cpu = best_seconds(allocate_roots, args, kwargs, 9)
-    rows.append(("roots dp", _size(ROOT_FULL), dp_wall, dp_cpu, "pure Python",
-                 _once(allocate_roots_reference, args, kwargs) if full_reference else None, 0.050))
+    rows.append(
+        (
+            "roots dp",
+            _size(ROOT_FULL),
+            dp_wall,
+            dp_cpu,
+            "pure Python",
+            _once(allocate_roots_reference, args, kwargs) if full_reference else None,
+            0.050,
+        )
+    )
     # method="ranked" is exact too (same optimum); its baseline is the numba DP measured just above.
-    rows.append(("roots ranked", _size(ROOT_FULL), *best_seconds(allocate_roots, args, dict(kwargs, method="ranked"), 20),
-                 "numba dp", dp_wall, None))
+    rows.append(
+        (
+            "roots ranked",
+            _size(ROOT_FULL),
+            *best_seconds(allocate_roots, args, dict(kwargs, method="ranked"), 20),
+            "numba dp",
+            dp_wall,
+            None,
+        )
+    )
     args, kwargs = root_case(**ROOT_SMALL)
-    rows.append(("roots dp", _size(ROOT_SMALL), *best_seconds(allocate_roots, args, kwargs, 20), "pure Python",
-                 best_seconds(allocate_roots_reference, args, kwargs, 2)[0], None))
+    rows.append(
+        (
+            "roots dp",
+            _size(ROOT_SMALL),
+            *best_seconds(allocate_roots, args, kwargs, 20),
+            "pure Python",
+            best_seconds(allocate_roots_reference, args, kwargs, 2)[0],
+            None,
+        )
+    )
     args, kwargs = prefix_case(**PREFIX)
-    rows.append(("prefixes", _size(PREFIX), *best_seconds(allocate_prefixes, args, kwargs, 30), "pure Python",
-                 best_seconds(allocate_prefixes_reference, args, kwargs, 3)[0], 0.020))
+    rows.append(
+        (
+            "prefixes",
+            _size(PREFIX),
+            *best_seconds(allocate_prefixes, args, kwargs, 30),
+            "pure Python",
+            best_seconds(allocate_prefixes_reference, args, kwargs, 3)[0],
+            0.020,
+        )
+    )
     return rows
 
 
@@ -111,9 +145,13 @@ def print_table(rows) -> None:
     except OSError:
         pass
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; device: {device()}{load}")
-    print("numba path: njit, single thread; best of several runs; speedup = baseline wall / numba wall;"
-          " aims: time on 2 cores, and >= 50x pure Python")
-    print(f"{'stage':<13} {'size':<46} {'wall ms':>8} {'cpu ms':>8} {'baseline':>12} {'base ms':>9} {'speedup':>8}  aim")
+    print(
+        "numba path: njit, single thread; best of several runs; speedup = baseline wall / numba wall;"
+        " aims: time on 2 cores, and >= 50x pure Python"
+    )
+    print(
+        f"{'stage':<13} {'size':<46} {'wall ms':>8} {'cpu ms':>8} {'baseline':>12} {'base ms':>9} {'speedup':>8}  aim"
+    )
     for stage, size, wall, cpu, baseline, slow, aim in rows:
         slow_text = f"{slow * 1e3:9.1f}" if slow is not None else f"{'not run':>9}"
         ratio_text = f"{slow / wall:7.0f}x" if slow is not None else f"{'-':>8}"
@@ -122,10 +160,13 @@ def print_table(rows) -> None:
             aims.append(f"< {aim * 1e3:.0f} ms: {'met' if wall < aim else 'missed'}")
         if baseline == "pure Python" and slow is not None:
             aims.append(f">= 50x: {'met' if slow / wall >= 50 else 'missed'}")
-        print(f"{stage:<13} {size:<46} {wall * 1e3:8.2f} {cpu * 1e3:8.2f} {baseline:>12} {slow_text} {ratio_text}  {'; '.join(aims)}")
+        print(
+            f"{stage:<13} {size:<46} {wall * 1e3:8.2f} {cpu * 1e3:8.2f} {baseline:>12} {slow_text} {ratio_text}  {'; '.join(aims)}"
+        )
 
 
 # ---------------------------------------------------------------- pytest-benchmark entry points
+
 
 def test_roots_numba_full_size(benchmark):
     args, kwargs = root_case(**ROOT_FULL)

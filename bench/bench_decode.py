@@ -28,6 +28,7 @@ On CUDA one untimed pass runs first, so Triton's autotuning and compiles are not
                                  [--engine-model auto|smollm2|tiny]
     pytest bench/bench_decode.py         # pytest-benchmark version (small shapes)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,11 @@ from trace_kernels._runtime import interpreter_enabled
 from trace_kernels.tools.autotune_report import format_tuned_configs
 from trace_kernels.tree_decode import tree_decode_attention
 from trace_kernels.tree_decode.cpu import tree_decode_attention_cascade
-from trace_kernels.tree_decode.naive import (attend_dense, tree_decode_attention_reference,
-                                             tree_decode_attention_same_dtype)
+from trace_kernels.tree_decode.naive import (
+    attend_dense,
+    tree_decode_attention_reference,
+    tree_decode_attention_same_dtype,
+)
 
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 8, 2, 64, 16
 # error floor of a 16-bit kernel against the fp32 reference (one rounding of the output), as in
@@ -62,13 +66,22 @@ def build(prefix: int, branches: int, suffix: int, shared: bool, device, dtype, 
     """A cache holding B branches of prefix+suffix tokens; shared=False stores a private prefix per branch."""
     roots = 1 if shared else branches
     pages = roots * -(-prefix // PAGE) + branches * -(-suffix // PAGE)
-    cache = PagedTreeKVCache(num_layers=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, num_pages=pages,
-                             page_size=PAGE, dtype=dtype, device=device)
+    cache = PagedTreeKVCache(
+        num_layers=1,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        num_pages=pages,
+        page_size=PAGE,
+        dtype=dtype,
+        device=device,
+    )
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def kv(n):
-        return (torch.randn(1, n, KV_HEADS, HEAD_DIM, generator=gen).to(device, dtype),
-                torch.randn(1, n, KV_HEADS, HEAD_DIM, generator=gen).to(device, dtype))
+        return (
+            torch.randn(1, n, KV_HEADS, HEAD_DIM, generator=gen).to(device, dtype),
+            torch.randn(1, n, KV_HEADS, HEAD_DIM, generator=gen).to(device, dtype),
+        )
 
     prefix_kv = kv(prefix)
     root_nodes = []
@@ -94,9 +107,11 @@ def check_kernel(q, k, v, meta, private=None) -> tuple[float, float]:
     if private is not None:
         err = max(err, (tree_decode_attention(q, *private).float() - expected).abs().max().item())
     if not err <= budget:  # also catches NaN
-        raise RuntimeError(f"decode kernel is wrong: max abs error {err:.3g} against the fp32 reference exceeds "
-                           f"the budget {budget:.3g} ({q.dtype}: 2 x same-dtype error {same_dtype_err:.3g} + "
-                           f"{OUTPUT_ROUNDING[q.dtype]:g})")
+        raise RuntimeError(
+            f"decode kernel is wrong: max abs error {err:.3g} against the fp32 reference exceeds "
+            f"the budget {budget:.3g} ({q.dtype}: 2 x same-dtype error {same_dtype_err:.3g} + "
+            f"{OUTPUT_ROUNDING[q.dtype]:g})"
+        )
     return err, budget
 
 
@@ -124,30 +139,44 @@ def attention_rows(prefixes, branch_counts, suffix, repeats):
         for branches in branch_counts:
             cache, meta, q = build(prefix, branches, suffix, True, device, dtype)
             k, v = cache.k_pools[0], cache.v_pools[0]
-            row = dict(P=prefix, B=branches, shared_MB=meta.keys_read_shared() * bytes_per_key / 2**20,
-                       per_branch_MB=meta.keys_read_per_branch() * bytes_per_key / 2**20)
+            row = dict(
+                P=prefix,
+                B=branches,
+                shared_MB=meta.keys_read_shared() * bytes_per_key / 2**20,
+                per_branch_MB=meta.keys_read_per_branch() * bytes_per_key / 2**20,
+            )
             if cuda:
                 private, pmeta, _ = build(prefix, branches, suffix, False, device, dtype)
                 row["max_err"], row["err_budget"] = check_kernel(
-                    q, k, v, meta, private=(private.k_pools[0], private.v_pools[0], pmeta))
+                    q, k, v, meta, private=(private.k_pools[0], private.v_pools[0], pmeta)
+                )
                 row["kernel_shared_ms"] = 1e3 * timed(lambda: tree_decode_attention(q, k, v, meta), repeats)
                 row["kernel_private_ms"] = 1e3 * timed(
-                    lambda: tree_decode_attention(q, private.k_pools[0], private.v_pools[0], pmeta), repeats)
+                    lambda: tree_decode_attention(q, private.k_pools[0], private.v_pools[0], pmeta), repeats
+                )
                 dense_k = k.reshape(-1, KV_HEADS, HEAD_DIM)[meta.query_slots].transpose(1, 2)  # [B, Hkv, L, D]
                 dense_v = v.reshape(-1, KV_HEADS, HEAD_DIM)[meta.query_slots].transpose(1, 2)
-                row["sdpa_private_ms"] = 1e3 * timed(lambda: torch.nn.functional.scaled_dot_product_attention(
-                    q[:, :, None], dense_k, dense_v, enable_gqa=True), repeats)
+                row["sdpa_private_ms"] = 1e3 * timed(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(
+                        q[:, :, None], dense_k, dense_v, enable_gqa=True
+                    ),
+                    repeats,
+                )
             else:
                 row["cascade_ms"] = 1e3 * timed(lambda: tree_decode_attention_cascade(q, k, v, meta), repeats)
                 # the no-sharing baseline: each branch's private copy of its path, made outside the timing
                 dense_k = k.reshape(-1, KV_HEADS, HEAD_DIM)[meta.query_slots]
                 dense_v = v.reshape(-1, KV_HEADS, HEAD_DIM)[meta.query_slots]
                 valid = torch.arange(dense_k.shape[1])[None, :] < meta.query_len[:, None]
-                scale = HEAD_DIM ** -0.5
+                scale = HEAD_DIM**-0.5
                 row["private_ms"] = 1e3 * timed(lambda: attend_dense(q, dense_k, dense_v, valid, scale), repeats)
                 row["per_branch_ms"] = 1e3 * timed(lambda: tree_decode_attention_reference(q, k, v, meta), repeats)
-                torch.testing.assert_close(tree_decode_attention_cascade(q, k, v, meta),
-                                           tree_decode_attention_reference(q, k, v, meta), rtol=0, atol=1e-4)
+                torch.testing.assert_close(
+                    tree_decode_attention_cascade(q, k, v, meta),
+                    tree_decode_attention_reference(q, k, v, meta),
+                    rtol=0,
+                    atol=1e-4,
+                )
             rows.append(row)
             del cache
     return rows
@@ -156,29 +185,41 @@ def attention_rows(prefixes, branch_counts, suffix, repeats):
 def print_attention(rows, suffix):
     cuda = torch.cuda.is_available()
     path = "Triton (CUDA)" if cuda else "torch reference paths (no GPU; Triton only runs interpreted here)"
-    print(f"\n== decode attention: suffix {suffix}, {Q_HEADS}q/{KV_HEADS}kv heads, head_dim {HEAD_DIM}, "
-          f"page {PAGE}; device {device_name()}; path: {path}")
+    print(
+        f"\n== decode attention: suffix {suffix}, {Q_HEADS}q/{KV_HEADS}kv heads, head_dim {HEAD_DIM}, "
+        f"page {PAGE}; device {device_name()}; path: {path}"
+    )
     head = f"{'P':>6}{'B':>5}{'K/V read shared MB':>20}{'per-branch MB':>15}{'ratio':>7}"
     if cuda:
-        head += (f"{'kernel ms':>11}{'private kernel ms':>19}{'SDPA private ms':>17}{'vs SDPA':>9}"
-                 f"{'max err':>10}{'budget':>10}")
+        head += (
+            f"{'kernel ms':>11}{'private kernel ms':>19}{'SDPA private ms':>17}{'vs SDPA':>9}"
+            f"{'max err':>10}{'budget':>10}"
+        )
     else:
         head += f"{'cascade ms':>12}{'private copies ms':>19}{'speed-up':>10}{'reference (gather+attend) ms':>30}"
     print(head)
     for r in rows:
-        line = (f"{r['P']:>6}{r['B']:>5}{r['shared_MB']:>20.1f}{r['per_branch_MB']:>15.1f}"
-                f"{r['per_branch_MB'] / r['shared_MB']:>6.1f}x")
+        line = (
+            f"{r['P']:>6}{r['B']:>5}{r['shared_MB']:>20.1f}{r['per_branch_MB']:>15.1f}"
+            f"{r['per_branch_MB'] / r['shared_MB']:>6.1f}x"
+        )
         if cuda:
-            line += (f"{r['kernel_shared_ms']:>11.3f}{r['kernel_private_ms']:>19.3f}{r['sdpa_private_ms']:>17.3f}"
-                     f"{r['sdpa_private_ms'] / r['kernel_shared_ms']:>8.1f}x"
-                     f"{r['max_err']:>10.2e}{r['err_budget']:>10.2e}")
+            line += (
+                f"{r['kernel_shared_ms']:>11.3f}{r['kernel_private_ms']:>19.3f}{r['sdpa_private_ms']:>17.3f}"
+                f"{r['sdpa_private_ms'] / r['kernel_shared_ms']:>8.1f}x"
+                f"{r['max_err']:>10.2e}{r['err_budget']:>10.2e}"
+            )
         else:
-            line += (f"{r['cascade_ms']:>12.2f}{r['private_ms']:>19.2f}{r['private_ms'] / r['cascade_ms']:>9.1f}x"
-                     f"{r['per_branch_ms']:>30.2f}")
+            line += (
+                f"{r['cascade_ms']:>12.2f}{r['private_ms']:>19.2f}{r['private_ms'] / r['cascade_ms']:>9.1f}x"
+                f"{r['per_branch_ms']:>30.2f}"
+            )
         print(line)
     if cuda:
-        print("max err: the kernel (shared tree and private copies) vs the fp32 per-branch reference, checked "
-              "before timing; budget: 2x the same math in fp16 + 2e-3")
+        print(
+            "max err: the kernel (shared tree and private copies) vs the fp32 per-branch reference, checked "
+            "before timing; budget: 2x the same math in fp16 + 2e-3"
+        )
 
 
 # ---------------------------------------------------------------------- engine
@@ -219,8 +260,11 @@ def engine_setup(choice: str, cuda: bool):
         from trace_core.model.loading import load_smollm2  # finds the GGUF without importing the `llm` plugin
 
         model, tokenizer = load_smollm2(torch.float32)
-        codec = HFTextCodec(tokenizer, chat_template=True,
-                            observation_template="\n<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n")
+        codec = HFTextCodec(
+            tokenizer,
+            chat_template=True,
+            observation_template="\n<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n",
+        )
         # no stop ids: every turn has exactly `tokens` model tokens, so both runs do the same work
         codec.eos_token_ids = ()
         name = "SmolLM2-135M-Instruct"
@@ -229,13 +273,17 @@ def engine_setup(choice: str, cuda: bool):
 
         shape = TINY_SHAPES["cuda" if cuda else "cpu"]
         model, codec = tiny_causal_lm("qwen3", **shape), ByteCodec()
-        name = (f"random-init Qwen3-shaped ({shape['layers']} layers, hidden {shape['hidden_size']}, "
-                f"{shape['heads']}/{shape['kv_heads']} heads, head_dim {shape['hidden_size'] // shape['heads']}, "
-                f"vocab {shape['vocab_size']}, byte codec)")
+        name = (
+            f"random-init Qwen3-shaped ({shape['layers']} layers, hidden {shape['hidden_size']}, "
+            f"{shape['heads']}/{shape['kv_heads']} heads, head_dim {shape['hidden_size'] // shape['heads']}, "
+            f"vocab {shape['vocab_size']}, byte codec)"
+        )
     model = model.to(device=device, dtype=dtype).eval()
     dtype_name = str(dtype).removeprefix("torch.")
     path = "Triton kernel" if backend == "triton" else "torch (CPU path)"
     return model, codec, backend, f"{name} {dtype_name}, greedy, decode path: {path}"
+
+
 class _TwoTurnEnv:
     max_turns = 2
 
@@ -268,10 +316,19 @@ def engine_rows(model, codec, backend: str, continuations: int, tokens: int):
     from trace_core.forest import ROLE_MODEL, RolloutForest
     from trace_core.rollout import HFRolloutEngine, SamplingParams
 
-    engine = HFRolloutEngine(model, codec, _TwoTurnEnv, sampling=SamplingParams(temperature=0.0, max_tokens=tokens),
-                             num_pages=512, page_size=16, decode_backend=backend)
-    prompt = ("You are a careful assistant. Read the question, think step by step, and answer briefly. "
-              "Question: what colour is the sky on a clear day, and why does it look that way?")
+    engine = HFRolloutEngine(
+        model,
+        codec,
+        _TwoTurnEnv,
+        sampling=SamplingParams(temperature=0.0, max_tokens=tokens),
+        num_pages=512,
+        page_size=16,
+        decode_backend=backend,
+    )
+    prompt = (
+        "You are a careful assistant. Read the question, think step by step, and answer briefly. "
+        "Question: what colour is the sky on a clear day, and why does it look that way?"
+    )
     forest = RolloutForest()
     start = _clock()
     bare = engine.rollout(forest, engine.prefill([{"prompt": prompt}]), [2])
@@ -280,7 +337,7 @@ def engine_rows(model, codec, backend: str, continuations: int, tokens: int):
     prefix_len = int(forest.path_lengths()[anchor])
 
     def model_tokens(nodes) -> int:
-        return sum(int((forest.role[forest.tok_start[u]:forest.tok_end[u]] == ROLE_MODEL).sum()) for u in nodes)
+        return sum(int((forest.role[forest.tok_start[u] : forest.tok_end[u]] == ROLE_MODEL).sum()) for u in nodes)
 
     rows = [("bare rollouts (2)", bare_s, model_tokens(bare.nodes), None)]
     for share in (False, True):
@@ -288,8 +345,14 @@ def engine_rows(model, codec, backend: str, continuations: int, tokens: int):
         start = _clock()
         conts = engine.expand(forest, [anchor], [continuations], share_prefix=share)
         seconds = _clock() - start
-        rows.append((f"{continuations} continuations, {'forked' if share else 'private prefix'}", seconds,
-                     model_tokens(conts.nodes), engine.tokens_run - before))
+        rows.append(
+            (
+                f"{continuations} continuations, {'forked' if share else 'private prefix'}",
+                seconds,
+                model_tokens(conts.nodes),
+                engine.tokens_run - before,
+            )
+        )
     return rows, prefix_len
 
 
@@ -299,8 +362,10 @@ def print_engine(rows, prefix_len, description):
     for name, seconds, generated, run in rows:
         print(f"{name:<36}{seconds:>9.2f}{generated:>12}{generated / seconds:>10.1f}{'' if run is None else run:>12}")
     private, forked = rows[1], rows[2]
-    print(f"forking speed-up on continuations: {private[1] / forked[1]:.2f}x "
-          f"({private[3]} vs {forked[3]} tokens through the model)")
+    print(
+        f"forking speed-up on continuations: {private[1] / forked[1]:.2f}x "
+        f"({private[3]} vs {forked[3]} tokens through the model)"
+    )
 
 
 def main() -> None:
@@ -312,8 +377,12 @@ def main() -> None:
     parser.add_argument("--continuations", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=8, help="model tokens per turn in the engine run")
     parser.add_argument("--skip-engine", action="store_true")
-    parser.add_argument("--engine-model", choices=["auto", "smollm2", "tiny"], default="auto",
-                        help="model of the engine part (see the module doc)")
+    parser.add_argument(
+        "--engine-model",
+        choices=["auto", "smollm2", "tiny"],
+        default="auto",
+        help="model of the engine part (see the module doc)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:

@@ -18,6 +18,7 @@ times; the memory ratios are the meaningful CPU result.
     python bench/bench_linear_logprob.py --small    # under a minute on a 2-core CPU
     pytest bench/bench_linear_logprob.py            # pytest-benchmark: fused vs eager, fwd+bwd
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,15 +27,15 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.utils.checkpoint
 
 from trace_kernels._runtime import select_backend
-from trace_kernels.tools.autotune_report import format_tuned_configs
 from trace_kernels.linear_logprob import OP_NAME, linear_logprob
+from trace_kernels.tools.autotune_report import format_tuned_configs
 
 MODELS = {"Qwen3-8B": (4096, 151936), "SmolLM2": (576, 49152)}  # name -> (H, V)
 CUDA_TOKENS = (2048, 8192, 16384, 32768)
@@ -44,6 +45,7 @@ SMALL_SHAPES = [("SmolLM2", 128), ("SmolLM2", 512)]
 
 # ------------------------------------------------------------------------------------------------
 # Implementations: each returns the scalar sum of the N per-token log-probabilities.
+
 
 def fused_sum(hidden, weight, labels, backend=None):
     rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -88,16 +90,18 @@ def liger_sum_factory():
 def trl_chunked_sum_factory():
     try:
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-    except Exception:  # noqa: BLE001 - not installed, or a trl that does not import beside this transformers
+    except Exception:
         return None
     vocab_chunk = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, what GRPOTrainer passes
     # (hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, extra outputs)
     return lambda hidden, weight, labels: ChunkedLogProbFunction.apply(
-        hidden, weight, None, labels, 1.0, vocab_chunk, None, 1.0, ())[0].sum()
+        hidden, weight, None, labels, 1.0, vocab_chunk, None, 1.0, ()
+    )[0].sum()
 
 
 # ------------------------------------------------------------------------------------------------
 # Measurement
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -230,8 +234,10 @@ def print_table(results: list[Result], device: torch.device, fused_path: str) ->
         speedup = base.fwd_bwd_ms / r.fwd_bwd_ms if base and base.fwd_bwd_ms and r.fwd_bwd_ms else None
         mem_ratio = r.peak_bytes / base.peak_bytes if base and base.peak_bytes and r.peak_bytes is not None else None
         peak_mib = None if r.peak_bytes is None else r.peak_bytes / 2**20
-        print(f"{r.shape:<38}{r.impl:<24}{fmt(r.fwd_ms, '.1f'):>10}{fmt(r.fwd_bwd_ms, '.1f'):>12}"
-              f"{fmt(peak_mib, '.1f'):>10}{fmt(speedup, '.2f'):>9}{fmt(mem_ratio, '.3f'):>10}  {r.note}")
+        print(
+            f"{r.shape:<38}{r.impl:<24}{fmt(r.fwd_ms, '.1f'):>10}{fmt(r.fwd_bwd_ms, '.1f'):>12}"
+            f"{fmt(peak_mib, '.1f'):>10}{fmt(speedup, '.2f'):>9}{fmt(mem_ratio, '.3f'):>10}  {r.note}"
+        )
     print("speedup = torch eager fwd+bwd time / this; mem ratio = this peak / torch eager peak (fwd+bwd)")
 
 
@@ -250,8 +256,10 @@ def check_fused(hidden, weight, labels, backend=None) -> tuple[float, float]:
         eager = eager_token_logprobs(h, weight, lab)
     fused_err, eager_err = ((x - ref).abs().max().item() for x in (fused, eager))
     if not fused_err <= CHECK_TOL:
-        raise AssertionError(f"linear_logprob is wrong: max |error| {fused_err:.3g} against the fp32 reference "
-                             f"(tolerance {CHECK_TOL}; torch eager in {hidden.dtype}: {eager_err:.3g})")
+        raise AssertionError(
+            f"linear_logprob is wrong: max |error| {fused_err:.3g} against the fp32 reference "
+            f"(tolerance {CHECK_TOL}; torch eager in {hidden.dtype}: {eager_err:.3g})"
+        )
     return fused_err, eager_err
 
 
@@ -266,11 +274,20 @@ def make_inputs(hidden_size: int, vocab: int, n_tokens: int, device, dtype, seed
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="small CPU-sized shapes (under a minute on 2 cores)")
-    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
-                        help="include the torch.compile'd chunked baseline (default: on, except with --small on CPU)")
+    parser.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="include the torch.compile'd chunked baseline (default: on, except with --small on CPU)",
+    )
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--backend", choices=["triton", "cpu", "reference"], default=None,
-                        help="force the fused op's path (reference: the old name of cpu)")
+    parser.add_argument(
+        "--backend",
+        choices=["triton", "cpu", "reference"],
+        default=None,
+        help="force the fused op's path (reference: the old name of cpu)",
+    )
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
 
@@ -322,20 +339,28 @@ def main(argv=None) -> None:
             label = f"{model} N={n_tokens} H={hidden_size} V={vocab}"
             if pass_name == "time":
                 fused_err, eager_err = check_fused(hidden, weight, labels, args.backend)
-                print(f"  check: {label:<36} max |logprob error| vs fp32 reference: fused {fused_err:.2e}, "
-                      f"torch eager {eager_err:.2e}", flush=True)
+                print(
+                    f"  check: {label:<36} max |logprob error| vs fp32 reference: fused {fused_err:.2e}, "
+                    f"torch eager {eager_err:.2e}",
+                    flush=True,
+                )
             for impl, fn in impls:
                 result = results.setdefault((label, impl), Result(shape=label, impl=impl))
                 meter = cpu_meter if pass_name == "memory" else None
                 measure(result, fn, hidden, weight, labels, repeats=repeats, warmup=warmup, cpu_meter=meter)
-                done = f"fwd+bwd {fmt(result.fwd_bwd_ms, '.1f')} ms" if meter is None else \
-                    f"peak {fmt(None if result.peak_bytes is None else result.peak_bytes / 2**20, '.1f')} MiB"
+                done = (
+                    f"fwd+bwd {fmt(result.fwd_bwd_ms, '.1f')} ms"
+                    if meter is None
+                    else f"peak {fmt(None if result.peak_bytes is None else result.peak_bytes / 2**20, '.1f')} MiB"
+                )
                 print(f"  {pass_name}: {label:<36} {impl:<24} {done} {result.note}", flush=True)
             del hidden, weight, labels
     results = list(results.values())
     print_table(results, device, fused_path)
-    print(f"dtype: {dtype}, repeats: {repeats} (median), warm-up calls: {warmup}; "
-          "peak = extra memory of one fwd+bwd, gradients of hidden [N, H] and weight [V, H] included")
+    print(
+        f"dtype: {dtype}, repeats: {repeats} (median), warm-up calls: {warmup}; "
+        "peak = extra memory of one fwd+bwd, gradients of hidden [N, H] and weight [V, H] included"
+    )
     for note in notes:
         print("note:", note)
     print(format_tuned_configs())
@@ -343,6 +368,7 @@ def main(argv=None) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # pytest-benchmark: `pytest bench/bench_linear_logprob.py` (fused vs eager in one group).
+
 
 def _bench_inputs():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

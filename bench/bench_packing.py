@@ -7,6 +7,7 @@ validation. Aim (2-core machine): under 1 s and at least 20x faster than plain P
     python bench/bench_packing.py [--prompts 512] [--repeats 5]
     pytest bench/bench_packing.py            # pytest-benchmark version (smaller forest)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,16 @@ from trace_core.synthetic_forest import synthetic_forest
 
 def make_forest(num_prompts: int, seed: int = 0):
     # 8 bare rollouts of 6 turns + 16 continuations per prompt ~= 105 nodes and ~2k tokens per prompt
-    return synthetic_forest(np.random.default_rng(seed), num_prompts=num_prompts, rollouts=8, turns=6,
-                            continuations=16, prompt_tokens=(32, 96), model_tokens=(2, 24),
-                            observation_tokens=(0, 16))
+    return synthetic_forest(
+        np.random.default_rng(seed),
+        num_prompts=num_prompts,
+        rollouts=8,
+        turns=6,
+        continuations=16,
+        prompt_tokens=(32, 96),
+        model_tokens=(2, 24),
+        observation_tokens=(0, 16),
+    )
 
 
 def best_of(fn, repeats: int) -> float:
@@ -47,8 +55,10 @@ def main() -> None:
     args = parser.parse_args()
 
     forest = make_forest(args.prompts)
-    print(f"forest: {forest.roots.size} prompts, {forest.num_nodes} nodes, {forest.leaves.size} leaves, "
-          f"{forest.num_tokens} tokens; device: {device()}; path: numba (no kernels involved)")
+    print(
+        f"forest: {forest.roots.size} prompts, {forest.num_nodes} nodes, {forest.leaves.size} leaves, "
+        f"{forest.num_tokens} tokens; device: {device()}; path: numba (no kernels involved)"
+    )
 
     start = time.perf_counter()
     packed = pack(forest)  # first call: numba loads or compiles its cached machine code
@@ -59,15 +69,17 @@ def main() -> None:
 
     rows = [
         ("plain Python (pack_reference)", slow, 1.0),
-        ("numba (pack), best of %d" % args.repeats, fast, slow / fast),
+        (f"numba (pack), best of {args.repeats}", fast, slow / fast),
     ]
     print(f"\n{'packer':<34}{'time [s]':>10}{'speed-up':>10}")
     for name, seconds, ratio in rows:
         print(f"{name:<34}{seconds:>10.3f}{ratio:>9.1f}x")
     print(f"(numba first call incl. compile/cache load: {first_call:.2f} s)")
     dedup = packed.num_leaf_path_tokens / packed.num_tokens
-    print(f"packed tokens {packed.num_tokens} vs leaf-path tokens {packed.num_leaf_path_tokens} "
-          f"(a per-leaf trainer would run {dedup:.2f}x as many)")
+    print(
+        f"packed tokens {packed.num_tokens} vs leaf-path tokens {packed.num_leaf_path_tokens} "
+        f"(a per-leaf trainer would run {dedup:.2f}x as many)"
+    )
     target = fast < 1.0 and slow / fast >= 20
     print(f"target (< 1 s and >= 20x): {'met' if target else 'NOT met'}")
 

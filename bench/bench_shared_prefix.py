@@ -17,6 +17,7 @@ path (a dense mask per call), so CPU times say how much work sharing removes, no
     python bench/bench_shared_prefix.py [--prompts 2 --group 4 --prompt-len 256 --completion-len 64]
     pytest bench/bench_shared_prefix.py      # pytest-benchmark version (tiny model)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,9 @@ def grpo_batch(prompts: int, group: int, prompt_len: int, completion_len: int, v
         for c in range(group):
             clen = int(rng.integers(completion_len // 2, completion_len + 1))
             row = p * group + c
-            ids[row, prompt_len - plen:prompt_len] = prompt
-            ids[row, prompt_len:prompt_len + clen] = rng.integers(1, vocab, clen)
-            mask[row, prompt_len - plen:prompt_len + clen] = 1
+            ids[row, prompt_len - plen : prompt_len] = prompt
+            ids[row, prompt_len : prompt_len + clen] = rng.integers(1, vocab, clen)
+            mask[row, prompt_len - plen : prompt_len + clen] = 1
     return torch.as_tensor(ids), torch.as_tensor(mask)
 
 
@@ -58,17 +59,21 @@ def pair_counts(mask: torch.Tensor, packed) -> tuple[int, int]:
 
 
 def print_counts(shapes) -> None:
-    print(f"  {'prompts x group':>16}{'prompt':>8}{'compl.':>8}{'flat tokens':>13}{'packed':>10}{'ratio':>7}"
-          f"{'flat pairs':>16}{'tree pairs':>16}{'ratio':>7}{'pack [ms]':>11}")
+    print(
+        f"  {'prompts x group':>16}{'prompt':>8}{'compl.':>8}{'flat tokens':>13}{'packed':>10}{'ratio':>7}"
+        f"{'flat pairs':>16}{'tree pairs':>16}{'ratio':>7}{'pack [ms]':>11}"
+    )
     for prompts, group, prompt_len, completion_len in shapes:
         ids, mask = grpo_batch(prompts, group, prompt_len, completion_len, vocab=151936)
         start = time.perf_counter()
         packed = pack_shared_prefixes(ids, mask)
         pack_s = time.perf_counter() - start
         flat_pairs, tree_pairs = pair_counts(mask, packed)
-        print(f"  {f'{prompts} x {group}':>16}{prompt_len:>8}{completion_len:>8}{packed.num_sequence_tokens:>13,}"
-              f"{packed.num_tokens:>10,}{packed.token_saving:>6.2f}x{flat_pairs:>16,}{tree_pairs:>16,}"
-              f"{flat_pairs / tree_pairs:>6.2f}x{pack_s * 1e3:>11.1f}")
+        print(
+            f"  {f'{prompts} x {group}':>16}{prompt_len:>8}{completion_len:>8}{packed.num_sequence_tokens:>13,}"
+            f"{packed.num_tokens:>10,}{packed.token_saving:>6.2f}x{flat_pairs:>16,}{tree_pairs:>16,}"
+            f"{flat_pairs / tree_pairs:>6.2f}x{pack_s * 1e3:>11.1f}"
+        )
 
 
 def flat_logprobs(model, ids, mask):
@@ -104,12 +109,13 @@ def load_model(device: str, dtype: torch.dtype):
         from trace_core.model.loading import load_smollm2
 
         return load_smollm2(dtype)[0].to(device), "SmolLM2-135M-Instruct"
-    except Exception as error:  # noqa: BLE001 - the package is optional here; say what ran instead
+    except Exception as error:
         from trace_core.model.loading import tiny_causal_lm
 
         print(f"  (SmolLM2 unavailable: {error.__class__.__name__}; using a random-init Qwen3 of its shape)")
-        model = tiny_causal_lm("qwen3", vocab_size=49152, hidden_size=576, layers=30, heads=9, kv_heads=3,
-                               intermediate_size=1536)
+        model = tiny_causal_lm(
+            "qwen3", vocab_size=49152, hidden_size=576, layers=30, heads=9, kv_heads=3, intermediate_size=1536
+        )
         return model.to(device, dtype), "random-init Qwen3 (SmolLM2 shape)"
 
 
@@ -127,16 +133,18 @@ def compare(model, ids, mask, device: str, repeats: int) -> list[tuple]:
         def run():
             with torch.no_grad():
                 fn()
+
         return run
 
     def forward_backward(fn):
         def run():
             model.zero_grad(set_to_none=True)
             (fn() * weights).sum().backward()
+
         return run
 
-    shared = lambda: shared_prefix_logprobs(model, ids, mask, packed=packed)  # noqa: E731
-    flat = lambda: flat_logprobs(model, ids, mask)  # noqa: E731
+    shared = lambda: shared_prefix_logprobs(model, ids, mask, packed=packed)
+    flat = lambda: flat_logprobs(model, ids, mask)
     rows = []
     for name, fn in (("per-sequence HF forward (baseline)", flat), ("shared prefixes (trace-rl)", shared)):
         rows.append((name, *timed(forward(fn), device, repeats), *timed(forward_backward(fn), device, repeats)))
@@ -157,18 +165,26 @@ def main() -> None:
     prompt_len, completion_len = args.prompt_len or (256 if cpu else 1024), args.completion_len or (64 if cpu else 512)
 
     print("GRPO batch shapes (random tokens; prompt and completion lengths vary from half to the max):")
-    print_counts([(64, 8, 1024, 1024), (64, 16, 2048, 512), (32, 8, 512, 4096), (prompts, group, prompt_len, completion_len)])
+    print_counts(
+        [(64, 8, 1024, 1024), (64, 16, 2048, 512), (32, 8, 512, 4096), (prompts, group, prompt_len, completion_len)]
+    )
 
     dtype = torch.float32 if cpu else torch.bfloat16
     model, model_name = load_model(device, dtype)
     ids, mask = (x.to(device) for x in grpo_batch(prompts, group, prompt_len, completion_len, model.config.vocab_size))
-    print(f"\ntimed: {model_name}, {str(dtype).removeprefix('torch.')}, {prompts} prompts x {group} completions "
-          f"(prompt <= {prompt_len}, completion <= {completion_len}) on {device_name(device)}; torch {torch.__version__}")
+    print(
+        f"\ntimed: {model_name}, {str(dtype).removeprefix('torch.')}, {prompts} prompts x {group} completions "
+        f"(prompt <= {prompt_len}, completion <= {completion_len}) on {device_name(device)}; torch {torch.__version__}"
+    )
     rows = compare(model, ids, mask, device, args.repeats)
     base_fwd, base_fb = rows[0][1], rows[0][3]
-    print(f"  {'method':<36}{'fwd [ms]':>10}{'speed-up':>10}{'fwd+bwd [ms]':>14}{'speed-up':>10}{'peak fwd+bwd [MiB]':>20}")
+    print(
+        f"  {'method':<36}{'fwd [ms]':>10}{'speed-up':>10}{'fwd+bwd [ms]':>14}{'speed-up':>10}{'peak fwd+bwd [MiB]':>20}"
+    )
     for name, fwd, _, fb, peak in rows:
-        print(f"  {name:<36}{fwd * 1e3:>10.1f}{base_fwd / fwd:>9.2f}x{fb * 1e3:>14.1f}{base_fb / fb:>9.2f}x{peak:>20.0f}")
+        print(
+            f"  {name:<36}{fwd * 1e3:>10.1f}{base_fwd / fwd:>9.2f}x{fb * 1e3:>14.1f}{base_fb / fb:>9.2f}x{peak:>20.0f}"
+        )
 
 
 # ---------------------------------------------------------------------- pytest-benchmark

@@ -20,6 +20,7 @@ Reported in one run, with the baseline measured alongside:
     python bench/bench_tree_attention.py --small    # P=256 S=64 B=8, fp32: under a minute on 2 CPU cores
     pytest bench/bench_tree_attention.py            # pytest-benchmark version (small tree)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trace_core.packing.forest import pack
 from trace_core.forest import RolloutForest
+from trace_core.packing.forest import pack
 from trace_kernels._runtime import select_backend
 from trace_kernels.tools.autotune_report import format_tuned_configs
 from trace_kernels.tree_attention import block_skip_metadata, tree_attention
@@ -63,7 +64,7 @@ class TreeCase:
 
 def agent_tree(prefix: int, branch: int, leaves: int, depth: int) -> TreeCase:
     fanout = round(leaves ** (1 / depth))
-    if fanout ** depth != leaves:
+    if fanout**depth != leaves:
         raise ValueError(f"leaves={leaves} is not a perfect power for depth={depth}")
     parent, lengths, level = [-1], [prefix], [0]
     for _ in range(depth):
@@ -78,13 +79,18 @@ def agent_tree(prefix: int, branch: int, leaves: int, depth: int) -> TreeCase:
     tok_end = np.cumsum(lengths_arr)
     total = int(tok_end[-1])
     forest = RolloutForest.from_arrays(
-        parent=np.asarray(parent), prompt_id=np.zeros(len(parent), np.int64), tok_start=tok_end - lengths_arr,
-        tok_end=tok_end, tokens=np.zeros(total, np.int64), role=np.zeros(total, np.uint8),
+        parent=np.asarray(parent),
+        prompt_id=np.zeros(len(parent), np.int64),
+        tok_start=tok_end - lengths_arr,
+        tok_end=tok_end,
+        tokens=np.zeros(total, np.int64),
+        role=np.zeros(total, np.uint8),
     )
     packed = pack(forest)
     offsets, index = packed.leaf_token_index()
-    return TreeCase(prefix, branch, leaves, depth, packed.end,
-                    [index[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)])
+    return TreeCase(
+        prefix, branch, leaves, depth, packed.end, [index[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    )
 
 
 # ---------------------------------------------------------------------------------- counts
@@ -101,7 +107,7 @@ def per_leaf_pairs(case: TreeCase) -> int:
 def _tile_max(end: np.ndarray, block: int) -> np.ndarray:
     n = math.ceil(end.size / block)
     padded = np.zeros(n * block, np.int64)
-    padded[:end.size] = end
+    padded[: end.size] = end
     return padded.reshape(n, block).max(1)
 
 
@@ -168,9 +174,11 @@ def print_counts(case: TreeCase) -> float:
     print(f"  visible pairs {vis:,}; per-leaf causal pairs {leaf:,} -> ideal speed-up from sharing {leaf / vis:.2f}x")
     print(f"  {'kernel':<14}{'tile (M x N)':>14}{'pairs computed':>18}{'useful':>9}")
     worst = 1.0
-    for kernel, tiles, count in (("fwd/dq runs", FWD_TILES, runs_schedule_pairs),
-                                 ("fwd/dq branch", FWD_TILES, forward_schedule_pairs),
-                                 ("dk/dv", DKDV_TILES, dkdv_schedule_pairs)):
+    for kernel, tiles, count in (
+        ("fwd/dq runs", FWD_TILES, runs_schedule_pairs),
+        ("fwd/dq branch", FWD_TILES, forward_schedule_pairs),
+        ("dk/dv", DKDV_TILES, dkdv_schedule_pairs),
+    ):
         for bm, bn in tiles:
             computed = count(case.end, bm, bn)
             assert computed >= vis, "the block schedule misses visible pairs"
@@ -226,12 +234,14 @@ def bench_case(case: TreeCase, heads: tuple[int, int], head_dim: int, dtype, dev
     path = select_backend("tree_attention", q).value
     rows = []
 
-    tree = fwd_and_fwdbwd(lambda a, b, c: tree_attention(a, b, c, end, check_inputs=False), (q, k, v), dout, device, repeats)
+    tree = fwd_and_fwdbwd(
+        lambda a, b, c: tree_attention(a, b, c, end, check_inputs=False), (q, k, v), dout, device, repeats
+    )
     rows.append((f"tree attention ({path})", *tree, 0.0))
 
     lq, lk, lv = leaf_batch(case, q, k, v)
     ldout = leaf_batch(case, dout)[0].detach()
-    sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=Hq != Hkv)  # noqa: E731
+    sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=Hq != Hkv)
     rows.append(("per-leaf SDPA (no sharing)", *fwd_and_fwdbwd(sdpa, (lq, lk, lv), ldout, device, repeats), 0.0))
 
     with torch.no_grad():
@@ -253,11 +263,11 @@ def flex_row(end, q, k, v, dout, gqa, expected, device, repeats):
     def tree_mask(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx < end[kv_idx])
 
-    build = lambda: create_block_mask(tree_mask, None, None, T, T, device=device)  # noqa: E731
+    build = lambda: create_block_mask(tree_mask, None, None, T, T, device=device)
     mask = build()
     build_s = timed(build, device, repeats)
     qf, kf, vf = (x.detach().transpose(0, 1)[None].requires_grad_(device == "cuda") for x in (q, k, v))
-    run = lambda a, b, c: flex(a, b, c, block_mask=mask, enable_gqa=gqa)  # noqa: E731
+    run = lambda a, b, c: flex(a, b, c, block_mask=mask, enable_gqa=gqa)
     with torch.no_grad():
         err = (run(qf, kf, vf)[0].transpose(0, 1).float() - expected.float()).abs().max().item()
     tol = 1e-4 if q.dtype == torch.float32 else 5e-2
@@ -280,7 +290,7 @@ def flash_varlen_row(case, q, k, v, dout, repeats):
     max_len = int(lengths.max())
     lq, lk, lv = (x[index].detach().contiguous().requires_grad_() for x in (q, k, v))
     ldout = dout[index].contiguous()
-    run = lambda a, b, c: flash_attn_varlen_func(a, b, c, cu, cu, max_len, max_len, causal=True)  # noqa: E731
+    run = lambda a, b, c: flash_attn_varlen_func(a, b, c, cu, cu, max_len, max_len, causal=True)
     return ("per-leaf flash-attn varlen", *fwd_and_fwdbwd(run, (lq, lk, lv), ldout, "cuda", repeats), 0.0)
 
 
@@ -292,12 +302,16 @@ def print_times(case: TreeCase, rows, heads, head_dim, device: str) -> None:
             print(f"  {name:<34}{'-':>10}{'-':>14}")
             continue
         note = f"   (mask build {extra * 1e3:.2f} ms)" if extra else ""
-        fb_ms, fb_ratio = (f"{fb * 1e3:>14.2f}", f"{fb / tree_fb:>8.2f}x") if fb is not None else (f"{'-':>14}", f"{'-':>9}")
+        fb_ms, fb_ratio = (
+            (f"{fb * 1e3:>14.2f}", f"{fb / tree_fb:>8.2f}x") if fb is not None else (f"{'-':>14}", f"{'-':>9}")
+        )
         print(f"  {name:<34}{fwd * 1e3:>10.2f}{fb_ms}{fwd / tree_fwd:>18.2f}x{fb_ratio}{note}")
     if device == "cuda":
         flops_fwd = 4 * visible_pairs(case.end) * head_dim * heads[0]
-        print(f"  tree attention on visible pairs: fwd {flops_fwd / tree_fwd / 1e12:.0f} TFLOP/s, "
-              f"bwd {2.5 * flops_fwd / (tree_fb - tree_fwd) / 1e12:.0f} TFLOP/s")
+        print(
+            f"  tree attention on visible pairs: fwd {flops_fwd / tree_fwd / 1e12:.0f} TFLOP/s, "
+            f"bwd {2.5 * flops_fwd / (tree_fb - tree_fwd) / 1e12:.0f} TFLOP/s"
+        )
 
 
 def device_name(device: str) -> str:
@@ -325,15 +339,19 @@ def main() -> None:
     heads = tuple(args.heads or ((4, 2) if small else (32, 8)))
     head_dim = args.head_dim or (64 if small else 128)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    print(f"device: {device_name(device)}; dtype {str(dtype).removeprefix('torch.')}; heads {heads[0]}/{heads[1]} "
-          f"(q/kv), head_dim {head_dim}; torch {torch.__version__}")
+    print(
+        f"device: {device_name(device)}; dtype {str(dtype).removeprefix('torch.')}; heads {heads[0]}/{heads[1]} "
+        f"(q/kv), head_dim {head_dim}; torch {torch.__version__}"
+    )
 
     # counts for the H100 target shape are cheap, so they are always printed
     worst = 1.0
     for depth in args.depths:
         worst = min(worst, print_counts(agent_tree(4096, 512, args.leaves, depth)))
-    print(f"\nskipping efficiency at the target shape: worst {worst:.1%} useful (target >= 90%: "
-          f"{'met' if worst >= 0.9 else 'NOT met'})")
+    print(
+        f"\nskipping efficiency at the target shape: worst {worst:.1%} useful (target >= 90%: "
+        f"{'met' if worst >= 0.9 else 'NOT met'})"
+    )
 
     for depth in args.depths:
         case = agent_tree(prefix, branch, args.leaves, depth)
@@ -366,7 +384,7 @@ def test_bench_schedule_counts(benchmark):
 
 
 def test_bench_tree_attention_fwd_bwd(benchmark):
-    case, q, k, v, end = _small_inputs(depth=3)
+    _case, q, k, v, end = _small_inputs(depth=3)
     benchmark.extra_info.update(device=device_name(q.device.type), path=select_backend("tree_attention", q).value)
     benchmark(lambda: tree_attention(q, k, v, end, check_inputs=False).sum().backward())
 

@@ -12,6 +12,7 @@ time spent in the scoring method, and the logged loss / kl / entropy of every st
 forward (the policy backward runs in TRL's training step, so it is in train() only). On CPU (fp32)
 generation takes a large share of a step; the scoring column is where sharing acts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,30 @@ import torch
 
 from bench_tree_attention import device_name  # bench/ is on sys.path (script or pytest)
 
-WORDS = ("the agent reads the question then searches the corpus for the entity and its relation before it "
-         "answers with one short phrase").split()
+WORDS = [
+    "the",
+    "agent",
+    "reads",
+    "the",
+    "question",
+    "then",
+    "searches",
+    "the",
+    "corpus",
+    "for",
+    "the",
+    "entity",
+    "and",
+    "its",
+    "relation",
+    "before",
+    "it",
+    "answers",
+    "with",
+    "one",
+    "short",
+    "phrase",
+]
 
 
 def prompts(count: int, words: int) -> list[str]:
@@ -40,8 +63,9 @@ def reward(completions, **kwargs):
 def run(trainer_cls, model, tokenizer, dataset, args):
     import trl
 
-    trainer = trainer_cls(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,
-                          train_dataset=dataset)
+    trainer = trainer_cls(
+        model=model, reward_funcs=reward, args=args, processing_class=tokenizer, train_dataset=dataset
+    )
     scoring = [0.0]
     original = trainer._get_per_token_logps_and_entropies
 
@@ -81,16 +105,32 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = args.prompts * args.generations
     config = trl.GRPOConfig(
-        output_dir="/tmp/bench_trl_grpo", per_device_train_batch_size=rows, num_generations=args.generations,
-        max_completion_length=args.completion, max_steps=args.steps, learning_rate=1e-6, beta=0.04,
-        logging_steps=1, report_to="none", use_cpu=device == "cpu", bf16=device == "cuda",
-        gradient_checkpointing=False, save_strategy="no", seed=0, temperature=1.0)
+        output_dir="/tmp/bench_trl_grpo",
+        per_device_train_batch_size=rows,
+        num_generations=args.generations,
+        max_completion_length=args.completion,
+        max_steps=args.steps,
+        learning_rate=1e-6,
+        beta=0.04,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",
+        gradient_checkpointing=False,
+        save_strategy="no",
+        seed=0,
+        temperature=1.0,
+    )
     dataset = datasets.Dataset.from_dict({"prompt": prompts(args.prompts * args.steps, args.prompt_words)})
     prompt_tokens = len(tokenizer(dataset[0]["prompt"])["input_ids"])
-    print(f"device: {device_name(device)}; SmolLM2-135M-Instruct, {'bf16' if device == 'cuda' else 'fp32'}; "
-          f"trl {trl.__version__}, torch {torch.__version__}")
-    print(f"{args.steps} steps x {args.prompts} prompts x {args.generations} completions; prompts ~{prompt_tokens} "
-          f"tokens, completions <= {args.completion}; beta 0.04 (reference-model scoring too)\n")
+    print(
+        f"device: {device_name(device)}; SmolLM2-135M-Instruct, {'bf16' if device == 'cuda' else 'fp32'}; "
+        f"trl {trl.__version__}, torch {torch.__version__}"
+    )
+    print(
+        f"{args.steps} steps x {args.prompts} prompts x {args.generations} completions; prompts ~{prompt_tokens} "
+        f"tokens, completions <= {args.completion}; beta 0.04 (reference-model scoring too)\n"
+    )
 
     trainers = {"stock GRPOTrainer": trl.GRPOTrainer, "SharedPrefixGRPOTrainer": SharedPrefixGRPOTrainer}
     results = {}
@@ -105,10 +145,14 @@ def main() -> None:
     print(f"\n  {'':<26}{'train() [s]':>12}{'speed-up':>10}{'scoring [s]':>13}{'speed-up':>10}")
     for name, (t, s, _) in results.items():
         print(f"  {name:<26}{t:>12.1f}{base_total / t:>9.2f}x{s:>13.1f}{base_scoring / s:>9.2f}x")
-    print(f"\n  {'step':<6}{'loss stock':>12}{'loss ours':>12}{'kl stock':>12}{'kl ours':>12}{'entropy stock':>15}{'ours':>10}")
+    print(
+        f"\n  {'step':<6}{'loss stock':>12}{'loss ours':>12}{'kl stock':>12}{'kl ours':>12}{'entropy stock':>15}{'ours':>10}"
+    )
     for step, (a, b) in enumerate(zip(base_logs, logs), 1):
-        print(f"  {step:<6}{a['loss']:>12.2e}{b['loss']:>12.2e}{a['kl']:>12.2e}{b['kl']:>12.2e}"
-              f"{a['entropy']:>15.4f}{b['entropy']:>10.4f}")
+        print(
+            f"  {step:<6}{a['loss']:>12.2e}{b['loss']:>12.2e}{a['kl']:>12.2e}{b['kl']:>12.2e}"
+            f"{a['entropy']:>15.4f}{b['entropy']:>10.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ TRITON_INTERPRET=1 with CPU tensors) and the CPU path otherwise; every op takes 
     linear_logprob          fused lm-head + log-softmax gather (+ entropy), never [tokens x vocab]
     tree_decode_attention   one decode step of many branches over the paged tree KV cache
 """
+
 from ._runtime import Backend, interpreter_enabled, select_backend
 from .linear_logprob import LinearLogprobFunction, linear_logprob
 from .linear_logprob.naive import linear_logprob_reference
@@ -19,7 +20,19 @@ from .tree_attention.naive import tree_attention_reference
 from .tree_decode import TreeDecodeMeta, build_tree_decode_meta, tree_decode_attention
 
 __all__ = [
-    "Backend", "LinearLogprobFunction", "TreeAttentionFunction", "TreeDecodeMeta", "block_skip_metadata",
-    "build_tree_decode_meta", "check_tree_end", "interpreter_enabled", "linear_logprob", "linear_logprob_reference",
-    "select_backend", "tree_attention", "tree_attention_reference", "tree_attention_torch", "tree_decode_attention",
+    "Backend",
+    "LinearLogprobFunction",
+    "TreeAttentionFunction",
+    "TreeDecodeMeta",
+    "block_skip_metadata",
+    "build_tree_decode_meta",
+    "check_tree_end",
+    "interpreter_enabled",
+    "linear_logprob",
+    "linear_logprob_reference",
+    "select_backend",
+    "tree_attention",
+    "tree_attention_reference",
+    "tree_attention_torch",
+    "tree_decode_attention",
 ]

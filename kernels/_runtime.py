@@ -7,6 +7,7 @@ kernels without a GPU). Anything else takes the CPU path. The choice is logged o
 Every op spells it the same way: `backend=None` (automatic), "triton" or "cpu". "reference", the
 old name of "cpu", is still accepted (configs and callers written before the rename pass it).
 """
+
 from __future__ import annotations
 
 import enum

@@ -1,4 +1,5 @@
 """Packed trees and attention oracles shared by the tree-attention tests and the mixed-precision tests."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,12 @@ def packed_forest(trees: list[tuple[list[int], list[int]]]):
     tok_end = np.cumsum(lengths)
     total = int(tok_end[-1])
     forest = RolloutForest.from_arrays(
-        parent=np.asarray(parent), prompt_id=np.asarray(prompt), tok_start=tok_end - lengths, tok_end=tok_end,
-        tokens=np.arange(total) % 7, role=np.zeros(total, np.uint8),  # roles do not matter here
+        parent=np.asarray(parent),
+        prompt_id=np.asarray(prompt),
+        tok_start=tok_end - lengths,
+        tok_end=tok_end,
+        tokens=np.arange(total) % 7,
+        role=np.zeros(total, np.uint8),  # roles do not matter here
     )
     return pack(forest)
 

@@ -7,6 +7,7 @@
 - A run in which no test passed fails, so "collected nothing" or "skipped everything" can never
   look green.
 """
+
 from __future__ import annotations
 
 import os

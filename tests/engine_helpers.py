@@ -3,6 +3,7 @@
 The tiny models are built on DEVICE: the engine tests force the Triton decode path, which runs
 interpreted on CPU tensors but needs CUDA tensors on a GPU machine (no interpreter there). The
 generate / fresh-forward oracles run on whatever device the model is on."""
+
 from __future__ import annotations
 
 import random
@@ -70,9 +71,17 @@ def tiny_qwen3(seed: int = 0, vocab_size: int = 64):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         tie_word_embeddings=False)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     model = Qwen3ForCausalLM(config).eval()
     # random init logits are nearly flat; sharpen them so greedy paths are not decided by rounding
     with torch.no_grad():
@@ -86,12 +95,21 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = 64):
         return tiny_qwen3(seed, vocab_size)
     import transformers
 
-    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
-                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[family]
+    config_cls, model_cls = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    }[family]
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
@@ -101,9 +119,16 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = 64):
 def generate_greedy(model, prefix, num_tokens):
     """model.generate, greedy, exactly num_tokens new tokens (no EOS stop)."""
     ids = torch.tensor([prefix], device=model.device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_tokens,
-                         min_new_tokens=num_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prefix):].tolist()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=num_tokens,
+        min_new_tokens=num_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prefix) :].tolist()
 
 
 def fresh_logprobs(model, token_ids, temperature=1.0):
@@ -145,8 +170,19 @@ def episodes(forest, out) -> list[Episode]:
         nodes = forest.leaf_path(leaf).tolist()
         seq = forest.leaf_sequence(leaf)
         ends = np.cumsum([forest.tok_end[u] - forest.tok_start[u] for u in nodes]).tolist()
-        result.append(Episode(leaf, nodes, int(forest.prompt_id[leaf]), seq.token_ids.tolist(), seq.loss_mask.tolist(),
-                              seq.logprobs.tolist(), ends[:-1], seq.reward, finished))
+        result.append(
+            Episode(
+                leaf,
+                nodes,
+                int(forest.prompt_id[leaf]),
+                seq.token_ids.tolist(),
+                seq.loss_mask.tolist(),
+                seq.logprobs.tolist(),
+                ends[:-1],
+                seq.reward,
+                finished,
+            )
+        )
     return result
 
 

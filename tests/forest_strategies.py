@@ -1,5 +1,5 @@
 """Hypothesis strategies for small random rollout forests (shared by tree and packing tests)."""
-import numpy as np
+
 from hypothesis import strategies as st
 
 from trace_core.forest import RolloutForest
@@ -41,5 +41,3 @@ def ancestors_or_self(forest: RolloutForest, node: int) -> set[int]:
         node = int(forest.parent[node])
         out.add(node)
     return out
-
-

@@ -1,4 +1,5 @@
 """Advantage estimators on hand-made trees with known answers, and their errors."""
+
 import math
 
 import numpy as np
@@ -51,9 +52,16 @@ def test_tree_grpo_adds_the_within_rollout_zscore():
 def test_segment_credit_known_values():
     f, n = hand_forest()
     adv = segment(f)
-    expected = {"r0": 0, "a1": 1 / 2 - 1 / 3, "a2": 1 - 1 / 2, "a2b": 0 - 1 / 2,
-                "b1": 0 - 1 / 3, "b2": 0 - 1 / 3,  # b1 does not branch: b2's branch point is the root
-                "r1": 0, "c": 0}
+    expected = {
+        "r0": 0,
+        "a1": 1 / 2 - 1 / 3,
+        "a2": 1 - 1 / 2,
+        "a2b": 0 - 1 / 2,
+        "b1": 0 - 1 / 3,
+        "b2": 0 - 1 / 3,  # b1 does not branch: b2's branch point is the root
+        "r1": 0,
+        "c": 0,
+    }
     for name, value in expected.items():
         assert adv[n[name]] == pytest.approx(value), name
 

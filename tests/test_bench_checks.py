@@ -1,4 +1,5 @@
 """The correctness checks a benchmark runs before it times anything (a wrong kernel is never timed)."""
+
 import importlib.util
 import sys
 from pathlib import Path
@@ -25,7 +26,10 @@ def test_linear_logprob_bench_refuses_a_wrong_op(monkeypatch):
     fused_err, eager_err = bench.check_fused(hidden, weight, labels, backend="cpu")
     assert fused_err < 1e-4 and eager_err < 1e-4
     # a kernel that gathers the wrong label: off by O(1), so the bench stops before timing it
-    monkeypatch.setattr(bench, "linear_logprob", lambda h, w, rows, lab, **kw: linear_logprob_reference(
-        h, w, rows, (lab + 1) % w.shape[0]))
+    monkeypatch.setattr(
+        bench,
+        "linear_logprob",
+        lambda h, w, rows, lab, **kw: linear_logprob_reference(h, w, rows, (lab + 1) % w.shape[0]),
+    )
     with pytest.raises(AssertionError, match="linear_logprob is wrong"):
         bench.check_fused(hidden, weight, labels)

@@ -1,11 +1,12 @@
 """RolloutForest: building, structure queries, values, and every validation error."""
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 
 from forest_strategies import forests
-from trace_core.synthetic_forest import synthetic_forest
 from trace_core.forest import ROLE_MODEL, ForestError, RolloutForest, Trajectory
+from trace_core.synthetic_forest import synthetic_forest
 
 
 def bare(prompt_id=0, reward=1.0, tail=(6, 7, 8)):
@@ -104,17 +105,27 @@ def test_incremental_api_matches_trajectory_builder():
 
 def test_columns_are_read_only_views():
     f = example_forest()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="read-only"):
         f.parent[0] = 3
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="read-only"):
         f.tokens[0] = 3
 
 
 def test_from_arrays_round_trip():
     f = example_forest()
-    g = RolloutForest.from_arrays(parent=f.parent, prompt_id=f.prompt_id, tok_start=f.tok_start,
-                                  tok_end=f.tok_end, tokens=f.tokens, role=f.role, reward=f.reward,
-                                  logprob=f.logprob, depth=f.depth, vocab_size=10, require_rewards=True)
+    g = RolloutForest.from_arrays(
+        parent=f.parent,
+        prompt_id=f.prompt_id,
+        tok_start=f.tok_start,
+        tok_end=f.tok_end,
+        tokens=f.tokens,
+        role=f.role,
+        reward=f.reward,
+        logprob=f.logprob,
+        depth=f.depth,
+        vocab_size=10,
+        require_rewards=True,
+    )
     np.testing.assert_array_equal(g.num_children, f.num_children)
     np.testing.assert_array_equal(g.subtree_success_rates(), f.subtree_success_rates())
     assert g.root_of(1) == 6
@@ -148,9 +159,12 @@ def test_synthetic_forest_shape():
 def arrays(**overrides):
     """A valid 2-prompt forest as raw arrays: 0 -> 1 -> {2, 3}; 4 -> 5."""
     base = dict(
-        parent=[-1, 0, 1, 1, -1, 4], prompt_id=[7, 7, 7, 7, 8, 8],
-        tok_start=[0, 2, 4, 5, 6, 8], tok_end=[2, 4, 5, 6, 8, 9],
-        tokens=[1, 2, 3, 4, 5, 6, 1, 1, 2], role=[0, 0, 1, 0, 1, 1, 0, 0, 1],
+        parent=[-1, 0, 1, 1, -1, 4],
+        prompt_id=[7, 7, 7, 7, 8, 8],
+        tok_start=[0, 2, 4, 5, 6, 8],
+        tok_end=[2, 4, 5, 6, 8, 9],
+        tokens=[1, 2, 3, 4, 5, 6, 1, 1, 2],
+        role=[0, 0, 1, 0, 1, 1, 0, 0, 1],
         reward=[np.nan, np.nan, 1.0, 0.0, np.nan, 1.0],
     )
     base.update(overrides)
@@ -246,24 +260,51 @@ def test_incremental_errors():
         ([Trajectory(0, [1, 2, 3], [0, 1, 1], [1], logprobs=[0, -1])], "trajectories[0].logprobs", "2 entries"),
         ([Trajectory(0, [1, 2, 3], [1, 1, 1], [1])], "trajectories[0].model_mask", "marks prompt token 0"),
         ([Trajectory(0, [1, 2, 3], [0, 1, 1], [1], reward=2.0)], "trajectories[0].reward", "reward of node 1 is 2.0"),
-        ([Trajectory(0, [1, 2, 3], [0, 1, 1], [1], reward=1.0), Trajectory(0, [9, 2, 3], [0, 1, 1], [1])],
-         "trajectories[1].token_ids", "prompt differs"),
-        ([bare(), Trajectory(0, [1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 0, 1], [2, 5], branch_from=(1, 1))],
-         "trajectories[1].branch_from", "earlier trajectory"),
-        ([bare(), Trajectory(0, [1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 0, 1], [2, 5], branch_from=(0, 2))],
-         "trajectories[1].branch_from", "last turn is a leaf"),
-        ([bare(), Trajectory(0, [1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 0, 1], [2, 5], branch_from="x")],
-         "trajectories[1].branch_from", "must be .trajectory index, turn."),
-        ([bare(), Trajectory(0, [1, 2, 3, 0, 5, 6], [0, 0, 1, 1, 0, 1], [2, 5], branch_from=(0, 1))],
-         "trajectories[1].token_ids", "does not repeat the prompt and turns 1..1 of trajectory 0"),
-        ([bare(), Trajectory(0, [1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 0, 1], [2, 4], branch_from=(0, 1))],
-         "trajectories[1].token_ids", "does not repeat"),
-        ([bare(), Trajectory(0, [1, 2, 3, 4, 5], [0, 0, 1, 1, 0], [2], branch_from=(0, 1))],
-         "trajectories[1].turn_starts", "no turn after its branch point"),
-        ([bare(), Trajectory(1, [1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 0, 1], [2, 5], branch_from=(0, 1))],
-         "trajectories[1].branch_from", "has prompt_id 1"),
-        ([Trajectory(0, [1, 2, 3], [0, 1, 1], [1]), Trajectory(0, [1, 2, 4], [0, 1, 1], [1], branch_from=(0, 1))],
-         "trajectories[1].branch_from", "last turn is a leaf"),
+        (
+            [Trajectory(0, [1, 2, 3], [0, 1, 1], [1], reward=1.0), Trajectory(0, [9, 2, 3], [0, 1, 1], [1])],
+            "trajectories[1].token_ids",
+            "prompt differs",
+        ),
+        (
+            [bare(), Trajectory(0, [1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 0, 1], [2, 5], branch_from=(1, 1))],
+            "trajectories[1].branch_from",
+            "earlier trajectory",
+        ),
+        (
+            [bare(), Trajectory(0, [1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 0, 1], [2, 5], branch_from=(0, 2))],
+            "trajectories[1].branch_from",
+            "last turn is a leaf",
+        ),
+        (
+            [bare(), Trajectory(0, [1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 0, 1], [2, 5], branch_from="x")],
+            "trajectories[1].branch_from",
+            "must be .trajectory index, turn.",
+        ),
+        (
+            [bare(), Trajectory(0, [1, 2, 3, 0, 5, 6], [0, 0, 1, 1, 0, 1], [2, 5], branch_from=(0, 1))],
+            "trajectories[1].token_ids",
+            "does not repeat the prompt and turns 1..1 of trajectory 0",
+        ),
+        (
+            [bare(), Trajectory(0, [1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 0, 1], [2, 4], branch_from=(0, 1))],
+            "trajectories[1].token_ids",
+            "does not repeat",
+        ),
+        (
+            [bare(), Trajectory(0, [1, 2, 3, 4, 5], [0, 0, 1, 1, 0], [2], branch_from=(0, 1))],
+            "trajectories[1].turn_starts",
+            "no turn after its branch point",
+        ),
+        (
+            [bare(), Trajectory(1, [1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 0, 1], [2, 5], branch_from=(0, 1))],
+            "trajectories[1].branch_from",
+            "has prompt_id 1",
+        ),
+        (
+            [Trajectory(0, [1, 2, 3], [0, 1, 1], [1]), Trajectory(0, [1, 2, 4], [0, 1, 1], [1], branch_from=(0, 1))],
+            "trajectories[1].branch_from",
+            "last turn is a leaf",
+        ),
     ],
 )
 def test_trajectory_errors_name_the_field(trajs, field, message):

@@ -1,5 +1,6 @@
 """The packed loss equals the flattened per-leaf loss: values and gradients (algebra on random
 forests here; on real models in test_loss_model.py)."""
+
 import numpy as np
 import pytest
 import torch
@@ -8,19 +9,25 @@ from hypothesis import strategies as st
 
 from forest_strategies import forests
 from trace_core.advantage import LEAF, NODE, segment, tree_grpo
-from trace_core.loss import (gather_token_logprobs, leaf_path_policy_loss, packed_loss_weights,
-                             packed_policy_loss)
-from trace_core.loss import leaf_weights
+from trace_core.forest import ForestError, RolloutForest
+from trace_core.loss import (
+    gather_token_logprobs,
+    leaf_path_policy_loss,
+    leaf_weights,
+    packed_loss_weights,
+    packed_policy_loss,
+)
 from trace_core.packing.forest import pack, split_by_tokens, unpack
 from trace_core.synthetic_forest import synthetic_forest
-from trace_core.forest import ForestError, RolloutForest
 
 
 def per_leaf_advantages(forest, packed, adv, kind):
     """A_lt for every leaf path token: the leaf's value (LEAF) or the token's node value (NODE)."""
     if kind == LEAF:
-        return [torch.full((ids.size,), adv[leaf], dtype=torch.float64)
-                for leaf, ids in zip(packed.leaf_nodes, unpack(packed))]
+        return [
+            torch.full((ids.size,), adv[leaf], dtype=torch.float64)
+            for leaf, ids in zip(packed.leaf_nodes, unpack(packed))
+        ]
     return [torch.as_tensor(adv[nodes]) for nodes in unpack(packed, packed.node_of_token)]
 
 
@@ -37,16 +44,26 @@ def both_losses(forest, adv, kind, loss_agg, kl_coef, seed):
     packed_loss, _ = packed_policy_loss(new, old, pos, neg, kl_w, ref_logprobs=ref, kl_coef=kl_coef)
     (g_packed,) = torch.autograd.grad(packed_loss, new)
     flat_loss = leaf_path_policy_loss(
-        unpack(packed, new), unpack(packed, old), per_leaf_advantages(forest, packed, adv, kind),
-        unpack(packed, torch.as_tensor(packed.loss_mask)), loss_agg=loss_agg,
-        ref_logprobs=unpack(packed, ref), kl_coef=kl_coef)
+        unpack(packed, new),
+        unpack(packed, old),
+        per_leaf_advantages(forest, packed, adv, kind),
+        unpack(packed, torch.as_tensor(packed.loss_mask)),
+        loss_agg=loss_agg,
+        ref_logprobs=unpack(packed, ref),
+        kl_coef=kl_coef,
+    )
     (g_flat,) = torch.autograd.grad(flat_loss, new)
     return packed_loss, flat_loss, g_packed, g_flat
 
 
 @settings(max_examples=60, deadline=None)
-@given(forests(), st.sampled_from([LEAF, NODE]), st.sampled_from(["token-mean", "seq-mean-token-mean"]),
-       st.sampled_from([0.0, 0.1]), st.integers(0, 1000))
+@given(
+    forests(),
+    st.sampled_from([LEAF, NODE]),
+    st.sampled_from(["token-mean", "seq-mean-token-mean"]),
+    st.sampled_from([0.0, 0.1]),
+    st.integers(0, 1000),
+)
 def test_packed_loss_and_grad_equal_flattened(forest, kind, loss_agg, kl_coef, seed):
     if not pack(forest).loss_mask.any():
         return  # nothing to train on: covered by test_errors
@@ -138,7 +155,9 @@ def test_micro_batch_losses_add_up_to_the_full_loss():
     def loss_of(packed, weights):
         old = torch.as_tensor(packed.old_logprobs, dtype=torch.float64)
         # the new logprob of a token depends only on which token it is, not on the batch it is in
-        new = old + 0.3 * torch.sin(torch.as_tensor(packed.node_of_token * 7 + packed.position_ids, dtype=torch.float64))
+        new = old + 0.3 * torch.sin(
+            torch.as_tensor(packed.node_of_token * 7 + packed.position_ids, dtype=torch.float64)
+        )
         return packed_policy_loss(new, old, *weights.to_torch(dtype=torch.float64))[0]
 
     total = loss_of(full, packed_loss_weights(forest, full, adv))

@@ -4,14 +4,15 @@ leaf sequences run with stock HF attention and a dense log-softmax.
 
 Everything runs on the model's device: the tiny Qwen3 (Triton path) sits on DEVICE, so on a GPU
 machine it runs the compiled kernels; SmolLM2 (reference path) stays on the CPU."""
+
 import numpy as np
 import pytest
 import torch
 
 from trace_core.advantage import LEAF, NODE, segment, tree_grpo
-from trace_core.model.tree_forward import tree_forward
 from trace_core.loss import gather_token_logprobs, leaf_path_policy_loss, packed_loss_weights, packed_policy_loss
 from trace_core.model.loading import load_smollm2, tiny_causal_lm
+from trace_core.model.tree_forward import tree_forward
 from trace_core.packing.forest import pack, unpack
 from trace_core.synthetic_forest import synthetic_forest
 from trace_kernels import linear_logprob
@@ -36,29 +37,43 @@ def losses_and_grads(model, forest, adv, kind, backend, seed=0):
     old = torch.zeros(packed.num_tokens, device=device)
     offsets, index = packed.leaf_token_index()
     for k, lp in enumerate(per_leaf_now):
-        old[torch.as_tensor(index[offsets[k]:offsets[k + 1]], device=device)] = lp
+        old[torch.as_tensor(index[offsets[k] : offsets[k + 1]], device=device)] = lp
     old = old + 0.3 * torch.randn(packed.num_tokens, generator=gen).to(device)
     ref = old + 0.1 * torch.randn(packed.num_tokens, generator=gen).to(device)
     weights = packed_loss_weights(forest, packed, adv, kind)
     pos, neg, kl_w = weights.to_torch(device)
 
     hidden = tree_forward(model, packed, backend=backend)
-    pair_lp = linear_logprob(hidden, model.lm_head.weight, torch.as_tensor(packed.label_rows, device=device),
-                             torch.as_tensor(packed.labels, device=device), backend=backend)
+    pair_lp = linear_logprob(
+        hidden,
+        model.lm_head.weight,
+        torch.as_tensor(packed.label_rows, device=device),
+        torch.as_tensor(packed.labels, device=device),
+        backend=backend,
+    )
     token_lp = gather_token_logprobs(pair_lp, packed)
     packed_loss, _ = packed_policy_loss(token_lp, old, pos, neg, kl_w, ref_logprobs=ref, kl_coef=0.05)
     packed_grads = torch.autograd.grad(packed_loss, params)
 
     if kind == LEAF:
-        leaf_adv = [torch.full((ids.numel(),), float(adv[leaf]), device=device)
-                    for leaf, ids in zip(packed.leaf_nodes, leaf_ids)]
+        leaf_adv = [
+            torch.full((ids.numel(),), float(adv[leaf]), device=device)
+            for leaf, ids in zip(packed.leaf_nodes, leaf_ids)
+        ]
     else:
-        leaf_adv = [torch.as_tensor(adv[nodes], dtype=torch.float32, device=device)
-                    for nodes in unpack(packed, packed.node_of_token)]
+        leaf_adv = [
+            torch.as_tensor(adv[nodes], dtype=torch.float32, device=device)
+            for nodes in unpack(packed, packed.node_of_token)
+        ]
     flat_lp = [next_token_logprobs(model(ids[None]).logits[0], ids) for ids in leaf_ids]  # stock attention
-    flat_loss = leaf_path_policy_loss(flat_lp, unpack(packed, old), leaf_adv,
-                                      unpack(packed, torch.as_tensor(packed.loss_mask, device=device)),
-                                      ref_logprobs=unpack(packed, ref), kl_coef=0.05)
+    flat_loss = leaf_path_policy_loss(
+        flat_lp,
+        unpack(packed, old),
+        leaf_adv,
+        unpack(packed, torch.as_tensor(packed.loss_mask, device=device)),
+        ref_logprobs=unpack(packed, ref),
+        kl_coef=0.05,
+    )
     flat_grads = torch.autograd.grad(flat_loss, params)
     return packed_loss, flat_loss, packed_grads, flat_grads
 
@@ -75,9 +90,17 @@ def assert_same(packed_loss, flat_loss, packed_grads, flat_grads, model):
 
 
 def small_forest(vocab_size, seed):
-    return synthetic_forest(np.random.default_rng(seed), num_prompts=2, rollouts=2, turns=3, continuations=2,
-                            prompt_tokens=(3, 6), model_tokens=(1, 4), observation_tokens=(0, 3),
-                            vocab_size=vocab_size)
+    return synthetic_forest(
+        np.random.default_rng(seed),
+        num_prompts=2,
+        rollouts=2,
+        turns=3,
+        continuations=2,
+        prompt_tokens=(3, 6),
+        model_tokens=(1, 4),
+        observation_tokens=(0, 3),
+        vocab_size=vocab_size,
+    )
 
 
 @pytest.mark.parametrize("estimator", ["tree_grpo", "segment"])

@@ -1,4 +1,5 @@
 """Success predictor: learns a synthetic target, calibration metrics, gathering, checkpoints."""
+
 import io
 import itertools
 
@@ -7,8 +8,16 @@ import pytest
 import torch
 
 from trace_core.packing.forest import pack
-from trace_core.predictor import (EncoderPredictor, MLPHeadPredictor, PredictorConfig, PrefixBatch, auc,
-                                  calibration, prefix_batch, training_targets)
+from trace_core.predictor import (
+    EncoderPredictor,
+    MLPHeadPredictor,
+    PredictorConfig,
+    PrefixBatch,
+    auc,
+    calibration,
+    prefix_batch,
+    training_targets,
+)
 from trace_core.synthetic_forest import synthetic_forest
 
 H = 16
@@ -20,8 +29,11 @@ def synthetic_nodes(rng, k):
     hidden = rng.normal(size=(k, H)).astype(np.float32)
     p_true = 1 / (1 + np.exp(-3 * hidden[:, 0]))
     depth = rng.integers(0, 5, k)
-    batch = PrefixBatch(depth=torch.as_tensor(depth), prefix_len=torch.as_tensor(rng.integers(5, 500, k)),
-                        hidden=torch.as_tensor(hidden))
+    batch = PrefixBatch(
+        depth=torch.as_tensor(depth),
+        prefix_len=torch.as_tensor(rng.integers(5, 500, k)),
+        hidden=torch.as_tensor(hidden),
+    )
     observed = rng.binomial(8, p_true) / 8.0
     return batch, p_true, observed
 
@@ -44,8 +56,16 @@ def test_mlp_predictor_learns_a_synthetic_target():
 
 def test_encoder_predictor_learns_from_tokens():
     import transformers
-    config = transformers.LlamaConfig(vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+
+    config = transformers.LlamaConfig(
+        vocab_size=12,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     encoder = transformers.LlamaModel(config)
     predictor = EncoderPredictor(encoder, PredictorConfig(hidden_dim=32, lr=3e-3, updates_per_step=10, batch_size=64))
@@ -54,8 +74,11 @@ def test_encoder_predictor_learns_from_tokens():
     def data(k):  # success iff the prefix contains token 7
         tokens = [rng.integers(1, 12, rng.integers(3, 9)) for _ in range(k)]
         target = np.array([float(7 in t) for t in tokens])
-        batch = PrefixBatch(depth=torch.ones(k, dtype=torch.long), prefix_len=torch.as_tensor([t.size for t in tokens]),
-                            token_ids=tokens)
+        batch = PrefixBatch(
+            depth=torch.ones(k, dtype=torch.long),
+            prefix_len=torch.as_tensor([t.size for t in tokens]),
+            token_ids=tokens,
+        )
         return batch, target
 
     test, target = data(200)
@@ -137,7 +160,7 @@ def test_auc_matches_pair_counting():
 def test_calibration_reports_brier_against_the_constant_predictor():
     target = np.array([0.0, 0.5, 1.0, 1.0])
     weight = np.array([1.0, 2.0, 1.0, 4.0])
-    m = calibration(target, target, weight, mixed=np.array([0, 1, 0, 0], bool), contrast=np.array([0, .25, 0, 0]))
+    m = calibration(target, target, weight, mixed=np.array([0, 1, 0, 0], bool), contrast=np.array([0, 0.25, 0, 0]))
     assert m["brier"] == 0.0 and m["auc_mixed"] == 1.0
     const = (weight * target).sum() / weight.sum()
     assert m["brier_constant"] == pytest.approx((weight * (const - target) ** 2).sum() / weight.sum())

@@ -1,4 +1,5 @@
 """The suite cannot go green without running anything (the guard in tests/conftest.py)."""
+
 import shutil
 import subprocess
 import sys
@@ -13,8 +14,25 @@ def run_suite(tmp_path: Path, test_source: str, *args: str) -> int:
     """Run pytest on a one-file suite that uses our conftest; return its exit code."""
     shutil.copy(CONFTEST, tmp_path / "conftest.py")
     (tmp_path / "test_sample.py").write_text(test_source)
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-                             "-c", "/dev/null", str(tmp_path), *args], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            "-c",
+            "/dev/null",
+            str(tmp_path),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return result.returncode
 
 

@@ -15,6 +15,7 @@ yours with `register_advantage("mine", fn, kind=LEAF)` (fn(forest) -> [n] float 
 Standard-deviation convention: population std (ddof=0) over the group's leaves; a group whose std
 is <= `eps` (all rewards equal, or a single leaf) contributes exactly 0.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -49,8 +50,9 @@ def tree_grpo(forest: RolloutForest, *, eps: float = 1e-6) -> np.ndarray:
     plus z-score within the leaf's tree (its bare rollout and every continuation branched from it)."""
     leaves, rewards = _leaf_rewards(forest)
     out = np.zeros(forest.num_nodes)
-    out[leaves] = (_group_zscore(rewards, forest.tree_root()[leaves], eps)
-                   + _group_zscore(rewards, forest.rollout_root()[leaves], eps))
+    out[leaves] = _group_zscore(rewards, forest.tree_root()[leaves], eps) + _group_zscore(
+        rewards, forest.rollout_root()[leaves], eps
+    )
     return out
 
 
@@ -66,8 +68,11 @@ def segment(forest: RolloutForest) -> np.ndarray:
 
 # name -> (estimator, LEAF or NODE)
 ADVANTAGES: Registry[tuple[Callable[..., np.ndarray], str]] = Registry(
-    "advantage estimator", field="advantage", error=ForestError,
-    unknown="unknown estimator {name!r}; choose one of {names}")
+    "advantage estimator",
+    field="advantage",
+    error=ForestError,
+    unknown="unknown estimator {name!r}; choose one of {names}",
+)
 
 
 def register_advantage(name: str, fn: Callable[..., np.ndarray], *, kind: str = LEAF, replace: bool = False) -> None:

@@ -21,10 +21,12 @@ Conventions
 
 Node and token columns are exposed as read-only numpy views; they stay valid until the forest grows.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar
 
 import numba
 import numpy as np
@@ -45,7 +47,7 @@ class ForestError(TraceError):
         self.field = field
         self.detail = message
 
-    def under(self, prefix: str) -> "ForestError":
+    def under(self, prefix: str) -> ForestError:
         """The same error, with its field qualified by where it came from (e.g. trajectories[3])."""
         return ForestError(f"{prefix}.{self.field}", self.detail)
 
@@ -115,7 +117,7 @@ class RolloutForest:
     """Rollout trees of a batch (see module docstring). Build with `from_trajectories`,
     `from_arrays`, or the incremental `add_root` / `add_node` / `set_reward`."""
 
-    _NODE_COLUMNS = {
+    _NODE_COLUMNS: ClassVar[dict[str, type]] = {
         "parent": np.int64,
         "depth": np.int32,
         "prompt_id": np.int64,
@@ -124,7 +126,7 @@ class RolloutForest:
         "reward": np.float64,
         "num_children": np.int32,
     }
-    _TOKEN_COLUMNS = {"tokens": np.int32, "role": np.uint8, "logprob": np.float32}
+    _TOKEN_COLUMNS: ClassVar[dict[str, type]] = {"tokens": np.int32, "role": np.uint8, "logprob": np.float32}
 
     def __init__(self, vocab_size: int | None = None):
         if vocab_size is not None and (not isinstance(vocab_size, (int, np.integer)) or vocab_size <= 0):
@@ -182,7 +184,9 @@ class RolloutForest:
         """Add the prompt of a new tree; returns its node id."""
         prompt_id = int(prompt_id)
         if prompt_id in self._root_of_prompt:
-            raise ForestError("prompt_id", f"prompt {prompt_id} already has a root (node {self._root_of_prompt[prompt_id]})")
+            raise ForestError(
+                "prompt_id", f"prompt {prompt_id} already has a root (node {self._root_of_prompt[prompt_id]})"
+            )
         tokens = self._checked_tokens(token_ids, "token_ids")
         node = self._append_node(-1, 0, prompt_id, tokens, np.zeros(tokens.size, np.uint8), None)
         self._root_of_prompt[prompt_id] = node
@@ -199,7 +203,7 @@ class RolloutForest:
         parent: int,
         token_ids: Sequence[int],
         model_mask: Sequence[bool],
-        logprobs: Sequence[float] | None = None,
+        logprobs: Sequence[float] | np.ndarray | None = None,
     ) -> int:
         """Add one turn under `parent`; returns the new node id.
 
@@ -216,7 +220,9 @@ class RolloutForest:
         if mask.size != tokens.size:
             raise ForestError("model_mask", f"has {mask.size} entries for {tokens.size} tokens")
         roles = mask.astype(np.uint8)
-        node = self._append_node(parent, int(self.depth[parent]) + 1, int(self.prompt_id[parent]), tokens, roles, logprobs)
+        node = self._append_node(
+            parent, int(self.depth[parent]) + 1, int(self.prompt_id[parent]), tokens, roles, logprobs
+        )
         self._nodes["num_children"].set(parent, self.num_children[parent] + 1)
         return node
 
@@ -254,15 +260,22 @@ class RolloutForest:
         for name, values in (("tokens", tokens), ("role", roles), ("logprob", lp)):
             self._toks[name].extend(values)
         node = self.num_nodes
-        row = dict(parent=parent, depth=depth, prompt_id=prompt_id, tok_start=start,
-                   tok_end=start + tokens.size, reward=np.nan, num_children=0)
+        row = dict(
+            parent=parent,
+            depth=depth,
+            prompt_id=prompt_id,
+            tok_start=start,
+            tok_end=start + tokens.size,
+            reward=np.nan,
+            num_children=0,
+        )
         for name, value in row.items():
             self._nodes[name].extend(value)
         return node
 
     # ------------------------------------------------------------------ builders
     @classmethod
-    def from_trajectories(cls, trajectories: Sequence[Trajectory], vocab_size: int | None = None) -> "RolloutForest":
+    def from_trajectories(cls, trajectories: Sequence[Trajectory], vocab_size: int | None = None) -> RolloutForest:
         """Build the forest of a batch from flat trajectories.
 
         Trajectories with the same prompt_id share one root (their prompts must be identical).
@@ -293,22 +306,33 @@ class RolloutForest:
             j, shared_turns = _branch_point(traj.branch_from, len(turn_nodes), turn_nodes)
             base = trajectories[j]
             if int(base.prompt_id) != int(traj.prompt_id):
-                raise ForestError("branch_from", f"branches from trajectory {j} of prompt {base.prompt_id} but has prompt_id {traj.prompt_id}")
+                raise ForestError(
+                    "branch_from",
+                    f"branches from trajectory {j} of prompt {base.prompt_id} but has prompt_id {traj.prompt_id}",
+                )
             if shared_turns >= starts.size:
-                raise ForestError("turn_starts", f"continuation has no turn after its branch point (turn {shared_turns})")
+                raise ForestError(
+                    "turn_starts", f"continuation has no turn after its branch point (turn {shared_turns})"
+                )
             shared_end = int(bounds[shared_turns + 1])
             base_starts = np.asarray(base.turn_starts)
-            if (not np.array_equal(tokens[:shared_end], np.asarray(base.token_ids)[:shared_end])
-                    or not np.array_equal(starts[: shared_turns + 1], base_starts[: shared_turns + 1])
-                    or not np.array_equal(mask[:shared_end], np.asarray(base.model_mask, dtype=bool)[:shared_end])):
-                raise ForestError("token_ids", f"does not repeat the prompt and turns 1..{shared_turns} of trajectory {j}")
+            if (
+                not np.array_equal(tokens[:shared_end], np.asarray(base.token_ids)[:shared_end])
+                or not np.array_equal(starts[: shared_turns + 1], base_starts[: shared_turns + 1])
+                or not np.array_equal(mask[:shared_end], np.asarray(base.model_mask, dtype=bool)[:shared_end])
+            ):
+                raise ForestError(
+                    "token_ids", f"does not repeat the prompt and turns 1..{shared_turns} of trajectory {j}"
+                )
             nodes = turn_nodes[j][: shared_turns + 1]
         logprobs = None if traj.logprobs is None else np.asarray(traj.logprobs, dtype=np.float64).reshape(-1)
         if logprobs is not None and logprobs.size != tokens.size:
             raise ForestError("logprobs", f"has {logprobs.size} entries for {tokens.size} tokens")
         for t in range(shared_turns + 1, starts.size + 1):
             lo, hi = int(bounds[t]), int(bounds[t + 1])
-            nodes.append(self.add_node(nodes[-1], tokens[lo:hi], mask[lo:hi], None if logprobs is None else logprobs[lo:hi]))
+            nodes.append(
+                self.add_node(nodes[-1], tokens[lo:hi], mask[lo:hi], None if logprobs is None else logprobs[lo:hi])
+            )
         if traj.reward is not None:
             self.set_reward(nodes[-1], traj.reward)
         return nodes
@@ -328,7 +352,7 @@ class RolloutForest:
         depth=None,
         vocab_size: int | None = None,
         require_rewards: bool = False,
-    ) -> "RolloutForest":
+    ) -> RolloutForest:
         """Wrap ready struct-of-arrays (e.g. from another trainer) after full validation.
 
         depth is derived from parent when omitted; reward defaults to NaN (unknown) and logprob to
@@ -336,8 +360,12 @@ class RolloutForest:
         """
         parent = _int_array(parent, "parent")
         n = parent.size
-        node_cols = {"parent": parent, "prompt_id": _int_array(prompt_id, "prompt_id"),
-                     "tok_start": _int_array(tok_start, "tok_start"), "tok_end": _int_array(tok_end, "tok_end")}
+        node_cols = {
+            "parent": parent,
+            "prompt_id": _int_array(prompt_id, "prompt_id"),
+            "tok_start": _int_array(tok_start, "tok_start"),
+            "tok_end": _int_array(tok_end, "tok_end"),
+        }
         node_cols["reward"] = np.full(n, np.nan) if reward is None else np.asarray(reward, dtype=np.float64)
         tok_cols = {"tokens": _int_array(tokens, "tokens"), "role": _int_array(role, "role")}
         for name, col in {**node_cols}.items():
@@ -359,8 +387,11 @@ class RolloutForest:
             depth = _int_array(depth, "depth")
             bad = np.flatnonzero(depth != computed_depth) if depth.shape == (n,) else np.array([0])
             if bad.size:
-                raise ForestError("depth", f"node {bad[0]} has depth {depth[bad[0]] if depth.shape == (n,) else depth.shape}, "
-                                  f"but its parent chain gives {computed_depth[bad[0]]}")
+                raise ForestError(
+                    "depth",
+                    f"node {bad[0]} has depth {depth[bad[0]] if depth.shape == (n,) else depth.shape}, "
+                    f"but its parent chain gives {computed_depth[bad[0]]}",
+                )
         num_children = np.bincount(parent[parent >= 0], minlength=n).astype(np.int32)
 
         forest = cls(vocab_size)
@@ -369,20 +400,25 @@ class RolloutForest:
         for name, col in tok_cols.items():
             if name == "role" and col.size and (col.min() < 0 or col.max() > ROLE_MODEL):
                 bad = np.flatnonzero((col < 0) | (col > ROLE_MODEL))[0]
-                raise ForestError("role", f"token {bad} has role {col[bad]}; roles are {ROLE_OBSERVATION} (observation) or {ROLE_MODEL} (model)")
+                raise ForestError(
+                    "role",
+                    f"token {bad} has role {col[bad]}; roles are {ROLE_OBSERVATION} (observation) or {ROLE_MODEL} (model)",
+                )
             forest._toks[name].extend(col)
         roots = np.flatnonzero(parent < 0)
         forest._root_of_prompt = {int(p): int(r) for p, r in zip(forest.prompt_id[roots], roots)}
         if len(forest._root_of_prompt) != roots.size:
             _, counts = np.unique(forest.prompt_id[roots], return_counts=True)
-            raise ForestError("prompt_id", f"{int((counts > 1).sum())} prompt id(s) have more than one root; one tree per prompt")
+            raise ForestError(
+                "prompt_id", f"{int((counts > 1).sum())} prompt id(s) have more than one root; one tree per prompt"
+            )
         forest.validate(require_rewards=require_rewards)
         return forest
 
     # ------------------------------------------------------------------ validation
-    def validate(self, *, require_rewards: bool = False, vocab_size: int | None = None) -> "RolloutForest":
+    def validate(self, *, require_rewards: bool = False, vocab_size: int | None = None) -> RolloutForest:
         """Check every structural invariant; raise ForestError naming the bad field. Returns self."""
-        n, t = self.num_nodes, self.num_tokens
+        _n, t = self.num_nodes, self.num_tokens
         parent, start, end = self.parent, self.tok_start, self.tok_end
         _check_parents(parent)
         wrong_depth = np.flatnonzero(self.depth != _depths(parent))
@@ -392,20 +428,29 @@ class RolloutForest:
         child = parent >= 0
         if np.any(self.prompt_id[child] != self.prompt_id[parent[child]]):
             bad = np.flatnonzero(child)[np.flatnonzero(self.prompt_id[child] != self.prompt_id[parent[child]])[0]]
-            raise ForestError("prompt_id", f"node {bad} has prompt {self.prompt_id[bad]} but its parent {parent[bad]} has {self.prompt_id[parent[bad]]}")
+            raise ForestError(
+                "prompt_id",
+                f"node {bad} has prompt {self.prompt_id[bad]} but its parent {parent[bad]} has {self.prompt_id[parent[bad]]}",
+            )
         # spans: inside the buffer, non-empty, pairwise disjoint
         bad = np.flatnonzero((start < 0) | (end > t) | (start > end))
         if bad.size:
             u = bad[0]
-            raise ForestError("tok_start/tok_end", f"node {u} has span [{start[u]}, {end[u]}) outside the token buffer of {t} tokens")
+            raise ForestError(
+                "tok_start/tok_end", f"node {u} has span [{start[u]}, {end[u]}) outside the token buffer of {t} tokens"
+            )
         bad = np.flatnonzero(start == end)
         if bad.size:
-            raise ForestError("tok_start/tok_end", f"node {bad[0]} has an empty token span (a turn must have at least one token)")
+            raise ForestError(
+                "tok_start/tok_end", f"node {bad[0]} has an empty token span (a turn must have at least one token)"
+            )
         order = np.argsort(start, kind="stable")
         overlap = np.flatnonzero(start[order][1:] < end[order][:-1])
         if overlap.size:
             a, b = order[overlap[0]], order[overlap[0] + 1]
-            raise ForestError("tok_start/tok_end", f"spans of nodes {a} [{start[a]}, {end[a]}) and {b} [{start[b]}, {end[b]}) overlap")
+            raise ForestError(
+                "tok_start/tok_end", f"spans of nodes {a} [{start[a]}, {end[a]}) and {b} [{start[b]}, {end[b]}) overlap"
+            )
         _check_token_range(self.tokens, vocab_size if vocab_size is not None else self.vocab_size, "tokens")
         roots = self.roots
         root_token = np.zeros(t, dtype=bool)
@@ -415,17 +460,26 @@ class RolloutForest:
             raise ForestError("role", f"token {bad} belongs to a prompt (root) but is marked as model-generated")
         childless_roots = roots[self.num_children[roots] == 0]
         if childless_roots.size:
-            raise ForestError("parent", f"prompt {self.prompt_id[childless_roots[0]]} (node {childless_roots[0]}) has no turns: empty trajectory")
+            raise ForestError(
+                "parent",
+                f"prompt {self.prompt_id[childless_roots[0]]} (node {childless_roots[0]}) has no turns: empty trajectory",
+            )
         model = self.role == ROLE_MODEL
         _check_logprobs(self.logprob[model].astype(np.float64), "logprob")
         reward, is_leaf = self.reward, (self.num_children == 0) & child
         internal_with_reward = np.flatnonzero(~is_leaf & ~np.isnan(reward))
         if internal_with_reward.size:
-            raise ForestError("reward", f"node {internal_with_reward[0]} is internal (or a root) but has reward {reward[internal_with_reward[0]]}")
+            raise ForestError(
+                "reward",
+                f"node {internal_with_reward[0]} is internal (or a root) but has reward {reward[internal_with_reward[0]]}",
+            )
         leaf_reward = reward[is_leaf]
         bad = np.flatnonzero(~np.isnan(leaf_reward) & ~((leaf_reward >= 0) & (leaf_reward <= 1)))
         if bad.size:
-            raise ForestError("reward", f"leaf {np.flatnonzero(is_leaf)[bad[0]]} has reward {leaf_reward[bad[0]]}; rewards must be finite and in [0, 1]")
+            raise ForestError(
+                "reward",
+                f"leaf {np.flatnonzero(is_leaf)[bad[0]]} has reward {leaf_reward[bad[0]]}; rewards must be finite and in [0, 1]",
+            )
         if require_rewards and np.isnan(leaf_reward).any():
             missing = np.flatnonzero(is_leaf)[np.isnan(leaf_reward)]
             raise ForestError("reward", f"{missing.size} leaves have no reward yet (first: node {missing[0]})")
@@ -571,8 +625,11 @@ def _check_parents(parent: np.ndarray) -> None:
     bad = np.flatnonzero((parent < -1) | (parent >= np.arange(n)))
     if bad.size:
         u = bad[0]
-        raise ForestError("parent", f"node {u} has parent {parent[u]}; a parent must be -1 (root) or an earlier node "
-                          "(parent index < node index, which also rules out cycles)")
+        raise ForestError(
+            "parent",
+            f"node {u} has parent {parent[u]}; a parent must be -1 (root) or an earlier node "
+            "(parent index < node index, which also rules out cycles)",
+        )
 
 
 def _trajectory_arrays(traj: Trajectory):
@@ -588,11 +645,16 @@ def _trajectory_arrays(traj: Trajectory):
     if starts.size == 0:
         raise ForestError("turn_starts", "empty trajectory: no turn after the prompt")
     if starts[0] <= 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= tokens.size:
-        raise ForestError("turn_starts", f"{starts.tolist()} must be strictly increasing within (0, {tokens.size}) "
-                          "so that the prompt and every turn are non-empty")
+        raise ForestError(
+            "turn_starts",
+            f"{starts.tolist()} must be strictly increasing within (0, {tokens.size}) "
+            "so that the prompt and every turn are non-empty",
+        )
     if mask[: starts[0]].any():
-        raise ForestError("model_mask", f"marks prompt token {int(np.argmax(mask))} as model-generated; "
-                          f"the prompt is token_ids[:{starts[0]}]")
+        raise ForestError(
+            "model_mask",
+            f"marks prompt token {int(np.argmax(mask))} as model-generated; the prompt is token_ids[:{starts[0]}]",
+        )
     return tokens, mask, starts
 
 
@@ -605,8 +667,11 @@ def _branch_point(branch_from, i: int, turn_nodes: list[list[int]]) -> tuple[int
         raise ForestError("branch_from", f"trajectory {j} must be an earlier trajectory (index < {i})")
     num_turns = len(turn_nodes[j]) - 1
     if not 0 <= t < num_turns:
-        raise ForestError("branch_from", f"turn {t} is not a branch point of trajectory {j}, which has "
-                          f"{num_turns} turns (branch after turn 0..{num_turns - 1}; its last turn is a leaf)")
+        raise ForestError(
+            "branch_from",
+            f"turn {t} is not a branch point of trajectory {j}, which has "
+            f"{num_turns} turns (branch after turn 0..{num_turns - 1}; its last turn is a leaf)",
+        )
     return j, t
 
 

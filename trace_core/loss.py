@@ -16,6 +16,7 @@ and the KL term gets weight W_t = sum_{l ∋ t} w_l. `packed_loss_weights` compu
 packed token (numpy); `packed_policy_loss` is the torch loss on them. `leaf_path_policy_loss` is the
 flattened reference (tests prove the two equal, values and gradients).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 
 from trace_core.advantage import LEAF, NODE
-from trace_core.packing.forest import PackedTree
 from trace_core.forest import ForestError, RolloutForest
+from trace_core.packing.forest import PackedTree
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 
@@ -42,8 +43,9 @@ class PackedLossWeights:
     def to_torch(
         self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        adv_pos, adv_neg, kl_weight = (torch.as_tensor(x, dtype=dtype, device=device)
-                                       for x in (self.adv_pos, self.adv_neg, self.kl_weight))
+        adv_pos, adv_neg, kl_weight = (
+            torch.as_tensor(x, dtype=dtype, device=device) for x in (self.adv_pos, self.adv_neg, self.kl_weight)
+        )
         return adv_pos, adv_neg, kl_weight
 
 
@@ -85,7 +87,9 @@ def packed_loss_weights(
     """
     adv = np.asarray(advantages, dtype=np.float64)
     if adv.shape != (forest.num_nodes,):
-        raise ForestError("advantages", f"has shape {adv.shape}, expected ({forest.num_nodes},): one value per forest node")
+        raise ForestError(
+            "advantages", f"has shape {adv.shape}, expected ({forest.num_nodes},): one value per forest node"
+        )
     if not np.isfinite(adv).all():
         raise ForestError("advantages", f"contains {int((~np.isfinite(adv)).sum())} non-finite values")
     if kind not in (LEAF, NODE):
@@ -104,8 +108,11 @@ def packed_loss_weights(
         pos = weight_below * np.maximum(adv, 0.0)
         neg = weight_below * np.minimum(adv, 0.0)
     node, mask = packed.node_of_token, packed.loss_mask
-    return PackedLossWeights(adv_pos=np.where(mask, pos[node], 0.0), adv_neg=np.where(mask, neg[node], 0.0),
-                             kl_weight=np.where(mask, weight_below[node], 0.0))
+    return PackedLossWeights(
+        adv_pos=np.where(mask, pos[node], 0.0),
+        adv_neg=np.where(mask, neg[node], 0.0),
+        kl_weight=np.where(mask, weight_below[node], 0.0),
+    )
 
 
 def packed_policy_loss(
@@ -122,8 +129,14 @@ def packed_policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate on packed tokens; all inputs [N]. Tokens with zero weights carry no loss
     (their logprobs may be anything finite). Returns (loss, metrics)."""
-    _check_loss_inputs(logprobs, old_logprobs=old_logprobs, adv_pos=adv_pos, adv_neg=adv_neg,
-                       kl_weight=kl_weight, ref_logprobs=ref_logprobs)
+    _check_loss_inputs(
+        logprobs,
+        old_logprobs=old_logprobs,
+        adv_pos=adv_pos,
+        adv_neg=adv_neg,
+        kl_weight=kl_weight,
+        ref_logprobs=ref_logprobs,
+    )
     active = kl_weight > 0
     log_ratio = torch.where(active, logprobs - old_logprobs, torch.zeros_like(logprobs))
     ratio = torch.exp(log_ratio)
@@ -131,9 +144,12 @@ def packed_policy_loss(
     surrogate = adv_pos * torch.minimum(ratio, clipped) + adv_neg * torch.maximum(ratio, clipped)
     loss = -surrogate.sum()
     deviation = (ratio - 1.0).abs()  # zero at inactive tokens (log ratio 0)
-    metrics = {"clip_fraction": _weighted_mean((ratio != clipped).to(ratio.dtype), kl_weight),
-               "ratio_mean": _weighted_mean(ratio, kl_weight), "ratio_abs_dev": _weighted_mean(deviation, kl_weight),
-               "ratio_max_dev": deviation.max() if deviation.numel() else deviation.new_zeros(())}
+    metrics = {
+        "clip_fraction": _weighted_mean((ratio != clipped).to(ratio.dtype), kl_weight),
+        "ratio_mean": _weighted_mean(ratio, kl_weight),
+        "ratio_abs_dev": _weighted_mean(deviation, kl_weight),
+        "ratio_max_dev": deviation.max() if deviation.numel() else deviation.new_zeros(()),
+    }
     if ref_logprobs is not None and kl_coef != 0.0:
         kl = _k3(logprobs, ref_logprobs, active)
         loss = loss + kl_coef * (kl_weight * kl).sum()
@@ -177,7 +193,9 @@ def gather_token_logprobs(pair_logprobs: torch.Tensor, packed: PackedTree) -> to
     """Scatter label-pair logprobs [M] (from linear_logprob over packed.label_rows / labels) onto the
     packed tokens they predict: [N], 0 at each prompt's first token (which nothing predicts)."""
     if pair_logprobs.shape != (packed.label_pos.size,):
-        raise ForestError("pair_logprobs", f"has shape {tuple(pair_logprobs.shape)}, expected ({packed.label_pos.size},)")
+        raise ForestError(
+            "pair_logprobs", f"has shape {tuple(pair_logprobs.shape)}, expected ({packed.label_pos.size},)"
+        )
     out = pair_logprobs.new_zeros(packed.num_tokens)
     return out.index_copy(0, torch.as_tensor(packed.label_pos, device=pair_logprobs.device), pair_logprobs)
 

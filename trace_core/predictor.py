@@ -13,6 +13,7 @@ Backends share one interface (`SuccessPredictor`):
 Calibration is reported every step (`calibration`): Brier score against the constant predictor,
 and the AUC with which the predicted contrast ranks "this node's subtree turned out mixed".
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from trace_core.packing.forest import PackedTree
 from trace_core.forest import ForestError, RolloutForest
+from trace_core.packing.forest import PackedTree
 
 
 @dataclass
@@ -67,25 +68,32 @@ class PrefixBatch:
     def __len__(self) -> int:
         return int(self.depth.shape[0])
 
-    def select(self, index: torch.Tensor) -> "PrefixBatch":
+    def select(self, index: torch.Tensor) -> PrefixBatch:
         return PrefixBatch(
-            depth=self.depth[index], prefix_len=self.prefix_len[index],
+            depth=self.depth[index],
+            prefix_len=self.prefix_len[index],
             hidden=None if self.hidden is None else self.hidden[index],
             token_ids=None if self.token_ids is None else [self.token_ids[i] for i in index.tolist()],
         )
 
     @staticmethod
-    def concat(batches: list["PrefixBatch"]) -> "PrefixBatch":
+    def concat(batches: list[PrefixBatch]) -> PrefixBatch:
         def cat(name):
             parts = [getattr(b, name) for b in batches]
             return None if any(p is None for p in parts) else torch.cat(parts)
+
         tokens = [b.token_ids for b in batches]
-        return PrefixBatch(depth=cat("depth"), prefix_len=cat("prefix_len"), hidden=cat("hidden"),
-                           token_ids=None if any(t is None for t in tokens) else [x for t in tokens for x in t])
+        return PrefixBatch(
+            depth=cat("depth"),
+            prefix_len=cat("prefix_len"),
+            hidden=cat("hidden"),
+            token_ids=None if any(t is None for t in tokens) else [x for t in tokens for x in t],
+        )
 
 
-def prefix_batch(forest: RolloutForest, packed: PackedTree, nodes, hidden: torch.Tensor | None = None,
-                 *, with_tokens: bool = False) -> PrefixBatch:
+def prefix_batch(
+    forest: RolloutForest, packed: PackedTree, nodes, hidden: torch.Tensor | None = None, *, with_tokens: bool = False
+) -> PrefixBatch:
     """Gather the predictor inputs of forest `nodes` from a packed forward.
 
     hidden [N, H]: the model's last hidden states over `packed` (detached here); the prefix of node
@@ -147,7 +155,9 @@ class _OnlineRegressor:
         self._generator = torch.Generator().manual_seed(config.seed)
 
     def _make_optimizer(self) -> None:
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
+        )
 
     @property
     def ready(self) -> bool:
@@ -165,7 +175,9 @@ class _OnlineRegressor:
         targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
         weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
         if targets.shape != (len(batch),) or weights.shape != (len(batch),):
-            raise ValueError(f"targets/weights: expected shape ({len(batch)},), got {tuple(targets.shape)} and {tuple(weights.shape)}")
+            raise ValueError(
+                f"targets/weights: expected shape ({len(batch)},), got {tuple(targets.shape)} and {tuple(weights.shape)}"
+            )
         if not (torch.isfinite(targets).all() and ((targets >= 0) & (targets <= 1)).all()):
             raise ValueError("targets: success rates must be finite and in [0, 1]")
         if not (torch.isfinite(weights).all() and (weights >= 0).all()):
@@ -193,11 +205,25 @@ class _OnlineRegressor:
 
     def state_dict(self) -> dict:
         # plain tensors and lists only, so torch.load(weights_only=True) can read a checkpoint
-        replay = [{"depth": b.depth, "prefix_len": b.prefix_len, "hidden": b.hidden, "targets": t, "weights": w,
-                   "token_ids": None if b.token_ids is None else [torch.as_tensor(x) for x in b.token_ids]}
-                  for b, t, w in self._replay]
-        return {"config": asdict(self.config), "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "nodes_seen": self.nodes_seen, "generator": self._generator.get_state(), "replay": replay}
+        replay = [
+            {
+                "depth": b.depth,
+                "prefix_len": b.prefix_len,
+                "hidden": b.hidden,
+                "targets": t,
+                "weights": w,
+                "token_ids": None if b.token_ids is None else [torch.as_tensor(x) for x in b.token_ids],
+            }
+            for b, t, w in self._replay
+        ]
+        return {
+            "config": asdict(self.config),
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "nodes_seen": self.nodes_seen,
+            "generator": self._generator.get_state(),
+            "replay": replay,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
@@ -205,10 +231,21 @@ class _OnlineRegressor:
         self.nodes_seen = int(state["nodes_seen"])
         self._generator.set_state(state["generator"])
         self._replay = deque(
-            ((PrefixBatch(depth=r["depth"], prefix_len=r["prefix_len"], hidden=r["hidden"],
-                          token_ids=None if r["token_ids"] is None else [t.numpy() for t in r["token_ids"]]),
-              r["targets"], r["weights"]) for r in state["replay"]),
-            maxlen=self.config.replay_steps)
+            (
+                (
+                    PrefixBatch(
+                        depth=r["depth"],
+                        prefix_len=r["prefix_len"],
+                        hidden=r["hidden"],
+                        token_ids=None if r["token_ids"] is None else [t.numpy() for t in r["token_ids"]],
+                    ),
+                    r["targets"],
+                    r["weights"],
+                )
+                for r in state["replay"]
+            ),
+            maxlen=self.config.replay_steps,
+        )
 
 
 def _features(batch: PrefixBatch) -> torch.Tensor:
@@ -262,21 +299,26 @@ class EncoderPredictor(_OnlineRegressor):
 
     def _logits(self, batch: PrefixBatch) -> torch.Tensor:
         if batch.token_ids is None:
-            raise ValueError("token_ids: the encoder predictor needs prefix tokens (prefix_batch(..., with_tokens=True))")
+            raise ValueError(
+                "token_ids: the encoder predictor needs prefix tokens (prefix_batch(..., with_tokens=True))"
+            )
         lengths = torch.as_tensor([t.size for t in batch.token_ids])
         ids = torch.full((len(batch), int(lengths.max())), self.pad_token_id, dtype=torch.long)
         for i, t in enumerate(batch.token_ids):
             ids[i, : t.size] = torch.as_tensor(t)
         mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
         device = next(self.net.parameters()).device
-        out = self.net.encoder(input_ids=ids.to(device), attention_mask=mask.long().to(device), output_hidden_states=True)
+        out = self.net.encoder(
+            input_ids=ids.to(device), attention_mask=mask.long().to(device), output_hidden_states=True
+        )
         last = out.hidden_states[-1][torch.arange(len(batch)), (lengths - 1).to(device)]
         return self.net.head(last.float(), _features(batch).to(device))
 
 
 # ---------------------------------------------------------------------- calibration
-def calibration(pred: np.ndarray, target: np.ndarray, weight: np.ndarray, mixed: np.ndarray,
-                contrast: np.ndarray) -> dict[str, float]:
+def calibration(
+    pred: np.ndarray, target: np.ndarray, weight: np.ndarray, mixed: np.ndarray, contrast: np.ndarray
+) -> dict[str, float]:
     """Calibration of predictions made *before* the outcomes were seen.
 
     pred/target/weight [K]: predicted and realised subtree success, leaves under each node.
@@ -290,8 +332,11 @@ def calibration(pred: np.ndarray, target: np.ndarray, weight: np.ndarray, mixed:
     total = weight.sum()
     brier = float((weight * (pred - target) ** 2).sum() / total)
     constant = (weight * target).sum() / total
-    return {"brier": brier, "brier_constant": float((weight * (constant - target) ** 2).sum() / total),
-            "auc_mixed": auc(np.asarray(contrast, dtype=np.float64), np.asarray(mixed, dtype=bool))}
+    return {
+        "brier": brier,
+        "brier_constant": float((weight * (constant - target) ** 2).sum() / total),
+        "auc_mixed": auc(np.asarray(contrast, dtype=np.float64), np.asarray(mixed, dtype=bool)),
+    }
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -6,6 +6,7 @@ turn limit. A turn is some model tokens followed by some observation tokens; the
 no observation. Leaves get 0/1 rewards with a per-prompt success probability, so some trees are
 mixed and some are not.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -70,7 +71,13 @@ def synthetic_forest(
     success = rng.uniform(size=num_prompts)[np.asarray(prompt_of)]
     reward = np.where(is_leaf, (rng.uniform(size=parent_arr.size) < success).astype(float), np.nan)
     return RolloutForest.from_arrays(
-        parent=parent_arr, prompt_id=np.asarray(prompt_of), tok_start=tok_start, tok_end=tok_end,
-        tokens=rng.integers(0, vocab_size, total), role=role, reward=reward, logprob=logprob,
+        parent=parent_arr,
+        prompt_id=np.asarray(prompt_of),
+        tok_start=tok_start,
+        tok_end=tok_end,
+        tokens=rng.integers(0, vocab_size, total),
+        role=role,
+        reward=reward,
+        logprob=logprob,
         vocab_size=vocab_size,
     )

@@ -21,6 +21,7 @@ Backends (`trace_kernels._runtime.select_backend`, which logs its choice):
     checks.py  argument validation, shared by the op and the oracle so both raise alike.
 Either way at most one bounded tile of logits exists at a time.
 """
+
 from __future__ import annotations
 
 import torch
@@ -94,8 +95,9 @@ class LinearLogprobFunction(torch.autograd.Function):
                 partials = tri.row_stats_partials_triton(h_used, weight, bias, inv_temp, with_entropy)
                 label_logits = tri.label_logits_triton(hidden, weight, bias, rows, labels, inv_temp)
             else:
-                partials = row_stats_partials_torch(h_used, weight, bias, inv_temp, with_entropy,
-                                                    *_chunks(hidden.device))
+                partials = row_stats_partials_torch(
+                    h_used, weight, bias, inv_temp, with_entropy, *_chunks(hidden.device)
+                )
                 label_logits = label_logits_torch(hidden, weight, bias, rows, labels, inv_temp)
             lse, ent_used = _merge_splits(*partials)
         # The label's logit is part of its row's LSE, so logprob <= 0 exactly; the two are computed
@@ -117,16 +119,41 @@ class LinearLogprobFunction(torch.autograd.Function):
         hidden, weight, bias, used_rows, pair_to_used, labels, lse, ent_used = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grads = _linear_logprob_backward(
-            hidden, weight, bias, used_rows, pair_to_used, labels, lse, ent_used,
-            grad_logprob, grad_entropy, ctx.inv_temp, ctx.use_triton,
-            need_hidden, need_weight, need_bias and bias is not None,
+            hidden,
+            weight,
+            bias,
+            used_rows,
+            pair_to_used,
+            labels,
+            lse,
+            ent_used,
+            grad_logprob,
+            grad_entropy,
+            ctx.inv_temp,
+            ctx.use_triton,
+            need_hidden,
+            need_weight,
+            need_bias and bias is not None,
         )
         return (*grads, None, None, None, None, None)
 
 
 def _linear_logprob_backward(
-    hidden, weight, bias, used_rows, pair_to_used, labels, lse, ent_used,
-    grad_logprob, grad_entropy, inv_temp, use_triton, need_hidden, need_weight, need_bias,
+    hidden,
+    weight,
+    bias,
+    used_rows,
+    pair_to_used,
+    labels,
+    lse,
+    ent_used,
+    grad_logprob,
+    grad_entropy,
+    inv_temp,
+    use_triton,
+    need_hidden,
+    need_weight,
+    need_bias,
 ):
     """Gradients of hidden [N, H], weight [V, H], bias [V] (None where not needed).
 
@@ -180,7 +207,8 @@ def _linear_logprob_backward(
         grad_w_chunk = None
         if need_weight:
             grad_w_chunk = (
-                grad_weight[v0:v1].zero_() if weight_grad_in_place
+                grad_weight[v0:v1].zero_()
+                if weight_grad_in_place
                 else torch.zeros((v1 - v0, hidden_size), dtype=torch.float32, device=device)
             )
         for ti, t0 in enumerate(range(0, n_used, token_chunk)):
@@ -250,10 +278,20 @@ def linear_logprob(
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
-            return linear_logprob(hidden, weight, rows, labels, temperature=temperature, bias=bias,
-                                  return_entropy=return_entropy, check_inputs=check_inputs, backend=backend)
+            return linear_logprob(
+                hidden,
+                weight,
+                rows,
+                labels,
+                temperature=temperature,
+                bias=bias,
+                return_entropy=return_entropy,
+                check_inputs=check_inputs,
+                backend=backend,
+            )
     check_linear_logprob_inputs(OP_NAME, hidden, weight, rows, labels, temperature, bias, check_values=check_inputs)
     tensors = (hidden, weight, rows, labels) + ((bias,) if bias is not None else ())
     chosen = select_backend(OP_NAME, *tensors, backend=backend)
-    return LinearLogprobFunction.apply(hidden, weight, bias, rows, labels, 1.0 / float(temperature),
-                                       bool(return_entropy), chosen)
+    return LinearLogprobFunction.apply(
+        hidden, weight, bias, rows, labels, 1.0 / float(temperature), bool(return_entropy), chosen
+    )

@@ -4,6 +4,7 @@ Shape, dtype and device checks are cheap and always run. Value checks (labels in
 [0, N), finite hidden/bias) read the data, which synchronises a GPU stream; `check_values=False`
 skips them for speed once the caller trusts its inputs.
 """
+
 from __future__ import annotations
 
 import math
@@ -103,6 +104,5 @@ def _check_index_range(op: str, name: str, index: torch.Tensor, limit: int, symb
     if bool(bad.any()):
         first = int(torch.nonzero(bad)[0, 0])
         raise ValueError(
-            f"{op}: {name} must lie in [0, {symbol}={limit}) ({meaning}); "
-            f"{name}[{first}] = {int(index[first])}"
+            f"{op}: {name} must lie in [0, {symbol}={limit}) ({meaning}); {name}[{first}] = {int(index[first])}"
         )

@@ -4,6 +4,7 @@ The op's autograd Function (in __init__) runs the same chunked algorithm with th
 Triton cannot run (plain CPU), so memory stays bounded there too: each call touches one
 [token chunk x vocab chunk] tile of logits at most. Inputs arrive validated.
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ for training. Semantics (shared by every path):
     entropy[n] = -sum_v softmax(z[n])_v * log softmax(z[n])_v             [N], fp32; 0 for rows
                  no (row, label) pair uses (they are not computed, and get no gradient)
 """
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ Three kernels, each computing logits tile by tile with fp32 accumulators (no [N,
 Interpreter (TRITON_INTERPRET=1): tl.dot on bf16 is silently wrong there, so tiles are upcast to
 fp32 after loading (UPCAST); autotuning gets one config. Works with triton 3.6 to 3.9.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,10 +50,25 @@ _TILE_CONFIGS = _configs(
 
 @triton.jit
 def _logits_tile(
-    h_ptr, w_ptr, b_ptr, offs_m, mask_m, offs_v, mask_v, H,
-    stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    offs_m,
+    mask_m,
+    offs_v,
+    mask_v,
+    H,
+    stride_hm,
+    stride_hk,
+    stride_wv,
+    stride_wk,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """fp32 z[BLOCK_M, BLOCK_V] = (h[offs_m] @ w[offs_v].T + b[offs_v]) * inv_temp."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
@@ -61,10 +77,16 @@ def _logits_tile(
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < H
-        a = tl.load(h_ptr + rows64[:, None] * stride_hm + offs_k[None, :] * stride_hk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_ptr + vocab64[:, None] * stride_wv + offs_k[None, :] * stride_wk,
-                    mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+        a = tl.load(
+            h_ptr + rows64[:, None] * stride_hm + offs_k[None, :] * stride_hk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_ptr + vocab64[:, None] * stride_wv + offs_k[None, :] * stride_wk,
+            mask=mask_v[:, None] & mask_k[None, :],
+            other=0.0,
+        )
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -80,11 +102,28 @@ def _logits_tile(
 @triton.autotune(configs=_TILE_CONFIGS, key=["H", "V"])
 @triton.jit
 def _row_stats_kernel(
-    h_ptr, w_ptr, b_ptr, max_ptr, sum_ptr, ent_ptr,
-    U, V, H, split_size,
-    stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    max_ptr,
+    sum_ptr,
+    ent_ptr,
+    U,
+    V,
+    H,
+    split_size,
+    stride_hm,
+    stride_hk,
+    stride_wv,
+    stride_wk,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -99,9 +138,27 @@ def _row_stats_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, mask_m, offs_v, mask_v, H,
-                         stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-                         HAS_BIAS, UPCAST, IEEE_FP32, BLOCK_M, BLOCK_V, BLOCK_K)
+        z = _logits_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            offs_m,
+            mask_m,
+            offs_v,
+            mask_v,
+            H,
+            stride_hm,
+            stride_hk,
+            stride_wv,
+            stride_wk,
+            inv_temp,
+            HAS_BIAS,
+            UPCAST,
+            IEEE_FP32,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_K,
+        )
         z = tl.where(mask_v[None, :], z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         rescale = tl.exp(run_max - new_max)
@@ -123,9 +180,22 @@ def _row_stats_kernel(
 
 @triton.jit
 def _label_logits_kernel(
-    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, out_ptr,
-    M, H, stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows_ptr,
+    labels_ptr,
+    out_ptr,
+    M,
+    H,
+    stride_hm,
+    stride_hk,
+    stride_wv,
+    stride_wk,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask = offs < M
@@ -146,19 +216,57 @@ def _label_logits_kernel(
 @triton.autotune(configs=_TILE_CONFIGS, key=["H"])
 @triton.jit
 def _logit_grad_kernel(
-    h_ptr, w_ptr, b_ptr, lse_ptr, gsum_ptr, ent_ptr, gent_ptr, dz_ptr,
-    T, C, H,
-    stride_hm, stride_hk, stride_wv, stride_wk, stride_dzm, stride_dzv, inv_temp,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    lse_ptr,
+    gsum_ptr,
+    ent_ptr,
+    gent_ptr,
+    dz_ptr,
+    T,
+    C,
+    H,
+    stride_hm,
+    stride_hk,
+    stride_wv,
+    stride_wk,
+    stride_dzm,
+    stride_dzv,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY_GRAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_m = offs_m < T
     mask_v = offs_v < C
-    z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, mask_m, offs_v, mask_v, H,
-                     stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-                     HAS_BIAS, UPCAST, IEEE_FP32, BLOCK_M, BLOCK_V, BLOCK_K)
+    z = _logits_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        offs_m,
+        mask_m,
+        offs_v,
+        mask_v,
+        H,
+        stride_hm,
+        stride_hk,
+        stride_wv,
+        stride_wk,
+        inv_temp,
+        HAS_BIAS,
+        UPCAST,
+        IEEE_FP32,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_K,
+    )
     lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
     log_p = z - lse[:, None]
     coeff = tl.load(gsum_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
@@ -167,8 +275,11 @@ def _logit_grad_kernel(
         gent = tl.load(gent_ptr + offs_m, mask=mask_m, other=0.0)
         coeff = coeff + gent[:, None] * (log_p + ent[:, None])
     dz = -tl.exp(log_p) * coeff * inv_temp
-    tl.store(dz_ptr + offs_m.to(tl.int64)[:, None] * stride_dzm + offs_v[None, :] * stride_dzv,
-             dz.to(dz_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_v[None, :])
+    tl.store(
+        dz_ptr + offs_m.to(tl.int64)[:, None] * stride_dzm + offs_v[None, :] * stride_dzv,
+        dz.to(dz_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_v[None, :],
+    )
 
 
 def _ieee_fp32(dtype: torch.dtype) -> bool:
@@ -198,11 +309,24 @@ def row_stats_partials_triton(h_used, weight, bias, inv_temp: float, with_entrop
     part_ent = torch.empty_like(part_max) if with_entropy else None
     grid = lambda meta: (triton.cdiv(n_used, meta["BLOCK_M"]), n_splits)
     _row_stats_kernel[grid](
-        h_used, weight, bias if bias is not None else weight, part_max, part_sum,
+        h_used,
+        weight,
+        bias if bias is not None else weight,
+        part_max,
+        part_sum,
         part_ent if with_entropy else part_max,
-        n_used, vocab, hidden_size, split_size,
-        h_used.stride(0), h_used.stride(1), weight.stride(0), weight.stride(1), inv_temp,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=_INTERPRET,
+        n_used,
+        vocab,
+        hidden_size,
+        split_size,
+        h_used.stride(0),
+        h_used.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        inv_temp,
+        HAS_BIAS=bias is not None,
+        WITH_ENTROPY=with_entropy,
+        UPCAST=_INTERPRET,
         IEEE_FP32=_ieee_fp32(h_used.dtype),
     )
     return part_max, part_sum, part_ent
@@ -214,9 +338,22 @@ def label_logits_triton(hidden, weight, bias, rows, labels, inv_temp: float) -> 
     out = torch.empty(n_pairs, dtype=torch.float32, device=hidden.device)
     block_m, block_k = (16, 32) if _INTERPRET else (32, 128)
     _label_logits_kernel[(triton.cdiv(n_pairs, block_m),)](
-        hidden, weight, bias if bias is not None else weight, rows, labels, out,
-        n_pairs, hidden.shape[1], hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        inv_temp, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_K=block_k,
+        hidden,
+        weight,
+        bias if bias is not None else weight,
+        rows,
+        labels,
+        out,
+        n_pairs,
+        hidden.shape[1],
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        inv_temp,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
     )
     return out
 
@@ -228,11 +365,27 @@ def logit_grad_tile_triton(h_tile, w_tile, b_tile, inv_temp: float, lse, grad_su
     with_ent = grad_entropy is not None
     grid = lambda meta: (triton.cdiv(n_tok, meta["BLOCK_M"]), triton.cdiv(vocab_chunk, meta["BLOCK_V"]))
     _logit_grad_kernel[grid](
-        h_tile, w_tile, b_tile if b_tile is not None else w_tile, lse, grad_sum,
-        entropy if with_ent else lse, grad_entropy if with_ent else lse, dz,
-        n_tok, vocab_chunk, h_tile.shape[1],
-        h_tile.stride(0), h_tile.stride(1), w_tile.stride(0), w_tile.stride(1), dz.stride(0), dz.stride(1),
-        inv_temp, HAS_BIAS=b_tile is not None, WITH_ENTROPY_GRAD=with_ent, UPCAST=_INTERPRET,
+        h_tile,
+        w_tile,
+        b_tile if b_tile is not None else w_tile,
+        lse,
+        grad_sum,
+        entropy if with_ent else lse,
+        grad_entropy if with_ent else lse,
+        dz,
+        n_tok,
+        vocab_chunk,
+        h_tile.shape[1],
+        h_tile.stride(0),
+        h_tile.stride(1),
+        w_tile.stride(0),
+        w_tile.stride(1),
+        dz.stride(0),
+        dz.stride(1),
+        inv_temp,
+        HAS_BIAS=b_tile is not None,
+        WITH_ENTROPY_GRAD=with_ent,
+        UPCAST=_INTERPRET,
         IEEE_FP32=_ieee_fp32(h_tile.dtype),
     )
     return dz

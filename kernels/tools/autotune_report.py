@@ -7,6 +7,7 @@ use and, for the last key tuned, every candidate's time:
 
     print(format_tuned_configs())   # after the timed calls
 """
+
 from __future__ import annotations
 
 import importlib

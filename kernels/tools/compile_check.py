@@ -17,6 +17,7 @@ Run it (not under TRITON_INTERPRET, which swaps kernels for interpreted ones):
 bench/results/. Every `@triton.jit` kernel of the package has an entry in `kernel_builds` (a test
 checks), so a new kernel cannot skip this check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,12 +67,15 @@ class BuildReport:
     compile_s: float
 
     def row(self) -> str:
-        return (f"| {self.kernel} | {self.config} | {self.registers} | {self.spill_stores}/{self.spill_loads} | "
-                f"{self.shared_bytes // 1024} KiB | {self.async_loads} | {self.compile_s:.1f} |")
+        return (
+            f"| {self.kernel} | {self.config} | {self.registers} | {self.spill_stores}/{self.spill_loads} | "
+            f"{self.shared_bytes // 1024} KiB | {self.async_loads} | {self.compile_s:.1f} |"
+        )
 
 
-def _build(kernel, autotuned, types: dict, constexprs: dict, config, scalar_one: tuple = (),
-           unaligned: tuple = ()) -> KernelBuild:
+def _build(
+    kernel, autotuned, types: dict, constexprs: dict, config, scalar_one: tuple = (), unaligned: tuple = ()
+) -> KernelBuild:
     """Signature of the kernel behind `autotuned` from explicit types; every other arg is constexpr.
 
     Mirrors the JIT's specialisation: pointers and integers are marked 16-divisible (aligned
@@ -108,8 +112,9 @@ def _typed(names: str, ty: str) -> dict:
     return dict.fromkeys(names.split(), ty)
 
 
-def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = False,
-                  prune: bool = True) -> list[KernelBuild]:
+def kernel_builds(
+    dtype: str = "bf16", head_dim: int = 128, all_configs: bool = False, prune: bool = True
+) -> list[KernelBuild]:
     """Every Triton kernel of the package, specialised like a launch with `dtype` inputs.
 
     all_configs=False takes each autotuned kernel's first config only; prune=False keeps the
@@ -125,21 +130,37 @@ def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = 
     fit = (lambda kind, cs: pick(ta.fitting_configs(kind, cs, block_d))) if prune else (lambda kind, cs: pick(cs))
     builds: list[KernelBuild] = []
 
-    attn_const = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=False, SCAN=64,
-                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    attn_const = dict(
+        GROUP=2,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        UPCAST=False,
+        SCAN=64,
+        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+    )
     scalars = {"T": "i32", "n_meta": "i32", "qk_scale_log2": "fp32", "sm_scale": "fp32"}
-    fwd_types = {**_typed("Q K V O", f"*{t}"), **_typed("END KV_MAX_END FIRST_KV", "*i32"),
-                 "LSE": "*fp32", **scalars, **_typed("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh "
-                                                    "stride_ot stride_oh", "i32")}
+    fwd_types = {
+        **_typed("Q K V O", f"*{t}"),
+        **_typed("END KV_MAX_END FIRST_KV", "*i32"),
+        "LSE": "*fp32",
+        **scalars,
+        **_typed("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh stride_ot stride_oh", "i32"),
+    }
     for cfg in fit("fwd", ta._tree_attn_fwd_kernel.configs):
-        builds.append(_build("tree_attn_fwd", ta._tree_attn_fwd_kernel, fwd_types,
-                             {**attn_const, "META_": ta.META}, cfg))
-    bwd_types = {**_typed("Q K V DO DQ DK DV", f"*{t}"), **_typed("END KV_MAX_END FIRST_KV", "*i32"),
-                 **_typed("LSE DELTA", "*fp32"), **scalars,
-                 **_typed("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh stride_dot stride_doh", "i32")}
+        builds.append(
+            _build("tree_attn_fwd", ta._tree_attn_fwd_kernel, fwd_types, {**attn_const, "META_": ta.META}, cfg)
+        )
+    bwd_types = {
+        **_typed("Q K V DO DQ DK DV", f"*{t}"),
+        **_typed("END KV_MAX_END FIRST_KV", "*i32"),
+        **_typed("LSE DELTA", "*fp32"),
+        **scalars,
+        **_typed("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh stride_dot stride_doh", "i32"),
+    }
     for cfg in fit("dq", ta._tree_attn_bwd_dq_kernel.configs):
-        builds.append(_build("tree_attn_bwd_dq", ta._tree_attn_bwd_dq_kernel, bwd_types,
-                             {**attn_const, "META_": ta.META}, cfg))
+        builds.append(
+            _build("tree_attn_bwd_dq", ta._tree_attn_bwd_dq_kernel, bwd_types, {**attn_const, "META_": ta.META}, cfg)
+        )
     for cfg in fit("dkdv", ta._tree_attn_bwd_dkdv_kernel.configs):
         builds.append(_build("tree_attn_bwd_dkdv", ta._tree_attn_bwd_dkdv_kernel, bwd_types, attn_const, cfg))
 
@@ -147,36 +168,96 @@ def kernel_builds(dtype: str = "bf16", head_dim: int = 128, all_configs: bool = 
     ll_const = dict(HAS_BIAS=False, UPCAST=False, IEEE_FP32=dtype == "fp32")
     unit = ("stride_hk", "stride_wk")
     tokens = ("U", "M", "T", "C")
-    ll_types = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **_typed("max_ptr sum_ptr ent_ptr", "*fp32"),
-                **dict.fromkeys(("U", "V", "H", "split_size", "M", "T", "C"), "i32"),
-                **_typed("stride_hm stride_wv stride_dzm", "i32"), "inv_temp": "fp32",
-                **_typed("rows_ptr labels_ptr", "*i64"), "out_ptr": "*fp32",
-                **_typed("lse_ptr gsum_ptr gent_ptr", "*fp32"), "dz_ptr": f"*{t}"}
+    ll_types = {
+        "h_ptr": f"*{t}",
+        "w_ptr": f"*{t}",
+        "b_ptr": f"*{t}",
+        **_typed("max_ptr sum_ptr ent_ptr", "*fp32"),
+        **dict.fromkeys(("U", "V", "H", "split_size", "M", "T", "C"), "i32"),
+        **_typed("stride_hm stride_wv stride_dzm", "i32"),
+        "inv_temp": "fp32",
+        **_typed("rows_ptr labels_ptr", "*i64"),
+        "out_ptr": "*fp32",
+        **_typed("lse_ptr gsum_ptr gent_ptr", "*fp32"),
+        "dz_ptr": f"*{t}",
+    }
     for cfg in pick(ll._row_stats_kernel.configs):
-        builds.append(_build("ll_row_stats", ll._row_stats_kernel, ll_types, {**ll_const, "WITH_ENTROPY": True},
-                             cfg, scalar_one=unit, unaligned=tokens))
-    builds.append(_build("ll_label_logits", ll._label_logits_kernel, ll_types,
-                         dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_K=64), None, scalar_one=unit, unaligned=tokens))
+        builds.append(
+            _build(
+                "ll_row_stats",
+                ll._row_stats_kernel,
+                ll_types,
+                {**ll_const, "WITH_ENTROPY": True},
+                cfg,
+                scalar_one=unit,
+                unaligned=tokens,
+            )
+        )
+    builds.append(
+        _build(
+            "ll_label_logits",
+            ll._label_logits_kernel,
+            ll_types,
+            dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_K=64),
+            None,
+            scalar_one=unit,
+            unaligned=tokens,
+        )
+    )
     for cfg in pick(ll._logit_grad_kernel.configs):
-        builds.append(_build("ll_logit_grad", ll._logit_grad_kernel, ll_types,
-                             {**ll_const, "WITH_ENTROPY_GRAD": True}, cfg, scalar_one=unit + ("stride_dzv",),
-                             unaligned=tokens))
+        builds.append(
+            _build(
+                "ll_logit_grad",
+                ll._logit_grad_kernel,
+                ll_types,
+                {**ll_const, "WITH_ENTROPY_GRAD": True},
+                cfg,
+                scalar_one=unit + ("stride_dzv",),
+                unaligned=tokens,
+            )
+        )
 
     # tree decode: the engine's shapes (block_q queries per tile, GQA group of 3 as in SmolLM2)
     group, block_q = 3, 16  # SmolLM2's GQA group; PagedTreeKVCache.decode_meta's default block_q
-    dec_types = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "out_ptr": "*fp32", "lse_ptr": "*fp32",
-                 **_typed("seg_pages_ptr seg_len_ptr pair_ptr_ptr pair_query_ptr tile_seg_ptr tile_start_ptr",
-                          "*i32"),
-                 **_typed("stride_qb stride_qh stride_kp stride_kt stride_kh stride_vp stride_vt stride_vh "
-                        "stride_pages stride_ob stride_oh stride_lb", "i32"),
-                 "scale": "fp32", "page_size": "i32"}
+    dec_types = {
+        "q_ptr": f"*{t}",
+        "k_ptr": f"*{t}",
+        "v_ptr": f"*{t}",
+        "out_ptr": "*fp32",
+        "lse_ptr": "*fp32",
+        **_typed("seg_pages_ptr seg_len_ptr pair_ptr_ptr pair_query_ptr tile_seg_ptr tile_start_ptr", "*i32"),
+        **_typed(
+            "stride_qb stride_qh stride_kp stride_kt stride_kh stride_vp stride_vt stride_vh "
+            "stride_pages stride_ob stride_oh stride_lb",
+            "i32",
+        ),
+        "scale": "fp32",
+        "page_size": "i32",
+    }
     group_pad = 1 << (group - 1).bit_length()
-    for cfg in pick(td.fitting_decode_configs(td._segment_partial_kernel.configs, block_d) if prune
-                    else td._segment_partial_kernel.configs):
-        builds.append(_build("tree_decode_partial", td._segment_partial_kernel, dec_types, dict(
-            GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_ROWS=max(16, block_q * group_pad),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=block_d, UPCAST=dtype == "fp32",
-            IEEE_DOT=dtype == "fp32"), cfg))
+    for cfg in pick(
+        td.fitting_decode_configs(td._segment_partial_kernel.configs, block_d)
+        if prune
+        else td._segment_partial_kernel.configs
+    ):
+        builds.append(
+            _build(
+                "tree_decode_partial",
+                td._segment_partial_kernel,
+                dec_types,
+                dict(
+                    GROUP=group,
+                    GROUP_PAD=group_pad,
+                    BLOCK_Q=block_q,
+                    BLOCK_ROWS=max(16, block_q * group_pad),
+                    HEAD_DIM=head_dim,
+                    HEAD_DIM_PAD=block_d,
+                    UPCAST=dtype == "fp32",
+                    IEEE_DOT=dtype == "fp32",
+                ),
+                cfg,
+            )
+        )
     return builds
 
 
@@ -192,13 +273,20 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(src), "-o", str(src) + ".o"],
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(src), "-o", str(src) + ".o"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     log = res.stdout + res.stderr
     regs = _PTXAS_USAGE.search(log)
     spill = _PTXAS_SPILL.search(log)
-    return (int(regs.group(1)) if regs else -1, int(spill.group(1)) if spill else 0,
-            int(spill.group(2)) if spill else 0)
+    return (
+        int(regs.group(1)) if regs else -1,
+        int(spill.group(1)) if spill else 0,
+        int(spill.group(2)) if spill else 0,
+    )
 
 
 def compile_build(build: KernelBuild, arch: int = 90) -> BuildReport:
@@ -218,8 +306,9 @@ def compile_build(build: KernelBuild, arch: int = 90) -> BuildReport:
     regs, spill_st, spill_ld = _ptxas_usage(compiled.asm["ptx"], arch)
     ttgir = compiled.asm["ttgir"]
     async_loads = len(re.findall(r"async_copy_global_to_local|async_tma_copy_global_to_local", ttgir))
-    return BuildReport(build.kernel, build.label, regs, spill_st, spill_ld, compiled.metadata.shared,
-                       async_loads, seconds)
+    return BuildReport(
+        build.kernel, build.label, regs, spill_st, spill_ld, compiled.metadata.shared, async_loads, seconds
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,8 +342,18 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             print(f"  ^ shared memory {report.shared_bytes} B exceeds sm_{args.arch}'s {limit} B")
     if args.json:
-        args.json.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "dtype": args.dtype,
-                                         "head_dim": args.head_dim, "builds": records}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "triton": triton.__version__,
+                    "arch": args.arch,
+                    "dtype": args.dtype,
+                    "head_dim": args.head_dim,
+                    "builds": records,
+                },
+                indent=1,
+            )
+        )
     return 1 if failures else 0
 
 

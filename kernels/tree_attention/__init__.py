@@ -13,6 +13,7 @@ Backends (`trace_kernels._runtime.select_backend`):
     cpu.py     anywhere else: the dense math per independent tree, padded into one batch
     naive.py   the dense [T, T]-mask oracle the tests and benches compare against
 """
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ A packed micro-batch holds several trees, and no pair across two trees is visibl
 range gets its own [L, L] block, batched with padding to the longest: S * L_max^2 pairs instead
 of T^2. Pure PyTorch, differentiable through autograd, runs on any device.
 """
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ Same semantics as `trace_kernels.tree_attention` (the tests compare the Triton a
 it, values and gradients). It spends T^2 work and memory, so it is for checking, not for long
 packed trees; the CPU path (cpu.py) runs the same math per independent tree.
 """
+
 from __future__ import annotations
 
 import math

@@ -26,6 +26,7 @@ Two loop shapes, both autotune candidates (the faster depends on the tree and th
 Host side: `block_skip_metadata`, and `tree_attention_forward` / `tree_attention_backward`, which
 the op's autograd Function (in __init__) calls. Inputs arrive validated.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,14 +51,26 @@ _INTERPRET = interpreter_enabled()
 # (RUNS=False) as a candidate: which is faster depends on the tree and the GPU.
 _SHAPES = {
     "fwd": {
-        64: [(128, 64, 8, 3, True), (64, 64, 4, 3, True), (128, 32, 4, 4, True), (128, 128, 8, 2, True),
-             (64, 32, 4, 4, True), (128, 64, 8, 3, False), (128, 64, 4, 3, False)],
+        64: [
+            (128, 64, 8, 3, True),
+            (64, 64, 4, 3, True),
+            (128, 32, 4, 4, True),
+            (128, 128, 8, 2, True),
+            (64, 32, 4, 4, True),
+            (128, 64, 8, 3, False),
+            (128, 64, 4, 3, False),
+        ],
         128: [(128, 64, 8, 3, True), (64, 64, 4, 3, True), (64, 32, 4, 4, True), (128, 64, 8, 3, False)],
         256: [(64, 32, 8, 3, True), (64, 64, 8, 2, True), (64, 32, 4, 3, False)],
     },
     "dq": {
-        64: [(128, 64, 8, 3, True), (64, 64, 4, 3, True), (128, 32, 4, 4, True), (64, 32, 4, 4, True),
-             (128, 64, 8, 3, False)],
+        64: [
+            (128, 64, 8, 3, True),
+            (64, 64, 4, 3, True),
+            (128, 32, 4, 4, True),
+            (64, 32, 4, 4, True),
+            (128, 64, 8, 3, False),
+        ],
         128: [(128, 64, 8, 3, True), (64, 32, 4, 4, True), (128, 64, 8, 3, False)],
         256: [(32, 32, 4, 3, True), (32, 32, 4, 3, False)],
     },
@@ -82,8 +95,11 @@ def _configs(kernel: str) -> list[triton.Config]:
     if _INTERPRET:
         bm, bn = (32, 16) if kernel == "dkdv" else (16, 32)  # BLOCK_N > META: the vector max path
         # SCAN=4: a 64-key scan window, so small test trees exercise windows with no visible block
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn} if kernel == "dkdv" else {"BLOCK_M": bm, "BLOCK_N": bn, "RUNS": True,
-                                                                         "SCAN": 4}
+        meta = (
+            {"BLOCK_M": bm, "BLOCK_N": bn}
+            if kernel == "dkdv"
+            else {"BLOCK_M": bm, "BLOCK_N": bn, "RUNS": True, "SCAN": 4}
+        )
         return [triton.Config(meta, num_warps=4, num_stages=1)]
     shapes = dict.fromkeys(shape for bucket in _SHAPES[kernel].values() for shape in bucket)  # ordered, unique
     return [_config(kernel, shape) for shape in shapes]
@@ -102,6 +118,7 @@ def fitting_configs(kernel: str, configs: list[triton.Config], block_d: int) -> 
 def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
         return fitting_configs(kernel, configs, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
+
     return {"early_config_prune": prune}
 
 
@@ -136,17 +153,38 @@ def _next_visible_run(KV_MAX_END, j, stop, i0, META_: tl.constexpr, SCAN: tl.con
 
 
 @triton.jit
-def _kv_tile(K, V, END, j0, key_stop, kv_head, offs_m, offs_d, d_ok, stride_kt, stride_kh, stride_vt, stride_vh,
-             BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+def _kv_tile(
+    K,
+    V,
+    END,
+    j0,
+    key_stop,
+    kv_head,
+    offs_m,
+    offs_d,
+    d_ok,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Key/value tile starting at j0 (keys >= key_stop <= T masked off) and which of its keys each
     query row offs_m may see."""
     offs_n = j0 + tl.arange(0, BLOCK_N)
     col_ok = offs_n < key_stop
     cols = offs_n.to(tl.int64)
-    k = tl.load(K + cols[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + cols[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    k = tl.load(
+        K + cols[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+        mask=col_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    v = tl.load(
+        V + cols[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+        mask=col_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     if UPCAST:  # the interpreter's tl.dot is wrong on bf16
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -166,12 +204,47 @@ def _query_tile(T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.co
 
 
 @triton.jit
-def _fwd_tile(q, m_i, l_i, acc, K, V, END, j0, key_stop, kv_head, offs_m, offs_d, d_ok, qk_scale_log2,
-              stride_kt, stride_kh, stride_vt, stride_vh,
-              BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _fwd_tile(
+    q,
+    m_i,
+    l_i,
+    acc,
+    K,
+    V,
+    END,
+    j0,
+    key_stop,
+    kv_head,
+    offs_m,
+    offs_d,
+    d_ok,
+    qk_scale_log2,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """One online-softmax step over the key tile at j0: returns the updated (m_i, l_i, acc)."""
-    k, v, visible = _kv_tile(K, V, END, j0, key_stop, kv_head, offs_m, offs_d, d_ok, stride_kt, stride_kh,
-                             stride_vt, stride_vh, BLOCK_N, UPCAST)
+    k, v, visible = _kv_tile(
+        K,
+        V,
+        END,
+        j0,
+        key_stop,
+        kv_head,
+        offs_m,
+        offs_d,
+        d_ok,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        BLOCK_N,
+        UPCAST,
+    )
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
     qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -187,19 +260,45 @@ def _fwd_tile(q, m_i, l_i, acc, K, V, END, j0, key_stop, kv_head, offs_m, offs_d
 @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "GROUP"], prune_configs_by=_prune("fwd"))
 @triton.jit(do_not_specialize=["T", "n_meta"])
 def _tree_attn_fwd_kernel(
-    Q, K, V, END, KV_MAX_END, FIRST_KV, O, LSE,
-    T, n_meta, qk_scale_log2,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, META_: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUNS: tl.constexpr, SCAN: tl.constexpr = 64,
+    Q,
+    K,
+    V,
+    END,
+    KV_MAX_END,
+    FIRST_KV,
+    O,
+    LSE,
+    T,
+    n_meta,
+    qk_scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    META_: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RUNS: tl.constexpr,
+    SCAN: tl.constexpr = 64,
 ):
     head = tl.program_id(1)
     kv_head = head // GROUP
     i0, offs_m, offs_d, row_ok, d_ok, rows = _query_tile(T, HEAD_DIM, BLOCK_M, BLOCK_D)
 
-    q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     if UPCAST:  # the interpreter's tl.dot is wrong on bf16
         q = q.to(tl.float32)
 
@@ -214,33 +313,111 @@ def _tree_attn_fwd_kernel(
         while j < hi:
             run_start, run_end = _next_visible_run(KV_MAX_END, j, hi, i0, META_, SCAN)
             for j0 in range(run_start, run_end, BLOCK_N):  # no branch: Triton pipelines these loads
-                m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, K, V, END, j0, run_end, kv_head, offs_m, offs_d, d_ok,
-                                          qk_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                          BLOCK_N, UPCAST, DOT_PRECISION)
+                m_i, l_i, acc = _fwd_tile(
+                    q,
+                    m_i,
+                    l_i,
+                    acc,
+                    K,
+                    V,
+                    END,
+                    j0,
+                    run_end,
+                    kv_head,
+                    offs_m,
+                    offs_d,
+                    d_ok,
+                    qk_scale_log2,
+                    stride_kt,
+                    stride_kh,
+                    stride_vt,
+                    stride_vh,
+                    BLOCK_N,
+                    UPCAST,
+                    DOT_PRECISION,
+                )
             j = run_end
     else:
         for j0 in range(first_key // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             if _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N, META_) > i0:
-                m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, K, V, END, j0, T, kv_head, offs_m, offs_d, d_ok,
-                                          qk_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                                          BLOCK_N, UPCAST, DOT_PRECISION)
+                m_i, l_i, acc = _fwd_tile(
+                    q,
+                    m_i,
+                    l_i,
+                    acc,
+                    K,
+                    V,
+                    END,
+                    j0,
+                    T,
+                    kv_head,
+                    offs_m,
+                    offs_d,
+                    d_ok,
+                    qk_scale_log2,
+                    stride_kt,
+                    stride_kh,
+                    stride_vt,
+                    stride_vh,
+                    BLOCK_N,
+                    UPCAST,
+                    DOT_PRECISION,
+                )
 
     # every real row sees at least itself (end[i] > i), so l_i > 0 there; padding rows are not stored
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
     tl.store(LSE + head * T + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
-def _dq_tile(q, do, lse_log2, delta, K, V, END, j0, key_stop, kv_head, offs_m, offs_d, d_ok, qk_scale_log2,
-             stride_kt, stride_kh, stride_vt, stride_vh,
-             BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dq_tile(
+    q,
+    do,
+    lse_log2,
+    delta,
+    K,
+    V,
+    END,
+    j0,
+    key_stop,
+    kv_head,
+    offs_m,
+    offs_d,
+    d_ok,
+    qk_scale_log2,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """dS @ K of the key tile at j0 (unscaled), with P recomputed from the forward's LSE."""
-    k, v, visible = _kv_tile(K, V, END, j0, key_stop, kv_head, offs_m, offs_d, d_ok, stride_kt, stride_kh,
-                             stride_vt, stride_vh, BLOCK_N, UPCAST)
+    k, v, visible = _kv_tile(
+        K,
+        V,
+        END,
+        j0,
+        key_stop,
+        kv_head,
+        offs_m,
+        offs_d,
+        d_ok,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        BLOCK_N,
+        UPCAST,
+    )
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
     p = tl.exp2(tl.where(visible, qk, float("-inf")) - lse_log2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -251,12 +428,38 @@ def _dq_tile(q, do, lse_log2, delta, K, V, END, j0, key_stop, kv_head, offs_m, o
 @triton.autotune(configs=_configs("dq"), key=["HEAD_DIM", "GROUP"], prune_configs_by=_prune("dq"))
 @triton.jit(do_not_specialize=["T", "n_meta"])
 def _tree_attn_bwd_dq_kernel(
-    Q, K, V, END, KV_MAX_END, FIRST_KV, DO, LSE, DELTA, DQ,
-    T, n_meta, qk_scale_log2, sm_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, META_: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUNS: tl.constexpr, SCAN: tl.constexpr = 64,
+    Q,
+    K,
+    V,
+    END,
+    KV_MAX_END,
+    FIRST_KV,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    T,
+    n_meta,
+    qk_scale_log2,
+    sm_scale,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    META_: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RUNS: tl.constexpr,
+    SCAN: tl.constexpr = 64,
 ):
     head = tl.program_id(1)
     kv_head = head // GROUP
@@ -279,31 +482,93 @@ def _tree_attn_bwd_dq_kernel(
         while j < hi:
             run_start, run_end = _next_visible_run(KV_MAX_END, j, hi, i0, META_, SCAN)
             for j0 in range(run_start, run_end, BLOCK_N):
-                dq += _dq_tile(q, do, lse_log2, delta, K, V, END, j0, run_end, kv_head, offs_m, offs_d, d_ok,
-                               qk_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                               BLOCK_N, UPCAST, DOT_PRECISION)
+                dq += _dq_tile(
+                    q,
+                    do,
+                    lse_log2,
+                    delta,
+                    K,
+                    V,
+                    END,
+                    j0,
+                    run_end,
+                    kv_head,
+                    offs_m,
+                    offs_d,
+                    d_ok,
+                    qk_scale_log2,
+                    stride_kt,
+                    stride_kh,
+                    stride_vt,
+                    stride_vh,
+                    BLOCK_N,
+                    UPCAST,
+                    DOT_PRECISION,
+                )
             j = run_end
     else:
         for j0 in range(first_key // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             if _kv_tile_max_end(KV_MAX_END, j0, n_meta, BLOCK_N, META_) > i0:
-                dq += _dq_tile(q, do, lse_log2, delta, K, V, END, j0, T, kv_head, offs_m, offs_d, d_ok,
-                               qk_scale_log2, stride_kt, stride_kh, stride_vt, stride_vh,
-                               BLOCK_N, UPCAST, DOT_PRECISION)
+                dq += _dq_tile(
+                    q,
+                    do,
+                    lse_log2,
+                    delta,
+                    K,
+                    V,
+                    END,
+                    j0,
+                    T,
+                    kv_head,
+                    offs_m,
+                    offs_d,
+                    d_ok,
+                    qk_scale_log2,
+                    stride_kt,
+                    stride_kh,
+                    stride_vt,
+                    stride_vh,
+                    BLOCK_N,
+                    UPCAST,
+                    DOT_PRECISION,
+                )
 
     dq = dq * sm_scale
-    tl.store(DQ + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=tile_ok)
+    tl.store(
+        DQ + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_ok
+    )
 
 
 @triton.autotune(configs=_configs("dkdv"), key=["HEAD_DIM", "GROUP"], prune_configs_by=_prune("dkdv"))
 @triton.jit(do_not_specialize=["T"])
 def _tree_attn_bwd_dkdv_kernel(
-    Q, K, V, END, DO, LSE, DELTA, DK, DV,
-    T, qk_scale_log2, sm_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    END,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    T,
+    qk_scale_log2,
+    sm_scale,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """One key tile of one kv head; loops over the GROUP query heads sharing it (GQA) and over the
     query tiles that can see it: [j0, max(end over the tile)), a contiguous range since each key's
@@ -353,10 +618,16 @@ def _tree_attn_bwd_dkdv_kernel(
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
     dk = dk * sm_scale
-    tl.store(DK + cols[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=key_tile_ok)
-    tl.store(DV + cols[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=key_tile_ok)
+    tl.store(
+        DK + cols[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=key_tile_ok,
+    )
+    tl.store(
+        DV + cols[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=key_tile_ok,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,10 +669,28 @@ def tree_attention_forward(q, k, v, end, scale):
     lse = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), Hq)
     _tree_attn_fwd_kernel[grid](
-        q, k, v, end, kv_max_end, first_kv, out, lse,
-        T, kv_max_end.shape[0], scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        GROUP=group, META_=META, **_launch_args(q),
+        q,
+        k,
+        v,
+        end,
+        kv_max_end,
+        first_kv,
+        out,
+        lse,
+        T,
+        kv_max_end.shape[0],
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        META_=META,
+        **_launch_args(q),
     )
     return out, lse, kv_max_end, first_kv
 
@@ -418,14 +707,49 @@ def tree_attention_backward(q, k, v, end, out, lse, kv_max_end, first_kv, dout, 
     dk = torch.empty_like(k_c)
     dv = torch.empty_like(v_c)
     common = dict(GROUP=group, **_launch_args(q))
-    strides = (q_c.stride(0), q_c.stride(1), k_c.stride(0), k_c.stride(1), v_c.stride(0), v_c.stride(1),
-               dout.stride(0), dout.stride(1))
+    strides = (
+        q_c.stride(0),
+        q_c.stride(1),
+        k_c.stride(0),
+        k_c.stride(1),
+        v_c.stride(0),
+        v_c.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+    )
     _tree_attn_bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), Hq)](
-        q_c, k_c, v_c, end, kv_max_end, first_kv, dout, lse, delta, dq,
-        T, kv_max_end.shape[0], scale * LOG2E, scale, *strides, META_=META, **common,
+        q_c,
+        k_c,
+        v_c,
+        end,
+        kv_max_end,
+        first_kv,
+        dout,
+        lse,
+        delta,
+        dq,
+        T,
+        kv_max_end.shape[0],
+        scale * LOG2E,
+        scale,
+        *strides,
+        META_=META,
+        **common,
     )
     _tree_attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), Hkv)](
-        q_c, k_c, v_c, end, dout, lse, delta, dk, dv,
-        T, scale * LOG2E, scale, *strides, **common,
+        q_c,
+        k_c,
+        v_c,
+        end,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        T,
+        scale * LOG2E,
+        scale,
+        *strides,
+        **common,
     )
     return dq, dk, dv

@@ -15,6 +15,7 @@ Backends (`trace_kernels._runtime.select_backend`):
     meta.py    the step's metadata (segments, their queries, work tiles; split-KV chunking)
     checks.py  argument validation, shared by the op and the torch paths
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,15 @@ from .triton import tree_decode_triton
 __all__ = ["TreeDecodeMeta", "build_tree_decode_meta", "choose_split_tokens", "tree_decode_attention"]
 
 
-def tree_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: TreeDecodeMeta, *,
-                          scale: float | None = None, backend: Backend | str | None = None) -> torch.Tensor:
+def tree_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    meta: TreeDecodeMeta,
+    *,
+    scale: float | None = None,
+    backend: Backend | str | None = None,
+) -> torch.Tensor:
     """Decode attention of B branches over the paged tree KV cache.
 
     q [B, Hq, D]; k_pool, v_pool [num_pages, page_size, Hkv, D] (one layer's pools); meta from

@@ -2,6 +2,7 @@
 
 Shape, dtype and metadata-consistency checks only (no data reads, so no GPU sync).
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ K/V gathered once for all the queries below it, partial attention + LSE per (seg
 merged in fp32), which tests and the CPU bench compare with the per-branch math.
 `merge_partials` is the LSE merge, shared with the Triton path.
 """
+
 from __future__ import annotations
 
 import torch

@@ -22,6 +22,7 @@ same queries (split-KV, as in flash-decoding). A long shared prefix with few bra
 by many programs in parallel instead of one per kv head, and the LSE merge is unchanged; every
 page is still read once per tile of queries. `choose_split_tokens` picks the chunk for a GPU.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -59,8 +60,16 @@ class TreeDecodeMeta:
         return int(self.query_len.cpu().numpy().astype(np.int64).sum())
 
 
-def choose_split_tokens(seg_len: Sequence[int], seg_queries: Sequence[int], *, block_q: int, kv_heads: int,
-                        page_size: int, target_programs: int, min_tokens: int = 256) -> int | None:
+def choose_split_tokens(
+    seg_len: Sequence[int],
+    seg_queries: Sequence[int],
+    *,
+    block_q: int,
+    kv_heads: int,
+    page_size: int,
+    target_programs: int,
+    min_tokens: int = 256,
+) -> int | None:
     """The largest chunk (min_tokens times a power of two, whole pages) that gives the decode kernel
     at least `target_programs` programs (e.g. 2 per SM), or min_tokens if none does; None when the
     unsplit segments already give enough programs.
@@ -100,8 +109,9 @@ def build_tree_decode_meta(
         raise ValueError(f"page_size: must be a positive integer, got {page_size!r}")
     if not isinstance(block_q, int) or block_q <= 0 or block_q & (block_q - 1):
         raise ValueError(f"block_q: must be a positive power of two, got {block_q!r}")
-    if split_tokens is not None and (not isinstance(split_tokens, int) or split_tokens <= 0
-                                     or split_tokens % page_size):
+    if split_tokens is not None and (
+        not isinstance(split_tokens, int) or split_tokens <= 0 or split_tokens % page_size
+    ):
         raise ValueError(f"split_tokens: must be a positive multiple of page_size ({page_size}), got {split_tokens!r}")
     if len(query_segments) == 0:
         raise ValueError("query_segments: at least one query is needed")
@@ -132,7 +142,7 @@ def build_tree_decode_meta(
         step = length if split_tokens is None else split_tokens
         per_chunk = -(-step // page_size)
         for c, start in enumerate(range(0, length, step)):
-            chunks.append((pages[c * per_chunk:(c + 1) * per_chunk], min(step, length - start), queries_of[s]))
+            chunks.append((pages[c * per_chunk : (c + 1) * per_chunk], min(step, length - start), queries_of[s]))
     max_pages = max(len(pages) for pages, _, _ in chunks)
     seg_pages = np.zeros((len(chunks), max_pages), np.int32)
     seg_len = np.zeros(len(chunks), np.int32)
@@ -166,7 +176,15 @@ def build_tree_decode_meta(
         return torch.as_tensor(a).to(device)
 
     return TreeDecodeMeta(
-        seg_pages=t(seg_pages), seg_len=t(seg_len), pair_ptr=t(pair_ptr),
-        pair_query=t(np.asarray(pair_query, np.int32)), tile_seg=t(np.asarray(tile_seg, np.int32)),
-        tile_start=t(np.asarray(tile_start, np.int32)), query_slots=t(query_slots), query_len=t(query_len),
-        page_size=page_size, block_q=block_q, num_queries=len(query_segments))
+        seg_pages=t(seg_pages),
+        seg_len=t(seg_len),
+        pair_ptr=t(pair_ptr),
+        pair_query=t(np.asarray(pair_query, np.int32)),
+        tile_seg=t(np.asarray(tile_seg, np.int32)),
+        tile_start=t(np.asarray(tile_start, np.int32)),
+        query_slots=t(query_slots),
+        query_len=t(query_len),
+        page_size=page_size,
+        block_q=block_q,
+        num_queries=len(query_segments),
+    )

@@ -7,6 +7,7 @@
 Shapes: q [B, Hq, D]; k_pool, v_pool [num_pages, page_size, Hkv, D]; Hq % Hkv == 0 (GQA);
 returns [B, Hq, D] in q's dtype.
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ A query's result depends only on its own path (each (segment, query) partial is 
 row), so a branch alone and the same branch among many siblings agree within fp tolerance.
 Host side: `tree_decode_triton`, which the op (in __init__) calls with validated inputs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,22 +57,47 @@ def _next_pow2(x: int) -> int:
 
 if triton is not None:
 
-    @triton.autotune(configs=decode_configs(), key=["HEAD_DIM", "BLOCK_ROWS", "GROUP"],
-                     prune_configs_by={"early_config_prune": _prune_decode})
+    @triton.autotune(
+        configs=decode_configs(),
+        key=["HEAD_DIM", "BLOCK_ROWS", "GROUP"],
+        prune_configs_by={"early_config_prune": _prune_decode},
+    )
     @triton.jit
     def _segment_partial_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-        seg_pages_ptr, seg_len_ptr, pair_ptr_ptr, pair_query_ptr, tile_seg_ptr, tile_start_ptr,
-        stride_qb, stride_qh,
-        stride_kp, stride_kt, stride_kh,
-        stride_vp, stride_vt, stride_vh,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        out_ptr,
+        lse_ptr,
+        seg_pages_ptr,
+        seg_len_ptr,
+        pair_ptr_ptr,
+        pair_query_ptr,
+        tile_seg_ptr,
+        tile_start_ptr,
+        stride_qb,
+        stride_qh,
+        stride_kp,
+        stride_kt,
+        stride_kh,
+        stride_vp,
+        stride_vt,
+        stride_vh,
         stride_pages,
-        stride_ob, stride_oh,
+        stride_ob,
+        stride_oh,
         stride_lb,
-        scale, page_size,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+        scale,
+        page_size,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr,
+        UPCAST: tl.constexpr,
+        IEEE_DOT: tl.constexpr,
     ):
         tile = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -87,8 +113,11 @@ if triton is not None:
         query = tl.load(pair_query_ptr + pair, mask=row_ok, other=0).to(tl.int64)
         dims = tl.arange(0, HEAD_DIM_PAD)
         dim_ok = dims < HEAD_DIM
-        q = tl.load(q_ptr + query[:, None] * stride_qb + head[:, None] * stride_qh + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        q = tl.load(
+            q_ptr + query[:, None] * stride_qb + head[:, None] * stride_qh + dims[None, :],
+            mask=row_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32
             q = q.to(tl.float32)
 
@@ -101,10 +130,16 @@ if triton is not None:
             page = tl.load(seg_pages_ptr + seg * stride_pages + tok // page_size, mask=tok_ok, other=0).to(tl.int64)
             offset = tok % page_size
             kv_mask = tok_ok[:, None] & dim_ok[None, :]
-            k = tl.load(k_ptr + page[:, None] * stride_kp + offset[:, None] * stride_kt + kv_head * stride_kh
-                        + dims[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + page[:, None] * stride_vp + offset[:, None] * stride_vt + kv_head * stride_vh
-                        + dims[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(
+                k_ptr + page[:, None] * stride_kp + offset[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            v = tl.load(
+                v_ptr + page[:, None] * stride_vp + offset[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -126,8 +161,11 @@ if triton is not None:
         out = acc / l_i[:, None]
         lse = m_i + tl.log(l_i)
         pair64 = pair.to(tl.int64)
-        tl.store(out_ptr + pair64[:, None] * stride_ob + head[:, None] * stride_oh + dims[None, :], out,
-                 mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(
+            out_ptr + pair64[:, None] * stride_ob + head[:, None] * stride_oh + dims[None, :],
+            out,
+            mask=row_ok[:, None] & dim_ok[None, :],
+        )
         tl.store(lse_ptr + pair64 * stride_lb + head, lse, mask=row_ok)
 
 
@@ -147,17 +185,39 @@ def tree_decode_triton(q, k_pool, v_pool, meta: TreeDecodeMeta, scale: float):
     upcast = interpreter_enabled() or q.dtype == torch.float32
     grid = (int(meta.tile_seg.numel()), kv_heads)
     _segment_partial_kernel[grid](
-        q, k_pool, v_pool, partial_out, partial_lse,
-        meta.seg_pages, meta.seg_len, meta.pair_ptr, meta.pair_query, meta.tile_seg, meta.tile_start,
-        q.stride(0), q.stride(1),
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+        q,
+        k_pool,
+        v_pool,
+        partial_out,
+        partial_lse,
+        meta.seg_pages,
+        meta.seg_len,
+        meta.pair_ptr,
+        meta.pair_query,
+        meta.tile_seg,
+        meta.tile_start,
+        q.stride(0),
+        q.stride(1),
+        k_pool.stride(0),
+        k_pool.stride(1),
+        k_pool.stride(2),
+        v_pool.stride(0),
+        v_pool.stride(1),
+        v_pool.stride(2),
         meta.seg_pages.stride(0),
-        partial_out.stride(0), partial_out.stride(1),
+        partial_out.stride(0),
+        partial_out.stride(1),
         partial_lse.stride(0),
-        scale, meta.page_size,
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_ROWS=max(16, block_q * group_pad),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, _next_pow2(head_dim)), UPCAST=upcast, IEEE_DOT=upcast,
+        scale,
+        meta.page_size,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_Q=block_q,
+        BLOCK_ROWS=max(16, block_q * group_pad),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=max(16, _next_pow2(head_dim)),
+        UPCAST=upcast,
+        IEEE_DOT=upcast,
     )
     out = merge_partials(partial_out, partial_lse, meta.pair_query.long(), meta.num_queries)
     return out.to(q.dtype)

@@ -1,5 +1,6 @@
 """Rollout allocation (trace_core.allocation): exactness against brute force, the fast solvers against
 their pure-Python twins, baselines, tie rules, helpers, and every user-facing error."""
+
 from __future__ import annotations
 
 import itertools
@@ -33,6 +34,7 @@ SETTINGS = settings(max_examples=150, deadline=None)
 
 
 # ---------------------------------------------------------------- brute force oracles (independent code)
+
 
 def mixed(v: float, m: int, eps: float = EPS) -> float:
     v = min(max(v, eps), 1 - eps)
@@ -105,7 +107,9 @@ def check_prefix_counts(counts, group, budgets, k_max):
     assert (counts >= 0).all()
     if k_max is not None:
         assert (counts <= k_max).all()
-    assert np.bincount(np.asarray(group, dtype=np.int64), weights=counts, minlength=len(budgets)).tolist() == list(budgets)
+    assert np.bincount(np.asarray(group, dtype=np.int64), weights=counts, minlength=len(budgets)).tolist() == list(
+        budgets
+    )
 
 
 def other_allocators():
@@ -113,6 +117,7 @@ def other_allocators():
 
 
 # ---------------------------------------------------------------- stage 1: roots
+
 
 @pytest.mark.parametrize("method", ["dp", "ranked"])
 def test_roots_match_exhaustive_search_and_beat_baselines(method):
@@ -160,7 +165,13 @@ def test_roots_beat_greedy_where_greedy_is_suboptimal(method):
 
 
 def test_roots_tie_rule_is_reverse_lexicographic_minimum_among_optima():
-    for v_value, n, budget, m_max in [(0.0, 6, 15, 6), (1.0, 5, 11, 3), (0.0, 3, 12, None), (0.0, 4, 8, 8), (0.37, 5, 12, 6)]:
+    for v_value, n, budget, m_max in [
+        (0.0, 6, 15, 6),
+        (1.0, 5, 11, 3),
+        (0.0, 3, 12, None),
+        (0.0, 4, 8, 8),
+        (0.37, 5, 12, 6),
+    ]:
         v = [v_value] * n
         allocations = all_root_allocations(n, budget, 2, m_max)
         best = max(root_value(v, c) for c in allocations)
@@ -252,6 +263,7 @@ def test_roots_properties(v, budget, m_min, extra):
 
 # ---------------------------------------------------------------- stage 2: prefixes
 
+
 def test_prefixes_match_exhaustive_search_and_beat_baselines():
     rng = np.random.default_rng(1)
     for trial in range(120):
@@ -293,7 +305,9 @@ def test_prefixes_groups_are_independent_and_need_not_be_contiguous():
     budgets = [3, 4, 2]
     together = allocate_prefixes(p, r, group, budgets, k_max=3)
     for g in range(3):
-        alone = allocate_prefixes(p[group == g], r[group == g], np.zeros((group == g).sum(), dtype=int), [budgets[g]], k_max=3)
+        alone = allocate_prefixes(
+            p[group == g], r[group == g], np.zeros((group == g).sum(), dtype=int), [budgets[g]], k_max=3
+        )
         assert np.array_equal(together[group == g], alone)
 
 
@@ -342,6 +356,7 @@ def test_prefixes_properties(data, n, n_groups, k_max):
 
 # ---------------------------------------------------------------- fast == reference on larger inputs
 
+
 def test_fast_solvers_equal_pure_python_on_larger_inputs():
     rng = np.random.default_rng(2)
     v = np.concatenate([rng.random(60), np.full(10, 0.5), np.zeros(5), np.ones(5)])
@@ -378,6 +393,7 @@ def test_root_dp_recomputed_backtrack_equals_the_full_choice_table():
 
 
 # ---------------------------------------------------------------- baselines and registry
+
 
 def test_registry_lists_the_builtin_strategies():
     assert {"trace", "uniform", "random_tree", "pcl"} <= set(available_allocators())
@@ -431,7 +447,9 @@ def test_random_tree_is_reproducible_and_respects_caps():
     check_prefix_counts(first, group, budgets, 3)
     assert np.array_equal(first, again) and not np.array_equal(first, other)
     # Anchors are picked uniformly: with one continuation each, the spread is random, not first-come.
-    spread = get_allocator("random_tree", rng=0).prefixes(np.full(100, 0.5), np.ones(100, int), np.zeros(100, int), [50])
+    spread = get_allocator("random_tree", rng=0).prefixes(
+        np.full(100, 0.5), np.ones(100, int), np.zeros(100, int), [50]
+    )
     assert 10 < spread[:50].sum() < 40
     with pytest.raises(ValueError, match="rng must be a numpy.random.Generator or an int seed"):
         get_allocator("random_tree", rng="seed")
@@ -479,6 +497,7 @@ def test_registry_errors():
 
 
 # ---------------------------------------------------------------- objective helpers
+
 
 def enumerate_mixed_probability(v: float, m: int) -> float:
     """P(both outcomes among m Bernoulli(v) draws), summed over all 2^m outcome vectors."""
@@ -589,7 +608,10 @@ PREFIX_ERRORS = [
     (dict(budget_per_group=[2, -1]), r"budget_per_group must be >= 0 everywhere; budget_per_group\[1\] = -1"),
     (dict(budget_per_group=[[2, 1]]), "budget_per_group must be a 1-D array"),
     (dict(budget_per_group=[2, 1], k_max=0), "k_max must be >= 1, got 0"),
-    (dict(budget_per_group=[5, 1], k_max=4), r"budget_per_group\[0\] = 5 is not reachable: group 0 has 1 anchor\(s\) \(k_max=4, so at most 4"),
+    (
+        dict(budget_per_group=[5, 1], k_max=4),
+        r"budget_per_group\[0\] = 5 is not reachable: group 0 has 1 anchor\(s\) \(k_max=4, so at most 4",
+    ),
     (dict(budget_per_group=[1, 1, 3]), r"budget_per_group\[2\] = 3 is not reachable: group 2 has 0 anchor\(s\)"),
     (dict(eps=-0.1), r"eps must be a float in \[0, 0.5\], got -0.1"),
 ]

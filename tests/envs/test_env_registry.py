@@ -1,4 +1,5 @@
 """Registry by name, EnvConfig, and tool timeouts."""
+
 import time
 
 import pytest
@@ -25,12 +26,15 @@ def test_env_config_from_dict():
     assert len(cfg.make_task_source().tasks("train")) == 4
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"env": {}}, "missing the field 'name'"),
-    ({"name": "gridworld", "envs": {}}, r"unknown field\(s\) \['envs'\]"),
-    ({"name": "gridworld", "env": [1]}, "field 'env' must be a mapping"),
-    ([1], "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"env": {}}, "missing the field 'name'"),
+        ({"name": "gridworld", "envs": {}}, r"unknown field\(s\) \['envs'\]"),
+        ({"name": "gridworld", "env": [1]}, "field 'env' must be a mapping"),
+        ([1], "must be a mapping"),
+    ],
+)
 def test_env_config_errors(data, message):
     with pytest.raises(EnvError, match=message):
         EnvConfig.from_dict(data)

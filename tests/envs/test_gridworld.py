@@ -1,18 +1,33 @@
 """Grid world: parsing policy, transitions vs exact DP, scripted rates, turn limit, resume and reseed."""
+
 import pickle
 
 import numpy as np
 import pytest
 
 from trace_core.envs.base import Env, EnvError, EpisodeStateError
+from trace_core.envs.gridworld.env import GridWorldEnv, parse_grid_action
 from trace_core.envs.gridworld.policies import (
-    POLICIES, exact_success_rate, greedy_action, optimal_action, rollout_success_rate, success_table,
+    POLICIES,
+    exact_success_rate,
+    greedy_action,
+    optimal_action,
+    rollout_success_rate,
+    success_table,
 )
 from trace_core.envs.gridworld.tasks import LEVELS, GridTaskSource, generate_grid_tasks, parse_grid_task, split_of
-from trace_core.envs.gridworld.env import GridWorldEnv, parse_grid_action
 
-OPEN_TASK = {"id": "t", "level": 1, "size": 4, "slip": 0.0, "max_turns": 4, "start": [0, 0], "goal": [0, 3],
-             "walls": [[1, 1]], "holes": [[1, 0]]}
+OPEN_TASK = {
+    "id": "t",
+    "level": 1,
+    "size": 4,
+    "slip": 0.0,
+    "max_turns": 4,
+    "start": [0, 0],
+    "goal": [0, 3],
+    "walls": [[1, 1]],
+    "holes": [[1, 0]],
+}
 
 
 def slippery(**over):
@@ -33,10 +48,21 @@ def test_env_satisfies_protocol():
     assert isinstance(GridWorldEnv(), Env)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("north", "north"), ("  East \n", "east"), ("west<eot>", "west"), ("south <eos>", "south"),
-    ("north east", "north"), ("", None), ("up", None), ("<eot>", None), ("goal north", None), ("<eot> west", "west"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("north", "north"),
+        ("  East \n", "east"),
+        ("west<eot>", "west"),
+        ("south <eos>", "south"),
+        ("north east", "north"),
+        ("", None),
+        ("up", None),
+        ("<eot>", None),
+        ("goal north", None),
+        ("<eot> west", "west"),
+    ],
+)
 def test_action_parser_policy(text, expected):
     direction, reason = parse_grid_action(text)
     assert direction == expected
@@ -152,11 +178,19 @@ def test_snapshot_errors():
         env.restore(env.snapshot(), seed="abc")
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("size", 0, "'size'"), ("slip", 1.5, "'slip'"), ("max_turns", 0, "'max_turns'"),
-    ("start", [0, 9], "'start'"), ("goal", [0, 0], "'start' and 'goal'"), ("walls", "x", "'walls'"),
-    ("goal", [1, 1], "'goal'"), ("start", "a", "'start'"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("size", 0, "'size'"),
+        ("slip", 1.5, "'slip'"),
+        ("max_turns", 0, "'max_turns'"),
+        ("start", [0, 9], "'start'"),
+        ("goal", [0, 0], "'start' and 'goal'"),
+        ("walls", "x", "'walls'"),
+        ("goal", [1, 1], "'goal'"),
+        ("start", "a", "'start'"),
+    ],
+)
 def test_task_errors_name_the_field(field, value, message):
     with pytest.raises(EnvError, match=message):
         GridWorldEnv().reset({**OPEN_TASK, field: value})
@@ -185,8 +219,15 @@ def test_generator_is_seeded_graded_and_splits_are_disjoint():
     assert train == GridTaskSource(num_train=200, num_eval=40, seed=1).tasks("train")
     assert train != GridTaskSource(num_train=200, num_eval=40, seed=2).tasks("train")
     assert all(split_of(t) == "train" for t in train) and all(split_of(t) == "eval" for t in evals)
-    key = lambda t: (t["size"], t["slip"], t["max_turns"], tuple(t["start"]), tuple(t["goal"]),  # noqa: E731
-                     str(t["walls"]), str(t["holes"]))
+    key = lambda t: (
+        t["size"],
+        t["slip"],
+        t["max_turns"],
+        tuple(t["start"]),
+        tuple(t["goal"]),
+        str(t["walls"]),
+        str(t["holes"]),
+    )
     assert not {key(t) for t in train} & {key(t) for t in evals}
     for task in train:
         spec = LEVELS[task["level"]]
@@ -196,7 +237,7 @@ def test_generator_is_seeded_graded_and_splits_are_disjoint():
 
 def test_env_transitions_match_the_exact_tables():
     """Monte Carlo through the env agrees with the DP over the task's transition model."""
-    tasks = [t for t in generate_grid_tasks(12, split="eval", seed=4, levels=[2, 3])][:4]
+    tasks = list(generate_grid_tasks(12, split="eval", seed=4, levels=[2, 3]))[:4]
     for task in tasks:
         for name in ("optimal", "random"):
             exact = exact_success_rate(task, name)

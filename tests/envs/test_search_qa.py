@@ -1,4 +1,5 @@
 """Search QA env: parsing policy, retrieval, tool failures, turn limit, rewards, resume, data loaders."""
+
 import json
 import pickle
 import time
@@ -7,11 +8,11 @@ import pytest
 
 from trace_core.envs.base import Env, EnvError, EpisodeStateError
 from trace_core.envs.search_qa.data import answer_strings, answer_to_text, load_fanoutqa_dev, load_qa_jsonl
+from trace_core.envs.search_qa.env import INVALID_OBSERVATION, SearchQAEnv, parse_search_action
 from trace_core.envs.search_qa.metrics import exact_match, normalize_answer, token_f1
 from trace_core.envs.search_qa.policies import ChainFollowerPolicy
-from trace_core.envs.search_qa.sources import QATaskSource, make_search_qa_env
 from trace_core.envs.search_qa.retriever import BM25Retriever, Passage, bm25_from_file, load_corpus
-from trace_core.envs.search_qa.env import INVALID_OBSERVATION, SearchQAEnv, parse_search_action
+from trace_core.envs.search_qa.sources import QATaskSource, make_search_qa_env
 from trace_core.envs.search_qa.synthetic import QUESTIONS, build_world, synthetic_qa_tasks, write_synthetic_qa
 
 CORPUS = [
@@ -42,16 +43,19 @@ def test_protocol_and_prompt(env):
     assert prompt.endswith("Question: In which country was Ossik Tarn born?\n") and "<search>" in prompt
 
 
-@pytest.mark.parametrize("text,kind,arg", [
-    ("think <search> Ossik Tarn </search>", "search", "Ossik Tarn"),
-    ("<search>a</search> then <search>b</search>", "search", "a"),
-    ("<answer> x </answer> and <answer>The Y.</answer>", "answer", "The Y."),
-    ("<search>q</search><answer>z</answer>", "answer", "z"),
-    ("<answer></answer>", "answer", ""),
-    ("<search>   </search>", None, None),
-    ("<search> unterminated", None, None),
-    ("just text", None, None),
-])
+@pytest.mark.parametrize(
+    "text,kind,arg",
+    [
+        ("think <search> Ossik Tarn </search>", "search", "Ossik Tarn"),
+        ("<search>a</search> then <search>b</search>", "search", "a"),
+        ("<answer> x </answer> and <answer>The Y.</answer>", "answer", "The Y."),
+        ("<search>q</search><answer>z</answer>", "answer", "z"),
+        ("<answer></answer>", "answer", ""),
+        ("<search>   </search>", None, None),
+        ("<search> unterminated", None, None),
+        ("just text", None, None),
+    ],
+)
 def test_action_parser_policy(text, kind, arg):
     got_kind, got_arg, reason = parse_search_action(text)
     assert (got_kind, got_arg) == (kind, arg)
@@ -62,7 +66,7 @@ def test_search_then_answer_rewards_exact_match(env):
     env.reset(TASK)
     step = env.step("<search> Ossik Tarn </search>")
     assert not step.done and step.info["retrieved_ids"][0] == "b"
-    assert step.observation.startswith("\n<information>Doc 1: \"Ossik Tarn\" Ossik Tarn was born in Velmora.")
+    assert step.observation.startswith('\n<information>Doc 1: "Ossik Tarn" Ossik Tarn was born in Velmora.')
     step = env.step("<answer> the dranthia. </answer>")
     assert step.done and step.reward == 1.0 and step.info["em"] and step.info["end_reason"] == "answer"
     env.reset(TASK)
@@ -209,14 +213,17 @@ def test_synthetic_files_round_trip(tmp_path):
     assert source.tasks("eval") == load_qa_jsonl(paths["eval"])
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"golden_answers": ["x"]}', "missing the field 'question'"),
-    ('{"question": "", "golden_answers": ["x"]}', "'question' must be a non-empty string"),
-    ('{"question": "q?"}', "missing the field 'golden_answers'"),
-    ('{"question": "q?", "golden_answers": []}', "'golden_answers' must be a non-empty list"),
-    ('{"question": "q?", "golden_answers": ["x"], "metadata": 3}', "'metadata' must be an object"),
-    ('{"question": ', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"golden_answers": ["x"]}', "missing the field 'question'"),
+        ('{"question": "", "golden_answers": ["x"]}', "'question' must be a non-empty string"),
+        ('{"question": "q?"}', "missing the field 'golden_answers'"),
+        ('{"question": "q?", "golden_answers": []}', "'golden_answers' must be a non-empty list"),
+        ('{"question": "q?", "golden_answers": ["x"], "metadata": 3}', "'metadata' must be an object"),
+        ('{"question": ', "not valid JSON"),
+    ],
+)
 def test_qa_jsonl_errors_name_line_and_field(tmp_path, line, message):
     path = tmp_path / "qa.jsonl"
     path.write_text('{"question": "ok?", "golden_answers": "x"}\n' + line + "\n")
@@ -224,12 +231,15 @@ def test_qa_jsonl_errors_name_line_and_field(tmp_path, line, message):
         load_qa_jsonl(path)
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"contents": "x"}', "missing the field 'id'"),
-    ('{"id": "1"}', "missing the field 'contents'"),
-    ('{"id": "1", "contents": 5}', "'contents' must be a string"),
-    ('[1]', "must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"contents": "x"}', "missing the field 'id'"),
+        ('{"id": "1"}', "missing the field 'contents'"),
+        ('{"id": "1", "contents": 5}', "'contents' must be a string"),
+        ("[1]", "must be a JSON object"),
+    ],
+)
 def test_corpus_errors_name_line_and_field(tmp_path, line, message):
     path = tmp_path / "corpus.jsonl"
     path.write_text('{"id": 0, "contents": "fine"}\n' + line + "\n")
@@ -239,9 +249,15 @@ def test_corpus_errors_name_line_and_field(tmp_path, line, message):
 
 def test_config_errors_name_the_field(tmp_path):
     retriever = BM25Retriever(CORPUS)
-    for kwargs, field in [({"top_k": 0}, "top_k"), ({"max_turns": 0}, "max_turns"), ({"reward": "bleu"}, "reward"),
-                          ({"f1_threshold": 0}, "f1_threshold"), ({"on_invalid": "retry"}, "on_invalid"),
-                          ({"tool_timeout_s": -1}, "tool_timeout_s"), ({"prompt_template": "Q:"}, "prompt_template")]:
+    for kwargs, field in [
+        ({"top_k": 0}, "top_k"),
+        ({"max_turns": 0}, "max_turns"),
+        ({"reward": "bleu"}, "reward"),
+        ({"f1_threshold": 0}, "f1_threshold"),
+        ({"on_invalid": "retry"}, "on_invalid"),
+        ({"tool_timeout_s": -1}, "tool_timeout_s"),
+        ({"prompt_template": "Q:"}, "prompt_template"),
+    ]:
         with pytest.raises(EnvError, match=field):
             SearchQAEnv(retriever, **kwargs)
     with pytest.raises(EnvError, match="retriever"):
@@ -257,10 +273,22 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 FANOUT_SAMPLE = [
-    {"id": "f1", "question": "Which cities host the three oldest fictional leagues?", "categories": ["Sports"],
-     "answer": {"League A": "Velmora", "League B": "Ostrand"},
-     "decomposition": [{"id": "s1", "question": "?", "decomposition": [], "answer": ["League A", "League B"],
-                        "depends_on": [], "evidence": None}]},
+    {
+        "id": "f1",
+        "question": "Which cities host the three oldest fictional leagues?",
+        "categories": ["Sports"],
+        "answer": {"League A": "Velmora", "League B": "Ostrand"},
+        "decomposition": [
+            {
+                "id": "s1",
+                "question": "?",
+                "decomposition": [],
+                "answer": ["League A", "League B"],
+                "depends_on": [],
+                "evidence": None,
+            }
+        ],
+    },
     {"id": "f2", "question": "Is Dranthia larger than Velmora?", "categories": [], "answer": True, "decomposition": []},
     {"id": "f3", "question": "Population of Velmora?", "categories": [], "answer": 1200, "decomposition": []},
 ]
@@ -281,12 +309,15 @@ def test_fanoutqa_loader_on_the_documented_format(tmp_path):
     assert answer_to_text(["a", {"k": False}]) == "a\nk - no" and answer_strings([1, ["b"]]) == ["1", "b"]
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"id": "x"}', "expected a JSON list"),
-    ('[{"id": "x", "question": "q?"}]', r"\[0\]: FanOutQA question is missing the field 'answer'"),
-    ('[{"id": "x", "question": "", "answer": "a"}]', "'question' must be a non-empty string"),
-    ("not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"id": "x"}', "expected a JSON list"),
+        ('[{"id": "x", "question": "q?"}]', r"\[0\]: FanOutQA question is missing the field 'answer'"),
+        ('[{"id": "x", "question": "", "answer": "a"}]', "'question' must be a non-empty string"),
+        ("not json", "not valid JSON"),
+    ],
+)
 def test_fanoutqa_loader_errors(tmp_path, content, message):
     path = tmp_path / "dev.json"
     path.write_text(content)
@@ -297,6 +328,7 @@ def test_fanoutqa_loader_errors(tmp_path, content, message):
 def test_fanoutqa_shipped_dev_set():
     """Runs where the optional fanoutqa package is installed (its wheel ships the dev set)."""
     from importlib import metadata
+
     try:
         metadata.distribution("fanoutqa")
     except metadata.PackageNotFoundError:

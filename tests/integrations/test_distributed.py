@@ -6,6 +6,7 @@ through the model's own forward and scores inside the lm_head's call. Each rank 
 GRPO group; after backward every rank must hold the gradient of the mean of the two ranks' losses,
 checked against one process doing the per-sequence computation of both groups.
 """
+
 import os
 import socket
 
@@ -13,10 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_shared_prefix_logprobs import flat_logprobs, grpo_batch, tiny_model
 
 from trace_core.integrations.shared_prefix import shared_prefix_logprobs
-
-from test_shared_prefix_logprobs import flat_logprobs, grpo_batch, tiny_model
 
 pytestmark = pytest.mark.slow  # 2-process gloo runs: ddp 37 s, fsdp2 10 s on 2 cores
 
@@ -50,8 +50,9 @@ def distributed_worker(rank: int, kind: str, port: int, out_dir: str) -> None:
         wrapped = wrap(model, kind)
         ids, mask, advantages = rank_inputs(rank)
         (advantages * shared_prefix_logprobs(wrapped, ids, mask, backend="cpu")).sum().backward()
-        grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-                 for n, p in model.named_parameters()}
+        grads = {
+            n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for n, p in model.named_parameters()
+        }
         torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -76,4 +77,6 @@ def test_gradients_are_synchronised(tmp_path, kind):
     for name, param in model.named_parameters():
         scale = max(1.0, param.grad.abs().max().item())
         for rank in range(WORLD):
-            torch.testing.assert_close(grads[rank][name], param.grad, rtol=1e-4, atol=1e-4 * scale, msg=f"rank {rank}: {name}")
+            torch.testing.assert_close(
+                grads[rank][name], param.grad, rtol=1e-4, atol=1e-4 * scale, msg=f"rank {rank}: {name}"
+            )

@@ -5,6 +5,7 @@ The oracle is what verl / TRL do: run the padded batch through the model with it
 entropies and parameter gradients, on GRPO-shaped batches (left-padded prompts, each repeated for
 several right-padded completions).
 """
+
 import numpy as np
 import pytest
 import torch
@@ -17,8 +18,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def tiny_model(family: str, vocab: int = 64, device: str = "cpu"):
-    return tiny_causal_lm(family, vocab_size=vocab, hidden_size=64, heads=4, kv_heads=2,
-                          intermediate_size=96).float().to(device)
+    return (
+        tiny_causal_lm(family, vocab_size=vocab, hidden_size=64, heads=4, kv_heads=2, intermediate_size=96)
+        .float()
+        .to(device)
+    )
 
 
 def grpo_batch(vocab: int, prompts: int = 2, completions: int = 3, seed: int = 0):
@@ -36,11 +40,11 @@ def grpo_batch(vocab: int, prompts: int = 2, completions: int = 3, seed: int = 0
             clen = int(rng.integers(1, completion_len + 1))
             completion = rng.integers(1, vocab, clen)
             if c % 2:
-                completion[:min(2, clen)] = opening[:min(2, clen)]
+                completion[: min(2, clen)] = opening[: min(2, clen)]
             row, left = p * completions + c, width - completion_len - plen
-            ids[row, left:left + plen] = prompt
-            ids[row, left + plen:left + plen + clen] = completion
-            mask[row, left:left + plen + clen] = 1
+            ids[row, left : left + plen] = prompt
+            ids[row, left + plen : left + plen + clen] = completion
+            mask[row, left : left + plen + clen] = 1
     return torch.as_tensor(ids), torch.as_tensor(mask)
 
 
@@ -53,15 +57,18 @@ def flat_logprobs(model, ids, mask, temperature=1.0):
     entropy = -(logp.exp() * logp).sum(-1)
     predicted = (mask[:, 1:] * mask[:, :-1]).bool()
     pad = torch.zeros(ids.shape[0], 1)
-    return (torch.cat([pad, torch.where(predicted, token_logprobs, 0.0)], 1),
-            torch.cat([pad, torch.where(predicted, entropy, 0.0)], 1))
+    return (
+        torch.cat([pad, torch.where(predicted, token_logprobs, 0.0)], 1),
+        torch.cat([pad, torch.where(predicted, entropy, 0.0)], 1),
+    )
 
 
 def check_against_flat(model, ids, mask, backend, temperature=1.0, tol=1e-4):
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
-    got_lp, got_ent = shared_prefix_logprobs(model, ids, mask, temperature=temperature,
-                                             return_entropy=True, backend=backend)
+    got_lp, got_ent = shared_prefix_logprobs(
+        model, ids, mask, temperature=temperature, return_entropy=True, backend=backend
+    )
     with torch.no_grad():
         want_lp, want_ent = flat_logprobs(model, ids, mask, temperature)
     assert got_lp.shape == ids.shape and got_ent.shape == ids.shape
@@ -76,7 +83,7 @@ def check_against_flat(model, ids, mask, backend, temperature=1.0, tol=1e-4):
 def test_qwen3_triton_matches_flat_logprobs_and_entropy():
     model = tiny_model("qwen3", device=DEVICE)
     ids, mask = grpo_batch(64)
-    lp, _ = check_against_flat(model, ids, mask, backend="triton", temperature=0.7)
+    _lp, _ = check_against_flat(model, ids, mask, backend="triton", temperature=0.7)
     packed = pack_shared_prefixes(ids, mask)
     assert packed.token_saving > 1.5  # the batch really shares its prompts
 
@@ -150,7 +157,9 @@ def test_peft_lora_model_matches_flat_and_rejects_an_lm_head_adapter():
     config = dict(r=4, init_lora_weights=False)
     model = peft.get_peft_model(tiny_model("qwen3"), peft.LoraConfig(target_modules=["q_proj", "o_proj"], **config))
     check_against_flat(model, *grpo_batch(64, seed=5), backend="cpu")
-    with_head = peft.get_peft_model(tiny_model("qwen3"), peft.LoraConfig(target_modules=["q_proj", "lm_head"], **config))
+    with_head = peft.get_peft_model(
+        tiny_model("qwen3"), peft.LoraConfig(target_modules=["q_proj", "lm_head"], **config)
+    )
     with pytest.raises(ValueError, match="model: the lm_head carries a PEFT adapter"):
         shared_prefix_logprobs(with_head, *grpo_batch(64), backend="cpu")
 
@@ -177,8 +186,13 @@ def test_score_mask_scores_only_the_positions_asked_for(monkeypatch):
 
     pairs_scored = []
     original = shared_prefix.linear_logprob
-    monkeypatch.setattr(shared_prefix, "linear_logprob",
-                        lambda hidden, weight, rows, labels, **kw: pairs_scored.append(rows.numel()) or original(hidden, weight, rows, labels, **kw))
+    monkeypatch.setattr(
+        shared_prefix,
+        "linear_logprob",
+        lambda hidden, weight, rows, labels, **kw: (
+            pairs_scored.append(rows.numel()) or original(hidden, weight, rows, labels, **kw)
+        ),
+    )
     model = tiny_model("qwen3")
     ids, mask = grpo_batch(64, seed=9)
     completion = torch.zeros_like(mask, dtype=torch.bool)

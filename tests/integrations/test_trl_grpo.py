@@ -3,6 +3,7 @@
 Offline and on CPU: a random-init tiny Qwen3 (trace_core.model.loading) and a word-level tokenizer; the
 oracle is TRL's own `_get_per_token_logps_and_entropies` and TRL's own training step.
 """
+
 import copy
 import logging
 
@@ -12,9 +13,9 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from trace_core.model.word_tokenizer import build_word_tokenizer  # noqa: E402
 from trace_core.integrations.trl_grpo import SharedPrefixGRPOTrainer  # noqa: E402
 from trace_core.model.loading import tiny_causal_lm  # noqa: E402
+from trace_core.model.word_tokenizer import build_word_tokenizer  # noqa: E402
 from trace_core.packing.flat import shared_prefix_micro_batches  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -22,18 +23,32 @@ WORDS = [f"w{i}" for i in range(40)]
 
 def tiny_setup(tmp_path, **config):
     tokenizer = build_word_tokenizer(WORDS)
-    model = tiny_causal_lm("qwen3", vocab_size=len(tokenizer), hidden_size=64, heads=4, kv_heads=2,
-                           intermediate_size=96).float()
+    model = tiny_causal_lm(
+        "qwen3", vocab_size=len(tokenizer), hidden_size=64, heads=4, kv_heads=2, intermediate_size=96
+    ).float()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp_path / "model")  # TRL builds the reference model from this path (beta > 0)
     tokenizer.save_pretrained(tmp_path / "model")
     model.config._name_or_path = str(tmp_path / "model")
     prompts = [" ".join(WORDS[(7 * i + j) % 40] for j in range(2 + i % 5)) for i in range(8)]
-    args = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
-                max_completion_length=6, max_steps=1, learning_rate=1e-2, logging_steps=1, report_to="none",
-                use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no", seed=0, beta=0.04,
-                temperature=0.9)
+    args = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        seed=0,
+        beta=0.04,
+        temperature=0.9,
+    )
     args.update(config)
     return model, tokenizer, prompts, trl.GRPOConfig(**args)
 
@@ -42,8 +57,13 @@ def make_trainer(cls, model, tokenizer, prompts, args):
     def reward(completions, **kwargs):
         return [float(c.count("w1")) - 0.01 * len(c.split()) for c in completions]
 
-    return cls(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,
-               train_dataset=datasets.Dataset.from_dict({"prompt": prompts}))
+    return cls(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+    )
 
 
 def grpo_rows(tokenizer, prompts, completions: int = 3, seed: int = 0):
@@ -51,14 +71,16 @@ def grpo_rows(tokenizer, prompts, completions: int = 3, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     pad = tokenizer.pad_token_id
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts for _ in range(completions)]
-    completion_ids = [torch.randint(5, len(tokenizer), (int(torch.randint(1, 7, (1,), generator=gen)),),
-                                    generator=gen).tolist() for _ in prompt_ids]
+    completion_ids = [
+        torch.randint(5, len(tokenizer), (int(torch.randint(1, 7, (1,), generator=gen)),), generator=gen).tolist()
+        for _ in prompt_ids
+    ]
     P, C = max(map(len, prompt_ids)), max(map(len, completion_ids))
     ids = torch.full((len(prompt_ids), P + C), pad)
     mask = torch.zeros_like(ids)
     for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        ids[b, P - len(p):P], ids[b, P:P + len(c)] = torch.tensor(p), torch.tensor(c)
-        mask[b, P - len(p):P + len(c)] = 1
+        ids[b, P - len(p) : P], ids[b, P : P + len(c)] = torch.tensor(p), torch.tensor(c)
+        mask[b, P - len(p) : P + len(c)] = 1
     return ids, mask, C
 
 
@@ -154,8 +176,10 @@ def test_trl_defaults_gradient_checkpointing_and_fp32_lm_head(tmp_path):
     assert trainer.model.model.gradient_checkpointing
     ids, mask, keep = grpo_rows(tokenizer, prompts[:3], seed=4)
     results = []
-    for score in (SharedPrefixGRPOTrainer._get_per_token_logps_and_entropies,
-                  trl.GRPOTrainer._get_per_token_logps_and_entropies):
+    for score in (
+        SharedPrefixGRPOTrainer._get_per_token_logps_and_entropies,
+        trl.GRPOTrainer._get_per_token_logps_and_entropies,
+    ):
         trainer.model.zero_grad()
         logps, entropies, _ = score(trainer, trainer.model, ids, mask, keep, compute_entropy=True)
         (logps.sum() + entropies.sum()).backward()
@@ -179,13 +203,15 @@ def test_bf16_autocast_error_is_trls_own(tmp_path, device):
         if ids is None:
             ids, mask, keep = (x.to(device) if torch.is_tensor(x) else x for x in grpo_rows(tokenizer, prompts[:3]))
         with torch.no_grad():
-            for name, score in (("ours", SharedPrefixGRPOTrainer._get_per_token_logps_and_entropies),
-                                ("trl", trl.GRPOTrainer._get_per_token_logps_and_entropies)):
+            for name, score in (
+                ("ours", SharedPrefixGRPOTrainer._get_per_token_logps_and_entropies),
+                ("trl", trl.GRPOTrainer._get_per_token_logps_and_entropies),
+            ):
                 scored[bf16, name] = score(trainer, trainer.model, ids, mask, keep)[0].float().cpu()
     truth = scored[False, "trl"]
     torch.testing.assert_close(scored[False, "ours"], truth, rtol=0, atol=1e-4)
     ours, theirs = ((scored[True, name] - truth).abs().max().item() for name in ("ours", "trl"))
-    assert 0 < theirs and ours <= 2 * theirs, (ours, theirs)
+    assert theirs > 0 and ours <= 2 * theirs, (ours, theirs)
 
 
 def test_peft_model_scores_like_trl(tmp_path):
@@ -194,14 +220,20 @@ def test_peft_model_scores_like_trl(tmp_path):
     peft = pytest.importorskip("peft")
     model, tokenizer, prompts, args = tiny_setup(tmp_path)
     trainer = SharedPrefixGRPOTrainer(
-        model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
-        processing_class=tokenizer, train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
-        peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model=model,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+        peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     assert hasattr(trainer.model, "peft_config")
     ids, mask, keep = grpo_rows(tokenizer, prompts[:3], seed=6)
     results = []
-    for score in (SharedPrefixGRPOTrainer._get_per_token_logps_and_entropies,
-                  trl.GRPOTrainer._get_per_token_logps_and_entropies):
+    for score in (
+        SharedPrefixGRPOTrainer._get_per_token_logps_and_entropies,
+        trl.GRPOTrainer._get_per_token_logps_and_entropies,
+    ):
         trainer.model.zero_grad()
         logps = score(trainer, trainer.model, ids, mask, keep)[0]
         logps.sum().backward()
@@ -219,10 +251,9 @@ def test_ddp_and_fsdp2_keep_the_packed_path(tmp_path):
     """In a one-process gloo group: DDP- and FSDP2-wrapped policies keep the packed path (their
     gradients are checked in tests/test_distributed.py); another wrapper accelerate knows falls back."""
     import torch.distributed as dist
+    from test_distributed import free_port
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    from test_distributed import free_port
 
     model, tokenizer, prompts, args = tiny_setup(tmp_path)
     trainer = make_trainer(SharedPrefixGRPOTrainer, model, tokenizer, prompts, args)
@@ -240,6 +271,10 @@ def test_ddp_and_fsdp2_keep_the_packed_path(tmp_path):
             super().__init__()
             self.module = module
 
-    trainer.accelerator.unwrap_model = lambda wrapped, **kw: wrapped.module if isinstance(wrapped, OtherWrapper) else wrapped
-    assert (trainer._shared_prefix_blocker(OtherWrapper(trainer.model), False, {})
-            == "a distributed wrapper other than DDP and FSDP2 (FSDP1, DeepSpeed)")
+    trainer.accelerator.unwrap_model = lambda wrapped, **kw: (
+        wrapped.module if isinstance(wrapped, OtherWrapper) else wrapped
+    )
+    assert (
+        trainer._shared_prefix_blocker(OtherWrapper(trainer.model), False, {})
+        == "a distributed wrapper other than DDP and FSDP2 (FSDP1, DeepSpeed)"
+    )

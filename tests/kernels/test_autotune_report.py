@@ -1,4 +1,5 @@
 """The autotune report benchmarks print: which config each autotuned kernel runs with."""
+
 import importlib
 
 import pytest

@@ -6,6 +6,7 @@ Triton compiles ahead of time without a driver (trace_kernels.tools.compile_chec
 It runs in a subprocess: the test session sets TRITON_INTERPRET=1, which swaps kernels for
 interpreted ones.
 """
+
 import json
 import os
 import subprocess
@@ -32,8 +33,13 @@ def _compile_check(tmp_path, *args) -> tuple[subprocess.CompletedProcess, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset; 1 is what launches use
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "trace_kernels.tools.compile_check", *args, "--json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trace_kernels.tools.compile_check", *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     return proc, (json.loads(out.read_text()) if out.exists() else {})
 
 
@@ -45,8 +51,15 @@ def test_every_autotune_config_compiles_for_h100_without_spills(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     builds = report["builds"]
     kernels = {b["kernel"] for b in builds}
-    assert kernels == {"tree_attn_fwd", "tree_attn_bwd_dq", "tree_attn_bwd_dkdv", "ll_row_stats",
-                       "ll_label_logits", "ll_logit_grad", "tree_decode_partial"}, kernels
+    assert kernels == {
+        "tree_attn_fwd",
+        "tree_attn_bwd_dq",
+        "tree_attn_bwd_dkdv",
+        "ll_row_stats",
+        "ll_label_logits",
+        "ll_logit_grad",
+        "tree_decode_partial",
+    }, kernels
     for b in builds:
         assert b["spill_stores"] == 0 and b["spill_loads"] == 0, f"{b['kernel']} {b['config']} spills: {b}"
         # loops over tiles feeding tl.dot must prefetch (cp.async); the branching tree-attention

@@ -5,6 +5,7 @@ on CPU) and the chunked torch CPU path. Tolerances are relative to a same-dtype 
 may be off from the fp32 reference by at most twice what the dense reference itself is off when it
 runs in that dtype, plus a small floor.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,8 +36,18 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(op_module, "VOCAB_CHUNK", 128)
 
 
-def make_case(n_rows=13, hidden_size=40, vocab=300, n_pairs=29, *, dtype=torch.float32, with_bias=True,
-              scale=1.0, seed=0, index_dtype=torch.int64):
+def make_case(
+    n_rows=13,
+    hidden_size=40,
+    vocab=300,
+    n_pairs=29,
+    *,
+    dtype=torch.float32,
+    with_bias=True,
+    scale=1.0,
+    seed=0,
+    index_dtype=torch.int64,
+):
     """Random inputs with M > N, repeated rows and 3 rows nobody uses (rows 0, 5, N-1).
 
     V=300 is no multiple of any block size (16/32/64/128) used here.
@@ -54,9 +65,13 @@ def make_case(n_rows=13, hidden_size=40, vocab=300, n_pairs=29, *, dtype=torch.f
     grad_entropy = torch.randn(n_rows, generator=gen)
     cast = lambda t: None if t is None else t.to(device=DEVICE, dtype=dtype)
     return {
-        "hidden": cast(hidden), "weight": cast(weight), "bias": cast(bias),
-        "rows": rows.to(DEVICE, index_dtype), "labels": labels.to(DEVICE, index_dtype),
-        "grad_logprob": grad_logprob.to(DEVICE), "grad_entropy": grad_entropy.to(DEVICE),
+        "hidden": cast(hidden),
+        "weight": cast(weight),
+        "bias": cast(bias),
+        "rows": rows.to(DEVICE, index_dtype),
+        "labels": labels.to(DEVICE, index_dtype),
+        "grad_logprob": grad_logprob.to(DEVICE),
+        "grad_entropy": grad_entropy.to(DEVICE),
     }
 
 
@@ -66,8 +81,16 @@ def run(fn, case, *, dtype=None, temperature=1.0, return_entropy=True, use_logpr
     for name in ("hidden", "weight", "bias"):
         t = case[name]
         leaves[name] = None if t is None else t.detach().to(dtype or t.dtype).requires_grad_()
-    out = fn(leaves["hidden"], leaves["weight"], case["rows"], case["labels"], temperature=temperature,
-             bias=leaves["bias"], return_entropy=return_entropy, **kwargs)
+    out = fn(
+        leaves["hidden"],
+        leaves["weight"],
+        case["rows"],
+        case["labels"],
+        temperature=temperature,
+        bias=leaves["bias"],
+        return_entropy=return_entropy,
+        **kwargs,
+    )
     logprob, entropy = out if return_entropy else (out, None)
     loss = (logprob * case["grad_logprob"]).sum() if use_logprob_grad else 0.0
     if entropy is not None:
@@ -201,6 +224,7 @@ def test_triton_forward_really_splits_the_vocabulary():
 # ---------------------------------------------------------------------------------------------
 # Bad input: every user error names the argument, in the op and in the reference alike.
 
+
 def _bad_cases():
     c = make_case(seed=8)
     h, w, b, r, l = c["hidden"], c["weight"], c["bias"], c["rows"], c["labels"]
@@ -214,8 +238,12 @@ def _bad_cases():
     with_row = lambda v: torch.cat([r[:-1], r.new_tensor([v])])
     V, N = w.shape[0], h.shape[0]
     return [
-        ("label_too_big", dict(labels=with_label(V)), ValueError,
-         r"labels must lie in \[0, V=300\).*labels\[28\] = 300"),
+        (
+            "label_too_big",
+            dict(labels=with_label(V)),
+            ValueError,
+            r"labels must lie in \[0, V=300\).*labels\[28\] = 300",
+        ),
         ("label_negative", dict(labels=with_label(-1)), ValueError, r"labels must lie in \[0, V=300\).*= -1"),
         ("row_too_big", dict(rows=with_row(N)), ValueError, r"rows must lie in \[0, N=13\).*rows\[28\] = 13"),
         ("row_negative", dict(rows=with_row(-2)), ValueError, r"rows must lie in \[0, N=13\)"),
@@ -250,8 +278,14 @@ def _bad_cases():
 @pytest.mark.parametrize("name, override, error, message", _bad_cases(), ids=[c[0] for c in _bad_cases()])
 def test_bad_input_raises_naming_the_argument(fn, name, override, error, message):
     c = make_case(seed=8)
-    args = {"hidden": c["hidden"], "weight": c["weight"], "rows": c["rows"], "labels": c["labels"],
-            "temperature": 1.0, "bias": c["bias"]}
+    args = {
+        "hidden": c["hidden"],
+        "weight": c["weight"],
+        "rows": c["rows"],
+        "labels": c["labels"],
+        "temperature": 1.0,
+        "bias": c["bias"],
+    }
     args.update(override)
     with pytest.raises(error, match=message):
         fn(args.pop("hidden"), args.pop("weight"), args.pop("rows"), args.pop("labels"), **args)
@@ -334,8 +368,9 @@ _MEMORY_PROBE = textwrap.dedent(
 
 
 def _measure_peaks(shapes):
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, json.dumps(shapes)],
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, json.dumps(shapes)], capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -360,6 +395,7 @@ def test_extra_memory_does_not_grow_with_tokens_times_vocab():
 
 # ---------------------------------------------------------------------------------------------
 # CUDA: realistic sizes (several autotuned blocks, default chunking) against the fp32 reference.
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -1,12 +1,16 @@
 """The package's shape: every op exported at the top, each op folder with its naive / cpu / triton parts."""
+
 import importlib
 
 import pytest
 
 import trace_kernels
 
-OPS = {"tree_attention": "tree_attention", "linear_logprob": "linear_logprob",
-       "tree_decode": "tree_decode_attention"}  # op folder -> the public op it exports
+OPS = {
+    "tree_attention": "tree_attention",
+    "linear_logprob": "linear_logprob",
+    "tree_decode": "tree_decode_attention",
+}  # op folder -> the public op it exports
 
 
 @pytest.mark.parametrize("folder, op", OPS.items())

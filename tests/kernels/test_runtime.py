@@ -1,4 +1,5 @@
 """The test configuration really runs Triton kernels (interpreter on CPU), and dispatch is explicit."""
+
 import pytest
 import torch
 import triton

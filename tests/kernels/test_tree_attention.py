@@ -4,6 +4,7 @@ Trees come from trace_core.packing.forest.pack, so `end` is exactly what trainin
 and gradients of q, k, v are compared with the fp32 reference; for fp16 / bf16 the tolerance is
 set by how far the same math run in that dtype lands from the fp32 reference.
 """
+
 import importlib
 import math
 
@@ -72,10 +73,14 @@ def loop_shape(request, monkeypatch):
     scans for runs of visible keys and streams them branch-free; branch tests every key tile."""
     ta = importlib.import_module("trace_kernels.tree_attention.triton")
     for kernel in (ta._tree_attn_fwd_kernel, ta._tree_attn_bwd_dq_kernel):
-        cfg = next(c for c in kernel.configs if c.kwargs["RUNS"] == request.param) if not ta._INTERPRET \
+        cfg = (
+            next(c for c in kernel.configs if c.kwargs["RUNS"] == request.param)
+            if not ta._INTERPRET
             else kernel.configs[0]
-        pinned = triton.Config({**cfg.kwargs, "RUNS": request.param}, num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages)
+        )
+        pinned = triton.Config(
+            {**cfg.kwargs, "RUNS": request.param}, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
         monkeypatch.setattr(kernel, "configs", [pinned])
         monkeypatch.setattr(kernel, "cache", {})
     return request.param
@@ -89,8 +94,13 @@ def loop_shape(request, monkeypatch):
     [
         ("deep chain of single-token nodes", [chain(45)], (2, 2), 32, torch.float32),
         ("wide fan, GQA 4:1", [fan(12, 9, [1, 3, 2, 5, 1, 1, 4, 2, 3, 1, 2, 6])], (4, 1), 16, torch.float32),
-        ("three random trees, T not a multiple of the tile", [random_tree(np.random.default_rng(s), 7, 9)
-                                                               for s in range(3)], (4, 2), 32, torch.float16),
+        (
+            "three random trees, T not a multiple of the tile",
+            [random_tree(np.random.default_rng(s), 7, 9) for s in range(3)],
+            (4, 2),
+            32,
+            torch.float16,
+        ),
         ("random tree, bf16", [random_tree(np.random.default_rng(5), 9, 8)], (2, 1), 16, torch.bfloat16),
         ("head_dim 64", [fan(3, 20, [11, 7, 13])], (2, 2), 64, torch.float32),
         ("head_dim 24 (padded to 32)", [random_tree(np.random.default_rng(7), 6, 6)], (2, 1), 24, torch.float32),
@@ -124,8 +134,11 @@ def test_gpu_tile_sizes(monkeypatch):
     with a 64-block scan window, 16 x 128 dk/dv) on an agent-shaped tree of ~1.5k tokens; the other
     tests use small interpreter tiles."""
     ta = importlib.import_module("trace_kernels.tree_attention.triton")
-    for name, kernel in (("fwd", ta._tree_attn_fwd_kernel), ("dq", ta._tree_attn_bwd_dq_kernel),
-                         ("dkdv", ta._tree_attn_bwd_dkdv_kernel)):
+    for name, kernel in (
+        ("fwd", ta._tree_attn_fwd_kernel),
+        ("dq", ta._tree_attn_bwd_dq_kernel),
+        ("dkdv", ta._tree_attn_bwd_dkdv_kernel),
+    ):
         cfg = ta._config(name, ta._SHAPES[name][128][0])
         stages = 1 if ta._INTERPRET else cfg.num_stages  # on a GPU: the real, pipelined config
         monkeypatch.setattr(kernel, "configs", [triton.Config(cfg.kwargs, num_warps=cfg.num_warps, num_stages=stages)])
@@ -161,7 +174,7 @@ def test_reference_equals_causal_attention_on_each_leaf_path():
     out = tree_attention_reference(q, k, v, end)
     offsets, index = packed.leaf_token_index()
     for leaf in range(packed.num_leaves):
-        idx = torch.as_tensor(index[offsets[leaf]:offsets[leaf + 1]])
+        idx = torch.as_tensor(index[offsets[leaf] : offsets[leaf + 1]])
         qs, ks, vs = (x[idx].transpose(0, 1) for x in (q, k, v))
         leaf_out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1)
         torch.testing.assert_close(out[idx], leaf_out, rtol=1e-5, atol=1e-5)
@@ -182,13 +195,20 @@ def test_independent_ranges_are_the_trees():
 @pytest.mark.parametrize(
     "name, trees, heads, dtype",
     [
-        ("five random trees of unequal size, GQA 2:1", [random_tree(np.random.default_rng(s), 4 + s, 6)
-                                                         for s in range(5)], (4, 2), torch.float32),
-        ("forty small chains", [chain(2, 1 + s % 4) for s in range(40)],
-         (2, 1), torch.float32),
+        (
+            "five random trees of unequal size, GQA 2:1",
+            [random_tree(np.random.default_rng(s), 4 + s, 6) for s in range(5)],
+            (4, 2),
+            torch.float32,
+        ),
+        ("forty small chains", [chain(2, 1 + s % 4) for s in range(40)], (2, 1), torch.float32),
         ("one tree: the dense reference", [random_tree(np.random.default_rng(3), 9, 5)], (2, 2), torch.float32),
-        ("one long tree among small ones: the dense reference", [chain(30, 4), chain(2, 1), chain(2, 2)],
-         (2, 2), torch.float32),
+        (
+            "one long tree among small ones: the dense reference",
+            [chain(30, 4), chain(2, 1), chain(2, 2)],
+            (2, 2),
+            torch.float32,
+        ),
         ("eight trees, bf16", [fan(3, 5, [2, 3, 1]) for _ in range(8)], (2, 1), torch.bfloat16),
     ],
 )
@@ -199,8 +219,9 @@ def test_cpu_path_equals_the_dense_reference(name, trees, heads, dtype, monkeypa
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
     module = importlib.import_module("trace_kernels.tree_attention.cpu")
     dense_calls = []
-    monkeypatch.setattr(module, "tree_attention_reference",
-                        lambda *a, **kw: dense_calls.append(1) or tree_attention_reference(*a, **kw))
+    monkeypatch.setattr(
+        module, "tree_attention_reference", lambda *a, **kw: dense_calls.append(1) or tree_attention_reference(*a, **kw)
+    )
     got = run(tree_attention_torch, q, k, v, end, dout)
     assert bool(dense_calls) == ("dense reference" in name)  # the batched path runs where it saves work
     want = run(tree_attention_reference, q, k, v, end, dout)
@@ -214,8 +235,9 @@ def test_cpu_path_is_the_cpu_backend():
     end = torch.as_tensor(packed_forest([chain(3, 2), chain(2, 3)]).end)
     q, k, v = (x.cpu() for x in make_qkv(end.shape[0], 2, 1, 16, torch.float32))
     for backend in ("cpu", "reference"):  # "reference": the old name, still accepted
-        torch.testing.assert_close(tree_attention(q, k, v, end, backend=backend), tree_attention_torch(q, k, v, end),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            tree_attention(q, k, v, end, backend=backend), tree_attention_torch(q, k, v, end), rtol=0, atol=0
+        )
 
 
 # -------------------------------------------------------------------------- block skipping
@@ -226,7 +248,7 @@ def test_block_skip_metadata_is_exact():
     kv_max_end, first_kv = block_skip_metadata(end)
     T = end.shape[0]
     for b in range(kv_max_end.shape[0]):
-        assert kv_max_end[b] == end[b * 16:(b + 1) * 16].max()
+        assert kv_max_end[b] == end[b * 16 : (b + 1) * 16].max()
         # the first 16-block containing a key that any query of block b (i >= 16 b) could see
         visible_start = next(j for j in range(T) if end[j] > 16 * b)
         assert first_kv[b] == visible_start // 16
@@ -241,11 +263,11 @@ def test_invisible_key_tiles_are_never_read(loop_shape):
     packed = packed_forest([fan(2, seg, [seg, seg])])  # prefix [0, seg), branch A, branch B
     end = end_of(packed)
     q, k, v = make_qkv(3 * seg, 2, 1, 16, torch.float32)
-    k[seg:2 * seg] = float("nan")
-    v[seg:2 * seg] = float("nan")
+    k[seg : 2 * seg] = float("nan")
+    v[seg : 2 * seg] = float("nan")
     out, dq, dk, dv = run(tree_attention, q, k, v, end, torch.ones_like(q))
     branch_b = slice(2 * seg, 3 * seg)
-    assert out[seg:2 * seg].isnan().all()  # branch A reads its own NaN keys: the poison works
+    assert out[seg : 2 * seg].isnan().all()  # branch A reads its own NaN keys: the poison works
     for name, t in [("out", out), ("dq", dq), ("dk", dk), ("dv", dv)]:
         assert torch.isfinite(t[branch_b]).all(), f"{name} of branch B touched branch A's key tiles"
 
@@ -268,17 +290,29 @@ def _valid_inputs(T=5):
         (lambda q, k, v, e: (q, k, v[:, :, :8], e), ValueError, "k and v must have the same shape"),
         (lambda q, k, v, e: (q, k[:4], v[:4], e), ValueError, "k has 4 tokens but q has 5"),
         (lambda q, k, v, e: (q, k[..., :8], v[..., :8], e), ValueError, "k has head_dim 8 but q has 16"),
-        (lambda q, k, v, e: (q[:, :1].expand(5, 3, 16), k.expand(5, 2, 16), v.expand(5, 2, 16), e),
-         ValueError, r"multiple of k's heads"),
+        (
+            lambda q, k, v, e: (q[:, :1].expand(5, 3, 16), k.expand(5, 2, 16), v.expand(5, 2, 16), e),
+            ValueError,
+            r"multiple of k's heads",
+        ),
         (lambda q, k, v, e: (q, k, v, e[:4]), ValueError, r"end must have shape \[T\] = \[5\]"),
         (lambda q, k, v, e: (q, k, v, e.float()), TypeError, "end must be int32"),
         (lambda q, k, v, e: (q, k, v, e.tolist()), TypeError, "end must be a torch.Tensor"),
-        (lambda q, k, v, e: (q, k, v, torch.tensor([5, 5, 2, 5, 5], dtype=torch.int32, device=e.device)),
-         ValueError, r"end\[2\] = 2 must be > 2"),
-        (lambda q, k, v, e: (q, k, v, torch.tensor([5, 5, 5, 9, 5], dtype=torch.int32, device=e.device)),
-         ValueError, r"end\[3\] = 9 is out of range \(> T = 5\)"),
-        (lambda q, k, v, e: (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, e),
-         ValueError, "q must have unit stride along head_dim"),
+        (
+            lambda q, k, v, e: (q, k, v, torch.tensor([5, 5, 2, 5, 5], dtype=torch.int32, device=e.device)),
+            ValueError,
+            r"end\[2\] = 2 must be > 2",
+        ),
+        (
+            lambda q, k, v, e: (q, k, v, torch.tensor([5, 5, 5, 9, 5], dtype=torch.int32, device=e.device)),
+            ValueError,
+            r"end\[3\] = 9 is out of range \(> T = 5\)",
+        ),
+        (
+            lambda q, k, v, e: (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, e),
+            ValueError,
+            "q must have unit stride along head_dim",
+        ),
         (lambda q, k, v, e: (q[:0], k[:0], v[:0], e[:0]), ValueError, r"q has no tokens"),
         (lambda q, k, v, e: (q, k, v, e.cpu() if e.is_cuda else e.to("meta")), ValueError, "one device"),
     ],

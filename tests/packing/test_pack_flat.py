@@ -4,6 +4,7 @@ The oracle is the definition: packed token p stands for one distinct prefix; eve
 position maps to the packed token of its prefix; a packed query sees exactly the keys of its own
 prefix under the tree attention rule; labels are the next tokens.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -20,15 +21,15 @@ def padded(seqs: list[list[int]], left: list[int] | None = None, width: int | No
     ids = np.full((len(seqs), width), pad, np.int64)
     mask = np.zeros((len(seqs), width), np.int64)
     for b, (lp, s) in enumerate(zip(left, seqs)):
-        ids[b, lp:lp + len(s)] = s
-        mask[b, lp:lp + len(s)] = 1
+        ids[b, lp : lp + len(s)] = s
+        mask[b, lp : lp + len(s)] = 1
     return ids, mask
 
 
 def check_pack(seqs, left=None):
     ids, mask = padded(seqs, left)
     packed = pack_shared_prefixes(ids, mask)
-    prefixes = {tuple(s[:t + 1]) for s in seqs for t in range(len(s))}
+    prefixes = {tuple(s[: t + 1]) for s in seqs for t in range(len(s))}
     assert packed.num_tokens == len(prefixes)  # each distinct prefix once: sharing is maximal
     assert packed.num_sequence_tokens == sum(map(len, seqs))
     assert packed.num_trees == len({s[0] for s in seqs})
@@ -42,7 +43,7 @@ def check_pack(seqs, left=None):
         np.testing.assert_array_equal(packed.input_ids[index], s)
         np.testing.assert_array_equal(packed.position_ids[index], np.arange(len(s)))
         for t, q in enumerate(index):  # query (b, t) sees exactly the packed tokens of s[:t+1]
-            np.testing.assert_array_equal(visible[q], np.sort(index[:t + 1]))
+            np.testing.assert_array_equal(visible[q], np.sort(index[: t + 1]))
         pairs = packed.pair_index[b, cols]
         assert pairs[0] == -1 and (packed.pair_index[b, mask[b] == 0] == -1).all()
         np.testing.assert_array_equal(packed.label_rows[pairs[1:]], index[:-1])
@@ -126,7 +127,7 @@ def test_micro_batches_cover_every_row_within_the_budget(data):
     sizes = [pack_shared_prefixes(ids[rows], mask[rows]).num_tokens for rows in batches]
     assert max(sizes) <= max_tokens
     # greedy: a micro-batch was closed only because the next row did not fit
-    for rows, size, following in zip(batches, sizes, batches[1:]):
+    for rows, _size, following in zip(batches, sizes, batches[1:]):
         merged = np.concatenate([rows, following[:1]])
         assert pack_shared_prefixes(ids[merged], mask[merged]).num_tokens > max_tokens
 

@@ -1,4 +1,5 @@
 """Packing: the packed layout reproduces every leaf sequence, its attention and its labels exactly."""
+
 import numpy as np
 import pytest
 import torch
@@ -6,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forest_strategies import ancestors_or_self, forests
+from trace_core.forest import ForestError, RolloutForest
 from trace_core.packing.forest import pack, pack_reference, split_by_tokens, unpack
 from trace_core.synthetic_forest import synthetic_forest
-from trace_core.forest import ForestError, RolloutForest
 
 SETTINGS = settings(max_examples=80, deadline=None)
 
@@ -25,8 +26,9 @@ def test_unpack_restores_every_leaf_sequence(forest):
     packed = pack(forest)
     sequences = forest.leaf_sequences()
     assert packed.leaf_nodes.tolist() == forest.leaves.tolist()
-    for seq, ids, mask, lp in zip(sequences, unpack(packed), unpack(packed, packed.loss_mask),
-                                  unpack(packed, packed.old_logprobs), strict=True):
+    for seq, ids, mask, lp in zip(
+        sequences, unpack(packed), unpack(packed, packed.loss_mask), unpack(packed, packed.old_logprobs), strict=True
+    ):
         np.testing.assert_array_equal(ids, seq.token_ids)
         np.testing.assert_array_equal(mask, seq.loss_mask)
         np.testing.assert_array_equal(lp, seq.logprobs)
@@ -104,8 +106,11 @@ def test_packing_a_subset_of_trees(forest, data):
         np.testing.assert_array_equal(ids, forest.leaf_sequence(leaf).token_ids)
     sizes = np.diff(packed.tree_offsets)
     for r, size in zip(chosen, sizes):
-        assert size == sum(forest.tok_end[u] - forest.tok_start[u] for u in range(forest.num_nodes)
-                           if forest.prompt_id[u] == forest.prompt_id[r])
+        assert size == sum(
+            forest.tok_end[u] - forest.tok_start[u]
+            for u in range(forest.num_nodes)
+            if forest.prompt_id[u] == forest.prompt_id[r]
+        )
 
 
 def test_known_layout():
@@ -125,7 +130,14 @@ def test_known_layout():
     assert p.leaf_count.tolist() == [3, 3, 2, 1, 1, 1, 1, 1, 1]
     assert p.loss_mask.tolist() == [False, False, True, True, False, True, True, False, True]
     assert list(zip(p.label_rows.tolist(), p.label_pos.tolist())) == [
-        (0, 1), (1, 2), (2, 3), (3, 4), (2, 5), (1, 6), (7, 8)]
+        (0, 1),
+        (1, 2),
+        (2, 3),
+        (3, 4),
+        (2, 5),
+        (1, 6),
+        (7, 8),
+    ]
     assert p.tree_offsets.tolist() == [0, 7, 9]
     assert p.end.dtype == np.int32 and p.input_ids.dtype == np.int64
 

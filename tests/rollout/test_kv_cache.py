@@ -1,4 +1,5 @@
 """Paged tree KV cache: random fork/append/release/free sequences against a plain per-sequence cache."""
+
 from __future__ import annotations
 
 import pytest
@@ -60,9 +61,14 @@ class PlainCache:
 
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["root", "fork", "append", "append", "release", "free"]),
-              st.integers(0, 10_000), st.integers(0, 9)),
-    min_size=1, max_size=40)
+    st.tuples(
+        st.sampled_from(["root", "fork", "append", "append", "release", "free"]),
+        st.integers(0, 10_000),
+        st.integers(0, 9),
+    ),
+    min_size=1,
+    max_size=40,
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -148,8 +154,10 @@ def test_capacity_error_says_pages_available_and_asked():
     assert cache.length(root) == 0 and cache.free_pages == 2
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(num_layers=0), "num_layers"), (dict(num_pages=-1), "num_pages"), (dict(page_size=2.5), "page_size")])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [(dict(num_layers=0), "num_layers"), (dict(num_pages=-1), "num_pages"), (dict(page_size=2.5), "page_size")],
+)
 def test_bad_geometry_names_the_argument(kwargs, field):
     base = dict(num_layers=1, num_kv_heads=1, head_dim=2, num_pages=2, page_size=4) | kwargs
     with pytest.raises(CacheUsageError, match=field):

@@ -1,4 +1,5 @@
 """Batched sampling: each row's distribution (temperature, top-p), greedy rows, recorded logprobs."""
+
 import pytest
 import torch
 
@@ -9,8 +10,9 @@ LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 
 def draw(temperature: float, top_p: float, n: int = 40000, seed: int = 0):
     logits = LOGITS.repeat(n, 1)
-    tokens, logprobs = sample_tokens(logits, torch.full((n,), temperature), torch.full((n,), top_p),
-                                     torch.Generator().manual_seed(seed))
+    tokens, logprobs = sample_tokens(
+        logits, torch.full((n,), temperature), torch.full((n,), top_p), torch.Generator().manual_seed(seed)
+    )
     return tokens, logprobs
 
 

@@ -1,4 +1,5 @@
 """Checkpoints are atomic (a crash mid-write keeps the previous one) and restore RNG streams."""
+
 import random
 
 import numpy as np
@@ -16,7 +17,10 @@ def test_round_trip_latest_and_pruning(tmp_path):
     assert latest.name == "step_00000003.pt"
     state = ckpt.load_checkpoint(latest)
     assert state["step"] == 3 and torch.equal(state["w"], torch.full((3,), 3.0))
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == ["step_00000002.pt", "step_00000003.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == [
+        "step_00000002.pt",
+        "step_00000003.pt",
+    ]
 
 
 def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):

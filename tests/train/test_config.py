@@ -1,4 +1,5 @@
 """Config loading: YAML + dotted overrides, type conversion, and errors that name the key."""
+
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -83,14 +84,22 @@ def test_file_errors(tmp_path):
 
 # ---------------------------------------------------------------- the trainer's config: allocation, plugins
 
+
 def _train(*overrides):
     from trace_core.train.config import TrainConfig
 
     return load_config(TrainConfig, None, list(overrides))
 
 
-@pytest.mark.parametrize("mode, pair", [("trace", ("active", "active")), ("uniform", ("uniform", "none")),
-                                        ("random_tree", ("uniform", "random")), ("pcl", ("pcl", "none"))])
+@pytest.mark.parametrize(
+    "mode, pair",
+    [
+        ("trace", ("active", "active")),
+        ("uniform", ("uniform", "none")),
+        ("random_tree", ("uniform", "random")),
+        ("pcl", ("pcl", "none")),
+    ],
+)
 def test_allocation_modes_build_their_pairs(mode, pair):
     cfg = _train(f"allocation.mode={mode}")
     allocation = cfg.allocation.build()
@@ -108,27 +117,51 @@ def test_allocation_stage_overrides_and_options():
     assert _train("allocation.mode=pcl", "allocation.pcl_count=8").allocation.build().root.count_per_prompt == 8
 
 
-@pytest.mark.parametrize("overrides, key, message", [
-    (["allocation.mode=best"], "allocation.mode",
-     "allocation.mode: 'best' is not one of the registered modes: pcl, random_tree, trace, uniform"),
-    (["allocation.root_strategy=greedy"], "allocation.root_strategy",
-     "allocation.root_strategy: 'greedy' is not one of the registered root strategies: active, pcl, uniform"),
-    (["allocation.prefix_strategy=all"], "allocation.prefix_strategy",
-     "allocation.prefix_strategy: 'all' is not one of the registered prefix strategies: active, none, random, uniform"),
-    (["allocation.root_method=fast"], "allocation.root_method",
-     "allocation.root_method: 'fast' is not one of 'dp', 'ranked'"),
-    (["env.name=nowhere"], "env.name", "env.name: unknown env name 'nowhere'; registered: gridworld"),
-    (["optim.advantage=ppo"], "optim.advantage", "optim.advantage: unknown estimator 'ppo'; choose one of grpo"),
-    (["plugins=[no_such_plugin_module]"], "plugins[0]", "plugins[0]: no module named 'no_such_plugin_module'"),
-    # pcl keeps budget // pcl_count prompts of the step's M (1 + N) = 64 bare rollouts
-    (["allocation.mode=pcl", "allocation.pcl_count=2"], "allocation.pcl_count",
-     "allocation.pcl_count: 2 bare rollouts per kept prompt does not fit the step's 64 bare rollouts"),
-    (["allocation.mode=uniform", "allocation.candidates=2"], "allocation.candidates",
-     "allocation.candidates: candidates * m_max = 32 cannot hold the 64 bare rollouts"),
-    (["allocation.expansion_rounds=0"], "allocation.expansion_rounds",
-     "allocation.expansion_rounds: must be >= 1, got 0"),
-    (["optim.warmup_steps=500"], "optim.warmup_steps", "optim.warmup_steps: 500 is more than the run's 250 steps"),
-])
+@pytest.mark.parametrize(
+    "overrides, key, message",
+    [
+        (
+            ["allocation.mode=best"],
+            "allocation.mode",
+            "allocation.mode: 'best' is not one of the registered modes: pcl, random_tree, trace, uniform",
+        ),
+        (
+            ["allocation.root_strategy=greedy"],
+            "allocation.root_strategy",
+            "allocation.root_strategy: 'greedy' is not one of the registered root strategies: active, pcl, uniform",
+        ),
+        (
+            ["allocation.prefix_strategy=all"],
+            "allocation.prefix_strategy",
+            "allocation.prefix_strategy: 'all' is not one of the registered prefix strategies: active, none, random, uniform",
+        ),
+        (
+            ["allocation.root_method=fast"],
+            "allocation.root_method",
+            "allocation.root_method: 'fast' is not one of 'dp', 'ranked'",
+        ),
+        (["env.name=nowhere"], "env.name", "env.name: unknown env name 'nowhere'; registered: gridworld"),
+        (["optim.advantage=ppo"], "optim.advantage", "optim.advantage: unknown estimator 'ppo'; choose one of grpo"),
+        (["plugins=[no_such_plugin_module]"], "plugins[0]", "plugins[0]: no module named 'no_such_plugin_module'"),
+        # pcl keeps budget // pcl_count prompts of the step's M (1 + N) = 64 bare rollouts
+        (
+            ["allocation.mode=pcl", "allocation.pcl_count=2"],
+            "allocation.pcl_count",
+            "allocation.pcl_count: 2 bare rollouts per kept prompt does not fit the step's 64 bare rollouts",
+        ),
+        (
+            ["allocation.mode=uniform", "allocation.candidates=2"],
+            "allocation.candidates",
+            "allocation.candidates: candidates * m_max = 32 cannot hold the 64 bare rollouts",
+        ),
+        (
+            ["allocation.expansion_rounds=0"],
+            "allocation.expansion_rounds",
+            "allocation.expansion_rounds: must be >= 1, got 0",
+        ),
+        (["optim.warmup_steps=500"], "optim.warmup_steps", "optim.warmup_steps: 500 is more than the run's 250 steps"),
+    ],
+)
 def test_trainer_config_errors_name_the_key(overrides, key, message):
     with pytest.raises(ConfigError) as info:
         _train(*overrides)
@@ -144,7 +177,7 @@ def test_pcl_budget_counts_every_leaf():
     _train("allocation.mode=trace", "allocation.m_max=3", "allocation.m_min=2")
 
 
-PLUGIN = '''
+PLUGIN = """
 import numpy as np
 
 from trace_core.advantage import grpo, register_advantage
@@ -165,7 +198,7 @@ class FirstPrompts:
 
 register_mode("{name}_mode", root="{name}", prefix="uniform")
 register_advantage("{name}_adv", grpo)
-'''
+"""
 
 
 def test_a_plugin_file_registers_strategies_the_config_names(tmp_path):
@@ -177,8 +210,9 @@ def test_a_plugin_file_registers_strategies_the_config_names(tmp_path):
     try:
         with pytest.raises(ConfigError, match=r"allocation\.root_strategy: 'test_plugin_roots' is not one of"):
             _train("allocation.root_strategy=test_plugin_roots")  # without the plugin
-        cfg = _train(f"plugins=[{path}]", "allocation.root_strategy=test_plugin_roots",
-                     "optim.advantage=test_plugin_roots_adv")
+        cfg = _train(
+            f"plugins=[{path}]", "allocation.root_strategy=test_plugin_roots", "optim.advantage=test_plugin_roots_adv"
+        )
         allocation = cfg.allocation.build()
         assert (allocation.root_name, allocation.prefix_name) == ("test_plugin_roots", "active")
         counts = allocation.root(np.full(16, 0.5), 32, m_min=4, m_max=16, eps=0.02, rng=np.random.default_rng(0))
@@ -186,8 +220,11 @@ def test_a_plugin_file_registers_strategies_the_config_names(tmp_path):
         assert cfg.plugins == [str(path)]
         # a saved config loads its plugins again (the second load does not re-register, which would fail)
         save_config(cfg, tmp_path / "saved.yaml")
-        again = load_config(type(cfg), tmp_path / "saved.yaml", ["allocation.mode=test_plugin_roots_mode",
-                                                                 "allocation.root_strategy=null"])
+        again = load_config(
+            type(cfg),
+            tmp_path / "saved.yaml",
+            ["allocation.mode=test_plugin_roots_mode", "allocation.root_strategy=null"],
+        )
         assert again.allocation.build().describe() == "test_plugin_roots/uniform"
     finally:
         ROOT_STRATEGIES.unregister("test_plugin_roots")

@@ -4,16 +4,17 @@ The toy trainer of test_trainer.py runs a step in well under a second on CPU, so
 is checked end to end: parameter / optimizer / KV-cache dtypes, sampler-trainer logprob agreement,
 the small-update bug master weights fix, exact resume; plus the autocast-aware tree attention.
 """
+
 import logging
 import math
 
 import numpy as np
 import torch
-
 from test_trainer import TOY, metrics, toy
+
 from attention_cases import packed_forest, random_tree, same_dtype_attention
-from trace_core.train.cli import main
 from trace_core.model.tree_forward import trace_tree_attention_forward
+from trace_core.train.cli import main
 from trace_core.train.trainer import Trainer
 from trace_kernels.tree_attention.naive import tree_attention_reference
 
@@ -72,7 +73,7 @@ def test_resume_is_exact_with_bf16_and_master_weights(tmp_path):
     resumed.fit()
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert a.dtype == torch.float32 and torch.equal(a, b), name
-    same = lambda row: {k: v for k, v in row.items() if not k.startswith(("time/", "eval/"))}  # noqa: E731
+    same = lambda row: {k: v for k, v in row.items() if not k.startswith(("time/", "eval/"))}
     assert [same(r) for r in metrics(tmp_path / "a")] == [same(r) for r in metrics(tmp_path / "b")]
 
 
@@ -86,8 +87,9 @@ def test_tree_attention_under_cpu_autocast_takes_mixed_dtypes():
     v = torch.randn(1, 2, T, 16, generator=g).bfloat16()
     scale = 0.25
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, _ = trace_tree_attention_forward(None, q, k, v, None, scaling=scale, tree_end=end,
-                                              tree_attention_backend="cpu")
+        out, _ = trace_tree_attention_forward(
+            None, q, k, v, None, scaling=scale, tree_end=end, tree_attention_backend="cpu"
+        )
     assert out.dtype == torch.bfloat16 and out.shape == (1, T, 4, 16)
     q16, k16, v16 = (x[0].transpose(0, 1).bfloat16() for x in (q, k, v))  # [T, H, D] in the compute dtype
     want = tree_attention_reference(q16.float(), k16.float(), v16.float(), end, scale=scale)
@@ -115,8 +117,9 @@ def test_linear_logprob_under_autocast_runs_on_compute_dtype_inputs():
     rows, labels = torch.tensor([0, 2, 2, 5]), torch.tensor([3, 39, 0, 7])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, entropy = linear_logprob(hidden, weight, rows, labels, return_entropy=True, backend="cpu")
-    want, want_entropy = linear_logprob(hidden.bfloat16(), weight.detach().bfloat16(), rows, labels,
-                                        return_entropy=True, backend="cpu")
+    want, want_entropy = linear_logprob(
+        hidden.bfloat16(), weight.detach().bfloat16(), rows, labels, return_entropy=True, backend="cpu"
+    )
     assert torch.equal(got, want) and torch.equal(entropy, want_entropy)
     got.sum().backward()
     assert weight.grad.dtype == torch.float32 and weight.grad.abs().sum() > 0

@@ -1,4 +1,5 @@
 """Learning-rate schedule: a pure function of the step (so resuming needs no scheduler state)."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """The trainer end to end at toy size: the CLI, exact resume, the comparison report, config errors."""
+
 import json
 import math
 from pathlib import Path
@@ -6,17 +7,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from trace_core.train.cli import main
-from trace_core.train.config_loader import ConfigError, load_config, save_config
 from trace_core.envs import make_env, make_task_source
-from trace_core.train.expansion import prefix_budgets as _prefix_budgets, round_shares as _round_shares
-from trace_core.train.trainer import Trainer
+from trace_core.train.cli import main
 from trace_core.train.config import TrainConfig
+from trace_core.train.config_loader import ConfigError, load_config, save_config
+from trace_core.train.expansion import prefix_budgets as _prefix_budgets
+from trace_core.train.expansion import round_shares as _round_shares
+from trace_core.train.trainer import Trainer
 
 TOY = [
-    "model.hidden_size=32", "model.layers=1", "model.heads=2", "model.kv_heads=1", "model.attention_backend=reference",
-    "allocation.candidates=4", "allocation.roots=8", "allocation.continuations_per_root=1", "allocation.m_min=2",
-    "allocation.m_max=4", "eval_tasks=8", "eval_every=0", "progress=false", "predictor.warmup_nodes=20",
+    "model.hidden_size=32",
+    "model.layers=1",
+    "model.heads=2",
+    "model.kv_heads=1",
+    "model.attention_backend=reference",
+    "allocation.candidates=4",
+    "allocation.roots=8",
+    "allocation.continuations_per_root=1",
+    "allocation.m_min=2",
+    "allocation.m_max=4",
+    "eval_tasks=8",
+    "eval_every=0",
+    "progress=false",
+    "predictor.warmup_nodes=20",
     "env.tasks={num_train: 40, num_eval: 8}",
 ]
 
@@ -42,10 +55,14 @@ def test_cli_train_writes_run_directory(tmp_path, capsys):
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     try:
         import tensorboard  # noqa: F401  (optional: events are written only when it is installed)
+
         assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     except ImportError:
         assert not (tmp_path / "tensorboard").exists()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == ["step_00000002.pt", "step_00000003.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == [
+        "step_00000002.pt",
+        "step_00000003.pt",
+    ]
     assert "run directory" in capsys.readouterr().out
 
 
@@ -70,7 +87,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     # training metrics of every step agree; wall times differ, and run b evaluated at its end (step 2)
-    same = lambda row: {k: v for k, v in row.items() if not k.startswith(("time/", "eval/"))}  # noqa: E731
+    same = lambda row: {k: v for k, v in row.items() if not k.startswith(("time/", "eval/"))}
     assert [same(r) for r in metrics(tmp_path / "a")] == [same(r) for r in metrics(tmp_path / "b")]
     assert metrics(tmp_path / "a")[-1]["eval/success"] == metrics(tmp_path / "b")[-1]["eval/success"]
 
@@ -92,14 +109,23 @@ def test_optimizer_follows_the_lr_schedule(tmp_path):
     """Each step's update uses learning_rate(step); the rate is logged with the step's metrics."""
     from trace_core.train.schedule import learning_rate
 
-    trainer = Trainer(toy(tmp_path, "steps=3", "optim.lr=0.01", "optim.lr_schedule=cosine",
-                          "optim.warmup_steps=1", "optim.min_lr_ratio=0.2"))
+    trainer = Trainer(
+        toy(
+            tmp_path,
+            "steps=3",
+            "optim.lr=0.01",
+            "optim.lr_schedule=cosine",
+            "optim.warmup_steps=1",
+            "optim.min_lr_ratio=0.2",
+        )
+    )
     logged = []
-    for step in range(3):
+    for _step in range(3):
         logged.append(trainer.train_step()["lr"])
         assert trainer.optimizer.param_groups[0]["lr"] == logged[-1]
-    expected = [learning_rate(s, lr=0.01, steps=3, schedule="cosine", warmup_steps=1, min_lr_ratio=0.2)
-                for s in range(3)]
+    expected = [
+        learning_rate(s, lr=0.01, steps=3, schedule="cosine", warmup_steps=1, min_lr_ratio=0.2) for s in range(3)
+    ]
     assert logged == pytest.approx(expected) and logged[1] > logged[2] >= 0.002
 
 
@@ -145,8 +171,10 @@ def test_eval_command_reads_a_checkpoint(tmp_path, capsys):
         (["optim.warmup_steps=5"], "optim.warmup_steps: 5 is more than the run's 1 steps"),
         (["optim.min_lr_ratio=1.5"], "min_lr_ratio: must be in [0, 1], got 1.5"),
         (["optim.lr_schedule=step"], "optim.lr_schedule: 'step' is not one of"),
-        (["generation.num_pages=auto"], "generation.num_pages: 'auto' sizes the KV cache from free GPU memory, "
-                                        "but the model is on cpu"),
+        (
+            ["generation.num_pages=auto"],
+            "generation.num_pages: 'auto' sizes the KV cache from free GPU memory, but the model is on cpu",
+        ),
         (["generation.num_pages=0"], "num_pages: must be >= 1 or 'auto', got 0"),
         (["generation.kv_memory_fraction=0"], "kv_memory_fraction: must be in (0, 1], got 0"),
         # a cache of 3 pages cannot hold a step's rollouts: the error names the setting to raise
@@ -154,8 +182,10 @@ def test_eval_command_reads_a_checkpoint(tmp_path, capsys):
         (["model.dtype=bf16"], "model.dtype: 'bf16' is not one of"),
         (["model.master_weights=maybe"], "model.master_weights"),
         # PCL keeps M(1+N) // pcl_count prompts: with 8 x (1 + 1) = 16 bare rollouts, 32 per prompt cannot keep one
-        (["allocation.mode=pcl", "allocation.pcl_count=32", "allocation.m_max=32"],
-         "allocation.pcl_count: 32 bare rollouts per kept prompt does not fit"),
+        (
+            ["allocation.mode=pcl", "allocation.pcl_count=32", "allocation.m_max=32"],
+            "allocation.pcl_count: 32 bare rollouts per kept prompt does not fit",
+        ),
         (["allocation.mode=pcl", "allocation.pcl_count=1"], "pcl_count: 1 bare rollouts per kept prompt does not fit"),
         (["allocation.expansion_rounds=0"], "allocation.expansion_rounds: must be >= 1, got 0"),
     ],
@@ -167,8 +197,8 @@ def test_config_errors_are_messages_not_tracebacks(tmp_path, capsys, overrides, 
 
 
 def test_model_tokenizer_mismatch(tmp_path, capsys):
-    from trace_core.model.word_tokenizer import gridworld_tokenizer
     from trace_core.model.loading import tiny_causal_lm
+    from trace_core.model.word_tokenizer import gridworld_tokenizer
 
     model_dir = tmp_path / "model"
     tiny_causal_lm("llama", vocab_size=8, hidden_size=16, heads=2, kv_heads=1, layers=1).save_pretrained(model_dir)
@@ -192,8 +222,9 @@ def test_env_tasks_default_to_the_named_envs_own():
     # shipped SmolLM2 config failed with "unknown option(s) ['levels']")
     assert load_config(TrainConfig).env.tasks == {"levels": [0, 1]}
     assert load_config(TrainConfig, None, ["env.name=search_qa"]).env.tasks == {}
-    assert load_config(TrainConfig, None, ["env.name=search_qa", "env.tasks={synthetic_seed: 3}"]).env.tasks == \
-        {"synthetic_seed": 3}
+    assert load_config(TrainConfig, None, ["env.name=search_qa", "env.tasks={synthetic_seed: 3}"]).env.tasks == {
+        "synthetic_seed": 3
+    }
     assert load_config(TrainConfig, None, ["env.tasks={levels: [2]}"]).env.tasks == {"levels": [2]}
 
 
@@ -212,8 +243,19 @@ def test_smollm2_search_qa_config_trains_a_step(tmp_path):
     """The shipped SmolLM2 config end to end through the CLI, at a CPU-test budget: real model, BM25
     search, chat template, stop strings, prefix expansion and a policy update."""
     pytest.importorskip("bm25s")
-    small = ["steps=1", "optim.warmup_steps=1", "model.attention_backend=reference", "eval_every=0", "eval_tasks=2", "allocation.candidates=2", "allocation.roots=2",
-             "allocation.m_min=1", "allocation.m_max=2", "generation.max_tokens_per_turn=6", "progress=false"]
+    small = [
+        "steps=1",
+        "optim.warmup_steps=1",
+        "model.attention_backend=reference",
+        "eval_every=0",
+        "eval_tasks=2",
+        "allocation.candidates=2",
+        "allocation.roots=2",
+        "allocation.m_min=1",
+        "allocation.m_max=2",
+        "generation.max_tokens_per_turn=6",
+        "progress=false",
+    ]
     config = Path(__file__).parents[2] / "trace_core" / "configs" / "smollm2_search_qa.yaml"
     assert main(["train", "--config", str(config), f"run_dir={tmp_path}", *small]) == 0
     row = metrics(tmp_path)[-1]
@@ -243,15 +285,22 @@ def _spy_expand(trainer):
 @pytest.mark.parametrize("mode", ["trace", "random_tree"])
 def test_expansion_rounds_branch_from_the_last_rounds_continuations(tmp_path, mode):
     """Round 2 expands the turns round 1's continuations added, at the same total budget."""
-    trainer = Trainer(toy(tmp_path, f"allocation.mode={mode}", "allocation.expansion_rounds=2", "steps=4",
-                          "allocation.continuations_per_root=2"))
+    trainer = Trainer(
+        toy(
+            tmp_path,
+            f"allocation.mode={mode}",
+            "allocation.expansion_rounds=2",
+            "steps=4",
+            "allocation.continuations_per_root=2",
+        )
+    )
     calls = _spy_expand(trainer)
     from_continuations = 0
-    for step in range(4):
+    for _step in range(4):
         before = len(calls)
         row = trainer.train_step()
         assert row["leaves"] == 24 and row["expansion_rounds_run"] == 2  # 8 bare + 16 continuations
-        (anchors1, k1, nodes1, _), (anchors2, k2, _, _) = calls[before:]
+        (_anchors1, k1, nodes1, _), (anchors2, k2, _, _) = calls[before:]
         assert sum(k1) + sum(k2) == 16 and sum(k1) >= sum(k2)  # per-prompt halves, the first round rounds up
         assert set(anchors2) <= set(nodes1)  # round 2 branches from round 1's continuations only
         from_continuations += sum(k for a, k in zip(anchors2, k2) if k)
@@ -280,8 +329,19 @@ def test_one_round_is_the_default_and_expands_once(tmp_path):
 def test_stage_pairs_from_config_run_through_the_cli(tmp_path):
     """The paper's stage ablation is a config line: uniform roots with TRACE's active prefixes."""
     run_dir = tmp_path / "uniform_active"
-    assert main(["train", *TOY, f"run_dir={run_dir}", "steps=2", "allocation.root_strategy=uniform",
-                 "allocation.prefix_strategy=active"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TOY,
+                f"run_dir={run_dir}",
+                "steps=2",
+                "allocation.root_strategy=uniform",
+                "allocation.prefix_strategy=active",
+            ]
+        )
+        == 0
+    )
     rows = metrics(run_dir)
     # uniform roots: 8 bare rollouts on 4 prompts (2 each), then 8 continuations from turn prefixes
     assert [r["prompts"] for r in rows] == [4, 4] and all(r["leaves"] == 16 for r in rows)
@@ -315,8 +375,20 @@ def test_a_user_registered_strategy_runs_through_trace_train(tmp_path):
     plugin = tmp_path / "my_allocation.py"
     plugin.write_text(PLUGIN)
     run_dir = tmp_path / "run"
-    assert main(["train", *TOY, f"run_dir={run_dir}", "steps=2", "allocation.m_max=8", f"plugins=[{plugin}]",
-                 "allocation.mode=one_prompt_trees"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TOY,
+                f"run_dir={run_dir}",
+                "steps=2",
+                "allocation.m_max=8",
+                f"plugins=[{plugin}]",
+                "allocation.mode=one_prompt_trees",
+            ]
+        )
+        == 0
+    )
     rows = metrics(run_dir)
     assert [r["prompts"] for r in rows] == [1, 1] and all(r["leaves"] == 16 for r in rows)
     assert all(r["expansion_rounds_run"] == 1 for r in rows)

@@ -16,6 +16,7 @@
 Pure-Python versions of both stages (test oracle, benchmark baseline) are in
 trace_core.allocation.naive.
 """
+
 from trace_core.allocation import prefixes as _prefixes  # noqa: F401  (registers the built-in strategies)
 from trace_core.allocation import roots as _roots  # noqa: F401
 from trace_core.allocation.checks import AllocationError

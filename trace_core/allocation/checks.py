@@ -3,6 +3,7 @@
 Each check turns user input into the exact array type the solvers expect, or raises an AllocationError
 (a ValueError) that names the offending argument and, where it helps, the first bad element.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -62,8 +63,9 @@ def as_probabilities(values, name: str) -> np.ndarray:
     bad = np.flatnonzero(~((array >= 0.0) & (array <= 1.0)))  # NaN fails both comparisons
     i = int(bad[0])
     raise AllocationError(
-        name, f"{name} must hold probabilities in [0, 1] (no NaN); {name}[{i}] = {array[i].item()!r}"
-        f" ({bad.size} bad value{'s' if bad.size > 1 else ''})"
+        name,
+        f"{name} must hold probabilities in [0, 1] (no NaN); {name}[{i}] = {array[i].item()!r}"
+        f" ({bad.size} bad value{'s' if bad.size > 1 else ''})",
     )
 
 
@@ -105,8 +107,9 @@ def check_same_length(reference_name: str, reference: np.ndarray, **others: np.n
     for name, array in others.items():
         if array.shape[0] != reference.shape[0]:
             raise AllocationError(
-                name, f"{name} has length {array.shape[0]} but {reference_name} has length {reference.shape[0]};"
-                " they must describe the same items"
+                name,
+                f"{name} has length {array.shape[0]} but {reference_name} has length {reference.shape[0]};"
+                " they must describe the same items",
             )
 
 
@@ -116,8 +119,9 @@ def as_group_ids(group, n_groups: int) -> np.ndarray:
     if group.size and int(group.max()) >= n_groups:
         i = int(np.argmax(group >= n_groups))
         raise AllocationError(
-            "group", f"group[{i}] = {group[i].item()} but budget_per_group has {n_groups} entries (one per group id"
-            f" 0..{n_groups - 1}); budget_per_group must have length > max(group)"
+            "group",
+            f"group[{i}] = {group[i].item()} but budget_per_group has {n_groups} entries (one per group id"
+            f" 0..{n_groups - 1}); budget_per_group must have length > max(group)",
         )
     return group
 
@@ -143,10 +147,11 @@ def check_root_budget_reachable(n_prompts: int, budget: int, m_min: int, m_max: 
     if k is not None and k <= n_prompts and k * m_min <= budget:
         return
     raise AllocationError(
-        "budget", f"budget={budget} cannot be spent exactly with counts in {{0}} U [m_min={m_min}, {cap}] over"
+        "budget",
+        f"budget={budget} cannot be spent exactly with counts in {{0}} U [m_min={m_min}, {cap}] over"
         f" {n_prompts} prompt(s): k active prompts take between k*{m_min} and k*{cap} rollouts and no"
         f" k in 0..{n_prompts} covers {budget}"
-        + (f" (at most {n_prompts * cap} in total)" if n_prompts * cap < budget else "")
+        + (f" (at most {n_prompts * cap} in total)" if n_prompts * cap < budget else ""),
     )
 
 
@@ -162,8 +167,9 @@ def check_prefix_budget_reachable(sizes: np.ndarray, budget_per_group: np.ndarra
         g = int(bad[0])
         cap_text = f"k_max={k_max}, so at most {int(capacity[g])} continuations" if k_max is not None else "no anchor"
         raise AllocationError(
-            "budget_per_group", f"budget_per_group[{g}] = {int(budget_per_group[g])} is not reachable: group {g} has"
-            f" {int(sizes[g])} anchor(s) ({cap_text}); {bad.size} group(s) affected"
+            "budget_per_group",
+            f"budget_per_group[{g}] = {int(budget_per_group[g])} is not reachable: group {g} has"
+            f" {int(sizes[g])} anchor(s) ({cap_text}); {bad.size} group(s) affected",
         )
 
 

@@ -3,6 +3,7 @@
 Stage 1 (`allocate_roots`) splits a global budget of bare rollouts over candidate prompts;
 stage 2 (`allocate_prefixes`) splits each prompt's continuation budget over its turn prefixes.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ arrays. The root DP here keeps the whole choice table; the numba DP keeps value 
 recomputes the few cells its backtrack needs (less memory traffic, same cells, same values).
 Loops run over Python lists and heapq; numpy only converts the inputs and the result.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -13,11 +14,13 @@ import heapq
 import numpy as np
 
 from trace_core.allocation import checks
-from trace_core.allocation.root_dp import TIE_RTOL
 from trace_core.allocation.exact import _check_prefixes, _check_roots, repeat_probability
+from trace_core.allocation.root_dp import TIE_RTOL
 
 
-def allocate_roots_reference(v, budget: int, *, m_min: int = 2, m_max: int | None = None, eps: float = 0.02) -> np.ndarray:
+def allocate_roots_reference(
+    v, budget: int, *, m_min: int = 2, m_max: int | None = None, eps: float = 0.02
+) -> np.ndarray:
     """Pure-Python twin of trace_core.allocation.allocate_roots (same arguments, errors and result)."""
     v, budget, m_min, m_max, eps = _check_roots(v, budget, m_min, m_max, eps)
     n = v.shape[0]
@@ -53,7 +56,9 @@ def allocate_roots_reference(v, budget: int, *, m_min: int = 2, m_max: int | Non
     return np.asarray(counts, dtype=np.int64)
 
 
-def allocate_prefixes_reference(p, r, group, budget_per_group, *, k_max: int | None = None, eps: float = 0.02) -> np.ndarray:
+def allocate_prefixes_reference(
+    p, r, group, budget_per_group, *, k_max: int | None = None, eps: float = 0.02
+) -> np.ndarray:
     """Pure-Python twin of trace_core.allocation.allocate_prefixes (same arguments, errors and result)."""
     p, r, group, budgets, k_max, eps = _check_prefixes(p, r, group, budget_per_group, k_max, eps)
     q = repeat_probability(p, r, eps).tolist()

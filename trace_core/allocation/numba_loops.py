@@ -4,6 +4,7 @@ The pure-Python twin of the prefix greedy (reference.py) runs the same arithmeti
 order, so both return identical arrays; keep them in step when changing either. The "ranked" root
 solver has no twin: tests check it against brute force and the DP.
 """
+
 from __future__ import annotations
 
 import numba

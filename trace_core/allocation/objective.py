@@ -4,6 +4,7 @@ The effective ratio (METHOD.md step 7) is the fraction of active prompts whose t
 and a 1 leaf. These helpers give its expectation under the predictor's probabilities (clipped to
 [eps, 1 - eps] like the allocators do), treating outcomes as independent given the prefix.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,8 +59,10 @@ def tree_mixed_probability(p, r, group, counts, bare_mixed, *, eps: float = 0.02
     """
     bare_mixed = np.asarray(bare_mixed)
     if bare_mixed.ndim != 1 or bare_mixed.dtype != bool:
-        raise checks.AllocationError("bare_mixed", f"bare_mixed must be a 1-D bool array (one entry per group), "
-                                                   f"got {bare_mixed.dtype} {bare_mixed.shape}")
+        raise checks.AllocationError(
+            "bare_mixed",
+            f"bare_mixed must be a 1-D bool array (one entry per group), got {bare_mixed.dtype} {bare_mixed.shape}",
+        )
     p = checks.as_probabilities(p, "p")
     r = checks.as_binary_outcomes(r, "r")
     group = checks.as_group_ids(group, bare_mixed.shape[0])

@@ -11,6 +11,7 @@ operations in the same order in both passes (relax_cells), so the recomputed val
 choices, are bitwise those of a full table; reference.py's pure-Python twin keeps the full table
 and tests check both agree.
 """
+
 from __future__ import annotations
 
 import numba
@@ -67,7 +68,7 @@ def relax_cells(prev, cur, mixed, lo, hi, m_min, cap, tol):
                 continue
             g = mixed[m]
             # Slices with a non-negative loop index let LLVM vectorise (no wraparound check).
-            src = prev[start - m: b1 - m]
+            src = prev[start - m : b1 - m]
             dst = cur[start:b1]
             for j in range(b1 - start):
                 x = src[j] + g
@@ -88,7 +89,7 @@ def relax_cells_with_choices(prev, cur, choice, mixed, lo, hi, m_min, cap, tol):
             if start >= b1:
                 continue
             g = mixed[m]
-            src = prev[start - m: b1 - m]
+            src = prev[start - m : b1 - m]
             dst = cur[start:b1]
             dst_choice = choice[start:b1]
             for j in range(b1 - start):

@@ -17,6 +17,7 @@ Users add their own with the decorator:
         def roots(self, v, budget, *, m_min=2, m_max=None, eps=0.02): ...
         def prefixes(self, p, r, group, budget_per_group, *, k_max=None, eps=0.02): ...
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -35,9 +36,7 @@ from trace_core.registry import Registry
 class Allocator(Protocol):
     """Interface of an allocation strategy (see the module docstring for the contract)."""
 
-    def roots(
-        self, v: Any, budget: int, *, m_min: int = 2, m_max: int | None = None, eps: float = 0.02
-    ) -> np.ndarray:
+    def roots(self, v: Any, budget: int, *, m_min: int = 2, m_max: int | None = None, eps: float = 0.02) -> np.ndarray:
         """(B,) int64 counts in {0} U [m_min, m_max] summing to budget."""
         ...
 
@@ -49,9 +48,13 @@ class Allocator(Protocol):
 
 
 AllocatorFactory = Callable[..., Allocator]
-_REGISTRY: Registry[AllocatorFactory] = Registry("allocator", field="allocator", error=AllocationError,
-                                                 callable_only=True,
-                                                 unknown="unknown allocator {name!r}; registered: {names}")
+_REGISTRY: Registry[AllocatorFactory] = Registry(
+    "allocator",
+    field="allocator",
+    error=AllocationError,
+    callable_only=True,
+    unknown="unknown allocator {name!r}; registered: {names}",
+)
 
 
 def register_allocator(name: str, *, replace: bool = False) -> Callable[[AllocatorFactory], AllocatorFactory]:
@@ -68,8 +71,10 @@ def get_allocator(name: str, **options: Any) -> Allocator:
     """A new allocator registered under `name`, built with `options` (e.g. rng=0 for random_tree)."""
     allocator = _REGISTRY.get(name)(**options)
     if not isinstance(allocator, Allocator):
-        raise AllocationError("allocator", f"allocator {name!r}: its factory returned {type(allocator).__name__}, "
-                                           "which lacks roots()/prefixes()")
+        raise AllocationError(
+            "allocator",
+            f"allocator {name!r}: its factory returned {type(allocator).__name__}, which lacks roots()/prefixes()",
+        )
     return allocator
 
 
@@ -179,6 +184,15 @@ class PCLAllocator:
         return UniformPrefixes()(p, r, group, budget_per_group, k_max=k_max, eps=eps, rng=None)
 
 
-__all__ = ["Allocator", "PCLAllocator", "RandomTreeAllocator", "StagedAllocator", "TraceAllocator",
-           "UniformAllocator", "allocator_from_allocation", "available_allocators", "get_allocator",
-           "register_allocator"]
+__all__ = [
+    "Allocator",
+    "PCLAllocator",
+    "RandomTreeAllocator",
+    "StagedAllocator",
+    "TraceAllocator",
+    "UniformAllocator",
+    "allocator_from_allocation",
+    "available_allocators",
+    "get_allocator",
+    "register_allocator",
+]

@@ -5,10 +5,12 @@ action text (one turn) and returns the observation appended after it. TRACE fork
 turn prefixes, so an engine snapshots the env after every turn and restores it later, optionally
 with a fresh seed so the continuation's environment randomness is resampled.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from trace_core.errors import TraceError
 
@@ -104,7 +106,9 @@ def require_field(task: Mapping[str, Any], field_name: str, kind: type | tuple[t
     bool_as_number = isinstance(value, bool) and bool not in kinds  # True is an int to Python, not to us
     if not isinstance(value, kinds) or bool_as_number:
         names = "/".join(k.__name__ for k in kinds)
-        raise EnvError(field_name, f"{where} field {field_name!r} must be {names}, got {type(value).__name__}: {value!r}")
+        raise EnvError(
+            field_name, f"{where} field {field_name!r} must be {names}, got {type(value).__name__}: {value!r}"
+        )
     return value
 
 

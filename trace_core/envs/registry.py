@@ -6,6 +6,7 @@ path imported on first use (trace_core.registry.Registry's lazy entries). Built-
 themselves when `trace_core.envs` is imported (builtin.py); users add theirs with `register_env`,
 in their code or in a plugin (`plugins: [my_envs]` in a trainer config).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -19,26 +20,45 @@ from trace_core.registry import Registry, is_lazy_path
 EnvFactory = Callable[..., Env] | str
 TaskSourceFactory = Callable[..., TaskSource] | str
 
-ENVS: Registry[Callable[..., Env]] = Registry("env", field="env.name", error=EnvError, callable_only=True,
-                                              unknown="unknown env name {name!r}; registered: {names}")
+ENVS: Registry[Callable[..., Env]] = Registry(
+    "env",
+    field="env.name",
+    error=EnvError,
+    callable_only=True,
+    unknown="unknown env name {name!r}; registered: {names}",
+)
 # keyed by env name: the task source registered with that env (absent: none)
 TASK_SOURCES: Registry[Callable[..., TaskSource]] = Registry(
-    "task source", field="env.name", error=EnvError, callable_only=True,
-    unknown="env {name!r} has no registered task source; pass task records yourself")
+    "task source",
+    field="env.name",
+    error=EnvError,
+    callable_only=True,
+    unknown="env {name!r} has no registered task source; pass task records yourself",
+)
 
 
-def register_env(name: str, env_factory: EnvFactory, task_source_factory: TaskSourceFactory | None = None,
-                 *, overwrite: bool = False, replace: bool = False) -> None:
+def register_env(
+    name: str,
+    env_factory: EnvFactory,
+    task_source_factory: TaskSourceFactory | None = None,
+    *,
+    overwrite: bool = False,
+    replace: bool = False,
+) -> None:
     """Register `env_factory` (and optionally its task source) under `name`; a taken name raises unless
     overwrite=True (or replace=True, the spelling of the other registries)."""
     if not isinstance(name, str) or not name:
         raise EnvError("name", f"name must be a non-empty string, got {name!r}")
     if not (callable(env_factory) or is_lazy_path(env_factory)):
-        raise EnvError("env_factory", f"env_factory for {name!r} must be callable or a 'module:attribute' path, "
-                                      f"got {env_factory!r}")
+        raise EnvError(
+            "env_factory",
+            f"env_factory for {name!r} must be callable or a 'module:attribute' path, got {env_factory!r}",
+        )
     if task_source_factory is not None and not (callable(task_source_factory) or is_lazy_path(task_source_factory)):
-        raise EnvError("task_source_factory", f"task_source_factory for {name!r} must be callable, a "
-                                              "'module:attribute' path, or None")
+        raise EnvError(
+            "task_source_factory",
+            f"task_source_factory for {name!r} must be callable, a 'module:attribute' path, or None",
+        )
     ENVS.register(name, env_factory, replace=overwrite or replace)
     if task_source_factory is None:
         TASK_SOURCES.unregister(name)
@@ -95,8 +115,9 @@ class EnvConfig:
             raise EnvError("env.name", "env config is missing the field 'name'")
         for key in ("env", "tasks"):
             if not isinstance(data.get(key, {}), dict):
-                raise EnvError(f"env.{key}", f"env config field {key!r} must be a mapping, got "
-                                             f"{type(data[key]).__name__}")
+                raise EnvError(
+                    f"env.{key}", f"env config field {key!r} must be a mapping, got {type(data[key]).__name__}"
+                )
         return cls(name=data["name"], env=dict(data.get("env", {})), tasks=dict(data.get("tasks", {})))
 
     def make_env(self) -> Env:

@@ -4,11 +4,13 @@ Python cannot kill a thread, so a call that times out keeps running in a daemon 
 while the env moves on; its result is discarded. Tools that can hang forever should also set
 their own internal timeouts (e.g. an HTTP client timeout) so those threads finish eventually.
 """
+
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class ToolTimeout(TimeoutError):
@@ -32,7 +34,7 @@ def call_with_timeout(fn: Callable[..., Any], *args: Any, timeout_s: float | Non
     def target() -> None:
         try:
             box["result"] = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed back to the caller as is
+        except BaseException as exc:
             box["error"] = exc
 
     worker = threading.Thread(target=target, name=f"tool-{getattr(fn, '__name__', 'call')}", daemon=True)

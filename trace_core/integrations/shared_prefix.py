@@ -13,6 +13,7 @@ prefixes nor the [tokens x vocab] logits are ever materialised.
 
 Sharing only happens inside the batch given: keep a prompt's completions in one micro-batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,10 +21,9 @@ import contextlib
 import numpy as np
 import torch
 
-from trace_kernels import linear_logprob
-
-from trace_core.packing.flat import SharedPrefixPack, as_numpy, pack_shared_prefixes
 from trace_core.model.tree_forward import autocast_off, transformers_model, tree_forward_with_head
+from trace_core.packing.flat import SharedPrefixPack, as_numpy, pack_shared_prefixes
+from trace_kernels import linear_logprob
 
 
 def shared_prefix_logprobs(
@@ -64,12 +64,16 @@ def shared_prefix_logprobs(
     if packed is None:
         packed = pack_shared_prefixes(input_ids, attention_mask)
     elif tuple(packed.token_index.shape) != tuple(input_ids.shape):
-        raise ValueError(f"packed: was built for a batch of shape {tuple(packed.token_index.shape)}, "
-                         f"but input_ids has shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"packed: was built for a batch of shape {tuple(packed.token_index.shape)}, "
+            f"but input_ids has shape {tuple(input_ids.shape)}"
+        )
     hf_model = transformers_model(model)
     if lm_head_has_adapter(hf_model):
-        raise ValueError("model: the lm_head carries a PEFT adapter (target_modules or modules_to_save); "
-                         "shared_prefix_logprobs reads lm_head.weight and would miss it: leave lm_head out of the adapter")
+        raise ValueError(
+            "model: the lm_head carries a PEFT adapter (target_modules or modules_to_save); "
+            "shared_prefix_logprobs reads lm_head.weight and would miss it: leave lm_head out of the adapter"
+        )
     device = next(hf_model.parameters()).device
     pair_index, pair_rows, pair_labels = _scored_pairs(packed, score_mask)
     rows = torch.as_tensor(pair_rows, device=device)
@@ -85,8 +89,16 @@ def shared_prefix_logprobs(
             hidden, weight = hidden.float(), weight.float()
             bias = bias.float() if bias is not None else None
         with autocast_off(device.type) if lm_head_fp32 else contextlib.nullcontext():
-            return linear_logprob(hidden, weight, rows, labels, temperature=temperature, bias=bias,
-                                  return_entropy=return_entropy, backend=backend)
+            return linear_logprob(
+                hidden,
+                weight,
+                rows,
+                labels,
+                temperature=temperature,
+                bias=bias,
+                return_entropy=return_entropy,
+                backend=backend,
+            )
 
     result = tree_forward_with_head(model, packed, score, backend=backend)
     pair_index = torch.as_tensor(pair_index, device=device)  # [B, L]

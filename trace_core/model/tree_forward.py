@@ -15,11 +15,13 @@ attn_implementation="trace_tree", or use `model.set_attn_implementation("trace_t
 
     model(input_ids=ids[None], position_ids=pos[None], tree_end=end, use_cache=False)
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -127,8 +129,11 @@ def _checkpoint_replays_in_tree_mode(model: torch.nn.Module):
     """transformers' gradient checkpointing replays each layer in the backward, after `tree_forward`
     has restored the model's attention implementation. For the call, wrap every checkpointing
     layer's function so that its replay runs under `tree_attention_mode` as the forward did."""
-    wrapped = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
-               and callable(getattr(m, "_gradient_checkpointing_func", None))]
+    wrapped = [
+        m
+        for m in model.modules()
+        if getattr(m, "gradient_checkpointing", False) and callable(getattr(m, "_gradient_checkpointing_func", None))
+    ]
     originals = [m._gradient_checkpointing_func for m in wrapped]
     for module, checkpoint in zip(wrapped, originals):
         module._gradient_checkpointing_func = functools.partial(_checkpoint_in_tree_mode, checkpoint, model)
@@ -198,12 +203,17 @@ def _packed_kwargs(hf_model: torch.nn.Module, packed: Any, backend: str | None) 
         raise ValueError(f"tree_forward: packed.input_ids must lie in [0, {vocab}) (the model's vocabulary)")
     if int(position_ids.min()) < 0:
         raise ValueError("tree_forward: packed.position_ids must be >= 0")
-    return dict(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False,
-                **{TREE_END_KWARG: end, BACKEND_KWARG: backend})
+    return dict(
+        input_ids=input_ids[None],
+        position_ids=position_ids[None],
+        use_cache=False,
+        **{TREE_END_KWARG: end, BACKEND_KWARG: backend},
+    )
 
 
-def tree_forward_with_head(model: torch.nn.Module, packed: Any, head_fn: Callable, *,
-                           backend: str | None = None) -> Any:
+def tree_forward_with_head(
+    model: torch.nn.Module, packed: Any, head_fn: Callable, *, backend: str | None = None
+) -> Any:
     """Run the causal LM's own forward over a packed tree, its lm_head computing
     `head_fn(hidden [T, hidden_size], lm_head)` instead of logits; returns that result.
 

@@ -9,9 +9,10 @@ Special tokens: <pad> <unk> <bos> <eos> and <eot> (end of turn). The policy ends
 with <eot>; an engine uses it as the stop token of a turn. Nothing is added automatically when
 encoding (no post-processor): the engine places <bos> before the prompt itself.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -23,7 +24,13 @@ PAD, UNK, BOS, EOS, EOT = "<pad>", "<unk>", "<bos>", "<eos>", "<eot>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, EOT)  # ids 0..4 in this order
 
 GRIDWORLD_WORDS = (
-    *DIRECTIONS, "goal", "wall", "hole", "level", "turns", "invalid",
+    *DIRECTIONS,
+    "goal",
+    "wall",
+    "hole",
+    "level",
+    "turns",
+    "invalid",
     *(str(i) for i in range(max(MAX_TURNS, MAX_SIZE, max(LEVELS)) + 1)),
 )
 
@@ -38,7 +45,11 @@ def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
+        tokenizer_object=backend,
+        pad_token=PAD,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
         additional_special_tokens=[EOT],
     )
 

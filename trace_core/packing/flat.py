@@ -20,6 +20,7 @@ the path), giving M = N - R (row, label) pairs for `trace_kernels.linear_logprob
 numpy only (no torch); the radix trie comes from sorting the sequences and the longest common
 prefixes of sorted neighbours, so the work is O(B log B) comparisons plus O(total tokens).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -119,8 +120,10 @@ def _valid_spans(input_ids: np.ndarray, attention_mask: ArrayOrTensor | None) ->
     # one contiguous run per row (left padding, right padding or both; no holes)
     holes = np.flatnonzero(~mask[np.arange(B), stop - 1])
     if holes.size:
-        raise SequenceBatchError("attention_mask", f"row {holes[0]} has padding between its tokens; "
-                                 "each row's tokens must be one contiguous run")
+        raise SequenceBatchError(
+            "attention_mask",
+            f"row {holes[0]} has padding between its tokens; each row's tokens must be one contiguous run",
+        )
     return start.astype(np.int64), stop.astype(np.int64)
 
 
@@ -149,10 +152,12 @@ def pack_shared_prefixes(input_ids: ArrayOrTensor, attention_mask: ArrayOrTensor
     """
     input_ids = _as_2d_ints(input_ids, "input_ids")
     start, stop = _valid_spans(input_ids, attention_mask)
-    seqs = [input_ids[b, start[b]:stop[b]] for b in range(input_ids.shape[0])]
+    seqs = [input_ids[b, start[b] : stop[b]] for b in range(input_ids.shape[0])]
     bad = next((b for b, s in enumerate(seqs) if s.min() < 0), None)
     if bad is not None:
-        raise SequenceBatchError("input_ids", f"row {bad} has a negative token id {int(seqs[bad].min())} inside its attention mask")
+        raise SequenceBatchError(
+            "input_ids", f"row {bad} has a negative token id {int(seqs[bad].min())} inside its attention mask"
+        )
     order, lcp = _sorted_lcp(seqs)
 
     B, L = input_ids.shape
@@ -176,20 +181,20 @@ def pack_shared_prefixes(input_ids: ArrayOrTensor, attention_mask: ArrayOrTensor
             end[node_start:node_stop] = cursor
             continue
         _, a, b, d, parent_row = item
-        h = seqs[order[a]].size if b - a == 1 else int(lcp[a + 1:b].min())
+        h = seqs[order[a]].size if b - a == 1 else int(lcp[a + 1 : b].min())
         if h == d:  # a sequence that ends where its group's shared prefix ends: nothing of its own
             continue
         node_start, node_stop = cursor, cursor + h - d
         tokens[node_start:node_stop] = seqs[order[a]][d:h]
         depth[node_start:node_stop] = np.arange(d, h)
         pred[node_start] = parent_row
-        pred[node_start + 1:node_stop] = np.arange(node_start, node_stop - 1)
+        pred[node_start + 1 : node_stop] = np.arange(node_start, node_stop - 1)
         for row in order[a:b]:
-            token_index[row, start[row] + d:start[row] + h] = np.arange(node_start, node_stop)
+            token_index[row, start[row] + d : start[row] + h] = np.arange(node_start, node_stop)
         cursor = node_stop
         stack.append(("exit", node_start, node_stop))
         if b - a > 1:
-            cuts = [a] + (a + 1 + np.flatnonzero(lcp[a + 1:b] == h)).tolist() + [b]
+            cuts = [a] + (a + 1 + np.flatnonzero(lcp[a + 1 : b] == h)).tolist() + [b]
             stack.extend(("node", lo, hi, h, node_stop - 1) for lo, hi in zip(cuts[-2::-1], cuts[:0:-1]))
 
     tokens, depth, pred, end = tokens[:cursor], depth[:cursor], pred[:cursor], end[:cursor]
@@ -197,14 +202,19 @@ def pack_shared_prefixes(input_ids: ArrayOrTensor, attention_mask: ArrayOrTensor
     pair_of_token = np.where(has_pair, np.cumsum(has_pair) - 1, -1)
     pair_index = np.where(token_index >= 0, pair_of_token[np.maximum(token_index, 0)], -1)
     return SharedPrefixPack(
-        input_ids=tokens, position_ids=depth, end=end.astype(np.int32),
-        label_rows=pred[has_pair], labels=tokens[has_pair],
-        token_index=token_index, pair_index=pair_index,
+        input_ids=tokens,
+        position_ids=depth,
+        end=end.astype(np.int32),
+        label_rows=pred[has_pair],
+        labels=tokens[has_pair],
+        token_index=token_index,
+        pair_index=pair_index,
     )
 
 
-def shared_prefix_micro_batches(input_ids: ArrayOrTensor, attention_mask: ArrayOrTensor | None = None, *,
-                                max_tokens: int, oversized: str = "error") -> list[np.ndarray]:
+def shared_prefix_micro_batches(
+    input_ids: ArrayOrTensor, attention_mask: ArrayOrTensor | None = None, *, max_tokens: int, oversized: str = "error"
+) -> list[np.ndarray]:
     """Split a batch's rows into micro-batches of at most `max_tokens` *packed* tokens each,
     keeping rows that share prefixes together (for token-budgeted micro-batching, e.g. verl's
     dynamic batch size, without losing the sharing).
@@ -224,9 +234,12 @@ def shared_prefix_micro_batches(input_ids: ArrayOrTensor, attention_mask: ArrayO
     lengths = stop - start
     too_long = np.flatnonzero(lengths > max_tokens)
     if too_long.size and oversized == "error":
-        raise SequenceBatchError("max_tokens", f"{max_tokens} is smaller than row {too_long[0]} "
-                                 f"({lengths[too_long[0]]} tokens); a row cannot be split across micro-batches")
-    order, lcp = _sorted_lcp([input_ids[b, start[b]:stop[b]] for b in range(input_ids.shape[0])])
+        raise SequenceBatchError(
+            "max_tokens",
+            f"{max_tokens} is smaller than row {too_long[0]} "
+            f"({lengths[too_long[0]]} tokens); a row cannot be split across micro-batches",
+        )
+    order, lcp = _sorted_lcp([input_ids[b, start[b] : stop[b]] for b in range(input_ids.shape[0])])
     batches: list[np.ndarray] = []
     current: list[int] = []
     used = 0

@@ -16,6 +16,7 @@ predecessor row, giving `label_rows` / `labels` / `label_pos` (rows repeat at br
 `pack` is numba; `pack_reference` is the same result in plain Python (test oracle and benchmark
 baseline).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -91,10 +92,13 @@ class PackedTree:
         Size is the total leaf-path length; build it only when per-leaf views are needed."""
         return _leaf_token_index(self.leaf_path_offsets, self.leaf_path_nodes, self.node_start, self.node_end)
 
-    def equals(self, other: "PackedTree") -> bool:
+    def equals(self, other: PackedTree) -> bool:
         """Field-by-field equality, dtypes included (NaN equals NaN)."""
-        return all(np.array_equal(getattr(self, f.name), getattr(other, f.name), equal_nan=True)
-                   and getattr(self, f.name).dtype == getattr(other, f.name).dtype for f in fields(self))
+        return all(
+            np.array_equal(getattr(self, f.name), getattr(other, f.name), equal_nan=True)
+            and getattr(self, f.name).dtype == getattr(other, f.name).dtype
+            for f in fields(self)
+        )
 
 
 def unpack(packed: PackedTree, values: np.ndarray | torch.Tensor | None = None) -> list:
@@ -131,18 +135,50 @@ def pack(forest: RolloutForest, roots: ArrayLike | None = None, *, validate: boo
     if validate:
         forest.validate()
     roots = _selected_roots(forest, roots)
-    out = _pack_numba(forest.parent, forest.num_children, forest.tok_start, forest.tok_end,
-                      forest.tokens, forest.role, forest.logprob, roots, ROLE_MODEL)
-    (input_ids, position_ids, end, loss_mask, leaf_count, old_logprobs, node_of_token,
-     node_start, node_end, tree_offsets, leaf_nodes) = out
+    out = _pack_numba(
+        forest.parent,
+        forest.num_children,
+        forest.tok_start,
+        forest.tok_end,
+        forest.tokens,
+        forest.role,
+        forest.logprob,
+        roots,
+        ROLE_MODEL,
+    )
+    (
+        input_ids,
+        position_ids,
+        end,
+        loss_mask,
+        leaf_count,
+        old_logprobs,
+        node_of_token,
+        node_start,
+        node_end,
+        tree_offsets,
+        leaf_nodes,
+    ) = out
     label_pos, label_rows = _label_pairs(node_of_token, node_start, node_end, forest.parent)
     path_offsets, path_nodes = _leaf_paths(forest.parent, forest.depth, leaf_nodes)
     return PackedTree(
-        input_ids=input_ids, position_ids=position_ids, end=end, loss_mask=loss_mask,
-        leaf_count=leaf_count, old_logprobs=old_logprobs, node_of_token=node_of_token,
-        label_rows=label_rows, labels=input_ids[label_pos], label_pos=label_pos,
-        node_start=node_start, node_end=node_end, root_nodes=roots, tree_offsets=tree_offsets,
-        leaf_nodes=leaf_nodes, leaf_path_offsets=path_offsets, leaf_path_nodes=path_nodes,
+        input_ids=input_ids,
+        position_ids=position_ids,
+        end=end,
+        loss_mask=loss_mask,
+        leaf_count=leaf_count,
+        old_logprobs=old_logprobs,
+        node_of_token=node_of_token,
+        label_rows=label_rows,
+        labels=input_ids[label_pos],
+        label_pos=label_pos,
+        node_start=node_start,
+        node_end=node_end,
+        root_nodes=roots,
+        tree_offsets=tree_offsets,
+        leaf_nodes=leaf_nodes,
+        leaf_path_offsets=path_offsets,
+        leaf_path_nodes=path_nodes,
     )
 
 
@@ -164,8 +200,11 @@ def split_by_tokens(
     too_big = np.flatnonzero(sizes > max_tokens)
     if too_big.size and oversized == "error":
         r = roots[too_big[0]]
-        raise ForestError("max_tokens", f"{max_tokens} is smaller than the tree of prompt {forest.prompt_id[r]} "
-                          f"({sizes[too_big[0]]} tokens); a tree cannot be split across micro-batches")
+        raise ForestError(
+            "max_tokens",
+            f"{max_tokens} is smaller than the tree of prompt {forest.prompt_id[r]} "
+            f"({sizes[too_big[0]]} tokens); a tree cannot be split across micro-batches",
+        )
     batches: list[np.ndarray] = []
     current: list[int] = []
     used = 0
@@ -266,8 +305,19 @@ def _pack_numba(parent, num_children, tok_start, tok_end, tokens, role, logprob,
         if node_start[u] >= 0 and num_children[u] == 0 and parent[u] >= 0:
             leaf_nodes[num_leaves] = u
             num_leaves += 1
-    return (input_ids, position_ids, end, loss_mask, leaf_count, old_logprobs, node_of_token,
-            node_start, node_end, tree_offsets, leaf_nodes)
+    return (
+        input_ids,
+        position_ids,
+        end,
+        loss_mask,
+        leaf_count,
+        old_logprobs,
+        node_of_token,
+        node_start,
+        node_end,
+        tree_offsets,
+        leaf_nodes,
+    )
 
 
 @numba.njit(cache=True)
@@ -390,11 +440,21 @@ def pack_reference(forest: RolloutForest, roots: ArrayLike | None = None) -> Pac
 
     input_ids = i64(ids)
     return PackedTree(
-        input_ids=input_ids, position_ids=i64(pos), end=np.asarray(end, np.int32),
-        loss_mask=np.asarray(mask, bool), leaf_count=i64(mult),
-        old_logprobs=np.asarray(lp, np.float32), node_of_token=i64(node),
-        label_rows=i64(label_rows), labels=input_ids[i64(label_pos)], label_pos=i64(label_pos),
-        node_start=i64(node_start), node_end=i64(node_end), root_nodes=i64(roots),
-        tree_offsets=i64(tree_offsets), leaf_nodes=i64(leaf_nodes),
-        leaf_path_offsets=i64(path_offsets), leaf_path_nodes=i64(path_nodes),
+        input_ids=input_ids,
+        position_ids=i64(pos),
+        end=np.asarray(end, np.int32),
+        loss_mask=np.asarray(mask, bool),
+        leaf_count=i64(mult),
+        old_logprobs=np.asarray(lp, np.float32),
+        node_of_token=i64(node),
+        label_rows=i64(label_rows),
+        labels=input_ids[i64(label_pos)],
+        label_pos=i64(label_pos),
+        node_start=i64(node_start),
+        node_end=i64(node_end),
+        root_nodes=i64(roots),
+        tree_offsets=i64(tree_offsets),
+        leaf_nodes=i64(leaf_nodes),
+        leaf_path_offsets=i64(path_offsets),
+        leaf_path_nodes=i64(path_nodes),
     )

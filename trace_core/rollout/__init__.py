@@ -8,6 +8,7 @@ cache and writes each turn into a `RolloutForest` as a node.
     sampling.py      temperature / nucleus sampling that records the tempered logprob
     codec.py         text <-> tokens for prompts, observations and actions
 """
+
 from trace_core.rollout.codec import HFTextCodec, TextCodec
 from trace_core.rollout.engine import HFRolloutEngine
 from trace_core.rollout.protocol import Generated, Prompts, RolloutEngine, SamplingParams

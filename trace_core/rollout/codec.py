@@ -1,7 +1,9 @@
 """Text <-> token ids for an engine: prompts, observations, and the model's actions."""
+
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -37,8 +39,9 @@ class HFTextCodec:
 
     def encode_prompt(self, text: str) -> list[int]:
         if self.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                      add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 

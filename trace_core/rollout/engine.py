@@ -19,10 +19,12 @@ copy's env is restored from the prompt's snapshot with its own seed. The hidden 
 token of every prompt and turn prefix is kept for the predictor (`hidden_states`), so nothing is
 recomputed to predict. Everything retained stays until `release_all()`.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ from trace_core.rollout.paged_runner import HFPagedRunner
 from trace_core.rollout.protocol import Generated, Prompts, SamplingParams
 from trace_core.rollout.sampling import sample_tokens
 
+DEFAULT_SAMPLING = SamplingParams()
 CUTOFF_REWARD = 0.0  # an episode the env did not end (cut at env.max_turns) counts as failed
 
 
@@ -90,16 +93,26 @@ class HFRolloutEngine:
     seed           seeds sampling and the env seeds
     """
 
-    def __init__(self, model, codec: TextCodec, env_factory: Callable[[], Env], *,
-                 sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-                 num_pages: int = 4096, page_size: int = 16, decode_backend: str | None = None,
-                 kv_dtype: torch.dtype | None = None, seed: int = 0):
+    def __init__(
+        self,
+        model,
+        codec: TextCodec,
+        env_factory: Callable[[], Env],
+        *,
+        sampling: SamplingParams | Sequence[SamplingParams] = DEFAULT_SAMPLING,
+        num_pages: int = 4096,
+        page_size: int = 16,
+        decode_backend: str | None = None,
+        kv_dtype: torch.dtype | None = None,
+        seed: int = 0,
+    ):
         self.sampling = [sampling] if isinstance(sampling, SamplingParams) else list(sampling)
         if not self.sampling or not all(isinstance(p, SamplingParams) for p in self.sampling):
             raise ValueError("sampling: must be a SamplingParams or a non-empty sequence of them")
         model.eval()
-        self.runner = HFPagedRunner(model, num_pages=num_pages, page_size=page_size, decode_backend=decode_backend,
-                                    kv_dtype=kv_dtype)
+        self.runner = HFPagedRunner(
+            model, num_pages=num_pages, page_size=page_size, decode_backend=decode_backend, kv_dtype=kv_dtype
+        )
         self.cache = self.runner.cache
         self.codec, self.env_factory = codec, env_factory
         self.vocab_size = int(model.config.vocab_size)
@@ -133,8 +146,12 @@ class HFRolloutEngine:
         for kv, tokens, snapshot, h, pid in zip(kv_nodes, encoded, snapshots, hidden, prompt_ids):
             handles.append(len(self._prompts))
             self._prompts.append((_Prefix(kv, h.clone(), snapshot, len(tokens), 0), pid, tokens))
-        return Prompts(prompt_ids=np.asarray(prompt_ids, dtype=np.int64), token_ids=encoded,
-                       hidden=hidden.detach().float().cpu(), handles=tuple(handles))
+        return Prompts(
+            prompt_ids=np.asarray(prompt_ids, dtype=np.int64),
+            token_ids=encoded,
+            hidden=hidden.detach().float().cpu(),
+            handles=tuple(handles),
+        )
 
     def rollout(self, forest: RolloutForest, prompts: Prompts, counts: Sequence[int]) -> Generated:
         counts = self._check_counts(counts, len(prompts), "counts")
@@ -147,8 +164,9 @@ class HFRolloutEngine:
             branches += [self._new_branch(prefix, None, handle) for _ in range(count)]
         return self._generate(branches)
 
-    def expand(self, forest: RolloutForest, anchors: Sequence[int], counts: Sequence[int], *,
-               share_prefix: bool = True) -> Generated:
+    def expand(
+        self, forest: RolloutForest, anchors: Sequence[int], counts: Sequence[int], *, share_prefix: bool = True
+    ) -> Generated:
         """counts[a] continuations of anchors[a]. share_prefix=False is the no-sharing ablation (for
         benchmarks): each continuation prefills a private copy of its prefix instead of forking."""
         counts = self._check_counts(counts, len(anchors), "counts")
@@ -158,8 +176,10 @@ class HFRolloutEngine:
             node = int(anchor)
             prefix = self._anchors.get(node)
             if prefix is None or prefix.turn == 0:
-                raise ValueError(f"anchors[{i}]: node {node} is not a non-final turn this engine wrote into the "
-                                 f"forest (or it was released); anchors are turn prefixes, never roots or leaves")
+                raise ValueError(
+                    f"anchors[{i}]: node {node} is not a non-final turn this engine wrote into the "
+                    f"forest (or it was released); anchors are turn prefixes, never roots or leaves"
+                )
             for _ in range(count):
                 start = prefix
                 if not share_prefix:
@@ -167,8 +187,9 @@ class HFRolloutEngine:
                     self._retained.append(kv)
                     path = forest.leaf_path(node)
                     tokens = np.concatenate([forest.node_tokens(u) for u in path]).tolist()
-                    start = _Prefix(kv, self.runner.extend([kv], [tokens])[0], prefix.snapshot, prefix.length,
-                                    prefix.turn)
+                    start = _Prefix(
+                        kv, self.runner.extend([kv], [tokens])[0], prefix.snapshot, prefix.length, prefix.turn
+                    )
                 branches.append(self._new_branch(start, node, -1))
         return self._generate(branches)
 
@@ -177,8 +198,9 @@ class HFRolloutEngine:
         for node in np.asarray(nodes, dtype=np.int64).reshape(-1):
             prefix = self._anchors.get(int(node))
             if prefix is None:
-                raise ValueError(f"nodes: node {int(node)} is not a root or non-final turn this engine wrote "
-                                 f"(or it was released)")
+                raise ValueError(
+                    f"nodes: node {int(node)} is not a root or non-final turn this engine wrote (or it was released)"
+                )
             rows.append(prefix.hidden)
         if not rows:
             return torch.zeros(0, self.runner.model.config.hidden_size)
@@ -217,8 +239,16 @@ class HFRolloutEngine:
     def _new_branch(self, start: _Prefix, parent: int | None, prompt: int) -> _Branch:
         env = self.env_factory()
         env.restore(start.snapshot, seed=self._fresh_seed())
-        return _Branch(env=env, start=start, parent=parent, prompt=prompt, kv_node=self.cache.fork(start.kv_node),
-                       turn=start.turn + 1, length=start.length, first_hidden=start.hidden)
+        return _Branch(
+            env=env,
+            start=start,
+            parent=parent,
+            prompt=prompt,
+            kv_node=self.cache.fork(start.kv_node),
+            turn=start.turn + 1,
+            length=start.length,
+            first_hidden=start.hidden,
+        )
 
     def _generate(self, branches: list[_Branch]) -> Generated:
         generating: list[_Branch] = []
@@ -255,7 +285,7 @@ class HFRolloutEngine:
         if tok in p.stop_token_ids or tok in self.codec.eos_token_ids or len(b.turn_tokens) >= p.max_tokens:
             return True
         if p.stop_strings:
-            tail = self.codec.decode(b.turn_tokens[-(max(map(len, p.stop_strings)) + 8):])
+            tail = self.codec.decode(b.turn_tokens[-(max(map(len, p.stop_strings)) + 8) :])
             return any(s in tail for s in p.stop_strings)
         return False
 
@@ -308,8 +338,11 @@ class HFRolloutEngine:
                     self._anchors[parent] = turn.prefix
             forest.set_reward(parent, b.reward)
             leaves.append(parent)
-        return Generated(nodes=np.asarray(nodes, dtype=np.int64), leaves=np.asarray(leaves, dtype=np.int64),
-                         finished=np.array([b.finished for b in branches], dtype=bool))
+        return Generated(
+            nodes=np.asarray(nodes, dtype=np.int64),
+            leaves=np.asarray(leaves, dtype=np.int64),
+            finished=np.array([b.finished for b in branches], dtype=bool),
+        )
 
     # ------------------------------------------------------------------ checks
     def _fresh_seed(self, stream: np.random.Generator | None = None) -> int:

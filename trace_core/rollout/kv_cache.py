@@ -26,6 +26,7 @@ k, v)` stores a layer's K/V there. `append(node, k, v)` does both for all layers
 `decode_meta(leaves)` describes one shared-prefix decode step over the leaves' paths for
 `trace_kernels.tree_decode_attention`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -66,10 +67,24 @@ class PagedTreeKVCache:
     num_pages, page_size                 pool size: num_pages * page_size token slots per layer
     """
 
-    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int,
-                 page_size: int = 16, dtype: torch.dtype = torch.float32, device="cpu"):
-        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                            ("num_pages", num_pages), ("page_size", page_size)):
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_pages: int,
+        page_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device="cpu",
+    ):
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("num_pages", num_pages),
+            ("page_size", page_size),
+        ):
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise CacheUsageError(f"{name}: must be a positive integer, got {value!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = int(num_layers), int(num_kv_heads), int(head_dim)
@@ -145,8 +160,10 @@ class PagedTreeKVCache:
         flat slot ids (page * page_size + offset). Raises before changing anything if the pool is short."""
         n = self._get(node, "node")
         if n.children:
-            raise CacheUsageError(f"node: node {node} has children {sorted(n.children)}; its tokens are their "
-                                  "prefix, so it is frozen (fork a new child to continue)")
+            raise CacheUsageError(
+                f"node: node {node} has children {sorted(n.children)}; its tokens are their "
+                "prefix, so it is frozen (fork a new child to continue)"
+            )
         if not isinstance(num_tokens, (int, np.integer)) or num_tokens < 0:
             raise CacheUsageError(f"num_tokens: must be a non-negative integer, got {num_tokens!r}")
         capacity = len(n.pages) * self.page_size
@@ -155,7 +172,8 @@ class PagedTreeKVCache:
             raise CacheCapacityError(
                 f"KV cache out of pages: node {node} needs {new_pages} new page(s) of {self.page_size} tokens "
                 f"for {num_tokens} token(s), but only {len(self._free_pages)} of {self.num_pages} pages are free; "
-                "release finished branches or build the cache with more num_pages")
+                "release finished branches or build the cache with more num_pages"
+            )
         for _ in range(new_pages):
             n.pages.append(self._free_pages.pop())
         positions = np.arange(n.length, n.length + num_tokens)
@@ -178,7 +196,8 @@ class PagedTreeKVCache:
             raise CacheCapacityError(
                 f"KV cache out of pages: {len(nodes)} node(s) need {needed} new page(s) of {self.page_size} tokens, "
                 f"but only {len(self._free_pages)} of {self.num_pages} pages are free; "
-                "release finished branches or build the cache with more num_pages")
+                "release finished branches or build the cache with more num_pages"
+            )
         for u in nodes:
             n = self._nodes[int(u)]
             if n.children:
@@ -194,14 +213,20 @@ class PagedTreeKVCache:
             if tuple(t.shape) != expected:
                 raise CacheUsageError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
         slots = slots.to(self.k_pools[layer].device)
-        self.k_pools[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, k.to(self.k_pools[layer].dtype))
-        self.v_pools[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, v.to(self.v_pools[layer].dtype))
+        self.k_pools[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(
+            0, slots, k.to(self.k_pools[layer].dtype)
+        )
+        self.v_pools[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(
+            0, slots, v.to(self.v_pools[layer].dtype)
+        )
 
     def append(self, node: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append tokens to `node` for every layer: k, v [num_layers, n, num_kv_heads, head_dim].
         Returns the slot ids used."""
         if k.dim() != 4 or k.shape[0] != self.num_layers:
-            raise CacheUsageError(f"k: expected [num_layers={self.num_layers}, n, heads, head_dim], got {tuple(k.shape)}")
+            raise CacheUsageError(
+                f"k: expected [num_layers={self.num_layers}, n, heads, head_dim], got {tuple(k.shape)}"
+            )
         if v.shape != k.shape:
             raise CacheUsageError(f"v: shape {tuple(v.shape)} differs from k's {tuple(k.shape)}")
         expected = (self.num_kv_heads, self.head_dim)
@@ -219,8 +244,11 @@ class PagedTreeKVCache:
         for u in self.path(node):
             n = self._nodes[u]
             pos = np.arange(n.length)
-            parts.append(np.asarray(n.pages, dtype=np.int64)[pos // self.page_size] * self.page_size + pos % self.page_size
-                         if n.length else np.zeros(0, np.int64))
+            parts.append(
+                np.asarray(n.pages, dtype=np.int64)[pos // self.page_size] * self.page_size + pos % self.page_size
+                if n.length
+                else np.zeros(0, np.int64)
+            )
         return torch.as_tensor(np.concatenate(parts), dtype=torch.int64)
 
     def gather(self, layer: int, node: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,7 +263,7 @@ class PagedTreeKVCache:
         """Bytes the K and V pools of every layer hold."""
         return sum(pool.numel() * pool.element_size() for pool in self.k_pools + self.v_pools)
 
-    def decode_meta(self, leaves, *, block_q: int = 16, split_tokens: int | None | str = "auto") -> TreeDecodeMeta:
+    def decode_meta(self, leaves, *, block_q: int = 16, split_tokens: int | str | None = "auto") -> TreeDecodeMeta:
         """Metadata for one shared-prefix decode step whose query b sits at the end of `leaves[b]`
         (every node on the leaves' paths is one segment, listed once however many leaves share it).
 
@@ -262,21 +290,33 @@ class PagedTreeKVCache:
                     for s in path:
                         users[s] += 1
                 sms = torch.cuda.get_device_properties(device).multi_processor_count
-                split_tokens = choose_split_tokens([n for _, n in segments], users, block_q=block_q,
-                                                   kv_heads=self.num_kv_heads, page_size=self.page_size,
-                                                   target_programs=2 * sms)
+                split_tokens = choose_split_tokens(
+                    [n for _, n in segments],
+                    users,
+                    block_q=block_q,
+                    kv_heads=self.num_kv_heads,
+                    page_size=self.page_size,
+                    target_programs=2 * sms,
+                )
         elif isinstance(split_tokens, str):
             raise ValueError(f'split_tokens: must be an int, None or "auto", got {split_tokens!r}')
-        return build_tree_decode_meta(segments, query_segments, page_size=self.page_size, block_q=block_q,
-                                      split_tokens=split_tokens, device=device)
+        return build_tree_decode_meta(
+            segments,
+            query_segments,
+            page_size=self.page_size,
+            block_q=block_q,
+            split_tokens=split_tokens,
+            device=device,
+        )
 
     # ------------------------------------------------------------------ freeing
     def release(self, node: int) -> None:
         """Drop one handle on `node`; nodes left without handles or children return their pages."""
         n = self._get(node, "node")
         if n.refs - len(n.children) <= 0:
-            raise CacheUsageError(f"node: node {node} holds no handle to release (it is kept alive by its "
-                                  f"children {sorted(n.children)})")
+            raise CacheUsageError(
+                f"node: node {node} holds no handle to release (it is kept alive by its children {sorted(n.children)})"
+            )
         self._decref(node)
 
     def free_subtree(self, node: int) -> int:

@@ -13,20 +13,20 @@ receives each layer's rotated K/V of the new tokens, writes them into the nodes'
 
 Sliding-window attention is not supported (the runner raises for configs that enable it).
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from trace_kernels.tree_decode import TreeDecodeMeta, tree_decode_attention
-
 from trace_core.model.tree_forward import autocast_off
 from trace_core.rollout.kv_cache import PagedTreeKVCache
+from trace_kernels.tree_decode import TreeDecodeMeta, tree_decode_attention
 
 ATTENTION_NAME = "trace_paged"
 
@@ -65,8 +65,7 @@ def _paged_attention_math(module, query, key, value, step: _StepContext, scaling
         # the compute dtype; without autocast the dtypes already match
         q = q.to(k_pool.dtype)
     if step.decode_meta is not None:
-        out = tree_decode_attention(q, k_pool, v_pool, step.decode_meta, scale=scaling,
-                                    backend=step.decode_backend)
+        out = tree_decode_attention(q, k_pool, v_pool, step.decode_meta, scale=scaling, backend=step.decode_backend)
         return out[None], None
     out = torch.empty_like(q)
     flat_k = k_pool.view(-1, cache.num_kv_heads, cache.head_dim)
@@ -78,7 +77,8 @@ def _paged_attention_math(module, query, key, value, step: _StepContext, scaling
         rows = torch.arange(g.hi - g.lo, device=q.device)[:, None] + g.prefix_len
         allowed = torch.arange(k.shape[1], device=q.device)[None, :] <= rows  # causal over the path
         out[g.lo : g.hi] = F.scaled_dot_product_attention(
-            q[g.lo : g.hi].transpose(0, 1), k, v, attn_mask=allowed, scale=scaling).transpose(0, 1)
+            q[g.lo : g.hi].transpose(0, 1), k, v, attn_mask=allowed, scale=scaling
+        ).transpose(0, 1)
     return out[None], None
 
 
@@ -89,8 +89,12 @@ def kv_geometry(model, dtype: torch.dtype | None = None) -> dict:
     """num_layers, num_kv_heads, head_dim and dtype of the K/V a Llama / Qwen2 / Qwen3 model caches.
     dtype: the cache's dtype; None = the parameter dtype (under autocast: pass the compute dtype)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return dict(num_layers=len(decoder.layers), num_kv_heads=model.config.num_key_value_heads,
-                head_dim=decoder.layers[0].self_attn.head_dim, dtype=dtype or next(model.parameters()).dtype)
+    return dict(
+        num_layers=len(decoder.layers),
+        num_kv_heads=model.config.num_key_value_heads,
+        head_dim=decoder.layers[0].self_attn.head_dim,
+        dtype=dtype or next(model.parameters()).dtype,
+    )
 
 
 class HFPagedRunner:
@@ -101,8 +105,15 @@ class HFPagedRunner:
                    under autocast, pass the compute dtype (bf16 / fp16) and call the runner inside it.
     """
 
-    def __init__(self, model, *, num_pages: int, page_size: int = 16, decode_backend: str | None = None,
-                 kv_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        num_pages: int,
+        page_size: int = 16,
+        decode_backend: str | None = None,
+        kv_dtype: torch.dtype | None = None,
+    ):
         config = model.config
         if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
             raise ValueError("model: sliding-window attention is not supported by the paged runner")
@@ -111,8 +122,12 @@ class HFPagedRunner:
             if not hasattr(decoder, name):
                 raise ValueError(f"model: its decoder has no `{name}`; expected a Llama / Qwen2 / Qwen3 style model")
         self.model, self.decoder = model, decoder
-        self.cache = PagedTreeKVCache(**kv_geometry(model, kv_dtype), num_pages=num_pages, page_size=page_size,
-                                      device=next(model.parameters()).device)
+        self.cache = PagedTreeKVCache(
+            **kv_geometry(model, kv_dtype),
+            num_pages=num_pages,
+            page_size=page_size,
+            device=next(model.parameters()).device,
+        )
         self.decode_backend = decode_backend
         self.device = next(model.parameters()).device
         self.tokens_run = 0  # tokens pushed through the model (prefill + decode)
@@ -135,8 +150,9 @@ class HFPagedRunner:
         rotary = self.decoder.rotary_emb(hidden, pos)
         with self._paged_attention():
             for layer in self.decoder.layers:
-                hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=rotary,
-                               trace_step=step)
+                hidden = layer(
+                    hidden, attention_mask=None, position_ids=pos, position_embeddings=rotary, trace_step=step
+                )
                 if isinstance(hidden, tuple):  # older transformers return (hidden, ...)
                     hidden = hidden[0]
             self.tokens_run += len(token_ids)

@@ -17,10 +17,12 @@ Anchors are forest node ids of non-final turns. An episode the env did not end (
 `env.max_turns`) gets reward 0 and `finished=False`. Flat per-leaf sequences for other trainers:
 `forest.leaf_sequences()`.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch

@@ -1,11 +1,13 @@
 """Batched next-token sampling with per-row temperature / top-p, returning sampling logprobs."""
+
 from __future__ import annotations
 
 import torch
 
 
-def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V]; temperature, top_p [B] (temperature 0 = greedy).
 
     Returns (tokens [B] int64, logprobs [B] fp32). The logprob is log_softmax(logits / T) at the

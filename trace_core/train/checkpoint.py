@@ -7,6 +7,7 @@ A checkpoint is written to a temporary file, flushed to disk, then renamed into 
 then is `latest` (itself replaced atomically) pointed at it: a process killed at any moment leaves
 the previous checkpoint as `latest`, never a truncated file.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,9 +1,10 @@
 """The `trace` command line.
 
-    trace train [--config FILE] [--resume] [key=value ...]    train (default: the embedded CPU job)
-    trace compare [--config FILE] [--seeds 0 1 2] [--modes trace uniform random_tree] [--out DIR] [key=value ...]
-    trace eval RUN_DIR_OR_CHECKPOINT [--tasks N]
+trace train [--config FILE] [--resume] [key=value ...]    train (default: the embedded CPU job)
+trace compare [--config FILE] [--seeds 0 1 2] [--modes trace uniform random_tree] [--out DIR] [key=value ...]
+trace eval RUN_DIR_OR_CHECKPOINT [--tasks N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,10 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
     def update(metrics: dict) -> None:
         bar.update(1)
-        bar.set_postfix({k.replace("eval/success", "eval").split("/")[-1]: f"{metrics[k]:.3f}"
-                         for k in SHOWN if k in metrics})
+        bar.set_postfix(
+            {k.replace("eval/success", "eval").split("/")[-1]: f"{metrics[k]:.3f}" for k in SHOWN if k in metrics}
+        )
+
     return bar, update
 
 
@@ -51,13 +54,22 @@ def compare(cfg: TrainConfig, seeds: list[int], modes: list[str], out: Path) -> 
 
     unknown = [mode for mode in modes if mode not in available_modes()]  # before the first run, not after it
     if unknown:
-        raise ConfigError("--modes", f"{', '.join(map(repr, unknown))} not registered; registered modes: "
-                                     f"{', '.join(available_modes())}")
+        raise ConfigError(
+            "--modes",
+            f"{', '.join(map(repr, unknown))} not registered; registered modes: {', '.join(available_modes())}",
+        )
     runs: dict[str, list[list[dict]]] = {mode: [] for mode in modes}
     for mode in modes:
         for seed in seeds:
-            run_cfg = from_dict(TrainConfig, {**to_dict(cfg), "seed": seed, "run_dir": str(out / mode / f"seed{seed}"),
-                                              "allocation": {**to_dict(cfg.allocation), "mode": mode}})
+            run_cfg = from_dict(
+                TrainConfig,
+                {
+                    **to_dict(cfg),
+                    "seed": seed,
+                    "run_dir": str(out / mode / f"seed{seed}"),
+                    "allocation": {**to_dict(cfg.allocation), "mode": mode},
+                },
+            )
             print(f"== {mode}, seed {seed}")
             runs[mode].append(train(run_cfg))
     return write_comparison(runs, cfg, out)
@@ -88,13 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     p_cmp = sub.add_parser("compare", help="TRACE vs baselines at equal budget over several seeds")
     p_cmp.add_argument("--config", type=Path)
     p_cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p_cmp.add_argument("--modes", nargs="+", default=["trace", "uniform", "random_tree"],
-                       help=f"registered allocation modes (built in: {', '.join(ALLOCATION_MODES)}; plugins add more)")
+    p_cmp.add_argument(
+        "--modes",
+        nargs="+",
+        default=["trace", "uniform", "random_tree"],
+        help=f"registered allocation modes (built in: {', '.join(ALLOCATION_MODES)}; plugins add more)",
+    )
     p_cmp.add_argument("--out", type=Path, default=Path("runs/compare"))
     p_cmp.add_argument("overrides", nargs="*")
     p_eval = sub.add_parser("eval", help="success rate of a checkpoint on the held-out split")
     p_eval.add_argument("checkpoint", type=Path, help="a checkpoint file or a run directory")
-    p_eval.add_argument("--tasks", type=int, default=None, help="number of held-out tasks (default: the run's eval_tasks)")
+    p_eval.add_argument(
+        "--tasks", type=int, default=None, help="number of held-out tasks (default: the run's eval_tasks)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,6 +1,7 @@
 """The trainer's configuration: one dataclass per section, YAML + `key=value` overrides
 (trace_core.train.config_loader). Defaults are the embedded CPU job: a tiny random-init model learning the
 slippery grid world with TRACE in a few minutes on 2 cores."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -121,12 +122,18 @@ class AllocationConfig:
         allocation = self.build()
         bare = allocation.bare_budget(self.roots, self.continuations_per_root)
         if self.candidates * self.m_max < bare:
-            raise ConfigError("candidates", f"candidates * m_max = {self.candidates * self.m_max} cannot hold the "
-                             f"{bare} bare rollouts of a step; raise candidates or m_max")
+            raise ConfigError(
+                "candidates",
+                f"candidates * m_max = {self.candidates * self.m_max} cannot hold the "
+                f"{bare} bare rollouts of a step; raise candidates or m_max",
+            )
         if allocation.root_name == "uniform" and not allocation.expands and bare % self.candidates:
-            raise ConfigError("candidates", f"uniform: the {bare} leaves of a step must divide evenly over the "
-                                            f"{self.candidates} candidate prompts "
-                                            "(roots * (1 + continuations_per_root) % candidates == 0)")
+            raise ConfigError(
+                "candidates",
+                f"uniform: the {bare} leaves of a step must divide evenly over the "
+                f"{self.candidates} candidate prompts "
+                "(roots * (1 + continuations_per_root) % candidates == 0)",
+            )
         self._check_budget(allocation, bare)
 
     def options(self) -> dict[str, Any]:
@@ -139,8 +146,12 @@ class AllocationConfig:
         from trace_core.allocation import AllocationError, build_allocation
 
         try:
-            return build_allocation(self.mode, root_strategy=self.root_strategy, prefix_strategy=self.prefix_strategy,
-                                    options=self.options())
+            return build_allocation(
+                self.mode,
+                root_strategy=self.root_strategy,
+                prefix_strategy=self.prefix_strategy,
+                options=self.options(),
+            )
         except AllocationError as err:
             raise ConfigError(_allocation_key(err.field), err.detail) from None
 
@@ -156,12 +167,17 @@ class AllocationConfig:
             check(self.candidates, bare, m_min=self.m_min, m_max=self.m_max, eps=self.eps)
         except AllocationError as err:
             key = _allocation_key(err.field)
-            what = f"{getattr(self, key)} bare rollouts per kept prompt" if hasattr(self, key) else \
-                f"root strategy {allocation.root_name!r}"
-            raise ConfigError(key if hasattr(self, key) else "root_strategy",
-                              f"{what} does not fit the step's {bare} bare rollouts (roots={self.roots}, "
-                              f"continuations_per_root={self.continuations_per_root}, candidates={self.candidates}, "
-                              f"m_min={self.m_min}, m_max={self.m_max}) ({err.detail})") from None
+            what = (
+                f"{getattr(self, key)} bare rollouts per kept prompt"
+                if hasattr(self, key)
+                else f"root strategy {allocation.root_name!r}"
+            )
+            raise ConfigError(
+                key if hasattr(self, key) else "root_strategy",
+                f"{what} does not fit the step's {bare} bare rollouts (roots={self.roots}, "
+                f"continuations_per_root={self.continuations_per_root}, candidates={self.candidates}, "
+                f"m_min={self.m_min}, m_max={self.m_max}) ({err.detail})",
+            ) from None
 
     @property
     def leaves_per_step(self) -> int:
@@ -257,7 +273,8 @@ class TrainConfig:
         if self.cpu_threads < 0:
             raise ConfigError("cpu_threads", f"must be >= 0, got {self.cpu_threads}")
         if self.optim.warmup_steps > self.steps:
-            raise ConfigError("optim.warmup_steps",
-                              f"{self.optim.warmup_steps} is more than the run's {self.steps} steps")
+            raise ConfigError(
+                "optim.warmup_steps", f"{self.optim.warmup_steps} is more than the run's {self.steps} steps"
+            )
         if self.eval_every < 0 or self.checkpoint_every < 1 or self.eval_tasks < 1:
             raise ConfigError("eval_every", "eval_every must be >= 0, checkpoint_every and eval_tasks >= 1")

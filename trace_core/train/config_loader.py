@@ -12,6 +12,7 @@ the section). A field whose metadata has "load_first" (a callable) is converted 
 the callable is called with its value: the trainer's `plugins` are imported that way, so every section
 can name what they register.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,8 +77,13 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
                 f.metadata["load_first"](kwargs[f.name])
             except TraceError as err:
                 raise ConfigError(f"{prefix}{err.field or f.name}", err.detail) from None
-    kwargs.update({name: _convert(data[name], hints[name], f"{prefix}{name}") for name in names
-                   if name in data and name not in kwargs})
+    kwargs.update(
+        {
+            name: _convert(data[name], hints[name], f"{prefix}{name}")
+            for name in names
+            if name in data and name not in kwargs
+        }
+    )
     section = prefix.rstrip(".") or cls.__name__
     try:
         return cls(**kwargs)
@@ -89,6 +95,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (YAML-safe) of a config dataclass."""
+
     def plain(value):
         if dataclasses.is_dataclass(value):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -97,6 +104,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return value
+
     return plain(cfg)
 
 

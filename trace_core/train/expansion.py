@@ -6,10 +6,11 @@ branch point; a round with no new prefix anywhere branches from every prefix so 
 still samples its full budget. Each prompt's continuation budget (m_i * N) is split evenly over the
 rounds, the first rounds taking the remainder.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -35,10 +36,16 @@ class Expansion:
         self.rounds += 1
 
 
-def expand_prefixes(forest: RolloutForest, bare: Generated, budget: np.ndarray, *, rounds: int,
-                    predict: Callable[[np.ndarray], np.ndarray],
-                    allocate: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray],
-                    expand: Callable[[np.ndarray, np.ndarray], Generated]) -> Expansion:
+def expand_prefixes(
+    forest: RolloutForest,
+    bare: Generated,
+    budget: np.ndarray,
+    *,
+    rounds: int,
+    predict: Callable[[np.ndarray], np.ndarray],
+    allocate: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    expand: Callable[[np.ndarray, np.ndarray], Generated],
+) -> Expansion:
     """Run Stage 2 on `forest` (which holds the bare rollouts `bare`).
 
     budget [B]        continuations per prompt id (m_i * N)

@@ -1,5 +1,6 @@
 """Where a run's metrics go: metrics.jsonl (one JSON object per step or evaluation), TensorBoard
 events when `tensorboard` is installed, and metrics.png drawn from the jsonl at the end of a run."""
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """Policy update of a step (docs/method.md step 6): the packed tree forward, the fused logprob and
 the exact packed clipped-surrogate loss, over micro-batches of whole trees, then one optimizer step
 per epoch."""
+
 from __future__ import annotations
 
 import copy
@@ -32,8 +33,9 @@ class PolicyUpdater:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
         # float16 compute over fp32 master weights: scale the loss so small gradients do not flush
         # to zero in fp16 (bf16 has fp32's range and needs none); a step with inf/nan grads is skipped
-        self.scaler = torch.amp.GradScaler(policy.device.type,
-                                           enabled=policy.autocast and policy.compute_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(
+            policy.device.type, enabled=policy.autocast and policy.compute_dtype == torch.float16
+        )
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if optim.kl_coef > 0 else None
 
     def update(self, forest: RolloutForest, advantages: np.ndarray, kind: str, lr: float) -> dict[str, float]:
@@ -41,17 +43,20 @@ class PolicyUpdater:
         cfg = self.cfg
         full = pack(forest)
         weights_all = leaf_weights(forest, full, cfg.loss_agg)
-        batches = [full if len(roots) == forest.roots.size else pack(forest, roots=roots)
-                   # a tree larger than micro_batch_tokens runs alone (TRACE may give one prompt many leaves)
-                   for roots in split_by_tokens(forest, cfg.micro_batch_tokens, oversized="alone")]
+        batches = [
+            full if len(roots) == forest.roots.size else pack(forest, roots=roots)
+            # a tree larger than micro_batch_tokens runs alone (TRACE may give one prompt many leaves)
+            for roots in split_by_tokens(forest, cfg.micro_batch_tokens, oversized="alone")
+        ]
         ratio_dev, ratio_max_dev = 0.0, 0.0  # first epoch only
         for epoch in range(cfg.epochs):
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             loss_total, clip_weighted, entropy_total = 0.0, 0.0, 0.0
             for packed in batches:
-                weights = packed_loss_weights(forest, packed, advantages, kind, loss_agg=cfg.loss_agg,
-                                              leaf_weight=weights_all)
+                weights = packed_loss_weights(
+                    forest, packed, advantages, kind, loss_agg=cfg.loss_agg, leaf_weight=weights_all
+                )
                 pos, neg, kl_w = weights.to_torch(device=self.policy.device)
                 with self.policy.compute():  # forwards under autocast (master weights); backward outside
                     hidden = tree_forward(self.model, packed, backend=self.backend)
@@ -70,11 +75,18 @@ class PolicyUpdater:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.model.eval()
-        metrics = {"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, "clip_fraction": clip_weighted,
-                   "entropy": entropy_total,
-                   "sampler/ratio_abs_dev": ratio_dev, "sampler/ratio_max_dev": ratio_max_dev,  # first epoch
-                   "tokens_packed": full.num_tokens, "tokens_leaf_paths": full.num_leaf_path_tokens,
-                   "dedup_ratio": full.num_leaf_path_tokens / max(full.num_tokens, 1)}
+        metrics = {
+            "loss": loss_total,
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "clip_fraction": clip_weighted,
+            "entropy": entropy_total,
+            "sampler/ratio_abs_dev": ratio_dev,
+            "sampler/ratio_max_dev": ratio_max_dev,  # first epoch
+            "tokens_packed": full.num_tokens,
+            "tokens_leaf_paths": full.num_leaf_path_tokens,
+            "dedup_ratio": full.num_leaf_path_tokens / max(full.num_tokens, 1),
+        }
         if self.scaler.is_enabled():
             metrics["grad_scale"] = float(self.scaler.get_scale())
         return metrics
@@ -95,8 +107,17 @@ class PolicyUpdater:
             with torch.no_grad():
                 ref_hidden = tree_forward(self.reference, packed, backend=self.backend)
                 ref, _ = self._token_logprobs(self.reference, ref_hidden, packed.num_tokens, rows, labels, positions)
-        loss, metrics = packed_policy_loss(token_lp, old, pos, neg, kl_w, eps_low=self.cfg.eps_low,
-                                           eps_high=self.cfg.eps_high, ref_logprobs=ref, kl_coef=self.cfg.kl_coef)
+        loss, metrics = packed_policy_loss(
+            token_lp,
+            old,
+            pos,
+            neg,
+            kl_w,
+            eps_low=self.cfg.eps_low,
+            eps_high=self.cfg.eps_high,
+            ref_logprobs=ref,
+            kl_coef=self.cfg.kl_coef,
+        )
         # entropy of the sampling distribution behind each model token, aggregated like the loss
         token_entropy = (kl_w[positions] * entropy[rows]).sum()
         metrics["entropy"] = token_entropy.detach()
@@ -105,8 +126,9 @@ class PolicyUpdater:
     def _token_logprobs(self, model, hidden, num_tokens, rows, labels, positions):
         """[N] logprob of each labelled packed token (0 elsewhere), and [N] per-row entropies."""
         weight = model.get_output_embeddings().weight  # under autocast the op takes both in the compute dtype
-        pair_lp, entropy = linear_logprob(hidden, weight, rows, labels, temperature=self.temperature,
-                                          backend=self.backend, return_entropy=True)
+        pair_lp, entropy = linear_logprob(
+            hidden, weight, rows, labels, temperature=self.temperature, backend=self.backend, return_entropy=True
+        )
         token_lp = torch.zeros(num_tokens, device=hidden.device, dtype=pair_lp.dtype).index_copy(0, positions, pair_lp)
         return token_lp, entropy
 

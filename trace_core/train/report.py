@@ -1,4 +1,5 @@
 """The comparison table and plot of `trace compare` (our version of the paper's table)."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,16 @@ def _summary(histories: list[list[dict]]) -> dict[str, float]:
     ratio = [np.mean([m["effective_ratio"] for m in h]) for h in histories]
     return {
         "seeds": len(histories),
-        "final_eval_success": float(np.mean(finals)), "final_eval_success_std": float(np.std(finals)),
-        "effective_ratio": float(np.mean(ratio)), "effective_ratio_std": float(np.std(ratio)),
+        "final_eval_success": float(np.mean(finals)),
+        "final_eval_success_std": float(np.std(finals)),
+        "effective_ratio": float(np.mean(ratio)),
+        "effective_ratio_std": float(np.std(ratio)),
         "leaves_per_step": float(np.mean([m["leaves"] for h in histories for m in h])),
         "generated_tokens_per_step": float(np.mean([m["generated_tokens"] for h in histories for m in h])),
         "dedup_ratio": float(np.mean([m["dedup_ratio"] for h in histories for m in h])),
-        "seconds_per_step": float(np.mean([sum(v for k, v in m.items() if k.startswith("time/")) for h in histories for m in h])),
+        "seconds_per_step": float(
+            np.mean([sum(v for k, v in m.items() if k.startswith("time/")) for h in histories for m in h])
+        ),
     }
 
 
@@ -25,16 +30,20 @@ def write_comparison(runs: dict[str, list[list[dict]]], cfg, out: Path) -> dict:
     """runs[mode] = one metrics history per seed. Writes comparison.md / .json / .png under `out`."""
     summary = {mode: _summary(histories) for mode, histories in runs.items()}
     lines = [
-        f"Budget: {cfg.allocation.leaves_per_step} leaves per step ({cfg.allocation.roots} roots x "
-        f"(1 + {cfg.allocation.continuations_per_root})), {cfg.steps} steps, env {cfg.env.name}, model {cfg.model.name}.",
+        (
+            f"Budget: {cfg.allocation.leaves_per_step} leaves per step ({cfg.allocation.roots} roots x "
+            f"(1 + {cfg.allocation.continuations_per_root})), {cfg.steps} steps, env {cfg.env.name}, model {cfg.model.name}."
+        ),
         "",
         "| mode | final eval success | effective ratio | leaves/step | generated tokens/step | leaf-path / packed tokens | s/step |",
         "|---|---|---|---|---|---|---|",
     ]
     for mode, s in summary.items():
-        lines.append(f"| {mode} | {s['final_eval_success']:.3f} ± {s['final_eval_success_std']:.3f} | "
-                     f"{s['effective_ratio']:.3f} ± {s['effective_ratio_std']:.3f} | {s['leaves_per_step']:.0f} | "
-                     f"{s['generated_tokens_per_step']:.0f} | {s['dedup_ratio']:.2f} | {s['seconds_per_step']:.2f} |")
+        lines.append(
+            f"| {mode} | {s['final_eval_success']:.3f} ± {s['final_eval_success_std']:.3f} | "
+            f"{s['effective_ratio']:.3f} ± {s['effective_ratio_std']:.3f} | {s['leaves_per_step']:.0f} | "
+            f"{s['generated_tokens_per_step']:.0f} | {s['dedup_ratio']:.2f} | {s['seconds_per_step']:.2f} |"
+        )
     lines.append(f"\n(mean ± std over {next(iter(summary.values()))['seeds']} seeds)")
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     (out / "comparison.json").write_text(json.dumps(summary, indent=2))

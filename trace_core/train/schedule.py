@@ -9,6 +9,7 @@ The rate is a pure function of the step, so resuming from a checkpoint needs no 
 s counts optimizer steps from 0 and `steps` is the run's length (TrainConfig.steps), so resuming with
 a different `steps` changes the decay's horizon from that point on.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,9 @@ import math
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-def learning_rate(step: int, *, lr: float, steps: int, schedule: str = "constant", warmup_steps: int = 0,
-                  min_lr_ratio: float = 0.0) -> float:
+def learning_rate(
+    step: int, *, lr: float, steps: int, schedule: str = "constant", warmup_steps: int = 0, min_lr_ratio: float = 0.0
+) -> float:
     if schedule not in SCHEDULES:
         raise ValueError(f"lr_schedule: unknown schedule {schedule!r}; choose one of {list(SCHEDULES)}")
     if step < warmup_steps:

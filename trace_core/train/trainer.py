@@ -10,6 +10,7 @@ and rebuilt. Every allocation (`allocation.mode`, or `root_strategy` / `prefix_s
 same number of leaves per step. The run directory holds config.yaml, metrics.jsonl and atomic
 checkpoints; `resume=True` continues a run exactly where its latest checkpoint left it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,12 +85,15 @@ class Trainer:
         except (ValueError, TypeError) as err:
             raise ConfigError(f"env: {err}") from None
         if len(self.train_tasks) < cfg.allocation.candidates:
-            raise ConfigError(f"allocation.candidates: {cfg.allocation.candidates} prompts per step, but the train "
-                              f"split has only {len(self.train_tasks)} tasks")
+            raise ConfigError(
+                f"allocation.candidates: {cfg.allocation.candidates} prompts per step, but the train "
+                f"split has only {len(self.train_tasks)} tasks"
+            )
         self.predictor = MLPHeadPredictor(self.model.config.hidden_size, cfg.predictor)
         self.backend = None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend
-        self.updater = PolicyUpdater(self.policy, cfg.optim, temperature=cfg.generation.temperature,
-                                     backend=self.backend)
+        self.updater = PolicyUpdater(
+            self.policy, cfg.optim, temperature=cfg.generation.temperature, backend=self.backend
+        )
         self.engine = self._make_engine()
         self.step = 0
         self.leaves_sampled = 0
@@ -107,7 +111,7 @@ class Trainer:
     # ------------------------------------------------------------------ one training step
     def train_step(self) -> dict[str, float]:
         """One step of docs/method.md; returns its metrics."""
-        cfg, a, timer = self.cfg, self.cfg.allocation, PhaseTimer()
+        cfg, _a, timer = self.cfg, self.cfg.allocation, PhaseTimer()
         rng = np.random.default_rng([cfg.seed, self.step])  # a pure function of (seed, step): resumable
         self.engine.reseed(int(rng.integers(2**62)))
         informed = self.allocation.uses_predictor and self.predictor.ready
@@ -121,18 +125,18 @@ class Trainer:
             prompts = self.engine.prefill(self._candidates(rng))
         with timer("predict"):
             v = self._predict_prompts(prompts) if informed else np.full(len(prompts), 0.5)
-        counts = self._allocate_roots(allocation, v, alloc_rng)                     # Stage 1
+        counts = self._allocate_roots(allocation, v, alloc_rng)  # Stage 1
         with timer("rollout"), self._generating():
-            bare = self.engine.rollout(forest, prompts, counts)              # bare rollouts
+            bare = self.engine.rollout(forest, prompts, counts)  # bare rollouts
         with timer("expand"), self._generating():
             expansion = self._expand(forest, bare, allocation, counts, informed, alloc_rng)  # Stage 2
         generated_tokens = self.engine.generated_tokens - tokens_before
-        predictor_batch = self._predictor_targets(forest)                  # rewards -> subtree success rates
+        predictor_batch = self._predictor_targets(forest)  # rewards -> subtree success rates
         self.engine.release_all()
 
         metrics = self._calibration(forest, prompts, v, counts, expansion) if informed else {}
         with timer("train"):
-            metrics.update(self._update_policy(forest))                    # advantages -> packed loss -> step
+            metrics.update(self._update_policy(forest))  # advantages -> packed loss -> step
             metrics.update(self._update_predictor(*predictor_batch))
         self.step += 1
         self.leaves_sampled += int(forest.leaves.size)
@@ -152,31 +156,48 @@ class Trainer:
         counts = allocation.root(v, budget, m_min=a.m_min, m_max=a.m_max, eps=a.eps, rng=rng)
         return np.asarray(counts, dtype=np.int64)
 
-    def _expand(self, forest: RolloutForest, bare: Generated, allocation: Allocation, counts: np.ndarray,
-                informed: bool, rng: np.random.Generator) -> Expansion:
+    def _expand(
+        self,
+        forest: RolloutForest,
+        bare: Generated,
+        allocation: Allocation,
+        counts: np.ndarray,
+        informed: bool,
+        rng: np.random.Generator,
+    ) -> Expansion:
         """Stage 2: each prompt's m_i * N continuations over the anchors of its tree (train/expansion.py)."""
         a = self.cfg.allocation
         budget = allocation.continuation_budget(counts, a.continuations_per_root)
         if not budget.any():
             return Expansion()
         return expand_prefixes(
-            forest, bare, budget, rounds=a.expansion_rounds,
+            forest,
+            bare,
+            budget,
+            rounds=a.expansion_rounds,
             predict=lambda nodes: self._predict_nodes(forest, nodes) if informed else np.full(nodes.size, 0.5),
             allocate=lambda p, r, group, k: allocation.prefix(p, r, group, k, k_max=a.k_max, eps=a.eps, rng=rng),
-            expand=lambda anchors, k: self.engine.expand(forest, anchors, k))
+            expand=lambda anchors, k: self.engine.expand(forest, anchors, k),
+        )
 
     # ------------------------------------------------------------------ the predictor
     def _predict_prompts(self, prompts: Prompts) -> np.ndarray:
         """[B] Vhat of each prompt, from the hidden state the engine's prefill computed."""
-        return self.predictor.predict(PrefixBatch(depth=torch.zeros(len(prompts), dtype=torch.long),
-                                                  prefix_len=torch.as_tensor(prompts.lengths),
-                                                  hidden=prompts.hidden))
+        return self.predictor.predict(
+            PrefixBatch(
+                depth=torch.zeros(len(prompts), dtype=torch.long),
+                prefix_len=torch.as_tensor(prompts.lengths),
+                hidden=prompts.hidden,
+            )
+        )
 
     def _prefix_batch(self, forest: RolloutForest, nodes: np.ndarray) -> PrefixBatch:
         """Predictor inputs of forest nodes (roots or turn prefixes) the engine wrote this step."""
-        return PrefixBatch(depth=torch.as_tensor(forest.depth[nodes], dtype=torch.long),
-                           prefix_len=torch.as_tensor(forest.path_lengths()[nodes]),
-                           hidden=self.engine.hidden_states(nodes))
+        return PrefixBatch(
+            depth=torch.as_tensor(forest.depth[nodes], dtype=torch.long),
+            prefix_len=torch.as_tensor(forest.path_lengths()[nodes]),
+            hidden=self.engine.hidden_states(nodes),
+        )
 
     def _predict_nodes(self, forest: RolloutForest, nodes: np.ndarray) -> np.ndarray:
         return self.predictor.predict(self._prefix_batch(forest, nodes))
@@ -197,9 +218,11 @@ class Trainer:
         roots = np.array([forest.root_of(i) for i in prompts.prompt_ids[active]], dtype=np.int64)
         contrast_roots = root_mixed_probability(v[active], counts[active], eps=a.eps)
         contrast_anchors = 1.0 - repeat_probability(expansion.predicted, expansion.outcome, a.eps)
-        pred = Predictions(nodes=np.concatenate([roots, expansion.anchors]).astype(np.int64),
-                           value=np.concatenate([v[active], expansion.predicted]),
-                           contrast=np.concatenate([contrast_roots, contrast_anchors]))
+        pred = Predictions(
+            nodes=np.concatenate([roots, expansion.anchors]).astype(np.int64),
+            value=np.concatenate([v[active], expansion.predicted]),
+            contrast=np.concatenate([contrast_roots, contrast_anchors]),
+        )
         rates, leaves, mixed = forest.subtree_success_rates(), forest.subtree_leaf_counts(), forest.is_mixed()
         cal = calibration(pred.value, rates[pred.nodes], leaves[pred.nodes], mixed[pred.nodes], pred.contrast)
         return {f"predictor/{k}": x for k, x in cal.items()}
@@ -208,34 +231,58 @@ class Trainer:
     def _update_policy(self, forest: RolloutForest) -> dict[str, float]:
         """Advantages on the finished forest (docs/method.md step 6), then the packed clipped loss."""
         o = self.cfg.optim
-        lr = learning_rate(self.step, lr=o.lr, steps=self.cfg.steps, schedule=o.lr_schedule,
-                           warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio)
+        lr = learning_rate(
+            self.step,
+            lr=o.lr,
+            steps=self.cfg.steps,
+            schedule=o.lr_schedule,
+            warmup_steps=o.warmup_steps,
+            min_lr_ratio=o.min_lr_ratio,
+        )
         advantages, kind = compute_advantages(forest, o.advantage)
         return self.updater.update(forest, advantages, kind, lr)
 
-    def _rollout_metrics(self, forest, bare: Generated, counts, expansion: Expansion, generated_tokens: int,
-                         informed: bool) -> dict[str, float]:
+    def _rollout_metrics(
+        self, forest, bare: Generated, counts, expansion: Expansion, generated_tokens: int, informed: bool
+    ) -> dict[str, float]:
         return {
-            "step": self.step, "leaves": int(forest.leaves.size), "leaves_sampled": self.leaves_sampled,
-            "prompts": int((counts > 0).sum()), "success_leaves": float(forest.reward[forest.leaves].mean()),
-            "success_bare": float(forest.reward[bare.leaves].mean()), "effective_ratio": forest.effective_ratio(),
-            "generated_tokens": generated_tokens, "predictor_informed": float(informed),
-            "continuation_budget_reassigned": expansion.reassigned, "expansion_rounds_run": expansion.rounds,
+            "step": self.step,
+            "leaves": int(forest.leaves.size),
+            "leaves_sampled": self.leaves_sampled,
+            "prompts": int((counts > 0).sum()),
+            "success_leaves": float(forest.reward[forest.leaves].mean()),
+            "success_bare": float(forest.reward[bare.leaves].mean()),
+            "effective_ratio": forest.effective_ratio(),
+            "generated_tokens": generated_tokens,
+            "predictor_informed": float(informed),
+            "continuation_budget_reassigned": expansion.reassigned,
+            "expansion_rounds_run": expansion.rounds,
         }
 
     # ------------------------------------------------------------------ generation set-up
     def _sampling(self, greedy: bool) -> SamplingParams:
         g = self.cfg.generation
-        return SamplingParams(temperature=0.0 if greedy else g.temperature, top_p=1.0 if greedy else g.top_p,
-                              max_tokens=g.max_tokens_per_turn, stop_strings=tuple(g.stop_strings),
-                              stop_token_ids=self.policy.stop_token_ids)
+        return SamplingParams(
+            temperature=0.0 if greedy else g.temperature,
+            top_p=1.0 if greedy else g.top_p,
+            max_tokens=g.max_tokens_per_turn,
+            stop_strings=tuple(g.stop_strings),
+            stop_token_ids=self.policy.stop_token_ids,
+        )
 
     def _make_engine(self) -> HFRolloutEngine:
         g, env = self.cfg.generation, self.cfg.env
-        engine = HFRolloutEngine(self.model, self.policy.codec, lambda: make_env(env.name, **env.env),
-                                 sampling=self._sampling(greedy=False), num_pages=self._num_pages(),
-                                 page_size=g.page_size, decode_backend=self.backend,
-                                 kv_dtype=self.policy.compute_dtype, seed=self.cfg.seed)
+        engine = HFRolloutEngine(
+            self.model,
+            self.policy.codec,
+            lambda: make_env(env.name, **env.env),
+            sampling=self._sampling(greedy=False),
+            num_pages=self._num_pages(),
+            page_size=g.page_size,
+            decode_backend=self.backend,
+            kv_dtype=self.policy.compute_dtype,
+            seed=self.cfg.seed,
+        )
         cache = engine.runner.cache
         log.info("KV cache: %d pages of %d tokens, %s", cache.num_pages, cache.page_size, _size(cache.nbytes))
         return engine
@@ -247,14 +294,18 @@ class Trainer:
             return g.num_pages
         device = self.policy.device
         if torch.device(device).type != "cuda":
-            raise ConfigError(f"generation.num_pages: 'auto' sizes the KV cache from free GPU memory, but the model "
-                              f"is on {device}; give a number of pages")
+            raise ConfigError(
+                f"generation.num_pages: 'auto' sizes the KV cache from free GPU memory, but the model "
+                f"is on {device}; give a number of pages"
+            )
         free, _ = torch.cuda.mem_get_info(device)
         per_page = page_bytes(**kv_geometry(self.model, self.policy.compute_dtype), page_size=g.page_size)
         pages = int(g.kv_memory_fraction * free) // per_page
         if pages < 1:
-            raise ConfigError(f"generation.num_pages: 'auto' found {free / 2**30:.2f} GiB free; "
-                              f"kv_memory_fraction {g.kv_memory_fraction} of it holds no page")
+            raise ConfigError(
+                f"generation.num_pages: 'auto' found {free / 2**30:.2f} GiB free; "
+                f"kv_memory_fraction {g.kv_memory_fraction} of it holds no page"
+            )
         return pages
 
     @contextlib.contextmanager
@@ -269,7 +320,8 @@ class Trainer:
             raise ConfigError(
                 f"generation.num_pages: {err}. This run's cache holds {cache.num_pages} pages "
                 f"({_size(cache.nbytes)}); raise generation.num_pages (or use "
-                f"'auto' on a GPU) or lower allocation.roots / generation.max_tokens_per_turn") from None
+                f"'auto' on a GPU) or lower allocation.roots / generation.max_tokens_per_turn"
+            ) from None
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -310,9 +362,15 @@ class Trainer:
         return history
 
     def save(self) -> Path:
-        state = {"step": self.step, "leaves_sampled": self.leaves_sampled, "config": to_dict(self.cfg),
-                 "model": self.model.state_dict(), **self.updater.state_dict(),
-                 "predictor": self.predictor.state_dict(), "rng": ckpt.rng_state()}
+        state = {
+            "step": self.step,
+            "leaves_sampled": self.leaves_sampled,
+            "config": to_dict(self.cfg),
+            "model": self.model.state_dict(),
+            **self.updater.state_dict(),
+            "predictor": self.predictor.state_dict(),
+            "rng": ckpt.rng_state(),
+        }
         return ckpt.save_checkpoint(self.run_dir, self.step, state)
 
     def _load_latest(self) -> None:
@@ -323,7 +381,9 @@ class Trainer:
         saved = state["config"]
         for key in ("seed", "model", "env", "allocation", "optim"):
             if saved[key] != to_dict(self.cfg)[key]:
-                raise ConfigError(f"resume: {key} differs from the run's saved config.yaml; resume with the same config")
+                raise ConfigError(
+                    f"resume: {key} differs from the run's saved config.yaml; resume with the same config"
+                )
         self.model.load_state_dict(state["model"])
         self.updater.load_state_dict(state)
         self.predictor.load_state_dict(state["predictor"])

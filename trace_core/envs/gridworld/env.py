@@ -20,15 +20,23 @@ Action parsing and malformed actions (policy `on_invalid`, see base.INVALID_ACTI
 Episode end: reaching the goal (reward 1, "goal"), entering a hole (reward 0, "hole"), or using
 the task's `max_turns` turns without reaching the goal (reward 0, "turn_limit").
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from trace_core.envs.base import (
-    INVALID_ACTION_POLICIES, EnvError, EpisodeStateError, Step, check_choice, check_positive_int, check_seed,
+    INVALID_ACTION_POLICIES,
+    EnvError,
+    EpisodeStateError,
+    Step,
+    check_choice,
+    check_positive_int,
+    check_seed,
 )
 from trace_core.envs.gridworld.tasks import DIRECTIONS, MAX_TURNS, PERPENDICULAR, GridLayout, parse_grid_task
 
@@ -132,9 +140,15 @@ class GridWorldEnv:
 
     def snapshot(self) -> dict[str, Any]:
         self._require_reset()
-        return {"task": dict(self._task), "max_turns": self.max_turns, "position": self.position,
-                "turn": self.turn, "done": self.done, "reward": self.reward,
-                "rng": self._rng.bit_generator.state}
+        return {
+            "task": dict(self._task),
+            "max_turns": self.max_turns,
+            "position": self.position,
+            "turn": self.turn,
+            "done": self.done,
+            "reward": self.reward,
+            "rng": self._rng.bit_generator.state,
+        }
 
     def restore(self, snapshot: Any, *, seed: int | None = None) -> None:
         if not isinstance(snapshot, Mapping) or "task" not in snapshot or "rng" not in snapshot:

@@ -9,15 +9,16 @@
 - `rollout_success_rate`: Monte Carlo through the env itself, so tests can check the env's
   transitions against the exact tables.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from trace_core.envs.gridworld.tasks import DIRECTIONS, PERPENDICULAR, GridLayout, parse_grid_task
 from trace_core.envs.gridworld.env import GridWorldEnv
+from trace_core.envs.gridworld.tasks import DIRECTIONS, PERPENDICULAR, GridLayout, parse_grid_task
 
 Policy = Callable[[GridWorldEnv, str, np.random.Generator], str]
 
@@ -43,7 +44,7 @@ def success_table(layout: GridLayout, policy: str = "optimal") -> np.ndarray:
     for t in range(1, layout.max_turns + 1):
         prev = table[t - 1]
 
-        def value(cell: tuple[int, int]) -> float:
+        def value(cell: tuple[int, int], prev=prev) -> float:
             if cell == layout.goal:
                 return 1.0
             return 0.0 if cell in layout.holes else prev[cell]
@@ -64,8 +65,7 @@ def exact_success_rate(task: Mapping, policy: str = "optimal") -> float:
     return float(success_table(layout, policy)[layout.max_turns][layout.start])
 
 
-def optimal_action(layout: GridLayout, cell: tuple[int, int], turns_left: int,
-                   table: np.ndarray | None = None) -> str:
+def optimal_action(layout: GridLayout, cell: tuple[int, int], turns_left: int, table: np.ndarray | None = None) -> str:
     table = success_table(layout) if table is None else table
     prev = table[turns_left - 1]
 
@@ -110,14 +110,15 @@ def greedy_policy(env: GridWorldEnv, observation: str, rng: np.random.Generator)
 POLICIES: dict[str, Policy] = {"random": random_policy, "optimal": optimal_policy, "greedy": greedy_policy}
 
 
-def rollout_success_rate(tasks: Sequence[Mapping], policy: Policy, *, episodes_per_task: int = 1,
-                         seed: int = 0) -> float:
+def rollout_success_rate(
+    tasks: Sequence[Mapping], policy: Policy, *, episodes_per_task: int = 1, seed: int = 0
+) -> float:
     """Fraction of episodes that end with reward 1 when `policy` plays `tasks` in the env."""
     rng = np.random.default_rng(seed)
     env = GridWorldEnv()
     wins = total = 0
-    for i, task in enumerate(tasks):
-        for j in range(episodes_per_task):
+    for _i, task in enumerate(tasks):
+        for _j in range(episodes_per_task):
             obs = env.reset(task, seed=int(rng.integers(2**31)))
             step = None
             while step is None or not step.done:
@@ -128,8 +129,9 @@ def rollout_success_rate(tasks: Sequence[Mapping], policy: Policy, *, episodes_p
     return wins / total
 
 
-def anchor_rates(num_tasks: int = 200, split: str = "eval", seed: int = 0, episodes_per_task: int = 2
-                 ) -> dict[int, dict[str, float]]:
+def anchor_rates(
+    num_tasks: int = 200, split: str = "eval", seed: int = 0, episodes_per_task: int = 2
+) -> dict[int, dict[str, float]]:
     """Per level: exact success of the optimal and random policies, and Monte Carlo success of
     random / greedy (observation-only) / optimal policies played through the env."""
     from trace_core.envs.gridworld.tasks import LEVELS, generate_grid_tasks
@@ -137,8 +139,10 @@ def anchor_rates(num_tasks: int = 200, split: str = "eval", seed: int = 0, episo
     rates: dict[int, dict[str, float]] = {}
     for level in LEVELS:
         tasks = generate_grid_tasks(num_tasks, split=split, seed=seed, levels=[level])
-        row = {f"exact_{name}": float(np.mean([exact_success_rate(t, name) for t in tasks]))
-               for name in ("random", "optimal")}
+        row = {
+            f"exact_{name}": float(np.mean([exact_success_rate(t, name) for t in tasks]))
+            for name in ("random", "optimal")
+        }
         for name, policy in POLICIES.items():
             row[f"mc_{name}"] = rollout_success_rate(tasks, policy, episodes_per_task=episodes_per_task, seed=seed + 1)
         rates[level] = row

@@ -15,12 +15,14 @@ Splits are disjoint by construction: a layout (size, walls, holes, start, goal, 
 belongs to "eval" iff a stable hash of it falls in the eval bucket, so no eval task ever appears
 in training, whatever the seeds.
 """
+
 from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,18 +30,22 @@ from trace_core.envs.base import EnvError, check_positive_int, check_split, requ
 
 DIRECTIONS = ("north", "south", "east", "west")
 MOVES = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
-PERPENDICULAR = {"north": ("east", "west"), "south": ("west", "east"),
-                 "east": ("south", "north"), "west": ("north", "south")}
+PERPENDICULAR = {
+    "north": ("east", "west"),
+    "south": ("west", "east"),
+    "east": ("south", "north"),
+    "west": ("north", "south"),
+}
 
 
 @dataclass(frozen=True)
 class LevelSpec:
-    size: int                    # grid is size x size
-    slip: float                  # probability that a move goes sideways
-    walls: int                   # interior wall cells
-    holes: int                   # hole cells (episode ends, reward 0)
-    distance: tuple[int, int]    # inclusive range of the shortest start -> goal path length
-    spare_turns: int             # max_turns = shortest path + spare_turns
+    size: int  # grid is size x size
+    slip: float  # probability that a move goes sideways
+    walls: int  # interior wall cells
+    holes: int  # hole cells (episode ends, reward 0)
+    distance: tuple[int, int]  # inclusive range of the shortest start -> goal path length
+    spare_turns: int  # max_turns = shortest path + spare_turns
 
 
 LEVELS: dict[int, LevelSpec] = {
@@ -106,8 +112,17 @@ def parse_grid_task(task: Mapping[str, Any]) -> GridLayout:
         cell = start if name == "start" else goal
         if cell in cells["walls"] or cell in cells["holes"]:
             raise EnvError(name, f"task field {name!r} = {list(cell)} is on a wall or hole")
-    return GridLayout(str(task.get("id", "")), int(task.get("level", -1)), size, slip, max_turns, start, goal,
-                      cells["walls"], cells["holes"])
+    return GridLayout(
+        str(task.get("id", "")),
+        int(task.get("level", -1)),
+        size,
+        slip,
+        max_turns,
+        start,
+        goal,
+        cells["walls"],
+        cells["holes"],
+    )
 
 
 def shortest_path_length(layout: GridLayout) -> int | None:
@@ -128,8 +143,17 @@ def shortest_path_length(layout: GridLayout) -> int | None:
 
 def split_of(task: Mapping[str, Any]) -> str:
     """'eval' or 'train': a stable hash of the layout (not of the id) decides."""
-    key = repr((task["size"], task["slip"], task["max_turns"], tuple(task["start"]), tuple(task["goal"]),
-                sorted(map(tuple, task["walls"])), sorted(map(tuple, task["holes"]))))
+    key = repr(
+        (
+            task["size"],
+            task["slip"],
+            task["max_turns"],
+            tuple(task["start"]),
+            tuple(task["goal"]),
+            sorted(map(tuple, task["walls"])),
+            sorted(map(tuple, task["holes"])),
+        )
+    )
     bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % EVAL_BUCKETS
     return "eval" if bucket == 0 else "train"
 
@@ -139,9 +163,17 @@ def _random_task(rng: np.random.Generator, level: int) -> dict[str, Any]:
     while True:  # rejection sampling; every level accepts a large fraction of draws
         cells = rng.choice(spec.size * spec.size, size=2 + spec.walls + spec.holes, replace=False)
         rc = [[int(i) // spec.size, int(i) % spec.size] for i in cells]
-        start, goal, walls, holes = rc[0], rc[1], rc[2:2 + spec.walls], rc[2 + spec.walls:]
-        task = {"level": level, "size": spec.size, "slip": spec.slip, "max_turns": 1,
-                "start": start, "goal": goal, "walls": sorted(walls), "holes": sorted(holes)}
+        start, goal, walls, holes = rc[0], rc[1], rc[2 : 2 + spec.walls], rc[2 + spec.walls :]
+        task = {
+            "level": level,
+            "size": spec.size,
+            "slip": spec.slip,
+            "max_turns": 1,
+            "start": start,
+            "goal": goal,
+            "walls": sorted(walls),
+            "holes": sorted(holes),
+        }
         dist = shortest_path_length(parse_grid_task(task))
         if dist is not None and spec.distance[0] <= dist <= spec.distance[1]:
             task["max_turns"] = dist + spec.spare_turns
@@ -149,8 +181,9 @@ def _random_task(rng: np.random.Generator, level: int) -> dict[str, Any]:
             return task
 
 
-def generate_grid_tasks(num_tasks: int, *, split: str = "train", seed: int = 0,
-                        levels: Sequence[int] = tuple(LEVELS)) -> list[dict[str, Any]]:
+def generate_grid_tasks(
+    num_tasks: int, *, split: str = "train", seed: int = 0, levels: Sequence[int] = tuple(LEVELS)
+) -> list[dict[str, Any]]:
     """`num_tasks` tasks of `split`, levels in round-robin order, reproducible from `seed`."""
     check_positive_int("num_tasks", num_tasks)
     check_split(split)
@@ -171,10 +204,13 @@ def generate_grid_tasks(num_tasks: int, *, split: str = "train", seed: int = 0,
 class GridTaskSource:
     """TaskSource for the grid world: `tasks("train")` / `tasks("eval")`, disjoint and seeded."""
 
-    def __init__(self, num_train: int = 2000, num_eval: int = 200, seed: int = 0,
-                 levels: Sequence[int] = tuple(LEVELS)):
-        self.num = {"train": check_positive_int("num_train", num_train),
-                    "eval": check_positive_int("num_eval", num_eval)}
+    def __init__(
+        self, num_train: int = 2000, num_eval: int = 200, seed: int = 0, levels: Sequence[int] = tuple(LEVELS)
+    ):
+        self.num = {
+            "train": check_positive_int("num_train", num_train),
+            "eval": check_positive_int("num_eval", num_eval),
+        }
         self.seed, self.levels = seed, tuple(levels)
 
     def tasks(self, split: str) -> list[dict[str, Any]]:

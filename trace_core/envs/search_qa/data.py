@@ -3,13 +3,15 @@
 A QA task record (what SearchQAEnv.reset takes):
     {"id": str, "question": str, "golden_answers": [str, ...], "metadata": {...}}   (metadata optional)
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from trace_core.envs.base import EnvError
 
@@ -30,14 +32,21 @@ def check_qa_task(record: Any, where: str = "task") -> dict[str, Any]:
     golds = record["golden_answers"]
     if isinstance(golds, str):
         golds = [golds]
-    if (not isinstance(golds, (list, tuple)) or not golds
-            or not all(isinstance(g, (str, int, float)) and not isinstance(g, bool) for g in golds)):
+    if (
+        not isinstance(golds, (list, tuple))
+        or not golds
+        or not all(isinstance(g, (str, int, float)) and not isinstance(g, bool) for g in golds)
+    ):
         raise EnvError(where, f"QA field 'golden_answers' must be a non-empty list of strings, got {golds!r}")
     meta = record.get("metadata", {})
     if not isinstance(meta, Mapping):
         raise EnvError(where, f"QA field 'metadata' must be an object, got {type(meta).__name__}")
-    return {"id": str(record.get("id", where)), "question": question, "golden_answers": [str(g) for g in golds],
-            "metadata": dict(meta)}
+    return {
+        "id": str(record.get("id", where)),
+        "question": question,
+        "golden_answers": [str(g) for g in golds],
+        "metadata": dict(meta),
+    }
 
 
 def iter_jsonl(path: str | os.PathLike, name: str) -> Iterator[tuple[int, str, Any]]:
@@ -79,6 +88,7 @@ def write_jsonl(path: str | os.PathLike, records: list[Mapping[str, Any]]) -> No
 
 # --- FanOutQA ------------------------------------------------------------------------------------
 
+
 def answer_to_text(answer: Any) -> str:
     """One string for a FanOutQA answer (primitive, list or dict), as the dataset's own string metrics do."""
     if isinstance(answer, bool):
@@ -105,8 +115,11 @@ def fanoutqa_dev_path() -> Path:
     try:
         dist = importlib_metadata.distribution("fanoutqa")
     except importlib_metadata.PackageNotFoundError:
-        raise EnvError("path", "the fanoutqa package is not installed: `pip install fanoutqa` (or the "
-                       "trace-rl[fanoutqa] extra), or pass path= to a fanout-final-dev.json file") from None
+        raise EnvError(
+            "path",
+            "the fanoutqa package is not installed: `pip install fanoutqa` (or the "
+            "trace-rl[fanoutqa] extra), or pass path= to a fanout-final-dev.json file",
+        ) from None
     path = Path(str(dist.locate_file(FANOUTQA_DEV_FILE)))
     if not path.is_file():
         raise EnvError("path", f"the installed fanoutqa package has no {FANOUTQA_DEV_FILE}; pass path= explicitly")
@@ -139,11 +152,17 @@ def load_fanoutqa_dev(path: str | os.PathLike | None = None) -> list[dict[str, A
         for name in ("id", "question", "answer"):
             if name not in item:
                 raise EnvError(where, f"FanOutQA question is missing the field {name!r}")
-        record = {"id": str(item["id"]), "question": item["question"],
-                  "golden_answers": [answer_to_text(item["answer"])],
-                  "metadata": {"source": "fanoutqa-dev", "answer": item["answer"],
-                               "answer_strings": answer_strings(item["answer"]),
-                               "categories": list(item.get("categories", [])),
-                               "num_subquestions": len(item.get("decomposition", []))}}
+        record = {
+            "id": str(item["id"]),
+            "question": item["question"],
+            "golden_answers": [answer_to_text(item["answer"])],
+            "metadata": {
+                "source": "fanoutqa-dev",
+                "answer": item["answer"],
+                "answer_strings": answer_strings(item["answer"]),
+                "categories": list(item.get("categories", [])),
+                "num_subquestions": len(item.get("decomposition", [])),
+            },
+        }
         tasks.append(check_qa_task(record, where))
     return tasks

@@ -22,13 +22,21 @@ best token F1 against the gold answers is >= `f1_threshold`. info["f1"] and info
 The env is deterministic (stateless retrieval), so `restore(..., seed=...)` accepts a seed for
 protocol compatibility and it has no effect.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from trace_core.envs.base import (
-    INVALID_ACTION_POLICIES, EnvError, EpisodeStateError, Step, check_choice, check_positive_int, check_seed,
+    INVALID_ACTION_POLICIES,
+    EnvError,
+    EpisodeStateError,
+    Step,
+    check_choice,
+    check_positive_int,
+    check_seed,
 )
 from trace_core.envs.search_qa.data import check_qa_task
 from trace_core.envs.search_qa.metrics import exact_match, token_f1
@@ -41,8 +49,9 @@ DEFAULT_PROMPT = (
     "You may search several times. When you know the answer, write only the answer between <answer> and "
     "</answer>, for example <answer> Lisbon </answer>.\nQuestion: {question}\n"
 )
-INVALID_OBSERVATION = ("\nInvalid action: write <search> query </search> to search, or "
-                       "<answer> text </answer> to give the final answer.\n")
+INVALID_OBSERVATION = (
+    "\nInvalid action: write <search> query </search> to search, or <answer> text </answer> to give the final answer.\n"
+)
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _SEARCH_RE = re.compile(r"<search>(.*?)</search>", re.DOTALL)
@@ -74,11 +83,22 @@ def render_passages(passages: list[Passage]) -> str:
 class SearchQAEnv:
     """Env protocol implementation for search-augmented QA (module docstring has the rules)."""
 
-    def __init__(self, retriever: Retriever, *, top_k: int = 3, max_turns: int = 5, reward: str = "em",
-                 f1_threshold: float = 0.8, on_invalid: str = "continue", tool_timeout_s: float | None = 10.0,
-                 prompt_template: str = DEFAULT_PROMPT):
+    def __init__(
+        self,
+        retriever: Retriever,
+        *,
+        top_k: int = 3,
+        max_turns: int = 5,
+        reward: str = "em",
+        f1_threshold: float = 0.8,
+        on_invalid: str = "continue",
+        tool_timeout_s: float | None = 10.0,
+        prompt_template: str = DEFAULT_PROMPT,
+    ):
         if not callable(getattr(retriever, "search", None)):
-            raise EnvError("retriever", f"retriever must have a search(query, k) method, got {type(retriever).__name__}")
+            raise EnvError(
+                "retriever", f"retriever must have a search(query, k) method, got {type(retriever).__name__}"
+            )
         self.retriever = retriever
         self.top_k = check_positive_int("top_k", top_k)
         self.max_turns = check_positive_int("max_turns", max_turns)
@@ -131,8 +151,13 @@ class SearchQAEnv:
     def snapshot(self) -> dict[str, Any]:
         if self._task is None:
             raise EpisodeStateError("SearchQAEnv: nothing to snapshot before reset")
-        return {"task": dict(self._task), "turn": self.turn, "done": self.done, "reward": self.reward,
-                "searches": list(self.searches)}
+        return {
+            "task": dict(self._task),
+            "turn": self.turn,
+            "done": self.done,
+            "reward": self.reward,
+            "searches": list(self.searches),
+        }
 
     def restore(self, snapshot: Any, *, seed: int | None = None) -> None:
         if not isinstance(snapshot, Mapping) or not {"task", "turn", "done", "searches"} <= set(snapshot):
@@ -145,12 +170,13 @@ class SearchQAEnv:
     # --- helpers ----------------------------------------------------------------------------
     def _search(self, query: str, info: dict[str, Any]) -> str:
         try:
-            passages, seconds = call_with_timeout(self.retriever.search, query, self.top_k,
-                                                  timeout_s=self.tool_timeout_s)
+            passages, seconds = call_with_timeout(
+                self.retriever.search, query, self.top_k, timeout_s=self.tool_timeout_s
+            )
         except ToolTimeout:
             info["tool_error"] = f"timeout after {self.tool_timeout_s} s"
             return f"\n<information>Search failed: timed out after {self.tool_timeout_s} s.</information>\n"
-        except Exception as exc:  # noqa: BLE001 - a broken tool must not crash the rollout
+        except Exception as exc:
             info["tool_error"] = f"{type(exc).__name__}: {exc}"
             return f"\n<information>Search failed: {type(exc).__name__}.</information>\n"
         info["tool_seconds"] = seconds

@@ -2,12 +2,13 @@
 
 normalize_answer: lower-case, drop punctuation, drop the articles a/an/the, collapse whitespace.
 """
+
 from __future__ import annotations
 
 import re
 import string
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)

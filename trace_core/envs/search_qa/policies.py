@@ -5,9 +5,11 @@ read the relation's sentence from the retrieved passages, move to the object, an
 the chain is done. It uses retrieval for real: if the right passage is not retrieved, it cannot
 read the next hop and searches again (and eventually runs out of turns).
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from trace_core.envs.search_qa.synthetic import read_relation
 

@@ -6,13 +6,15 @@ Corpus format (FlashRAG / Search-R1): JSONL, one passage per line, {"id": str, "
 Any object with `search(query, k) -> list[Passage]` is a retriever, so users can plug in a
 dense index or an HTTP retrieval server; the env runs it under its tool timeout.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import bm25s
 import numpy as np
@@ -68,8 +70,10 @@ class BM25Retriever:
             raise EnvError("corpus", "corpus must hold at least one passage")
         self.stopwords = stopwords
         self._bm25 = bm25s.BM25()
-        self._bm25.index(bm25s.tokenize([p["contents"] for p in self.passages], stopwords=stopwords,
-                                        show_progress=False), show_progress=False)
+        self._bm25.index(
+            bm25s.tokenize([p["contents"] for p in self.passages], stopwords=stopwords, show_progress=False),
+            show_progress=False,
+        )
 
     def search(self, query: str, k: int) -> list[Passage]:
         if k < 1:
@@ -79,8 +83,11 @@ class BM25Retriever:
             return []
         k = min(k, len(self.passages))
         docs, scores = self._bm25.retrieve(tokens, k=k, show_progress=False)
-        return [Passage(self.passages[int(d)]["id"], self.passages[int(d)]["contents"], float(s))
-                for d, s in zip(docs[0], scores[0]) if s > 0 and np.isfinite(s)]
+        return [
+            Passage(self.passages[int(d)]["id"], self.passages[int(d)]["contents"], float(s))
+            for d, s in zip(docs[0], scores[0])
+            if s > 0 and np.isfinite(s)
+        ]
 
 
 @lru_cache(maxsize=8)

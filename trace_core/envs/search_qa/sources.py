@@ -3,6 +3,7 @@
 corpus_path None means the synthetic multi-hop world of `synthetic_seed` (synthetic_qa.py), so
 `make_env("search_qa")` works out of the box; pass a FlashRAG-format corpus JSONL otherwise.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -10,8 +11,8 @@ from typing import Any
 
 from trace_core.envs.base import check_split
 from trace_core.envs.search_qa.data import load_fanoutqa_dev, load_qa_jsonl
-from trace_core.envs.search_qa.retriever import BM25Retriever, bm25_from_file
 from trace_core.envs.search_qa.env import DEFAULT_PROMPT, SearchQAEnv
+from trace_core.envs.search_qa.retriever import BM25Retriever, bm25_from_file
 from trace_core.envs.search_qa.synthetic import build_world, synthetic_qa_tasks
 
 FANOUTQA_DEV = "fanoutqa-dev"  # eval_path value that loads the FanOutQA dev set shipped in its wheel
@@ -22,13 +23,29 @@ def synthetic_retriever(seed: int) -> BM25Retriever:
     return BM25Retriever(build_world(seed).corpus)
 
 
-def make_search_qa_env(corpus_path: str | None = None, synthetic_seed: int = 0, top_k: int = 3, max_turns: int = 5,
-                       reward: str = "em", f1_threshold: float = 0.8, on_invalid: str = "continue",
-                       tool_timeout_s: float | None = 10.0, prompt_template: str = DEFAULT_PROMPT) -> SearchQAEnv:
+def make_search_qa_env(
+    corpus_path: str | None = None,
+    synthetic_seed: int = 0,
+    top_k: int = 3,
+    max_turns: int = 5,
+    reward: str = "em",
+    f1_threshold: float = 0.8,
+    on_invalid: str = "continue",
+    tool_timeout_s: float | None = 10.0,
+    prompt_template: str = DEFAULT_PROMPT,
+) -> SearchQAEnv:
     """A SearchQAEnv over BM25 of `corpus_path` (indexed once per process) or of the synthetic world."""
     retriever = synthetic_retriever(synthetic_seed) if corpus_path is None else bm25_from_file(corpus_path)
-    return SearchQAEnv(retriever, top_k=top_k, max_turns=max_turns, reward=reward, f1_threshold=f1_threshold,
-                       on_invalid=on_invalid, tool_timeout_s=tool_timeout_s, prompt_template=prompt_template)
+    return SearchQAEnv(
+        retriever,
+        top_k=top_k,
+        max_turns=max_turns,
+        reward=reward,
+        f1_threshold=f1_threshold,
+        on_invalid=on_invalid,
+        tool_timeout_s=tool_timeout_s,
+        prompt_template=prompt_template,
+    )
 
 
 class QATaskSource:

@@ -8,6 +8,7 @@ hop is retrievable by searching the entity's name and reading one sentence. Ques
 Task metadata keeps the chain (start entity and relations), which scripted policies and tests use.
 Train and eval questions are about disjoint sets of people.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,10 @@ QUESTIONS = [
     ("In which city is the company that {p} works for headquartered?", ("works_for", "headquartered_in")),
     ("In what year was the company that {p} works for founded?", ("works_for", "founded_in")),
     ("What is the currency of the country where {p} was born?", ("born_in", "located_in", "currency")),
-    ("In which country is the company that {p} works for headquartered?",
-     ("works_for", "headquartered_in", "located_in")),
+    (
+        "In which country is the company that {p} works for headquartered?",
+        ("works_for", "headquartered_in", "located_in"),
+    ),
 ]
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "br", "kr", "tr", "qu"]
@@ -48,8 +51,8 @@ _CODAS = ["", "", "n", "r", "l", "s", "th", "x"]
 
 @dataclass
 class SyntheticQAWorld:
-    corpus: list[dict[str, str]]                 # [{"id", "contents"}]
-    facts: dict[tuple[str, str], str]            # (subject, relation) -> object
+    corpus: list[dict[str, str]]  # [{"id", "contents"}]
+    facts: dict[tuple[str, str], str]  # (subject, relation) -> object
     people: list[str]
 
     def answer(self, person: str, chain: tuple[str, ...]) -> tuple[str, list[str]]:
@@ -64,8 +67,9 @@ def _name_maker(rng: np.random.Generator):
 
     def word(syllables: int) -> str:
         while True:
-            parts = [_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
-                     for _ in range(syllables)]
+            parts = [
+                _ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))] for _ in range(syllables)
+            ]
             text = ("".join(parts) + _CODAS[rng.integers(len(_CODAS))]).capitalize()
             if text.lower() not in used:
                 used.add(text.lower())
@@ -74,18 +78,25 @@ def _name_maker(rng: np.random.Generator):
     return word
 
 
-def build_world(seed: int = 0, *, num_people: int = 60, num_companies: int = 15, num_cities: int = 12,
-                num_countries: int = 5) -> SyntheticQAWorld:
+def build_world(
+    seed: int = 0, *, num_people: int = 60, num_companies: int = 15, num_cities: int = 12, num_countries: int = 5
+) -> SyntheticQAWorld:
     """All entities, facts and passages of the world with this `seed`."""
-    for name, value in (("num_people", num_people), ("num_companies", num_companies),
-                        ("num_cities", num_cities), ("num_countries", num_countries)):
+    for name, value in (
+        ("num_people", num_people),
+        ("num_companies", num_companies),
+        ("num_cities", num_cities),
+        ("num_countries", num_countries),
+    ):
         check_positive_int(name, value)
     rng = np.random.default_rng([seed, 0x5EA2C])
     word = _name_maker(rng)
     countries = [word(2) + "ia" for _ in range(num_countries)]
     cities = [word(int(rng.integers(2, 4))) for _ in range(num_cities)]
-    companies = [word(2) + " " + ["Works", "Labs", "Holdings", "Foundry", "Group"][int(rng.integers(5))]
-                 for _ in range(num_companies)]
+    companies = [
+        word(2) + " " + ["Works", "Labs", "Holdings", "Foundry", "Group"][int(rng.integers(5))]
+        for _ in range(num_companies)
+    ]
     people = [word(2) + " " + word(2) for _ in range(num_people)]
     currencies = [word(1).lower() for _ in range(num_countries)]
 
@@ -101,8 +112,12 @@ def build_world(seed: int = 0, *, num_people: int = 60, num_companies: int = 15,
         facts[(person, "born_in")] = cities[int(rng.integers(num_cities))]
         facts[(person, "works_for")] = companies[int(rng.integers(num_companies))]
 
-    kinds = {**{c: "a country" for c in countries}, **{c: "a city" for c in cities},
-             **{c: "a company" for c in companies}, **{p: "a person" for p in people}}
+    kinds = {
+        **dict.fromkeys(countries, "a country"),
+        **dict.fromkeys(cities, "a city"),
+        **dict.fromkeys(companies, "a company"),
+        **dict.fromkeys(people, "a person"),
+    }
     sentences: dict[str, list[str]] = {name: [] for name in kinds}
     for (subject, relation), obj in facts.items():
         sentences[subject].append(RELATIONS[relation].format(s=subject, o=obj))
@@ -113,22 +128,27 @@ def build_world(seed: int = 0, *, num_people: int = 60, num_companies: int = 15,
     return SyntheticQAWorld(corpus=corpus, facts=facts, people=people)
 
 
-def synthetic_qa_tasks(world: SyntheticQAWorld, split: str = "train", *, eval_fraction: float = 0.2
-                       ) -> list[dict[str, Any]]:
+def synthetic_qa_tasks(
+    world: SyntheticQAWorld, split: str = "train", *, eval_fraction: float = 0.2
+) -> list[dict[str, Any]]:
     """Every question of every template about the people of `split` (the last `eval_fraction` of people)."""
     check_split(split)
     if not 0.0 < eval_fraction < 1.0:
         raise EnvError("eval_fraction", f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
-    cut = len(world.people) - max(1, int(round(eval_fraction * len(world.people))))
+    cut = len(world.people) - max(1, round(eval_fraction * len(world.people)))
     people = world.people[:cut] if split == "train" else world.people[cut:]
     tasks = []
     for person in people:
-        for q, (template, chain) in enumerate(QUESTIONS):
+        for _q, (template, chain) in enumerate(QUESTIONS):
             answer, entities = world.answer(person, chain)
-            tasks.append({"id": f"synth-{split}-{len(tasks)}", "question": template.format(p=person),
-                          "golden_answers": [answer],
-                          "metadata": {"hops": len(chain), "start": person, "relations": list(chain),
-                                       "entities": entities}})
+            tasks.append(
+                {
+                    "id": f"synth-{split}-{len(tasks)}",
+                    "question": template.format(p=person),
+                    "golden_answers": [answer],
+                    "metadata": {"hops": len(chain), "start": person, "relations": list(chain), "entities": entities},
+                }
+            )
     return tasks
 
 
@@ -137,8 +157,7 @@ def write_synthetic_qa(directory: str | os.PathLike, seed: int = 0, **world_kwar
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     world = build_world(seed, **world_kwargs)
-    paths = {"corpus": directory / "corpus.jsonl", "train": directory / "train.jsonl",
-             "eval": directory / "eval.jsonl"}
+    paths = {"corpus": directory / "corpus.jsonl", "train": directory / "train.jsonl", "eval": directory / "eval.jsonl"}
     write_jsonl(paths["corpus"], world.corpus)
     for split in ("train", "eval"):
         write_jsonl(paths[split], synthetic_qa_tasks(world, split))
@@ -160,4 +179,5 @@ if __name__ == "__main__":  # python -m trace_core.envs.search_qa.synthetic OUT_
         raise SystemExit("usage: python -m trace_core.envs.search_qa.synthetic OUT_DIR [SEED]")
     written = write_synthetic_qa(sys.argv[1], seed=int(sys.argv[2]) if len(sys.argv) > 2 else 0)
     for name, path in written.items():
-        print(f"{name}: {path} ({sum(1 for _ in open(path, encoding='utf-8'))} lines)")
+        with open(path, encoding="utf-8") as handle:
+            print(f"{name}: {path} ({sum(1 for _ in handle)} lines)")

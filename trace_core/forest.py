@@ -553,7 +553,7 @@ class RolloutForest:
         return _subtree_sums(self.parent, self.num_children, values)[1]
 
     def subtree_success_rates(self) -> np.ndarray:
-        """[n] mean leaf reward of each node's subtree: V_target of METHOD.md step 4."""
+        """[n] mean leaf reward of each node's subtree: V_target of docs/method.md step 4."""
         self.validate_rewards()
         counts, sums = _subtree_sums(self.parent, self.num_children, np.nan_to_num(self.reward))
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -120,7 +120,7 @@ def prefix_batch(
 
 def training_targets(forest: RolloutForest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(nodes, targets, weights): every root and internal node, its subtree success rate, and the
-    number of leaves under it (METHOD.md steps 4-5)."""
+    number of leaves under it (docs/method.md steps 4-5)."""
     rates = forest.subtree_success_rates()
     counts = forest.subtree_leaf_counts()
     nodes = np.flatnonzero(forest.num_children > 0)

@@ -1,4 +1,4 @@
-"""Rollout budget allocation (METHOD.md steps 1 and 3): the public API.
+"""Rollout budget allocation (docs/method.md steps 1 and 3): the public API.
 
 - allocate_roots: stage 1, bare rollouts per candidate prompt (exact DP, numba; method="ranked"
   is an equally exact, much faster solver).

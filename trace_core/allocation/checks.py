@@ -174,5 +174,5 @@ def check_prefix_budget_reachable(sizes: np.ndarray, budget_per_group: np.ndarra
 
 
 def clipped(values: np.ndarray, eps: float) -> np.ndarray:
-    """The method clips predicted probabilities to [eps, 1 - eps] (METHOD.md steps 1 and 3)."""
+    """The method clips predicted probabilities to [eps, 1 - eps] (docs/method.md steps 1 and 3)."""
     return np.clip(values, eps, 1.0 - eps)

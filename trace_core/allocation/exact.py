@@ -1,4 +1,4 @@
-"""TRACE's two allocation stages (METHOD.md steps 1 and 3), exact, with numba loops.
+"""TRACE's two allocation stages (docs/method.md steps 1 and 3), exact, with numba loops.
 
 Stage 1 (`allocate_roots`) splits a global budget of bare rollouts over candidate prompts;
 stage 2 (`allocate_prefixes`) splits each prompt's continuation budget over its turn prefixes.

@@ -13,7 +13,7 @@ Both stages come from registries of factories: `register_root_strategy(name)` / 
 decorate a class (or any callable) whose call builds the strategy; options a factory's signature accepts
 are passed to it (e.g. count_per_prompt, root_method), so a factory without parameters works too. A mode is
 a named pair: `register_mode(name, root=..., prefix=...)`. Built-in modes: trace = active/active,
-uniform = uniform/none, random_tree = uniform/random, pcl = pcl/none (METHOD.md's baselines).
+uniform = uniform/none, random_tree = uniform/random, pcl = pcl/none (docs/method.md's baselines).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What an allocation is expected to buy: the stage objectives and the effective ratio they imply.
 
-The effective ratio (METHOD.md step 7) is the fraction of active prompts whose tree has both a 0
+The effective ratio (docs/method.md step 7) is the fraction of active prompts whose tree has both a 0
 and a 1 leaf. These helpers give its expectation under the predictor's probabilities (clipped to
 [eps, 1 - eps] like the allocators do), treating outcomes as independent given the prefix.
 """

@@ -1,4 +1,4 @@
-"""Built-in Stage-2 (prefix) strategies: continuations per anchor within each prompt (METHOD.md step 3).
+"""Built-in Stage-2 (prefix) strategies: continuations per anchor within each prompt (docs/method.md step 3).
 
 Every strategy returns (N,) int64 counts in [0, k_max] summing to budget_per_group[g] over each group g, and
 raises the same AllocationErrors for bad input as allocate_prefixes.

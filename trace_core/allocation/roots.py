@@ -1,4 +1,4 @@
-"""Built-in Stage-1 (root) strategies: bare rollouts per candidate prompt (METHOD.md step 1).
+"""Built-in Stage-1 (root) strategies: bare rollouts per candidate prompt (docs/method.md step 1).
 
 Every strategy returns (B,) int64 counts in {0} U [m_min, m_max] summing to the budget exactly, and raises
 the same AllocationErrors for bad input as allocate_roots.

@@ -101,7 +101,7 @@ class AllocationConfig:
     m_min: int = 4  # a prompt that is sampled gets at least this many bare rollouts (its group)
     m_max: int = 16
     k_max: int | None = None  # cap on continuations per anchor
-    # OURS (METHOD.md step 3): > 1 splits each prompt's continuations over rounds; round r branches from
+    # OURS (docs/method.md step 3): > 1 splits each prompt's continuations over rounds; round r branches from
     # the turns round r-1's continuations added (the paper runs one round)
     expansion_rounds: int = 1
     eps: float = 0.02  # predictions are clipped to [eps, 1 - eps]

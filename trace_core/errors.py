@@ -1,4 +1,4 @@
-"""One base class for errors a user can cause (DESIGN.md: "raise a clear exception naming the field").
+"""One base class for errors a user can cause.
 
     raise TraceError("allocation.root_strategy", "'mine' is not one of the registered root strategies: ...")
     -> str(err) == "allocation.root_strategy: 'mine' is not one of ...", err.field == "allocation.root_strategy"

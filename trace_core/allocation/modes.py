@@ -1,4 +1,4 @@
-"""Allocation as a pair of strategies (DESIGN.md): a Stage-1 root strategy and a Stage-2 prefix strategy.
+"""Allocation as a pair of strategies: a Stage-1 root strategy and a Stage-2 prefix strategy.
 
 Each strategy says what it needs (`uses_predictor`) and does (`expands`, its `cold_start`), so a trainer
 runs any pair without branching on a mode name:

@@ -371,9 +371,20 @@ register_mode("one_prompt_trees", root="one_prompt", prefix="random")
 '''
 
 
-def test_a_user_registered_strategy_runs_through_trace_train(tmp_path):
+@pytest.fixture
+def user_plugin(tmp_path):
+    """PLUGIN as a file; what it registers is removed afterwards (the registries are process-wide)."""
+    from trace_core.allocation.modes import MODES, ROOT_STRATEGIES
+
     plugin = tmp_path / "my_allocation.py"
     plugin.write_text(PLUGIN)
+    yield plugin
+    ROOT_STRATEGIES.unregister("one_prompt")
+    MODES.unregister("one_prompt_trees")
+
+
+def test_a_user_registered_strategy_runs_through_trace_train(tmp_path, user_plugin):
+    plugin = user_plugin
     run_dir = tmp_path / "run"
     assert (
         main(

@@ -73,3 +73,29 @@ def test_call_with_timeout():
         call_with_timeout(lambda: 1 / 0, timeout_s=5)
     with pytest.raises(ValueError, match="timeout_s"):
         call_with_timeout(print, timeout_s=0)
+
+
+def test_step_all_batches_envs_that_define_step_batch_and_keeps_order():
+    from trace_core.envs.base import Step, step_all
+
+    class Plain:
+        def __init__(self, tag):
+            self.tag = tag
+
+        def step(self, action):
+            return Step(f"{self.tag}:{action}", False)
+
+    class Batched(Plain):
+        batches: list[int] = []  # noqa: RUF012  (a test double's call log)
+
+        @staticmethod
+        def step_batch(envs, actions):
+            Batched.batches.append(len(envs))
+            return [Step(f"{e.tag}:{a}!", False) for e, a in zip(envs, actions)]
+
+    envs = [Plain("a"), Batched("b"), Plain("c"), Batched("d")]
+    steps = step_all(envs, ["1", "2", "3", "4"])
+    assert [s.observation for s in steps] == ["a:1", "b:2!", "c:3", "d:4!"]
+    assert Batched.batches == [2]
+    with pytest.raises(ValueError, match="actions: 1 actions for 2 envs"):
+        step_all(envs[:2], ["x"])

@@ -241,3 +241,33 @@ def test_codec_errors_name_the_field():
 
     with pytest.raises(ValueError, match="observation_template"):
         HFTextCodec(SimpleNamespace(eos_token_id=2), observation_template="no placeholder")
+
+
+def test_episodes_whose_turn_ends_in_the_same_round_step_together(model):
+    """An env class with `step_batch` gets one call per decode round for all its branches (a batched
+    tool, e.g. one retrieval request), with the same results as stepping one by one."""
+    calls = []
+
+    class BatchedCounterEnv(CounterEnv):
+        @staticmethod
+        def step_batch(envs, actions):
+            calls.append(len(envs))
+            return [env.step(action) for env, action in zip(envs, actions)]
+
+    def run(env_cls):
+        engine = HFRolloutEngine(
+            model,
+            CharCodec(VOCAB),
+            lambda: env_cls(3, True),
+            sampling=SamplingParams(temperature=0.0, max_tokens=3),
+            num_pages=256,
+            page_size=4,
+            decode_backend="triton",
+            seed=1,
+        )
+        return run_rollout(engine, RolloutForest(vocab_size=VOCAB), TASKS, [3, 2])
+
+    batched, plain = run(BatchedCounterEnv), run(CounterEnv)
+    assert [e.token_ids for e in batched] == [e.token_ids for e in plain]
+    assert [e.reward for e in batched] == [e.reward for e in plain]
+    assert calls == [5, 5, 5]  # 3 turns; every branch's turn ends in the same round (3 greedy tokens)

@@ -8,7 +8,7 @@ with a fresh seed so the continuation's environment randomness is resampled.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -48,6 +48,33 @@ class Env(Protocol):
 
     def restore(self, snapshot: Any, *, seed: int | None = None) -> None:
         """Resume exactly at `snapshot`; with `seed`, reseed the randomness of future turns."""
+
+
+def step_all(envs: Sequence[Env], actions: Sequence[str]) -> list[Step]:
+    """One turn of several episodes at once (an engine calls this once per decode round).
+
+    Envs whose class defines `step_batch(envs, actions) -> list[Step]` (a staticmethod or
+    classmethod) take their turns in one call, so a tool can serve every branch of the round
+    together (e.g. one retrieval request for all searches); other envs step one by one. Results come
+    back in input order."""
+    if len(envs) != len(actions):
+        raise TraceError("actions", f"{len(actions)} actions for {len(envs)} envs")
+    steps: list[Step | None] = [None] * len(envs)
+    by_class: dict[type, list[int]] = {}
+    for i, env in enumerate(envs):
+        by_class.setdefault(type(env), []).append(i)
+    for cls, rows in by_class.items():
+        batch = getattr(cls, "step_batch", None)
+        if batch is None:
+            for i in rows:
+                steps[i] = envs[i].step(actions[i])
+            continue
+        results = list(batch([envs[i] for i in rows], [actions[i] for i in rows]))
+        if len(results) != len(rows):
+            raise TraceError(f"{cls.__name__}.step_batch", f"returned {len(results)} steps for {len(rows)} envs")
+        for i, step in zip(rows, results):
+            steps[i] = step
+    return [s for s in steps if s is not None]
 
 
 # --- additions shared by the concrete environments -------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trace_core.envs.base import Env
+from trace_core.envs.base import Env, step_all
 from trace_core.forest import RolloutForest
 from trace_core.rollout.codec import TextCodec
 from trace_core.rollout.paged_runner import HFPagedRunner
@@ -291,8 +291,9 @@ class HFRolloutEngine:
 
     def _finish_turns(self, batch, generating, ended):
         extend = []
-        for b in batch:
-            step = b.env.step(self.codec.decode(b.turn_tokens))
+        # every episode whose turn ended in this round steps together: batched tools serve them at once
+        steps = step_all([b.env for b in batch], [self.codec.decode(b.turn_tokens) for b in batch])
+        for b, step in zip(batch, steps):
             obs = self.codec.encode_observation(step.observation) if step.observation else []
             self._check_tokens(obs, "observation (codec.encode_observation)")
             b.turns.append(_Turn(b.turn_tokens, b.turn_logprobs, list(obs), None))

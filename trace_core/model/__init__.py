@@ -5,6 +5,7 @@
                      a registry for your own (`register_model`)
 - policy.py          `Policy`: the HF causal LM a trainer runs, its tokenizer, device and dtype
                      (`build_policy` from the config's model section)
+- codec.py           text <-> tokens for prompts, observations and actions (`HFTextCodec`)
 - tiny.py            the tiny from-scratch model of the embedded grid world
 - word_tokenizer.py  word-level tokenizers (built with `tokenizers`) for the embedded envs
 - tree_forward.py    `attn_implementation="trace_tree"` via `transformers.AttentionInterface`, and

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from trace_core.rollout import HFTextCodec
+from trace_core.model.codec import HFTextCodec
 from trace_core.train.config import ModelConfig
 from trace_core.train.config_loader import ConfigError
 

@@ -6,10 +6,10 @@ cache and writes each turn into a `RolloutForest` as a node.
     paged_runner.py  an HF model's forward over the paged KV cache (prefill, decode)
     kv_cache.py      the paged tree KV cache (pages owned by tree nodes, reference counts)
     sampling.py      temperature / nucleus sampling that records the tempered logprob
-    codec.py         text <-> tokens for prompts, observations and actions
+    (the codec, text <-> tokens, is trace_core.model.codec; re-exported here)
 """
 
-from trace_core.rollout.codec import HFTextCodec, TextCodec
+from trace_core.model.codec import HFTextCodec, TextCodec
 from trace_core.rollout.engine import HFRolloutEngine
 from trace_core.rollout.protocol import Generated, Prompts, RolloutEngine, SamplingParams
 

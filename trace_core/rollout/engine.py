@@ -31,7 +31,7 @@ import torch
 
 from trace_core.envs.base import Env, step_all
 from trace_core.forest import RolloutForest
-from trace_core.rollout.codec import TextCodec
+from trace_core.model.codec import TextCodec
 from trace_core.rollout.paged_runner import HFPagedRunner
 from trace_core.rollout.protocol import Generated, Prompts, SamplingParams
 from trace_core.rollout.sampling import sample_tokens

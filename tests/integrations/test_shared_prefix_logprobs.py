@@ -144,6 +144,14 @@ def test_errors_name_the_argument():
         shared_prefix_logprobs(model, torch.tensor([[3, 99]]), backend="cpu")
 
 
+def test_mask_with_a_hole_raises():
+    # issue 19: the pad inside the row was scored and the row's last real token dropped
+    model = tiny_model("llama")
+    ids = torch.arange(1, 9)[None]
+    with pytest.raises(ValueError, match="attention_mask: row 0 has padding between its tokens"):
+        shared_prefix_logprobs(model, ids, torch.tensor([[1, 1, 1, 0, 1, 1, 1, 1]]), backend="cpu")
+
+
 @pytest.mark.slow  # SmolLM2: 8 s on 2 cores, plus its load
 def test_smollm2_grpo_batch_matches_flat():
     """Real weights (Llama architecture, 30 layers, vocab 49152), reference attention path."""

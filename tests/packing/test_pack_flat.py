@@ -109,6 +109,32 @@ def test_bad_input_names_the_field(input_ids, mask, match):
         pack_shared_prefixes(input_ids, mask)
 
 
+@pytest.mark.parametrize(
+    "row",
+    [
+        [1, 1, 1, 0, 1, 1, 1, 1],  # issue 19: the pad was scored and the last real token dropped
+        [0, 1, 1, 0, 1, 1, 1, 0],  # left and right padding around a hole
+        [1, 0, 1, 0, 1, 0, 1, 1],  # several holes
+        [1, 1, 1, 1, 1, 1, 0, 1],  # a hole just before the last token
+    ],
+)
+def test_mask_with_a_hole_raises_naming_attention_mask_and_row(row):
+    ids = np.arange(1, 17, dtype=np.int64).reshape(2, 8)
+    mask = np.array([[1] * 8, row])
+    for call in (pack_shared_prefixes, lambda i, m: shared_prefix_micro_batches(i, m, max_tokens=64)):
+        with pytest.raises(SequenceBatchError, match="attention_mask: row 1 has padding between its tokens") as info:
+            call(ids, mask)
+        assert info.value.field == "attention_mask"
+
+
+def test_left_and_right_padding_stay_supported():
+    ids = np.arange(1, 25, dtype=np.int64).reshape(3, 8)
+    mask = np.array([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 0]])
+    packed = pack_shared_prefixes(ids, mask)
+    for b in range(3):
+        np.testing.assert_array_equal(packed.input_ids[packed.token_index[b][mask[b] == 1]], ids[b][mask[b] == 1])
+
+
 def test_padding_token_values_are_ignored():
     """Whatever sits under the padding (negative ids included) is never read."""
     ids, mask = padded([[4, 5, 6], [4, 5]], left=[1, 0], pad=-100)

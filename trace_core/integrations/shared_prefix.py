@@ -44,7 +44,8 @@ def shared_prefix_logprobs(
         (adapters anywhere but on the lm_head), DDP or FSDP2 (`fully_shard`): the call runs through
         the model's own forward and scores inside the lm_head's call (see `tree_forward_with_head`).
     input_ids [B, L], attention_mask [B, L] (None: no padding): padded rows, each row's tokens one
-        contiguous run (left and/or right padding).
+        contiguous run (left and/or right padding); a mask with a hole inside a row raises
+        SequenceBatchError (a ValueError) naming attention_mask and the row.
     temperature: logits are divided by it, as in the sampler.
     packed: the `pack_shared_prefixes(input_ids, attention_mask)` result, to reuse it across calls
         on the same batch (old, reference and current policy logprobs).

@@ -117,8 +117,10 @@ def _valid_spans(input_ids: np.ndarray, attention_mask: ArrayOrTensor | None) ->
         raise SequenceBatchError("attention_mask", f"row {empty[0]} has no tokens")
     start = mask.argmax(axis=1)
     stop = start + count
-    # one contiguous run per row (left padding, right padding or both; no holes)
-    holes = np.flatnonzero(~mask[np.arange(B), stop - 1])
+    # one contiguous run per row (left padding, right padding or both; no holes): the run from the
+    # first to the last 1 must hold exactly `count` tokens
+    last = L - 1 - mask[:, ::-1].argmax(axis=1)
+    holes = np.flatnonzero(last + 1 != stop)
     if holes.size:
         raise SequenceBatchError(
             "attention_mask",
@@ -147,7 +149,7 @@ def pack_shared_prefixes(input_ids: ArrayOrTensor, attention_mask: ArrayOrTensor
 
     input_ids [B, L] int (numpy or torch); attention_mask [B, L] 0/1 or bool (None: no padding).
     Each row's tokens must be one contiguous run of the mask (left and/or right padding, as
-    verl and TRL lay out prompt + completion). Identical rows and rows that are prefixes of
+    verl and TRL lay out prompt + completion); a hole (a 0 between 1s) raises SequenceBatchError. Identical rows and rows that are prefixes of
     others share every token.
     """
     input_ids = _as_2d_ints(input_ids, "input_ids")

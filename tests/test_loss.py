@@ -170,3 +170,92 @@ def test_micro_batch_losses_add_up_to_the_full_loss():
     assert not torch.allclose(local, total)
     with pytest.raises(ForestError, match="leaf_weight: has shape"):
         packed_loss_weights(forest, full, adv, leaf_weight=np.ones(3))
+
+
+def exact_policy_loss(logprobs, old_logprobs, adv_pos, adv_neg, kl_weight, eps_low, eps_high, ref, kl_coef):
+    """The formula as written before issue 19 (exp of the raw log-ratio): the oracle on normal inputs."""
+    active = kl_weight > 0
+    ratio = torch.exp(torch.where(active, logprobs - old_logprobs, torch.zeros_like(logprobs)))
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = -(adv_pos * torch.minimum(ratio, clipped) + adv_neg * torch.maximum(ratio, clipped)).sum()
+    delta = torch.where(active, ref - logprobs, torch.zeros_like(logprobs))
+    return loss + kl_coef * (kl_weight * (torch.exp(delta) - delta - 1.0)).sum()
+
+
+def random_weights(n, gen, dtype=torch.float64):
+    """Per-token S+ >= 0, S- <= 0, W >= 0 as packed_loss_weights makes them (some tokens unweighted,
+    some shared by positive and negative leaves)."""
+    kl_w = torch.rand(n, generator=gen, dtype=dtype) * (torch.rand(n, generator=gen, dtype=dtype) > 0.2)
+    pos = kl_w * torch.rand(n, generator=gen, dtype=dtype) * (torch.rand(n, generator=gen, dtype=dtype) > 0.3)
+    neg = -kl_w * torch.rand(n, generator=gen, dtype=dtype) * (torch.rand(n, generator=gen, dtype=dtype) > 0.3)
+    return pos, neg, kl_w
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_finite_surrogate_equals_the_exact_formula_on_normal_inputs(dtype):
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        n = 64
+        old = -5 * torch.rand(n, generator=gen, dtype=dtype)
+        spread = [0.05, 0.5, 3.0, 20.0][trial % 4]  # log-ratios inside, at and far beyond the clip range
+        new = old + spread * torch.randn(n, generator=gen, dtype=dtype)
+        new[:4] = old[:4] + torch.log(torch.tensor([0.8, 1.28, 1.0, 0.8], dtype=dtype))  # on the clip edges
+        ref = old + torch.randn(n, generator=gen, dtype=dtype)
+        pos, neg, kl_w = random_weights(n, gen, dtype)
+        kl_coef = 0.1 * (trial % 2)
+        args = dict(eps_low=0.2, eps_high=0.28)
+        a = new.clone().requires_grad_(True)
+        got, _ = packed_policy_loss(a, old, pos, neg, kl_w, ref_logprobs=ref, kl_coef=kl_coef, **args)
+        got.backward()
+        b = new.clone().requires_grad_(True)
+        want = exact_policy_loss(b, old, pos, neg, kl_w, args["eps_low"], args["eps_high"], ref, kl_coef)
+        want.backward()
+        assert torch.equal(got, want), trial
+        assert torch.equal(a.grad, b.grad), trial
+
+
+@pytest.mark.parametrize("log_ratio", [89.0, 100.0, 1e4, 1e30])
+def test_huge_log_ratio_gives_a_finite_loss_and_gradient(log_ratio):
+    # issue 19: exp(log_ratio) = inf met a zero weight (0 x inf = NaN) or a negative advantage (inf)
+    old = torch.tensor([-log_ratio, -1.0, -log_ratio, -log_ratio], dtype=torch.float32)
+    pos = torch.tensor([0.5, 0.5, 0.0, 0.2])  # token 0: positive leaves only, so adv_neg = 0
+    neg = torch.tensor([0.0, -0.5, -0.5, -0.3])  # tokens 2, 3: the unclipped branch of A < 0
+    kl_w = torch.tensor([0.5, 1.0, 0.5, 0.5])
+    new = torch.zeros(4, requires_grad=True)
+    assert torch.isnan(exact_policy_loss(new, old, pos, neg, kl_w, 0.2, 0.28, new, 0.0)) or log_ratio < 89
+    ref = torch.full((4,), -log_ratio)
+    for kl_coef in (0.0, 0.1):
+        loss, metrics = packed_policy_loss(new, old, pos, neg, kl_w, ref_logprobs=ref, kl_coef=kl_coef)
+        (grad,) = torch.autograd.grad(loss, new)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert all(torch.isfinite(v).all() for v in metrics.values())
+        assert grad[0] == 0 or kl_coef  # clipped: a positive advantage beyond 1 + eps_high has no gradient
+    far = torch.full((4,), -2 * log_ratio)  # the KL's log-ratio ref - logp is huge too
+    loss, _ = packed_policy_loss(far, torch.zeros(4), pos, neg, kl_w, ref_logprobs=ref, kl_coef=1.0)
+    assert torch.isfinite(loss)
+
+
+def test_nan_old_logprobs_on_weighted_tokens_raise():
+    # issue 19: a forest without recorded logprobs (NaN on model tokens) gave a silent NaN loss
+    forest = RolloutForest()
+    root = forest.add_root(0, [1, 2])
+    forest.set_reward(forest.add_node(root, [3, 4], [True, False]), 1.0)  # logprobs not recorded
+    forest.set_reward(forest.add_node(root, [5], [True], [-0.5]), 0.0)
+    packed = pack(forest)
+    assert np.isnan(packed.old_logprobs).any()
+    pos, neg, kl_w = packed_loss_weights(forest, packed, tree_grpo(forest)).to_torch()
+    old = torch.as_tensor(packed.old_logprobs)
+    with pytest.raises(ValueError, match=r"old_logprobs: 1 token\(s\) that carry loss have a non-finite value") as e:
+        packed_policy_loss(torch.full_like(old, -1.0), old, pos, neg, kl_w)
+    assert "never recorded" in str(e.value)
+    # NaN where nothing is weighted is ignored (here: the recorded leaf only)
+    only = torch.where(torch.isnan(old), 0.0, kl_w)
+    loss, _ = packed_policy_loss(torch.full_like(old, -1.0), old, pos * (only > 0), neg * (only > 0), only)
+    assert torch.isfinite(loss)
+    recorded = old.nan_to_num(-1.0)
+    ref = recorded.clone()
+    ref[int(torch.nonzero(kl_w)[0, 0])] = float("nan")
+    with pytest.raises(ValueError, match="ref_logprobs: 1 token"):
+        packed_policy_loss(recorded, recorded, pos, neg, kl_w, ref_logprobs=ref, kl_coef=0.1)
+    with pytest.raises(ValueError, match="kl_weight: contains non-finite"):
+        packed_policy_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.tensor([1, np.inf]))

@@ -29,6 +29,9 @@ from trace_core.forest import ForestError, RolloutForest
 from trace_core.packing.forest import PackedTree
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+# exp(80) ~ 5.5e34: far above any clip range, with room below fp32's max (~3.4e38, exp(88.7)) for
+# the weighted sum of many such terms
+LOG_RATIO_MAX = 80.0
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,20 @@ def packed_policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate on packed tokens; all inputs [N]. Tokens with zero weights carry no loss
-    (their logprobs may be anything finite). Returns (loss, metrics)."""
+    """Clipped surrogate on packed tokens; all inputs [N]. Returns (loss, metrics).
+
+    A token carries loss where any of its weights is non-zero; elsewhere its logprobs are ignored
+    (they may be anything, NaN included: the forest's "not recorded" is NaN on tokens without loss).
+    On weighted tokens old_logprobs (and ref_logprobs when kl_coef != 0) must be finite: a NaN there
+    means the sampling logprob was never recorded, and the loss raises ValueError naming the argument
+    rather than fall back to anything (for an on-policy update pass `logprobs.detach()`).
+
+    The loss is finite for any log-ratio: log-ratios (and the KL estimate's log-ratio) above
+    LOG_RATIO_MAX = 80 count as 80, so exp never overflows and a zero weight never meets an inf
+    (0 x inf). Only the unclipped branch of a negative advantage (ratio > 1 + eps_high) and the KL
+    term grow that far; there value and gradient saturate. Everywhere else, and for every log-ratio
+    up to 80, values and gradients are exactly those of the formula in the module docstring.
+    """
     _check_loss_inputs(
         logprobs,
         old_logprobs=old_logprobs,
@@ -137,8 +152,10 @@ def packed_policy_loss(
         kl_weight=kl_weight,
         ref_logprobs=ref_logprobs,
     )
-    active = kl_weight > 0
-    log_ratio = torch.where(active, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    active = (kl_weight != 0) | (adv_pos != 0) | (adv_neg != 0)
+    _check_recorded("old_logprobs", old_logprobs, active)
+    zeros = torch.zeros_like(logprobs)
+    log_ratio = torch.where(active, logprobs - old_logprobs, zeros).clamp(max=LOG_RATIO_MAX)
     ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     surrogate = adv_pos * torch.minimum(ratio, clipped) + adv_neg * torch.maximum(ratio, clipped)
@@ -151,6 +168,7 @@ def packed_policy_loss(
         "ratio_max_dev": deviation.max() if deviation.numel() else deviation.new_zeros(()),
     }
     if ref_logprobs is not None and kl_coef != 0.0:
+        _check_recorded("ref_logprobs", ref_logprobs, active)
         kl = _k3(logprobs, ref_logprobs, active)
         loss = loss + kl_coef * (kl_weight * kl).sum()
         metrics["kl"] = _weighted_mean(kl, kl_weight)
@@ -201,8 +219,9 @@ def gather_token_logprobs(pair_logprobs: torch.Tensor, packed: PackedTree) -> to
 
 
 def _k3(logprobs, ref_logprobs, active):
-    """KL(pi || ref) estimate k3 = exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
-    delta = torch.where(active, ref_logprobs - logprobs, torch.zeros_like(logprobs))
+    """KL(pi || ref) estimate k3 = exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased); the
+    log-ratio is capped at LOG_RATIO_MAX like the policy ratio's, so exp cannot overflow."""
+    delta = torch.where(active, ref_logprobs - logprobs, torch.zeros_like(logprobs)).clamp(max=LOG_RATIO_MAX)
     return torch.exp(delta) - delta - 1.0
 
 
@@ -230,3 +249,19 @@ def _check_loss_inputs(logprobs: torch.Tensor, **others: torch.Tensor | None) ->
             raise ValueError(f"{name}: on {t.device}, logprobs on {logprobs.device}")
     if not torch.isfinite(logprobs).all():
         raise ValueError("logprobs: contains non-finite values")
+    for name in ("adv_pos", "adv_neg", "kl_weight"):
+        weight = others.get(name)
+        if weight is not None and not torch.isfinite(weight).all():
+            raise ValueError(f"{name}: contains non-finite values")
+
+
+def _check_recorded(name: str, values: torch.Tensor, active: torch.Tensor) -> None:
+    """Raise unless `values` is finite on every token that carries loss."""
+    bad = active & ~torch.isfinite(values)
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"{name}: {int(bad.sum())} token(s) that carry loss have a non-finite value (first: token {first}, "
+            f"{float(values[first])}); NaN means it was never recorded. Pass the logprobs recorded at sampling "
+            "(for an on-policy update, the current logprobs detached)"
+        )

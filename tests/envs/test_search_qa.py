@@ -1,7 +1,11 @@
 """Search QA env: parsing policy, retrieval, tool failures, turn limit, rewards, resume, data loaders."""
 
 import json
+import math
 import pickle
+import random
+import re
+import threading
 import time
 
 import pytest
@@ -14,6 +18,7 @@ from trace_core.envs.search_qa.policies import ChainFollowerPolicy
 from trace_core.envs.search_qa.retriever import BM25Retriever, Passage, bm25_from_file, load_corpus
 from trace_core.envs.search_qa.sources import QATaskSource, make_search_qa_env
 from trace_core.envs.search_qa.synthetic import QUESTIONS, build_world, synthetic_qa_tasks, write_synthetic_qa
+from trace_core.envs.tools import MAX_TOOL_THREADS, ToolError, ToolTimeout, call_with_timeout
 
 CORPUS = [
     {"id": "a", "contents": '"Velmora"\nVelmora is a city in Dranthia.'},
@@ -102,6 +107,132 @@ def test_tool_exception_and_timeout_are_observations():
     env.reset(TASK)
     step = env.step("<search> x </search>")
     assert not step.done and "timed out" in step.observation and step.info["tool_error"].startswith("timeout")
+
+
+class BlockedRetriever:
+    """Blocks until released: a tool that hangs (a spinning one holds its thread the same way)."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def search(self, query, k):
+        self.release.wait(30)
+        return [Passage("x", "late", 1.0)]
+
+
+class ScriptedRetriever:
+    def __init__(self, result):
+        self.result = result
+
+    def search(self, query, k):
+        if isinstance(self.result, BaseException):
+            raise self.result
+        return self.result
+
+
+def test_infinite_tool_timeout_means_no_limit():
+    # issue 19: tool_timeout_s=inf made every search fail (thread.join(inf) overflows)
+    env = SearchQAEnv(BM25Retriever(CORPUS), tool_timeout_s=math.inf)
+    env.reset(TASK)
+    step = env.step("<search> Ossik Tarn </search>")
+    assert "tool_error" not in step.info and "Ossik Tarn was born" in step.observation
+    for timeout in (math.inf, 1e300, None):
+        assert call_with_timeout(lambda x: x + 1, 1, timeout_s=timeout)[0] == 2
+    for bad in (0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="timeout_s must be > 0"):
+            call_with_timeout(print, timeout_s=bad)
+    with pytest.raises(EnvError, match="tool_timeout_s"):
+        SearchQAEnv(BM25Retriever(CORPUS), tool_timeout_s=math.nan)
+
+
+def test_timed_out_tool_calls_cannot_leak_threads():
+    # issue 19: 52 timeouts left 53 threads alive (each timed-out call kept its own thread forever)
+    retriever = BlockedRetriever()
+    env = SearchQAEnv(retriever, tool_timeout_s=0.01, max_turns=100)
+    env.reset(TASK)
+    before = threading.active_count()
+    try:
+        for _ in range(52):
+            step = env.step("<search> x </search>")
+            assert "Search failed: timed out" in step.observation and step.info["tool_error"].startswith("timeout")
+        assert threading.active_count() <= before + MAX_TOOL_THREADS
+        with pytest.raises(ToolTimeout, match=f"no free tool worker .*all {MAX_TOOL_THREADS} are still running"):
+            call_with_timeout(retriever.search, "x", 1, timeout_s=0.01)
+    finally:
+        retriever.release.set()
+    # the hung calls return, their workers finish and the slots come back
+    deadline = time.monotonic() + 10
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= before
+    assert call_with_timeout(lambda: 7, timeout_s=1.0)[0] == 7
+
+
+@pytest.mark.parametrize(
+    "result",
+    [None, {"id": "a", "contents": "x"}, [{"id": "a", "contents": "x"}], ["text"], [Passage("a", None, 1.0)], 3],
+)
+def test_malformed_retriever_output_is_an_observation(result):
+    # issue 19: a retriever returning None or dicts crashed the env
+    env = SearchQAEnv(ScriptedRetriever(result))
+    env.reset(TASK)
+    step = env.step("<search> x </search>")
+    assert not step.done and "Search failed: the retriever returned malformed output" in step.observation
+    assert step.info["tool_error"].startswith("malformed retriever output")
+    assert env.step("<answer> Dranthia </answer>").reward == 1.0  # the episode goes on
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_system_exit_in_a_tool_is_an_observation(timeout):
+    # issue 19: SystemExit from a tool ended the process
+    env = SearchQAEnv(ScriptedRetriever(SystemExit(3)), tool_timeout_s=timeout)
+    env.reset(TASK)
+    step = env.step("<search> x </search>")
+    assert not step.done and "Search failed: ToolError" in step.observation
+    assert "SystemExit(3)" in step.info["tool_error"]
+    with pytest.raises(ToolError, match=r"raised SystemExit\(3\)"):
+        call_with_timeout(ScriptedRetriever(SystemExit(3)).search, "x", 1, timeout_s=timeout)
+    with pytest.raises(KeyError):  # ordinary exceptions are re-raised unchanged
+        call_with_timeout(ScriptedRetriever(KeyError("k")).search, "x", 1, timeout_s=timeout)
+
+
+def test_action_parsing_is_linear_time():
+    # issue 19: the regexes retried from every opening tag: "<search>" * n took 22 s at 128 KB
+    for text in ("<search>" * 131_072, "<answer>" * 131_072, "<search>" * 131_072 + "</search>", "<" * 10**6):
+        start = time.perf_counter()
+        parse_search_action(text)
+        assert time.perf_counter() - start < 5.0
+    start = time.perf_counter()
+    assert parse_search_action("<search>" * 131_072)[0] is None  # 1 MB
+    assert parse_search_action("<answer>" * 131_072 + "</answer>") == ("answer", "<answer>" * 131_071, None)
+    assert time.perf_counter() - start < 5.0
+
+
+def test_action_parsing_equals_the_regex_definition():
+    rng = random.Random(0)
+    pieces = ["<search>", "</search>", "<answer>", "</answer>", " q ", "<", "search>", "x"]
+    answer_re = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+    search_re = re.compile(r"<search>(.*?)</search>", re.DOTALL)
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        answers, search = answer_re.findall(text), search_re.search(text)
+        if answers:
+            want = ("answer", answers[-1].strip())
+        elif search and search.group(1).strip():
+            want = ("search", search.group(1).strip())
+        else:
+            want = (None, None)
+        assert parse_search_action(text)[:2] == want, text
+
+
+def test_corpus_of_only_stop_words_is_refused_naming_the_corpus():
+    # issue 19: bm25s failed inside with "max() arg is an empty sequence"
+    for contents in (["the and of", "is it"], ["", "  "]):
+        with pytest.raises(EnvError, match="corpus: no passage of the corpus has a searchable term") as info:
+            BM25Retriever([{"id": str(i), "contents": c} for i, c in enumerate(contents)])
+        assert info.value.field == "corpus"
+    kept = BM25Retriever([{"id": "a", "contents": "the and of"}], stopwords=None)
+    assert [p.id for p in kept.search("of", 1)] == ["a"]
 
 
 def test_invalid_actions_and_turn_limit(env):

@@ -12,8 +12,9 @@ Action parsing (`parse_search_action`):
 Invalid actions follow `on_invalid` (base.INVALID_ACTION_POLICIES): "continue" (default) uses the
 turn and returns an observation saying how to act; "end" ends the episode with reward 0.
 Retrieval with no match: "<information>No results found.</information>", episode goes on.
-Tool failure (the retriever raised, or exceeded `tool_timeout_s`): "<information>Search failed:
-<reason></information>", info["tool_error"] is set, episode goes on; the turn counts.
+Tool failure (the retriever raised, even SystemExit, exceeded `tool_timeout_s`, or returned something
+other than a list of passages): "<information>Search failed: <reason></information>",
+info["tool_error"] is set, episode goes on; the turn counts. `tool_timeout_s` None or inf: no limit.
 Turn limit: a turn that is not an answer, taken when `max_turns` turns are used up, ends the
 episode with reward 0 (info["end_reason"] == "turn_limit").
 Reward: "em" -> 1 if the normalised answer equals a normalised gold answer; "f1" -> 1 if the
@@ -25,7 +26,6 @@ protocol compatibility and it has no effect.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,21 +53,35 @@ INVALID_OBSERVATION = (
     "\nInvalid action: write <search> query </search> to search, or <answer> text </answer> to give the final answer.\n"
 )
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_SEARCH_RE = re.compile(r"<search>(.*?)</search>", re.DOTALL)
+
+def _blocks(text: str, tag: str, *, first_only: bool = False) -> list[str]:
+    """Contents of the complete <tag>...</tag> blocks, as re.findall(r"<tag>(.*?)</tag>", DOTALL)
+    gives them, in linear time: the regex retries from every opening tag and is quadratic on
+    "<tag>" * n (parsing runs outside the tool timeout, on text the policy wrote)."""
+    opening, closing = f"<{tag}>", f"</{tag}>"
+    found, pos = [], 0
+    while (start := text.find(opening, pos)) >= 0:
+        stop = text.find(closing, start + len(opening))
+        if stop < 0:  # no later opening tag can be closed either
+            break
+        found.append(text[start + len(opening) : stop])
+        if first_only:
+            break
+        pos = stop + len(closing)
+    return found
 
 
 def parse_search_action(text: str) -> tuple[str | None, str | None, str | None]:
     """(kind, argument, invalid_reason): kind "answer" or "search", or None with a reason."""
     if not isinstance(text, str):
         return None, None, f"action must be text, got {type(text).__name__}"
-    answers = _ANSWER_RE.findall(text)
+    answers = _blocks(text, "answer")
     if answers:
         return "answer", answers[-1].strip(), None
-    search = _SEARCH_RE.search(text)
-    if search is None:
+    search = _blocks(text, "search", first_only=True)
+    if not search:
         return None, None, "no complete <search>...</search> or <answer>...</answer> block"
-    query = search.group(1).strip()
+    query = search[0].strip()
     if not query:
         return None, None, "empty search query"
     return "search", query, None
@@ -176,12 +190,16 @@ class SearchQAEnv:
         except ToolTimeout:
             info["tool_error"] = f"timeout after {self.tool_timeout_s} s"
             return f"\n<information>Search failed: timed out after {self.tool_timeout_s} s.</information>\n"
-        except Exception as exc:
+        except Exception as exc:  # ToolError (a SystemExit inside the tool) included
             info["tool_error"] = f"{type(exc).__name__}: {exc}"
             return f"\n<information>Search failed: {type(exc).__name__}.</information>\n"
         info["tool_seconds"] = seconds
+        passages, problem = _checked_passages(passages)
+        if problem is not None:
+            info["tool_error"] = f"malformed retriever output: {problem}"
+            return "\n<information>Search failed: the retriever returned malformed output.</information>\n"
         info["retrieved_ids"] = [p.id for p in passages]
-        return render_passages(list(passages)[: self.top_k])
+        return render_passages(passages[: self.top_k])
 
     def _score(self, answer: str, info: dict[str, Any]) -> Step:
         golds = self._task["golden_answers"]
@@ -195,3 +213,14 @@ class SearchQAEnv:
         self.done, self.reward = True, reward
         info["end_reason"] = reason
         return Step("", True, reward, info)
+
+
+def _checked_passages(result: Any) -> tuple[list[Passage], str | None]:
+    """(passages, None) when `result` is a list or tuple of passages (objects with a string `contents`
+    and an `id`), else ([], what is wrong): a retriever is user code, its output is not trusted."""
+    if not isinstance(result, (list, tuple)):
+        return [], f"expected a list of Passage, got {type(result).__name__}"
+    for i, passage in enumerate(result):
+        if not isinstance(getattr(passage, "contents", None), str) or not hasattr(passage, "id"):
+            return [], f"item {i} is a {type(passage).__name__}, not a Passage (id, contents: str)"
+    return list(result), None

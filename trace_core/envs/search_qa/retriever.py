@@ -69,11 +69,16 @@ class BM25Retriever:
         if not self.passages:
             raise EnvError("corpus", "corpus must hold at least one passage")
         self.stopwords = stopwords
+        tokens = bm25s.tokenize([p["contents"] for p in self.passages], stopwords=stopwords, show_progress=False)
+        if not tokens.vocab:  # bm25s itself fails on an empty vocabulary with a bare max() error
+            removed = f" once the stop words ({stopwords!r}) are removed" if stopwords else ""
+            raise EnvError(
+                "corpus",
+                f"no passage of the corpus has a searchable term{removed}: every query would find "
+                "nothing. Index real text (or pass stopwords=None to keep stop words)",
+            )
         self._bm25 = bm25s.BM25()
-        self._bm25.index(
-            bm25s.tokenize([p["contents"] for p in self.passages], stopwords=stopwords, show_progress=False),
-            show_progress=False,
-        )
+        self._bm25.index(tokens, show_progress=False)
 
     def search(self, query: str, k: int) -> list[Passage]:
         if k < 1:

@@ -27,10 +27,10 @@ from __future__ import annotations
 import torch
 
 from .._runtime import Backend, select_backend
-from .checks import check_linear_logprob_inputs
+from .checks import MIN_TEMPERATURE, check_linear_logprob_inputs
 from .cpu import label_logits_torch, logit_grad_tile_torch, row_stats_partials_torch
 
-__all__ = ["LinearLogprobFunction", "linear_logprob"]
+__all__ = ["MIN_TEMPERATURE", "LinearLogprobFunction", "linear_logprob"]
 
 OP_NAME = "linear_logprob"
 
@@ -266,8 +266,9 @@ def linear_logprob(
     (softmax entropy of each used row; 0 for rows no pair uses, which receive no gradient).
     Differentiable in hidden, weight and bias for any upstream gradients of both outputs.
 
-    check_inputs: validate labels in [0, V), rows in [0, N) and finite hidden / bias (reads the
-    data, i.e. a GPU sync; shape/dtype/device checks always run). backend: force "triton" or
+    temperature: finite, >= MIN_TEMPERATURE (1e-4; lower ones can overflow fp32 logits to NaN).
+    check_inputs: validate labels in [0, V), rows in [0, N) and finite hidden / weight / bias (reads
+    the data, i.e. a GPU sync; shape/dtype/device/temperature checks always run). backend: force "triton" or
     "cpu" (the chunked torch path); None lets `select_backend` choose.
     """
     device_type = hidden.device.type

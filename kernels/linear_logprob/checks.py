@@ -1,8 +1,8 @@
 """Argument validation for `linear_logprob` and its reference (one place, so both raise alike).
 
-Shape, dtype and device checks are cheap and always run. Value checks (labels in [0, V), rows in
-[0, N), finite hidden/bias) read the data, which synchronises a GPU stream; `check_values=False`
-skips them for speed once the caller trusts its inputs.
+Shape, dtype, device and temperature checks are cheap and always run. Value checks (labels in
+[0, V), rows in [0, N), finite hidden / weight / bias) read the data, which synchronises a GPU
+stream; `check_values=False` skips them for speed once the caller trusts its inputs.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
+_CHECK_BLOCK_ELEMENTS = 1 << 24  # finiteness is checked in blocks of this many elements (a 16 MiB mask)
+
+# Smallest accepted temperature: 1/temperature <= 1e4 keeps the scaled logits of any fp16 / bf16-range
+# model far inside fp32 (fp16 products are below ~4e9 per hidden unit). Lower temperatures are greedy
+# sampling in all but name, and their 1/temperature gradients are as extreme.
+MIN_TEMPERATURE = 1e-4
 
 
 def check_linear_logprob_inputs(
@@ -30,7 +36,7 @@ def check_linear_logprob_inputs(
     """Raise a ValueError/TypeError naming the offending argument.
 
     hidden [N, H] float, weight [V, H] same dtype, bias [V] same dtype or None,
-    rows / labels int32|int64 [M], temperature a finite real > 0.
+    rows / labels int32|int64 [M], temperature a finite real >= MIN_TEMPERATURE.
     """
     named = {"hidden": hidden, "weight": weight, "rows": rows, "labels": labels}
     if bias is not None:
@@ -82,19 +88,39 @@ def check_linear_logprob_inputs(
         raise TypeError(f"{op}: temperature must be a real number, got {type(temperature).__name__}")
     if not (math.isfinite(float(temperature)) and float(temperature) > 0):
         raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
+    if float(temperature) < MIN_TEMPERATURE:
+        raise ValueError(
+            f"{op}: temperature {temperature} is below the supported minimum {MIN_TEMPERATURE}: logits scaled "
+            f"by 1/temperature can overflow fp32 to inf and the logprobs to NaN (for greedy decoding, sample "
+            "with temperature 0 and score untempered, temperature=1)"
+        )
 
     if not check_values:
         return
     _check_index_range(op, "rows", rows, n_rows, "N", "hidden rows")
     _check_index_range(op, "labels", labels, vocab, "V", "vocabulary size")
-    for name in ("hidden", "bias"):
+    for name in ("hidden", "weight", "bias"):
         tensor = named.get(name)
         if tensor is None:
             continue
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            where = torch.nonzero(~finite)[0].tolist()
-            raise ValueError(f"{op}: {name} contains a non-finite value (NaN or inf), first at index {tuple(where)}")
+        where = _first_non_finite(tensor)
+        if where is not None:
+            raise ValueError(f"{op}: {name} contains a non-finite value (NaN or inf), first at index {where}")
+
+
+def _first_non_finite(tensor: torch.Tensor) -> tuple[int, ...] | None:
+    """Index of the first NaN / inf, or None; scanned in row blocks so the temporary mask stays
+    small even for a [V, H] lm-head weight (one host sync unless something is found)."""
+    if tensor.numel() == 0:
+        return None
+    rows_per_block = max(1, _CHECK_BLOCK_ELEMENTS // max(1, tensor[0].numel()))
+    blocks = tensor.split(rows_per_block)
+    bad = torch.stack([~torch.isfinite(block).all() for block in blocks])
+    if not bool(bad.any()):
+        return None
+    b = int(torch.nonzero(bad)[0, 0])
+    inner = torch.nonzero(~torch.isfinite(blocks[b]))[0].tolist()
+    return (inner[0] + b * rows_per_block, *inner[1:])
 
 
 def _check_index_range(op: str, name: str, index: torch.Tensor, limit: int, symbol: str, meaning: str) -> None:

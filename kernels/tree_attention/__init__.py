@@ -17,6 +17,7 @@ Backends (`trace_kernels._runtime.select_backend`):
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 
@@ -64,6 +65,8 @@ def _check_inputs(q, k, v, end, *, triton_path: bool) -> torch.Tensor:
     T, Hq, D = q.shape
     if T == 0:
         raise ValueError("tree_attention: q has no tokens (T = 0)")
+    if D < 1:
+        raise ValueError(f"tree_attention: head_dim must be >= 1, got q of shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise ValueError(
             f"tree_attention: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}"
@@ -91,6 +94,14 @@ def _check_inputs(q, k, v, end, *, triton_path: bool) -> torch.Tensor:
         if T >= 2**31:
             raise ValueError(f"tree_attention: T = {T} tokens does not fit int32 positions")
     return end.to(torch.int32).contiguous()
+
+
+def _checked_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(f"tree_attention: scale must be a real number or None, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"tree_attention: scale must be finite and > 0 (or None: 1/sqrt(head_dim)), got {scale}")
+    return float(scale)
 
 
 def check_tree_end(end: torch.Tensor) -> None:
@@ -123,11 +134,15 @@ def tree_attention(
     """Attention of a packed tree (DFS pre-order): query i attends key j iff j <= i < end[j].
 
     q: [T, Hq, D]; k, v: [T, Hkv, D], Hq a multiple of Hkv; float16 / bfloat16 / float32.
-    end: int32 [T] (int64 accepted), j < end[j] <= T.  scale: default 1/sqrt(D).
+    end: int32 [T] (int64 accepted), j < end[j] <= T.  scale: finite > 0, default 1/sqrt(D); D >= 1.
     check_inputs: validate end's values (reads the data: one host sync; callers that validated the tree
         once, e.g. per model forward, pass False for every layer). Shape / dtype / device checks always run.
     backend: "triton" / "cpu" to force a path; None: select_backend's choice.
     Returns out [T, Hq, D] in q's dtype, differentiable in q, k, v.
+
+    Scores are fp32 on both paths; where they overflow, both give the same: a query row with a +inf
+    score, or with -inf for every key it sees, is NaN (output and gradients), a -inf score among
+    finite ones weighs 0, and keys a row does not see never affect it.
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("end", end)):
         if not isinstance(t, torch.Tensor):
@@ -136,7 +151,7 @@ def tree_attention(
     end = _check_inputs(q, k, v, end, triton_path=chosen is Backend.TRITON)
     if check_inputs:
         check_tree_end(end)
-    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else _checked_scale(scale)
     if chosen is Backend.CPU:
         return tree_attention_torch(q, k, v, end, scale=scale)
     return TreeAttentionFunction.apply(q, k, v, end, scale)

@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 # One tree (or one range much longer than the rest): batching saves under half, and what remains is
 # exactly the oracle's dense math, so that case calls it rather than a copy of it.
-from .naive import tree_attention_reference
+from .naive import masked_attention, tree_attention_reference
 
 
 def independent_ranges(end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,5 +56,5 @@ def tree_attention_torch(
     qf, kf, vf = (t.float()[pos].transpose(1, 2) for t in (q, k, v))
     if group > 1:
         kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask[:, None], scale=scale)
+    out = masked_attention(qf, kf, vf, mask[:, None], scale)
     return out.transpose(1, 2)[real].to(q.dtype)  # the real rows, in token order: [T, Hq, D]

@@ -31,9 +31,30 @@ def tree_attention_reference(
     """
     group = q.shape[1] // k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
-    # [T, H, D] -> [H, T, D]; SDPA with a boolean mask (True = attend), fp32 throughout
+    # [T, H, D] -> [H, T, D]; a boolean mask (True = attend), fp32 throughout
     qf, kf, vf = (t.float().transpose(0, 1) for t in (q, k, v))
     if group > 1:
         kf, vf = kf.repeat_interleave(group, dim=0), vf.repeat_interleave(group, dim=0)
-    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=tree_visibility_mask(end), scale=scale)
-    return out.transpose(0, 1).to(q.dtype)
+    return masked_attention(qf, kf, vf, tree_visibility_mask(end), scale).transpose(0, 1).to(q.dtype)
+
+
+def masked_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, mask: torch.Tensor, scale: float):
+    """softmax(q k^T scale over the keys where mask) v, fp32 [..., L, D], with the overflow rule of
+    the Triton path: a row whose visible scores overflow (a +inf, or all -inf) gives NaN (output
+    and gradients), a -inf among finite scores weighs 0, and an invisible key never affects a row.
+
+    SDPA when no score can overflow (|q.k| <= |q| |k|: then it is exact); otherwise the explicit
+    softmax, because SDPA adds its mask to the scores (an invisible +inf score + -inf = NaN) and
+    gives 0, not NaN, for a row with no finite score.
+    """
+    norms = [torch.linalg.vector_norm(t, dim=-1, dtype=torch.float64).amax() for t in (qf, kf)]
+    bound = norms[0] * norms[1] * abs(scale)
+    if bool(bound < _SAFE_SCORE):  # False for inf / NaN inputs
+        return F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
+    scores = (qf @ kf.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).masked_fill(~mask, 0.0)  # NaN rows stay NaN on visible keys only
+    return weights @ vf
+
+
+# far below fp32's max (3.4e38), which the Triton path's scores scaled by log2(e) must stay under
+_SAFE_SCORE = 1e30

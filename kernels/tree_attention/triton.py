@@ -364,8 +364,9 @@ def _tree_attn_fwd_kernel(
                     DOT_PRECISION,
                 )
 
-    # every real row sees at least itself (end[i] > i), so l_i > 0 there; padding rows are not stored
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    # every real row sees at least itself (end[i] > i), so l_i >= 1 there unless every visible score
+    # overflowed to -inf: then 0 / 0 = NaN, as on the CPU path. Padding rows (l_i = 0) are not stored.
+    l_safe = tl.where(row_ok, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(
         O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -421,7 +422,9 @@ def _dq_tile(
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
     p = tl.exp2(tl.where(visible, qk, float("-inf")) - lse_log2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
+    # masked again: a row whose scores overflowed has a non-finite LSE and delta, and its NaN must
+    # reach only the keys it sees (as on the CPU path), not every key of the tile
+    ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
     return tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
@@ -611,10 +614,12 @@ def _tree_attn_bwd_dkdv_kernel(
             visible_t = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < end_j[:, None])
 
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK_N, BLOCK_M]
-            p_t = tl.exp2(tl.where(visible_t, qk_t, float("-inf")) - lse_log2[None, :])
+            # where, not exp2(-inf - lse): an overflowed row's LSE is non-finite, and its NaN must not
+            # reach the keys it does not see (nor, through delta, their dk)
+            p_t = tl.where(visible_t, tl.exp2(qk_t - lse_log2[None, :]), 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
+            ds_t = tl.where(visible_t, p_t * (dp_t - delta[None, :]), 0.0)
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
     dk = dk * sm_scale

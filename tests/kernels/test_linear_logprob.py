@@ -18,11 +18,12 @@ import textwrap
 import pytest
 import torch
 
-from trace_kernels.linear_logprob import LinearLogprobFunction, _merge_splits, linear_logprob
+from trace_kernels.linear_logprob import MIN_TEMPERATURE, LinearLogprobFunction, _merge_splits, linear_logprob
 from trace_kernels.linear_logprob.naive import linear_logprob_reference
 
 # the package re-exports the function `linear_logprob`, which shadows the module attribute
 op_module = importlib.import_module("trace_kernels.linear_logprob")
+checks_module = importlib.import_module("trace_kernels.linear_logprob.checks")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 floor is generous for TF32-free kernels; 16-bit floors cover one rounding of the output.
@@ -234,6 +235,9 @@ def _bad_cases():
     inf_h[4, 0] = float("inf")
     nan_b = b.clone()
     nan_b[9] = float("nan")
+    nan_w, inf_w = w.clone(), w.clone()
+    nan_w[250, 7] = float("nan")
+    inf_w[3, 39] = -float("inf")
     with_label = lambda v: torch.cat([l[:-1], l.new_tensor([v])])
     with_row = lambda v: torch.cat([r[:-1], r.new_tensor([v])])
     V, N = w.shape[0], h.shape[0]
@@ -250,6 +254,11 @@ def _bad_cases():
         ("nan_hidden", dict(hidden=nan_h), ValueError, r"hidden contains a non-finite value.*\(2, 3\)"),
         ("inf_hidden", dict(hidden=inf_h), ValueError, r"hidden contains a non-finite value.*\(4, 0\)"),
         ("nan_bias", dict(bias=nan_b), ValueError, r"bias contains a non-finite value.*\(9,\)"),
+        # issue 19: weight was not checked; a tiny temperature overflowed fp32 logits to NaN
+        ("nan_weight", dict(weight=nan_w), ValueError, r"weight contains a non-finite value.*\(250, 7\)"),
+        ("inf_weight", dict(weight=inf_w), ValueError, r"weight contains a non-finite value.*\(3, 39\)"),
+        ("temperature_tiny", dict(temperature=1e-38), ValueError, r"temperature 1e-38 is below the supported minimum"),
+        ("temperature_below_floor", dict(temperature=MIN_TEMPERATURE / 2), ValueError, r"below the supported minimum"),
         ("hidden_1d", dict(hidden=h[0]), ValueError, r"hidden must be 2-D \[N, H\]"),
         ("hidden_empty_h", dict(hidden=h[:, :0]), ValueError, r"hidden must have a hidden size H >= 1"),
         ("weight_wrong_h", dict(weight=w[:, :-1]), ValueError, r"weight must be 2-D \[V, H=40\]"),
@@ -302,6 +311,29 @@ def test_value_checks_can_be_switched_off():
     logprob = linear_logprob(hidden, c["weight"], c["rows"], c["labels"], check_inputs=False)
     affected = c["rows"] == c["rows"][0]
     assert torch.isnan(logprob[affected]).all() and torch.isfinite(logprob[~affected]).all()
+
+
+def test_weight_check_scans_in_blocks_and_can_be_switched_off(monkeypatch):
+    c = make_case(seed=9)
+    weight = c["weight"].clone()
+    weight[-1, -1] = float("inf")  # in the last of many blocks
+    monkeypatch.setattr(checks_module, "_CHECK_BLOCK_ELEMENTS", 3 * weight.shape[1])
+    with pytest.raises(ValueError, match=rf"weight contains a non-finite value.*\({weight.shape[0] - 1}, 39\)"):
+        linear_logprob(c["hidden"], weight, c["rows"], c["labels"])
+    linear_logprob(c["hidden"], weight, c["rows"], c["labels"], check_inputs=False, backend="cpu")  # no check
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_the_smallest_temperature_stays_finite(backend):
+    # at MIN_TEMPERATURE every logit is scaled by 1e4: finite logprobs (issue 19: 1e-38 gave NaN)
+    c = make_case(seed=11)
+    hidden = (c["hidden"] * 30).requires_grad_(True)
+    logprob, entropy = linear_logprob(
+        hidden, c["weight"], c["rows"], c["labels"], temperature=MIN_TEMPERATURE, return_entropy=True, backend=backend
+    )
+    assert torch.isfinite(logprob).all() and torch.isfinite(entropy).all() and (logprob <= 0).all()
+    (grad,) = torch.autograd.grad(logprob.sum(), hidden)
+    assert torch.isfinite(grad).all()
 
 
 def test_forcing_triton_where_it_cannot_run_is_an_error(monkeypatch):

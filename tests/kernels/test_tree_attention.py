@@ -330,6 +330,65 @@ def test_head_dim_above_kernel_limit_is_rejected():
         tree_attention(q, k, v, end)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_head_dim_and_scale_are_validated(backend):
+    # issue 19: head_dim 0 raised ZeroDivisionError; a NaN or negative scale was accepted
+    q, k, v = (torch.zeros(3, 1, 0, device=DEVICE) for _ in range(3))
+    end = torch.full((3,), 3, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"head_dim must be >= 1, got q of shape \(3, 1, 0\)"):
+        tree_attention(q, k, v, end, backend=backend)
+    q, k, v = make_qkv(3, 1, 1, 8, torch.float32)
+    for scale in (float("nan"), -0.5, 0.0, float("inf")):
+        with pytest.raises(ValueError, match=f"scale must be finite and > 0 .*got {scale}"):
+            tree_attention(q, k, v, end, scale=scale, backend=backend)
+    for scale in ("0.5", True, torch.tensor(0.5)):
+        with pytest.raises(TypeError, match="scale must be a real number or None"):
+            tree_attention(q, k, v, end, scale=scale, backend=backend)
+    tree_attention(q, k, v, end, scale=2, backend=backend)  # an int is a real scale
+
+
+def overflow_case(copies: int):
+    """Two kinds of trees (a fork 0-1-2 -> {3, 4}, and chains of 3) with scores that overflow fp32:
+    row 3 sees key 3 at +inf; row 4 has -inf on its own key, finite scores on keys 0..2, and key 3
+    at +inf but not visible to it; row 5 (the first token of a chain) sees only its own key, at -inf."""
+    ends = [5, 5, 5, 4, 5] + [5 + 3 * c + 3 for c in range(copies) for _ in range(3)]
+    q, k, v = make_qkv(len(ends), 2, 2, 8, torch.float32, seed=3)
+    for t in (q, k):
+        t[:, :, 0] = 0.0
+    big = 1e20  # squared beyond fp32's max
+    q[3, :, 0], k[3, :, 0] = big, big
+    q[4, :, 0], k[4, :, 0] = big, -big
+    q[5, :, 0], k[5, :, 0] = big, -big
+    return q, k, v, torch.tensor(ends, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy overflows, as intended
+@pytest.mark.parametrize("copies", [1, 4])  # 1: the CPU path's dense branch; 4: its padded batch of trees
+def test_overflowing_scores_give_the_same_result_on_both_backends(copies):
+    # issue 19: the Triton path gave 0 where the CPU path gave NaN. Now both: NaN for a row with a +inf
+    # score or only -inf scores (output and gradients), weight 0 for a -inf among finite scores, and
+    # keys a row does not see never affect it.
+    q, k, v, end = overflow_case(copies)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    results = {
+        "triton": run(tree_attention, q, k, v, end, dout, backend="triton"),
+        "cpu": run(tree_attention_torch, q, k, v, end, dout),
+        "reference": run(tree_attention_reference, q, k, v, end, dout),
+    }
+    out, dq, dk, dv = results["triton"]
+    nan_rows = lambda x: torch.isnan(x).flatten(1).any(1).nonzero().flatten().tolist()
+    assert nan_rows(out) == [3, 5] and nan_rows(dq) == [3, 5]
+    assert nan_rows(dk) == nan_rows(dv) == [0, 1, 2, 3, 5]  # the keys rows 3 and 5 see, nothing else
+    # row 4 is the softmax over keys 0..2: key 4's -inf weighs 0, invisible key 3's +inf is ignored
+    visible = [0, 1, 2]
+    scores = torch.einsum("hd,khd->hk", q[4], k[visible]) / math.sqrt(8)
+    want = torch.einsum("hk,khd->hd", torch.softmax(scores, -1), v[visible])
+    torch.testing.assert_close(out[4], want, rtol=1e-5, atol=1e-5)
+    for name in ("cpu", "reference"):
+        for got, expected in zip(results[name], results["triton"]):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
 # -------------------------------------------------------------------------- GPU only
 
 

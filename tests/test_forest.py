@@ -313,6 +313,43 @@ def test_trajectory_errors_name_the_field(trajs, field, message):
     assert info.value.field == field
 
 
+@pytest.mark.parametrize(
+    "traj, field",
+    [
+        (Trajectory(0, [1, 2, 3], [0, 1, 1], [1.5]), "trajectories[0].turn_starts"),
+        (Trajectory(0, [1, 2, 3], [0, 1, 1], [1.0]), "trajectories[0].turn_starts"),
+        (Trajectory(0, [1, 2, 3], [0, 1, 1], np.array([1.9])), "trajectories[0].turn_starts"),
+        (Trajectory(0.5, [1, 2, 3], [0, 1, 1], [1]), "trajectories[0].prompt_id"),
+        (Trajectory(np.float64(2.0), [1, 2, 3], [0, 1, 1], [1]), "trajectories[0].prompt_id"),
+        (Trajectory("7", [1, 2, 3], [0, 1, 1], [1]), "trajectories[0].prompt_id"),
+    ],
+)
+def test_non_integer_turn_starts_and_prompt_id_raise(traj, field):
+    # issue 19: float turn_starts / prompt_id were truncated silently (1.5 -> 1, 0.5 -> prompt 0)
+    with pytest.raises(ForestError, match="must (hold integers|be an integer)") as info:
+        RolloutForest.from_trajectories([traj])
+    assert info.value.field == field
+
+
+def test_incremental_builders_refuse_non_integer_ids():
+    f = RolloutForest()
+    for bad in (0.5, 1.0, True, "0"):
+        with pytest.raises(ForestError, match="prompt_id: must be an integer") as info:
+            f.add_root(bad, [1, 2])
+        assert info.value.field == "prompt_id"
+    root = f.add_root(np.int64(3), [1, 2])  # numpy integers are integers
+    assert f.root_of(3) == root and f.prompt_id[root] == 3
+    with pytest.raises(ForestError, match="parent: must be an integer"):
+        f.add_node(0.0, [3], [True])
+    leaf = f.add_node(root, [3], [True])
+    with pytest.raises(ForestError, match="node: must be an integer"):
+        f.set_reward(float(leaf), 1.0)
+    with pytest.raises(ForestError, match="branch_from"):
+        RolloutForest.from_trajectories(
+            [bare(), Trajectory(0, [1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 0, 1], [2, 5], branch_from=(0.0, 1))]
+        )
+
+
 def test_token_beyond_vocab_in_trajectory():
     with pytest.raises(ForestError, match="trajectories\\[0\\].token_ids: token id 12"):
         RolloutForest.from_trajectories([Trajectory(0, [1, 2, 12], [0, 1, 1], [1])], vocab_size=10)

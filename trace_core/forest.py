@@ -182,7 +182,7 @@ class RolloutForest:
     # ------------------------------------------------------------------ incremental building
     def add_root(self, prompt_id: int, token_ids: Sequence[int]) -> int:
         """Add the prompt of a new tree; returns its node id."""
-        prompt_id = int(prompt_id)
+        prompt_id = _int_scalar(prompt_id, "prompt_id")
         if prompt_id in self._root_of_prompt:
             raise ForestError(
                 "prompt_id", f"prompt {prompt_id} already has a root (node {self._root_of_prompt[prompt_id]})"
@@ -194,7 +194,7 @@ class RolloutForest:
 
     def root_of(self, prompt_id: int) -> int:
         try:
-            return self._root_of_prompt[int(prompt_id)]
+            return self._root_of_prompt[_int_scalar(prompt_id, "prompt_id")]
         except KeyError:
             raise ForestError("prompt_id", f"no tree for prompt {prompt_id}") from None
 
@@ -210,7 +210,7 @@ class RolloutForest:
         token_ids [L] the turn's tokens, model_mask [L] True for sampled tokens,
         logprobs [L] sampling logprobs (read at model tokens; None: not recorded).
         """
-        parent = int(parent)
+        parent = _int_scalar(parent, "parent")
         if not 0 <= parent < self.num_nodes:
             raise ForestError("parent", f"node {parent} does not exist (forest has {self.num_nodes} nodes)")
         if not np.isnan(self.reward[parent]):
@@ -228,7 +228,7 @@ class RolloutForest:
 
     def set_reward(self, node: int, reward: float) -> None:
         """Set the outcome of leaf `node` (a finite value in [0, 1])."""
-        node = int(node)
+        node = _int_scalar(node, "node")
         if not 0 <= node < self.num_nodes:
             raise ForestError("node", f"node {node} does not exist (forest has {self.num_nodes} nodes)")
         if self.num_children[node] > 0 or self.parent[node] < 0:
@@ -293,10 +293,11 @@ class RolloutForest:
 
     def _add_trajectory(self, traj: Trajectory, trajectories, turn_nodes: list[list[int]]) -> list[int]:
         tokens, mask, starts = _trajectory_arrays(traj)
+        prompt_id = _int_scalar(traj.prompt_id, "prompt_id")
         bounds = np.concatenate([[0], starts, [tokens.size]])
         if traj.branch_from is None:
             shared_turns = 0
-            root = self._root_of_prompt.get(int(traj.prompt_id))
+            root = self._root_of_prompt.get(prompt_id)
             if root is None:
                 root = self.add_root(traj.prompt_id, tokens[: bounds[1]])
             elif not np.array_equal(self.node_tokens(root), tokens[: bounds[1]]):
@@ -305,7 +306,7 @@ class RolloutForest:
         else:
             j, shared_turns = _branch_point(traj.branch_from, len(turn_nodes), turn_nodes)
             base = trajectories[j]
-            if int(base.prompt_id) != int(traj.prompt_id):
+            if int(base.prompt_id) != prompt_id:
                 raise ForestError(
                     "branch_from",
                     f"branches from trajectory {j} of prompt {base.prompt_id} but has prompt_id {traj.prompt_id}",
@@ -584,6 +585,13 @@ class RolloutForest:
 
 
 # ---------------------------------------------------------------------- input checks
+def _int_scalar(value, field: str) -> int:
+    """An integer id or index (Python or numpy int); a float, bool or string raises rather than truncate."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ForestError(field, f"must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
 def _int_array(values, field: str) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1:
@@ -641,7 +649,7 @@ def _trajectory_arrays(traj: Trajectory):
     mask = np.asarray(traj.model_mask, dtype=bool).reshape(-1)
     if mask.size != tokens.size:
         raise ForestError("model_mask", f"has {mask.size} entries for {tokens.size} tokens")
-    starts = np.asarray(traj.turn_starts, dtype=np.int64).reshape(-1)
+    starts = _int_array(traj.turn_starts, "turn_starts")
     if starts.size == 0:
         raise ForestError("turn_starts", "empty trajectory: no turn after the prompt")
     if starts[0] <= 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= tokens.size:
@@ -660,7 +668,7 @@ def _trajectory_arrays(traj: Trajectory):
 
 def _branch_point(branch_from, i: int, turn_nodes: list[list[int]]) -> tuple[int, int]:
     try:
-        j, t = (int(x) for x in branch_from)
+        j, t = (_int_scalar(x, "branch_from") for x in branch_from)
     except (TypeError, ValueError):
         raise ForestError("branch_from", f"must be (trajectory index, turn), got {branch_from!r}") from None
     if not 0 <= j < i:

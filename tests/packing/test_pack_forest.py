@@ -162,6 +162,25 @@ def test_unpack_torch_values_and_errors():
         pack(f, roots=[0, 0])
 
 
+def test_unpack_accepts_lists_and_names_bad_arguments():
+    # issue 19: unpack with a Python list raised AttributeError ('list' object has no attribute 'shape')
+    f = synthetic_forest(np.random.default_rng(1), num_prompts=2, rollouts=2, turns=3, continuations=2)
+    p = pack(f)
+    values = list(range(p.num_tokens))
+    for got, want in zip(unpack(p, values), unpack(p, np.arange(p.num_tokens)), strict=True):
+        np.testing.assert_array_equal(got, want)
+    rows = [[float(i), -float(i)] for i in range(p.num_tokens)]
+    assert [u.shape[1] for u in unpack(p, tuple(rows))] == [2] * p.num_leaves
+    with pytest.raises(ForestError, match="values: has leading size 2"):
+        unpack(p, [1, 2])
+    with pytest.raises(ForestError, match="values: must have a leading dimension"):
+        unpack(p, 5)
+    with pytest.raises(TypeError, match="values: not a numpy array, torch tensor or regular array-like"):
+        unpack(p, [[1], [1, 2]] * p.num_tokens)
+    with pytest.raises(TypeError, match="packed: must be a PackedTree"):
+        unpack(values)
+
+
 def test_pack_validates_the_forest():
     f = RolloutForest()
     f.add_root(0, [1, 2])  # a prompt without turns

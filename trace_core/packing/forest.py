@@ -20,7 +20,7 @@ baseline).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 import numba
 import numpy as np
@@ -101,19 +101,45 @@ class PackedTree:
         )
 
 
-def unpack(packed: PackedTree, values: np.ndarray | torch.Tensor | None = None) -> list:
-    """Split a per-packed-token array (numpy or torch, leading dim N) into per-leaf sequences,
-    in the order of `packed.leaf_nodes`. Default values: input_ids (restores the leaf token ids)."""
-    values = packed.input_ids if values is None else values
-    if values.shape[0] != packed.num_tokens:
-        raise ForestError("values", f"has leading size {values.shape[0]}, expected {packed.num_tokens} packed tokens")
-    offsets, index = packed.leaf_token_index()
-    if isinstance(values, np.ndarray):
-        return np.split(values[index], offsets[1:-1])
-    import torch
+def unpack(packed: PackedTree, values: ArrayLike | torch.Tensor | None = None) -> list:
+    """Split a per-packed-token array (numpy, torch, or a list / tuple / other array-like, taken as
+    numpy; leading dim N) into per-leaf sequences, in the order of `packed.leaf_nodes`. Default
+    values: input_ids (restores the leaf token ids)."""
+    if not isinstance(packed, PackedTree):
+        raise TypeError(f"packed: must be a PackedTree (from pack), got {type(packed).__name__}")
+    if _is_tensor(values):
+        import torch
 
-    gathered = values[torch.as_tensor(index, device=values.device)]
-    return list(torch.split(gathered, np.diff(offsets).tolist()))
+        _check_leading_size(packed, tuple(values.shape))
+        offsets, index = packed.leaf_token_index()
+        gathered = values[torch.as_tensor(index, device=values.device)]
+        return list(torch.split(gathered, np.diff(offsets).tolist()))
+    array = packed.input_ids if values is None else _numeric_array(values)
+    _check_leading_size(packed, array.shape)
+    offsets, index = packed.leaf_token_index()
+    return np.split(array[index], offsets[1:-1])
+
+
+def _is_tensor(values: object) -> TypeGuard[torch.Tensor]:
+    """A torch tensor, recognised without importing torch (packing does not need it)."""
+    return type(values).__module__.startswith("torch") and hasattr(values, "detach")
+
+
+def _numeric_array(values: ArrayLike) -> np.ndarray:
+    try:
+        array = np.asarray(values)
+    except (TypeError, ValueError) as exc:  # ragged lists and the like
+        raise TypeError(f"values: not a numpy array, torch tensor or regular array-like ({exc})") from None
+    if array.dtype == object:
+        raise TypeError("values: must hold numbers (an array-like of equal-length rows), got objects")
+    return array
+
+
+def _check_leading_size(packed: PackedTree, shape: tuple[int, ...]) -> None:
+    if not shape:
+        raise ForestError("values", f"must have a leading dimension of {packed.num_tokens} packed tokens, got a scalar")
+    if shape[0] != packed.num_tokens:
+        raise ForestError("values", f"has leading size {shape[0]}, expected {packed.num_tokens} packed tokens")
 
 
 def _selected_roots(forest: RolloutForest, roots: ArrayLike | None) -> np.ndarray:

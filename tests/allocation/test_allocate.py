@@ -177,7 +177,7 @@ def test_roots_tie_rule_is_reverse_lexicographic_minimum_among_optima():
         best = max(root_value(v, c) for c in allocations)
         optimal = [c for c in allocations if root_value(v, c) > best - 1e-9]
         expected = min(optimal, key=lambda c: c[::-1])
-        counts = allocate_roots(v, budget, m_max=m_max)
+        counts = allocate_roots(v, budget, m_max=m_max, method="dp")
         assert tuple(counts.tolist()) == expected
         assert (np.diff(counts) <= 0).all(), "identical prompts: counts non-increasing, dropped prompts last"
 
@@ -202,6 +202,40 @@ def test_roots_all_zero_or_all_one_spend_the_budget_deterministically(value, met
     check_root_counts(first, 64, 301, 2, 16)
     assert np.array_equal(first, allocate_roots(v.copy(), 301, m_max=16, method=method))
     assert (np.diff(first) <= 0).all()
+
+
+def test_default_is_ranked_and_equals_the_dp_on_random_cases():
+    """The default solver is "ranked"; the DP (the method's statement) is its oracle: identical counts
+    wherever the optimum is unique (distinct v), the same objective where ties allow several."""
+    import inspect
+
+    assert inspect.signature(allocate_roots).parameters["method"].default == "ranked"
+    rng = np.random.default_rng(19)
+    compared = 0
+    for trial in range(600):
+        n = int(rng.integers(1, [8, 40, 200][trial % 3]))
+        m_min = int(rng.integers(1, 5))
+        m_max = None if trial % 7 == 0 else m_min + int(rng.integers(0, 12))
+        active = int(rng.integers(1, n + 1))
+        budget = int(rng.integers(active * m_min, active * (m_max or m_min + 6) + 1))
+        if not root_feasible(n, budget, m_min, m_max):
+            continue
+        v = rng.random(n)
+        eps = [0.0, 0.02, 0.1][trial % 3]
+        if trial % 5 == 0:  # values beyond the clip range tie after clipping
+            v = rng.choice([0.0, 0.01, 0.3, 0.5, 0.99, 1.0], size=n)
+        ranked = allocate_roots(v, budget, m_min=m_min, m_max=m_max, eps=eps)
+        dp = allocate_roots(v, budget, m_min=m_min, m_max=m_max, eps=eps, method="dp")
+        assert np.array_equal(ranked, allocate_roots(v, budget, m_min=m_min, m_max=m_max, eps=eps, method="ranked"))
+        check_root_counts(ranked, n, budget, m_min, m_max)
+        clipped = np.clip(v, eps, 1 - eps)
+        # one optimum unless two prompts are equally uncertain, or a count of 1 (worth 0) can go anywhere
+        if m_min >= 2 and len(np.unique(np.abs(clipped - 0.5))) == n:
+            assert np.array_equal(ranked, dp), trial
+            compared += 1
+        value = [sum(1 - x**m - (1 - x) ** m for x, m in zip(clipped, c.tolist()) if m > 1) for c in (ranked, dp)]
+        assert value[0] == pytest.approx(value[1], abs=1e-9)
+    assert compared >= 200
 
 
 def test_roots_budget_zero_and_empty_pool():
@@ -251,9 +285,9 @@ def test_roots_properties(v, budget, m_min, extra):
         with pytest.raises(ValueError, match=f"budget={budget} cannot be spent exactly"):
             allocate_roots(v, budget, m_min=m_min, m_max=m_max)
         return
-    counts = allocate_roots(v, budget, m_min=m_min, m_max=m_max)
+    counts = allocate_roots(v, budget, m_min=m_min, m_max=m_max, method="dp")
     check_root_counts(counts, len(v), budget, m_min, m_max)
-    assert np.array_equal(counts, allocate_roots(list(v), budget, m_min=m_min, m_max=m_max))
+    assert np.array_equal(counts, allocate_roots(list(v), budget, m_min=m_min, m_max=m_max, method="dp"))
     assert np.array_equal(counts, allocate_roots_reference(v, budget, m_min=m_min, m_max=m_max))
     ranked = allocate_roots(v, budget, m_min=m_min, m_max=m_max, method="ranked")
     check_root_counts(ranked, len(v), budget, m_min, m_max)
@@ -361,7 +395,7 @@ def test_fast_solvers_equal_pure_python_on_larger_inputs():
     rng = np.random.default_rng(2)
     v = np.concatenate([rng.random(60), np.full(10, 0.5), np.zeros(5), np.ones(5)])
     for budget, m_max in [(400, 16), (123, 7), (80, None)]:
-        counts = allocate_roots(v, budget, m_max=m_max)
+        counts = allocate_roots(v, budget, m_max=m_max, method="dp")
         assert np.array_equal(counts, allocate_roots_reference(v, budget, m_max=m_max))
         ranked = allocate_roots(v, budget, m_max=m_max, method="ranked")
         assert root_value(v, ranked) == pytest.approx(root_value(v, counts), abs=1e-9)
@@ -387,7 +421,7 @@ def test_root_dp_recomputed_backtrack_equals_the_full_choice_table():
         v = [rng.random(n), np.round(rng.random(n), 1), np.full(n, rng.random()), rng.choice([0.0, 1.0], n)][trial % 4]
         active = int(rng.integers(1, min(n, 24) + 1))  # at most 24 * 14 rollouts keep the Python DP quick
         budget = int(rng.integers(active * m_min, active * (m_max or 3) + 1))
-        counts = allocate_roots(v, budget, m_min=m_min, m_max=m_max)
+        counts = allocate_roots(v, budget, m_min=m_min, m_max=m_max, method="dp")
         check_root_counts(counts, n, budget, m_min, m_max)
         assert np.array_equal(counts, allocate_roots_reference(v, budget, m_min=m_min, m_max=m_max))
 

@@ -1,7 +1,7 @@
 """Rollout budget allocation (docs/method.md steps 1 and 3): the public API.
 
-- allocate_roots: stage 1, bare rollouts per candidate prompt (exact DP, numba; method="ranked"
-  is an equally exact, much faster solver).
+- allocate_roots: stage 1, bare rollouts per candidate prompt (exact, numba: the fast "ranked"
+  solver by default, method="dp" for the method's DP, its test oracle).
 - allocate_prefixes: stage 2, continuations per turn prefix within each prompt (exact greedy, numba).
 - Allocation, build_allocation: a mode is a pair of strategies (Stage 1 root strategy, Stage 2 prefix
   strategy) from two registries (register_root_strategy, register_prefix_strategy, register_mode):

@@ -21,7 +21,8 @@ from trace_core.allocation.root_dp import TIE_RTOL
 def allocate_roots_reference(
     v, budget: int, *, m_min: int = 2, m_max: int | None = None, eps: float = 0.02
 ) -> np.ndarray:
-    """Pure-Python twin of trace_core.allocation.allocate_roots (same arguments, errors and result)."""
+    """Pure-Python twin of trace_core.allocation.allocate_roots with method="dp" (same arguments,
+    errors and result)."""
     v, budget, m_min, m_max, eps = _check_roots(v, budget, m_min, m_max, eps)
     n = v.shape[0]
     if budget == 0:

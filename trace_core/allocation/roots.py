@@ -39,13 +39,13 @@ class ActiveRoots:
     predictor is untrained.
 
     Args:
-        root_method: "dp" (the method's exact DP) or "ranked" (equally exact, much faster).
+        root_method: "ranked" (default: exact and fast) or "dp" (the method's exact DP); see allocate_roots.
     """
 
     uses_predictor = True
     cold_start = "uniform"
 
-    def __init__(self, root_method: str = "dp") -> None:
+    def __init__(self, root_method: str = "ranked") -> None:
         if root_method not in ROOT_METHODS:
             raise AllocationError("root_method", f"root_method must be one of {ROOT_METHODS}, got {root_method!r}")
         self.root_method = root_method

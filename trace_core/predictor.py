@@ -27,27 +27,7 @@ from torch import nn
 
 from trace_core.forest import ForestError, RolloutForest
 from trace_core.packing.forest import PackedTree
-
-
-@dataclass
-class PredictorConfig:
-    hidden_dim: int = 256  # MLP width
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    updates_per_step: int = 16  # minibatch steps over the replay buffer after each training step
-    batch_size: int = 256
-    replay_steps: int = 8  # nodes of this many recent steps are replayed
-    warmup_nodes: int = 256  # cold start: the trainer allocates uniformly until this many nodes were seen
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("hidden_dim", "updates_per_step", "batch_size", "replay_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"predictor.{name}: must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"predictor.lr: must be > 0, got {self.lr}")
-        if self.warmup_nodes < 0:
-            raise ValueError(f"predictor.warmup_nodes: must be >= 0, got {self.warmup_nodes}")
+from trace_core.predictor_config import PredictorConfig
 
 
 @dataclass

@@ -140,7 +140,7 @@ def test_allocation_stage_overrides_and_options():
             "allocation.root_method",
             "allocation.root_method: 'fast' is not one of 'dp', 'ranked'",
         ),
-        (["env.name=nowhere"], "env.name", "env.name: unknown env name 'nowhere'; registered: gridworld"),
+        (["env.name=nowhere"], "env.name", "env.name: unknown env name 'nowhere'; registered: "),  # lists the envs
         (["optim.advantage=ppo"], "optim.advantage", "optim.advantage: unknown estimator 'ppo'; choose one of grpo"),
         (["plugins=[no_such_plugin_module]"], "plugins[0]", "plugins[0]: no module named 'no_such_plugin_module'"),
         # pcl keeps budget // pcl_count prompts of the step's M (1 + N) = 64 bare rollouts

@@ -148,6 +148,7 @@ def test_fp16_compute_scales_the_loss_and_checkpoints_the_scaler(tmp_path):
     assert all(p.dtype == torch.float32 for p in run.model.parameters())
     run.updater.scaler.update(new_scale=1234.0)  # a scale the resumed run can only have from the checkpoint
     run.save()
+    run.close()  # releases the run directory (its lock) for the resumed trainer
     resumed = Trainer(toy(tmp_path / "fp16", "model.dtype=float16", "steps=3", "checkpoint_every=1"), resume=True)
     assert resumed.updater.scaler.get_scale() == 1234.0
     for dtype in ("bfloat16", "float32"):

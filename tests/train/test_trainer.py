@@ -130,11 +130,16 @@ def test_optimizer_follows_the_lr_schedule(tmp_path):
 
 
 def test_resume_errors(tmp_path):
-    with pytest.raises(ConfigError, match="has no checkpoint to resume from"):
+    with pytest.raises(ConfigError, match="is not a run directory"):
         Trainer(toy(tmp_path, "steps=1"), resume=True)
-    Trainer(toy(tmp_path, "steps=1")).fit()
+    with Trainer(toy(tmp_path, "steps=1")) as trainer:
+        trainer.fit()
     with pytest.raises(ConfigError, match="resume: optim differs"):
         Trainer(toy(tmp_path, "steps=2", "optim.lr=0.5"), resume=True)
+    for path in (tmp_path / "checkpoints").iterdir():
+        path.unlink()
+    with pytest.raises(ConfigError, match="has no checkpoint to resume from"):
+        Trainer(toy(tmp_path, "steps=2"), resume=True)
 
 
 def test_compare_writes_table_and_plot(tmp_path):
@@ -403,3 +408,37 @@ def test_a_user_registered_strategy_runs_through_trace_train(tmp_path, user_plug
     rows = metrics(run_dir)
     assert [r["prompts"] for r in rows] == [1, 1] and all(r["leaves"] == 16 for r in rows)
     assert all(r["expansion_rounds_run"] == 1 for r in rows)
+
+
+@pytest.mark.parametrize("how", ["garbage appended", "latest names a missing file"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog, how):
+    """A damaged latest checkpoint (or pointer), a partial metrics line: --resume names what it skipped,
+    continues from the newest intact checkpoint and ends where an uninterrupted run ends."""
+    from test_checkpoint import _damage
+
+    straight = Trainer(toy(tmp_path / "a", "steps=6", "checkpoint_every=2"))
+    straight.fit()
+    first = Trainer(toy(tmp_path / "b", "steps=4", "checkpoint_every=2"))
+    first.fit()
+    first.close()
+    run = tmp_path / "b"
+    folder = run / "checkpoints"
+    for name in ("step_00000002", "step_00000004"):  # renumber so that _damage's "step 2" is the newest
+        (folder / f"{name}.pt").rename(folder / f"{name}.pt.orig")
+    (folder / "step_00000004.pt.orig").rename(folder / "step_00000002.pt")
+    (folder / "step_00000002.pt.orig").rename(folder / "step_00000001.pt")
+    (folder / "step_00000004.json").rename(folder / "step_00000002.json.new")
+    (folder / "step_00000002.json").rename(folder / "step_00000001.json")
+    (folder / "step_00000002.json.new").rename(folder / "step_00000002.json")
+    (folder / "latest").write_text("step_00000002.pt")
+    _damage(folder, how)
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "lo')
+    resumed = Trainer(toy(run, "steps=6", "checkpoint_every=2"), resume=True)
+    expected = 2 if how == "garbage appended" else 4  # (file "step_1" holds step 2, "step_2" step 4)
+    assert resumed.step == expected
+    assert "resume: skipped" in caplog.text and "dropped a partial last line" in caplog.text
+    resumed.fit()
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name

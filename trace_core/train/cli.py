@@ -1,8 +1,19 @@
 """The `trace` command line.
 
-trace train [--config FILE] [--resume] [key=value ...]    train (default: the embedded CPU job)
+trace train [--config FILE] [--overwrite] [key=value ...]
+    a new run (default: the embedded CPU job) in run_dir; without run_dir a fresh runs/<mode>-<date>-<time>
+    (runs/latest points at it). A run_dir that holds anything is refused unless --overwrite (which deletes
+    the run's own files in it: config.yaml, metrics.jsonl, metrics.png, checkpoints/, tensorboard/).
+trace train --resume run_dir=DIR [key=value ...]
+    continue the run in DIR from its newest intact checkpoint, with its saved config.yaml; only steps,
+    eval_every, eval_tasks, checkpoint_every, progress and cpu_threads may change.
 trace compare [--config FILE] [--seeds 0 1 2] [--modes trace uniform random_tree] [--out DIR] [key=value ...]
-trace eval RUN_DIR_OR_CHECKPOINT [--tasks N]
+trace eval RUN_DIR_OR_CHECKPOINT [--tasks N] [--write]
+    held-out success of exactly that checkpoint (a run directory: its newest intact one); reads only,
+    unless --write (appends the result to the run's metrics.jsonl).
+
+Heavy modules (torch, transformers, the trainer) are imported only by the command that needs them, so
+`trace --help` and config errors come back at once.
 """
 
 from __future__ import annotations
@@ -13,10 +24,11 @@ import logging
 import sys
 from pathlib import Path
 
-from trace_core.train.config import ALLOCATION_MODES, TrainConfig
-from trace_core.train.config_loader import ConfigError, from_dict, load_config, save_config, to_dict
+from trace_core.errors import TraceError
 
 SHOWN = ("success_bare", "effective_ratio", "loss", "eval/success", "eval/success_greedy", "predictor/brier")
+BUILT_IN_MODES = "trace, uniform, random_tree, pcl"  # trace_core.train.config.ALLOCATION_MODES
+log = logging.getLogger("trace_core.train.cli")
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -33,31 +45,53 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return bar, update
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> list[dict]:
+def train(cfg, *, resume: bool = False, overwrite: bool = False) -> list[dict]:
     from trace_core.train.trainer import Trainer
 
-    trainer = Trainer(cfg, resume=resume)
-    print(f"run directory: {trainer.run_dir}  (config.yaml, metrics.jsonl, checkpoints/)")
-    bar, update = _progress_bar(cfg.steps, trainer.step, cfg.progress)
-    with bar:
-        history = trainer.fit(progress=update)
+    with Trainer(cfg, resume=resume, overwrite=overwrite) as trainer:
+        print(f"run directory: {trainer.run_dir}  (config.yaml, metrics.jsonl, checkpoints/)")
+        if trainer.step >= trainer.cfg.steps:
+            print(f"the run is at step {trainer.step} of {trainer.cfg.steps}: nothing to do (raise steps= to go on)")
+        bar, update = _progress_bar(trainer.cfg.steps, trainer.step, trainer.cfg.progress)
+        with bar:
+            history = trainer.fit(progress=update)
     if history:
         last = history[-1]
         print("final: " + ", ".join(f"{k}={last[k]:.3f}" for k in SHOWN if k in last))
     return history
 
 
-def compare(cfg: TrainConfig, seeds: list[int], modes: list[str], out: Path) -> dict:
-    """Train every mode with every seed at the same budget; write a table and a plot under `out`."""
+def check_seeds_and_modes(seeds: list[int], modes: list[str]) -> None:
+    """`trace compare`'s --seeds / --modes: each seed and mode once, seeds in [0, 2**32 - 1], modes registered."""
     from trace_core.allocation import available_modes
-    from trace_core.train.report import write_comparison
+    from trace_core.train.config import SEED_MAX
+    from trace_core.train.config_loader import ConfigError
 
+    bad = [s for s in seeds if not 0 <= s <= SEED_MAX]
+    if bad:
+        raise ConfigError("--seeds", f"{', '.join(map(str, bad))}: seeds must be in [0, 2**32 - 1]")
+    for flag, values in (("--seeds", seeds), ("--modes", modes)):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise ConfigError(
+                flag,
+                f"{', '.join(repeated)} given more than once; each is one run, and a repeat would be averaged as another",
+            )
     unknown = [mode for mode in modes if mode not in available_modes()]  # before the first run, not after it
     if unknown:
         raise ConfigError(
             "--modes",
             f"{', '.join(map(repr, unknown))} not registered; registered modes: {', '.join(available_modes())}",
         )
+
+
+def compare(cfg, seeds: list[int], modes: list[str], out: Path) -> dict:
+    """Train every mode with every seed at the same budget; write a table and a plot under `out`."""
+    from trace_core.train.config import TrainConfig
+    from trace_core.train.config_loader import from_dict, to_dict
+    from trace_core.train.report import write_comparison
+
+    check_seeds_and_modes(seeds, modes)
     runs: dict[str, list[list[dict]]] = {mode: [] for mode in modes}
     for mode in modes:
         for seed in seeds:
@@ -75,59 +109,179 @@ def compare(cfg: TrainConfig, seeds: list[int], modes: list[str], out: Path) -> 
     return write_comparison(runs, cfg, out)
 
 
-def evaluate(target: Path, tasks: int | None) -> dict:
+def evaluate(target: Path, tasks: int | None, *, write: bool = False) -> dict:
+    """Held-out success of exactly the checkpoint `target` names (a file anywhere, or a run directory's newest
+    intact checkpoint). Reads only; `write` appends the result as a row of the run's metrics.jsonl."""
     from trace_core.train import checkpoint as ckpt
+    from trace_core.train import run_dir as runs
+    from trace_core.train.config_loader import ConfigError
     from trace_core.train.trainer import Trainer
 
-    path = ckpt.latest_checkpoint(target) if target.is_dir() else target
-    if path is None or not path.is_file():
-        raise ConfigError("eval", f"{target} is neither a checkpoint file nor a run directory with checkpoints")
-    state = ckpt.load_checkpoint(path)
-    cfg = from_dict(TrainConfig, {**state["config"], "run_dir": str(path.parent.parent)})
-    trainer = Trainer(cfg, resume=True)
-    result = trainer.evaluate(tasks)
-    print(json.dumps({"checkpoint": str(path), "step": trainer.step, **result}))
+    run_dir: Path | None
+    if target.is_dir():
+        path, _, skipped = ckpt.resumable_checkpoint(target)
+        if path is None:
+            detail = f" (skipped: {'; '.join(skipped)})" if skipped else ""
+            raise ConfigError("eval", f"{target} has no intact checkpoint to evaluate{detail}")
+        if skipped:
+            log.warning("eval: skipped %s; evaluating %s", "; ".join(skipped), path.name)
+        run_dir = target
+    elif target.is_file():
+        path = target
+        if ckpt.verify(path, require_manifest=False) is None and not ckpt.manifest_path(path).is_file():
+            log.warning("eval: %s has no manifest beside it, so its checksum cannot be verified", path)
+        in_run = path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file()
+        run_dir = path.parent.parent if in_run else None
+    else:
+        raise ConfigError("eval", f"{target} is neither a checkpoint file nor a run directory")
+    if write and run_dir is None:
+        raise ConfigError(
+            "--write", f"{target} is not inside a run directory, so there is no metrics.jsonl to write to"
+        )
+    lock = runs.acquire(run_dir) if write and run_dir is not None else None  # not while a trainer writes there
+    try:
+        trainer, _ = Trainer.for_evaluation(path)
+        if tasks is not None and tasks > len(trainer.eval_tasks):
+            raise ConfigError("--tasks", f"{tasks} tasks asked for, but the eval split has {len(trainer.eval_tasks)}")
+        result = trainer.evaluate(tasks)
+        print(json.dumps({"checkpoint": str(path), "step": trainer.step, **result}))
+        if lock is not None and run_dir is not None:
+            row = {
+                "step": trainer.step,
+                "leaves_sampled": trainer.leaves_sampled,
+                **result,
+                "eval/checkpoint": path.name,
+                "eval/source": "trace eval",
+            }
+            metrics = run_dir / "metrics.jsonl"
+            prefix = "\n" if metrics.is_file() and metrics.read_bytes()[-1:] not in (b"", b"\n") else ""
+            with open(metrics, "a") as handle:
+                handle.write(prefix + json.dumps(row) + "\n")
+    finally:
+        if lock is not None:
+            lock.release()
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def _split_compare_args(args) -> tuple[list[int], list[str], list[str]]:
+    """--seeds / --modes take values up to the next flag, so `--seeds 0 1 steps=10` hands them the overrides
+    too: key=value items go back to the overrides; the seeds must be integers."""
+    from trace_core.train.config_loader import ConfigError
+
+    overrides = [a for a in [*args.seeds, *args.modes] if "=" in a] + list(args.overrides)
+    seeds = []
+    for text in (a for a in args.seeds if "=" not in a):
+        try:
+            seeds.append(int(text))
+        except ValueError:
+            raise ConfigError("--seeds", f"expected integers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds", "give at least one seed")
+    modes = [a for a in args.modes if "=" not in a]
+    if not modes:
+        raise ConfigError("--modes", "give at least one mode")
+    return seeds, modes, overrides
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trace", description="TRACE: tree rollout allocation for agent RL")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train a policy (default: the embedded grid world, tiny model, CPU)")
+    p_train = sub.add_parser(
+        "train",
+        help="train a policy (default: the embedded grid world, tiny model, CPU)",
+        description="A new run in run_dir (default: a fresh runs/<mode>-<YYYYmmdd-HHMMSS>; runs/latest points at "
+        "it), or --resume run_dir=DIR to continue one.",
+    )
     p_train.add_argument("--config", type=Path, help="YAML config file")
-    p_train.add_argument("--resume", action="store_true", help="continue the run in run_dir from its latest checkpoint")
+    p_train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run named by run_dir=DIR from its newest intact checkpoint, with the run's own "
+        "config.yaml; only steps, eval_every, eval_tasks, checkpoint_every, progress, cpu_threads may change",
+    )
+    p_train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run_dir that holds a run: deletes its config.yaml, metrics.jsonl, metrics.png, "
+        "checkpoints/ and tensorboard/ (nothing else; a directory with other files is refused)",
+    )
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3 allocation.mode=uniform")
     p_cmp = sub.add_parser("compare", help="TRACE vs baselines at equal budget over several seeds")
     p_cmp.add_argument("--config", type=Path)
-    p_cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p_cmp.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="distinct seeds >= 0")
     p_cmp.add_argument(
         "--modes",
         nargs="+",
         default=["trace", "uniform", "random_tree"],
-        help=f"registered allocation modes (built in: {', '.join(ALLOCATION_MODES)}; plugins add more)",
+        help=f"distinct registered allocation modes (built in: {BUILT_IN_MODES}; plugins add more)",
     )
-    p_cmp.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p_cmp.add_argument(
+        "--out", type=Path, default=None, help="an empty or new folder (default: a fresh runs/compare-<date>-<time>)"
+    )
     p_cmp.add_argument("overrides", nargs="*")
-    p_eval = sub.add_parser("eval", help="success rate of a checkpoint on the held-out split")
-    p_eval.add_argument("checkpoint", type=Path, help="a checkpoint file or a run directory")
+    p_eval = sub.add_parser("eval", help="success rate of a checkpoint on the held-out split (reads only)")
     p_eval.add_argument(
-        "--tasks", type=int, default=None, help="number of held-out tasks (default: the run's eval_tasks)"
+        "checkpoint", type=Path, help="a checkpoint file (anywhere) or a run directory (its newest intact checkpoint)"
     )
-    args = parser.parse_args(argv)
+    p_eval.add_argument(
+        "--tasks", type=_positive_int, default=None, help="number of held-out tasks (default: the run's eval_tasks)"
+    )
+    p_eval.add_argument(
+        "--write",
+        action="store_true",
+        help="also append the result to the run's metrics.jsonl (default: write nothing)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "train":
-            cfg = load_config(TrainConfig, args.config, args.overrides)
+            from trace_core.train.config import TrainConfig, resume_config
+            from trace_core.train.config_loader import load_config, to_dict
+            from trace_core.train.run_dir import check_new
+
+            if args.resume:
+                cfg = resume_config(args.config, args.overrides)
+            else:
+                cfg = load_config(TrainConfig, args.config, args.overrides)
+                if cfg.run_dir is not None:
+                    check_new(cfg.run_dir, overwrite=args.overwrite)  # at once, before the model is built
             print("config:\n  " + json.dumps(to_dict(cfg), indent=None))
-            train(cfg, resume=args.resume)
+            train(cfg, resume=args.resume, overwrite=args.overwrite)
         elif args.command == "compare":
-            cfg = load_config(TrainConfig, args.config, args.overrides)
-            args.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, args.out / "base_config.yaml")
-            compare(cfg, args.seeds, args.modes, args.out)
+            from trace_core.train.config import TrainConfig
+            from trace_core.train.config_loader import ConfigError, load_config, save_config
+            from trace_core.train.run_dir import contents, default_run_dir
+
+            seeds, modes, overrides = _split_compare_args(args)
+            cfg = load_config(TrainConfig, args.config, overrides)
+            check_seeds_and_modes(seeds, modes)
+            if args.out is None:
+                out = default_run_dir("compare", link_latest=False)
+            else:
+                out = args.out
+                if contents(out):
+                    raise ConfigError("--out", f"{out} already holds files; choose an empty or new folder")
+                out.mkdir(parents=True, exist_ok=True)
+            print(f"comparison folder: {out}")
+            save_config(cfg, out / "base_config.yaml")
+            compare(cfg, seeds, modes, out)
         else:
-            evaluate(args.checkpoint, args.tasks)
-    except ConfigError as err:
+            evaluate(args.checkpoint, args.tasks, write=args.write)
+    except TraceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

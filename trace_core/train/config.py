@@ -4,13 +4,16 @@ slippery grid world with TRACE in a few minutes on 2 cores."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from trace_core.errors import TraceError
-from trace_core.predictor import PredictorConfig
+from trace_core.predictor_config import PredictorConfig
 from trace_core.registry import Registry, load_plugins
-from trace_core.train.config_loader import ConfigError
+from trace_core.train.config_loader import ConfigError, flatten, from_dict, merge, read_settings, to_dict
 
 if TYPE_CHECKING:
     from trace_core.allocation import Allocation
@@ -20,6 +23,45 @@ ALLOCATION_MODES = ("trace", "uniform", "random_tree", "pcl")
 
 # allocation config key -> the strategy-factory option it feeds (factories that accept it get it)
 ALLOCATION_OPTIONS = {"pcl_count": "count_per_prompt", "root_method": "root_method"}
+
+# the smallest sampling temperature above 0: logits / T overflow float32 (about 3.4e38) for tiny T, and a
+# logit of 50 at T = 1e-3 is already 5e4; 0 means greedy decoding
+MIN_TEMPERATURE = 1e-3
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are 32-bit at most
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _check_finite(section: Any) -> None:
+    """ConfigError naming the first float field of a config section that is NaN or infinite."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f.name, f"must be a finite number, got {value}")
+
+
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes of physical memory of this machine (available: MemAvailable, else total)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = total
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    return total, available
+
+
+def kv_cache_bytes(
+    *, num_pages: int, page_size: int, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int
+) -> int:
+    """Bytes of a paged KV cache: K and V of every layer for num_pages x page_size tokens."""
+    return 2 * layers * num_pages * page_size * kv_heads * head_dim * dtype_bytes
+
+
+def gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:,.2f} GiB"
 
 
 @dataclass
@@ -47,6 +89,26 @@ class ModelConfig:
         for name in ("hidden_size", "layers", "heads", "kv_heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.heads:
+            raise ConfigError(
+                "hidden_size",
+                f"{self.hidden_size} is not divisible by heads={self.heads} (head_dim = hidden_size / heads)",
+            )
+        if (self.hidden_size // self.heads) % 2:
+            raise ConfigError(
+                "hidden_size",
+                f"head_dim = hidden_size / heads = {self.hidden_size // self.heads} must be even (rotary embeddings)",
+            )
+        if self.heads % self.kv_heads:
+            raise ConfigError(
+                "heads", f"{self.heads} is not divisible by kv_heads={self.kv_heads} (grouped-query attention)"
+            )
+
+    @property
+    def shape_known(self) -> bool:
+        """Whether the model's shape comes from this section (the tiny model), so the KV cache can be sized
+        before the model is built."""
+        return self.name == "tiny"
 
 
 def _check_registered(registry: Registry, name: str, key: str) -> None:
@@ -113,8 +175,15 @@ class AllocationConfig:
             raise ConfigError("candidates", "candidates and roots must be >= 1 and continuations_per_root >= 0")
         if self.expansion_rounds < 1:
             raise ConfigError("expansion_rounds", f"must be >= 1, got {self.expansion_rounds}")
+        _check_finite(self)
         if self.m_min < 1 or self.m_max < self.m_min:
             raise ConfigError("m_min", f"need 1 <= m_min <= m_max, got {self.m_min}, {self.m_max}")
+        if not (isinstance(self.eps, (int, float)) and 0.0 < self.eps < 0.5):
+            raise ConfigError("eps", f"must be in (0, 0.5) (predictions are clipped to [eps, 1 - eps]), got {self.eps}")
+        if self.k_max is not None and self.k_max < 1:
+            raise ConfigError("k_max", f"must be null (no cap) or >= 1, got {self.k_max}")
+        if self.pcl_count < 1:
+            raise ConfigError("pcl_count", f"must be >= 1, got {self.pcl_count}")
         from trace_core.allocation.exact import ROOT_METHODS
 
         if self.root_method not in ROOT_METHODS:
@@ -202,6 +271,23 @@ class GenerationConfig:
     kv_memory_fraction: float = 0.3  # share of the GPU memory free at start-up that "auto" gives the cache
 
     def __post_init__(self):
+        _check_finite(self)
+        t = self.temperature
+        if t < 0:
+            raise ConfigError("temperature", f"must be >= 0 (0 = greedy), got {t}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise ConfigError(
+                "temperature",
+                f"{t} is too small: logits / temperature overflow float32 to inf and the sampling probabilities "
+                f"become NaN; use 0 for greedy decoding or a temperature >= {MIN_TEMPERATURE}",
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.max_tokens_per_turn < 1:
+            raise ConfigError("max_tokens_per_turn", f"must be >= 1, got {self.max_tokens_per_turn}")
+        for i, stop in enumerate(self.stop_strings):
+            if not isinstance(stop, str) or not stop:
+                raise ConfigError(f"stop_strings[{i}]", f"must be a non-empty string, got {stop!r}")
         if self.num_pages != "auto" and self.num_pages < 1:
             raise ConfigError("num_pages", f"must be >= 1 or 'auto', got {self.num_pages}")
         if self.page_size < 1:
@@ -228,8 +314,29 @@ class OptimConfig:
     micro_batch_tokens: int = 2048  # packed tokens per forward/backward (whole trees); bounds memory
 
     def __post_init__(self):
+        _check_finite(self)
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if not self.grad_clip > 0:
+            raise ConfigError(
+                "grad_clip",
+                f"must be > 0 (the gradient norm is clipped to it: 0 trains nothing, a negative value reverses "
+                f"every update), got {self.grad_clip}",
+            )
+        if not 0.0 <= self.eps_low < 1.0:
+            raise ConfigError(
+                "eps_low", f"must be in [0, 1) (the ratio is clipped to [1 - eps_low, ...]), got {self.eps_low}"
+            )
+        if self.eps_high < 0:
+            raise ConfigError(
+                "eps_high", f"must be >= 0 (the ratio is clipped to [..., 1 + eps_high]), got {self.eps_high}"
+            )
+        if self.kl_coef < 0:
+            raise ConfigError("kl_coef", f"must be >= 0 (0 = no KL penalty), got {self.kl_coef}")
+        if self.entropy_coef < 0:
+            raise ConfigError("entropy_coef", f"must be >= 0 (0 = no entropy bonus), got {self.entropy_coef}")
+        if self.weight_decay < 0:
+            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
             raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -250,7 +357,8 @@ class TrainConfig:
     plugins: list[str] = field(default_factory=list, metadata={"load_first": load_plugins})
     seed: int = 0
     steps: int = 250
-    run_dir: str = "runs/default"
+    # the run's own directory; None: a fresh runs/<mode>-<YYYYmmdd-HHMMSS> (trace_core/train/run_dir.py)
+    run_dir: str | None = None
     eval_every: int = 50  # steps; 0 = only at the end
     eval_tasks: int = 200
     checkpoint_every: int = 10
@@ -270,11 +378,93 @@ class TrainConfig:
             raise ConfigError(err.field, err.detail) from None
         if self.steps < 1:
             raise ConfigError("steps", f"must be >= 1, got {self.steps}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError("seed", f"must be in [0, 2**32 - 1], got {self.seed}")
+        if self.run_dir is not None:
+            from trace_core.train.run_dir import check_path
+
+            check_path(self.run_dir)
+        try:
+            _check_finite(self.predictor)
+        except ConfigError as err:
+            raise ConfigError(f"predictor.{err.field}", err.detail) from None
         if self.cpu_threads < 0:
             raise ConfigError("cpu_threads", f"must be >= 0, got {self.cpu_threads}")
         if self.optim.warmup_steps > self.steps:
             raise ConfigError(
                 "optim.warmup_steps", f"{self.optim.warmup_steps} is more than the run's {self.steps} steps"
             )
-        if self.eval_every < 0 or self.checkpoint_every < 1 or self.eval_tasks < 1:
-            raise ConfigError("eval_every", "eval_every must be >= 0, checkpoint_every and eval_tasks >= 1")
+        if self.eval_every < 0:
+            raise ConfigError("eval_every", f"must be >= 0 (0 = only at the end), got {self.eval_every}")
+        if self.checkpoint_every < 1:
+            raise ConfigError("checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        if self.eval_tasks < 1:
+            raise ConfigError("eval_tasks", f"must be >= 1, got {self.eval_tasks}")
+        self.check_kv_cache()
+
+    def check_kv_cache(self) -> None:
+        """When the model's shape is known here (the tiny model) and it runs on the CPU (or "auto"), a KV cache
+        larger than the machine's memory is refused now; otherwise the trainer checks it before allocating."""
+        g, m = self.generation, self.model
+        if g.num_pages == "auto" or not m.shape_known or m.device not in ("cpu", "auto"):
+            return
+        needed = kv_cache_bytes(
+            num_pages=g.num_pages,
+            page_size=g.page_size,
+            layers=m.layers,
+            kv_heads=m.kv_heads,
+            head_dim=m.hidden_size // m.heads,
+            dtype_bytes=DTYPE_BYTES[m.dtype],
+        )
+        total, available = host_memory()
+        limit, what = (available, "available") if m.device == "cpu" else (total, "in total")
+        if needed > limit:
+            raise ConfigError(
+                "generation.num_pages",
+                f"the KV cache would take {gib(needed)} ({g.num_pages} pages x {g.page_size} tokens x {m.layers} "
+                f"layers x {m.kv_heads} kv heads x head_dim {m.hidden_size // m.heads} x 2 (K, V) x "
+                f"{DTYPE_BYTES[m.dtype]} bytes), but this machine has {gib(limit)} of memory {what}; "
+                "lower generation.num_pages or generation.page_size",
+            )
+
+
+# what `trace train --resume` may change: how long the run goes on, and how it reports (everything else is the run)
+RESUME_MAY_CHANGE = ("steps", "eval_every", "eval_tasks", "checkpoint_every", "progress", "cpu_threads", "run_dir")
+
+
+def resume_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The config of `trace train --resume`: the run's saved config.yaml (run_dir from the overrides or the
+    --config file), with the settings that may change on resume (RESUME_MAY_CHANGE) taken from the command
+    line. Any other key that differs from the saved run is a ConfigError naming it."""
+    import yaml
+
+    given = read_settings(path, overrides)
+    run_dir = given.get("run_dir")
+    if not run_dir:
+        raise ConfigError("run_dir", "--resume continues a run: name it, e.g. trace train --resume run_dir=runs/latest")
+    link = Path(str(run_dir)).expanduser()
+    if link.is_symlink():  # runs/latest: the run it points at now, not whichever it points at later
+        run_dir = str(link.parent / os.readlink(link))
+        given["run_dir"] = run_dir
+    saved_file = Path(str(run_dir)).expanduser() / "config.yaml"
+    if not saved_file.is_file():
+        raise ConfigError("run_dir", f"{run_dir} holds no config.yaml: it is not a run directory to resume")
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError("run_dir", f"{saved_file} is not valid YAML: {err}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError("run_dir", f"{saved_file} does not hold a config mapping")
+    before = from_dict(TrainConfig, {**saved, "run_dir": str(run_dir)})
+    cfg = from_dict(TrainConfig, merge(to_dict(before), given))
+    old, new = flatten(to_dict(before)), flatten(to_dict(cfg))
+    for key in sorted(set(old) | set(new)):
+        if key.split(".")[0] in RESUME_MAY_CHANGE or old.get(key) == new.get(key):
+            continue
+        raise ConfigError(
+            key,
+            f"cannot change on --resume: the run was started with {key}={old.get(key)!r} (its config.yaml), got "
+            f"{new.get(key)!r}. On resume only {', '.join(RESUME_MAY_CHANGE)} may change; start a new run "
+            "(a fresh run_dir) to change anything else",
+        )
+    return cfg

@@ -15,8 +15,10 @@ can name what they register.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -37,6 +39,11 @@ class ConfigError(TraceError):
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Build `cls` from defaults, then the YAML file at `path`, then `key=value` overrides."""
+    return from_dict(cls, read_settings(path, overrides))
+
+
+def read_settings(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The nested mapping the YAML file at `path` and the `key=value` overrides set (nothing converted yet)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -53,8 +60,37 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}", "expected key=value, e.g. optim.lr=1e-5")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return from_dict(cls, data)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            problem = str(getattr(err, "problem", "") or err).strip()
+            raise ConfigError(
+                key.strip(), f"{raw!r} is not valid YAML ({problem}); quote strings, e.g. {key.strip()}='\"...\"'"
+            ) from None
+        _set_dotted(data, key.strip(), value)
+    return data
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` applied key by key into nested sections (neither is modified)."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1} (dataclass sections and mappings alike)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -180,14 +216,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(key, f"expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(key, f"expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -201,4 +240,4 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(key, f"unsupported config type {_type_name(tp)}")
 
 
-__all__ = ["ConfigError", "from_dict", "load_config", "save_config", "to_dict"]
+__all__ = ["ConfigError", "flatten", "from_dict", "load_config", "merge", "read_settings", "save_config", "to_dict"]

@@ -4,17 +4,54 @@ events when `tensorboard` is installed, and metrics.png drawn from the jsonl at 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger("trace_core.train.metrics_log")
+
 
 class MetricsLog:
+    """fresh=True starts an empty metrics.jsonl; fresh=False (resume) keeps it, repairing what a crash can
+    leave: a missing file is recreated empty, a partial or unreadable line is dropped (each with a warning)."""
+
     def __init__(self, run_dir: Path, *, fresh: bool):
         self.path = Path(run_dir) / "metrics.jsonl"
         if fresh:
             self.path.write_text("")
+        else:
+            self.repair()
         self._tensorboard = _tensorboard_writer(Path(run_dir) / "tensorboard")
+
+    def repair(self) -> list[str]:
+        """Make metrics.jsonl whole lines of JSON objects again; returns the warnings it gave."""
+        warnings = []
+        if not self.path.is_file():
+            self.path.write_text("")
+            warnings.append(f"{self.path} was missing; recreated it empty (the rows of earlier steps are lost)")
+        else:
+            text = self.path.read_text(errors="replace")
+            lines = text.split("\n")
+            tail = lines.pop()  # "" when the file ends with a newline, else a line the writer never finished
+            kept, dropped = [], []
+            for number, line in enumerate(lines, start=1):
+                if line.strip() and _row(line) is not None:
+                    kept.append(line)
+                elif line.strip():
+                    dropped.append(number)
+            if tail.strip():
+                if _row(tail) is not None:
+                    kept.append(tail)  # complete but unterminated: keep it
+                else:
+                    warnings.append(f"{self.path}: dropped a partial last line ({len(tail)} characters)")
+            if dropped:
+                warnings.append(f"{self.path}: dropped unreadable line(s) {', '.join(map(str, dropped))}")
+            if warnings:
+                self.path.write_text("".join(line + "\n" for line in kept))
+        for warning in warnings:
+            log.warning(warning)
+        return warnings
 
     def write(self, metrics: dict, step: int) -> None:
         with open(self.path, "a") as handle:
@@ -26,13 +63,19 @@ class MetricsLog:
             self._tensorboard.flush()
 
     def rows(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines()]
+        return [row for line in self.path.read_text().splitlines() if (row := _row(line)) is not None]
 
     def truncate_after(self, step: int) -> None:
         """Drop rows of steps after `step` (a resumed run runs them again)."""
         lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in lines if (row := _row(line)) is not None and row.get("step", 0) <= step]
+        if len(kept) != len(lines):
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     def plot(self, label: str) -> None:
         from trace_core.train.report import plot_runs
@@ -40,6 +83,14 @@ class MetricsLog:
         rows = self.rows()
         if rows:
             plot_runs({label: [rows]}, self.path.with_name("metrics.png"))
+
+
+def _row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _plain(value):

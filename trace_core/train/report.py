@@ -44,7 +44,12 @@ def write_comparison(runs: dict[str, list[list[dict]]], cfg, out: Path) -> dict:
             f"{s['effective_ratio']:.3f} ± {s['effective_ratio_std']:.3f} | {s['leaves_per_step']:.0f} | "
             f"{s['generated_tokens_per_step']:.0f} | {s['dedup_ratio']:.2f} | {s['seconds_per_step']:.2f} |"
         )
-    lines.append(f"\n(mean ± std over {next(iter(summary.values()))['seeds']} seeds)")
+    counts = sorted({s["seeds"] for s in summary.values()})
+    if len(counts) == 1:
+        lines.append(f"\n(mean ± std over {counts[0]} seed{'s' if counts[0] != 1 else ''})")
+    else:
+        per_mode = ", ".join(f"{mode} {s['seeds']}" for mode, s in summary.items())
+        lines.append(f"\n(mean ± std over the seeds of each mode: {per_mode})")
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     (out / "comparison.json").write_text(json.dumps(summary, indent=2))
     plot_runs(runs, out / "comparison.png")
@@ -61,10 +66,11 @@ def plot_runs(runs: dict[str, list[list[dict]]], path: Path) -> None:
 
     fig, (ax_success, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4))
     for mode, histories in runs.items():
-        x = np.mean([[m["leaves_sampled"] for m in h] for h in histories], axis=0)
-        ratio = np.mean([[m["effective_ratio"] for m in h] for h in histories], axis=0)
+        steps = [[m for m in h if "effective_ratio" in m] for h in histories]  # training rows (not `trace eval`'s)
+        x = np.mean([[m["leaves_sampled"] for m in h] for h in steps], axis=0)
+        ratio = np.mean([[m["effective_ratio"] for m in h] for h in steps], axis=0)
         ax_ratio.plot(x, ratio, label=mode)
-        evals = [[(m["leaves_sampled"], m["eval/success"]) for m in h if "eval/success" in m] for h in histories]
+        evals = [[(m["leaves_sampled"], m["eval/success"]) for m in h if "eval/success" in m] for h in steps]
         if evals and evals[0]:
             ex = np.mean([[p[0] for p in e] for e in evals], axis=0)
             ey = np.mean([[p[1] for p in e] for e in evals], axis=0)

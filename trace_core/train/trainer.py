@@ -7,14 +7,19 @@
 
 The engine writes every turn into the step's `RolloutForest` as it generates; nothing is flattened
 and rebuilt. Every allocation (`allocation.mode`, or `root_strategy` / `prefix_strategy`) samples the
-same number of leaves per step. The run directory holds config.yaml, metrics.jsonl and atomic
-checkpoints; `resume=True` continues a run exactly where its latest checkpoint left it.
+same number of leaves per step. The run directory (trace_core/train/run_dir.py) holds config.yaml,
+metrics.jsonl and atomic, checksummed checkpoints, and is locked for the trainer's lifetime; a new run refuses
+a directory that holds anything (`overwrite=True` deletes the run files first), `resume=True` continues a run
+exactly where its newest intact checkpoint left it, and `Trainer.for_evaluation` loads a checkpoint without
+touching any directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +38,9 @@ from trace_core.rollout import Generated, HFRolloutEngine, Prompts, SamplingPara
 from trace_core.rollout.kv_cache import CacheCapacityError, page_bytes
 from trace_core.rollout.paged_runner import kv_geometry
 from trace_core.train import checkpoint as ckpt
-from trace_core.train.config import TrainConfig
-from trace_core.train.config_loader import ConfigError, save_config, to_dict
+from trace_core.train import run_dir as runs
+from trace_core.train.config import TrainConfig, gib, host_memory
+from trace_core.train.config_loader import ConfigError, from_dict, save_config, to_dict
 from trace_core.train.expansion import Expansion, expand_prefixes
 from trace_core.train.metrics_log import MetricsLog
 from trace_core.train.policy_update import PolicyUpdater
@@ -68,10 +74,62 @@ class Predictions:
     contrast: np.ndarray
 
 
+def warn_if_triton_interpreted() -> bool:
+    """Warn (once per call) when TRITON_INTERPRET is set: every Triton kernel then runs in the interpreter."""
+    value = os.environ.get("TRITON_INTERPRET", "")
+    if value.strip().lower() not in ("", "0", "false", "no", "off"):
+        log.warning(
+            "TRITON_INTERPRET=%s is set: every Triton kernel runs in the Triton interpreter, about 1000x slower "
+            "(a 0.3 s step takes minutes). Unset it (`unset TRITON_INTERPRET`) unless you are debugging kernels.",
+            value,
+        )
+        return True
+    return False
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
-        self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir)
+    """Trainer(cfg): a new run in cfg.run_dir (None: a fresh runs/<mode>-<date>-<time>), which must be empty
+    (overwrite=True deletes its run files first); resume=True continues the run there. The directory is locked
+    until `close()` (or the end of the process); `with Trainer(cfg) as trainer:` closes it."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, _read_only: bool = False):
+        warn_if_triton_interpreted()
+        self.read_only = _read_only
+        self.lock: runs.RunLock | None = None
+        self.metrics: MetricsLog | None = None
+        created = False
+        if _read_only:
+            self.cfg = cfg
+            self.run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+        else:
+            if resume and overwrite:
+                raise ConfigError("--overwrite", "--resume continues a run and --overwrite deletes one: pick one")
+            if cfg.run_dir is None:
+                if resume:
+                    raise ConfigError("run_dir", "resume: name the run to continue, e.g. run_dir=runs/latest")
+                path = runs.default_run_dir(cfg.allocation.mode)
+                created = True
+                cfg = copy.copy(cfg)
+                cfg.run_dir = str(path)
+            elif not resume:
+                runs.check_new(cfg.run_dir, overwrite=overwrite)  # before creating anything
+            elif not (Path(cfg.run_dir) / "config.yaml").is_file():
+                raise ConfigError("resume", f"{cfg.run_dir} is not a run directory (no config.yaml); nothing to resume")
+            self.cfg = cfg
+            self.run_dir = Path(cfg.run_dir)
+            created = created or not self.run_dir.exists()
+            self.lock = runs.acquire(self.run_dir)  # held until close(): a second trainer here fails now
+        try:
+            self._build(cfg, resume=resume, overwrite=overwrite)
+        except BaseException:
+            self.close()
+            if created and self.run_dir is not None and not runs.contents(self.run_dir):
+                (self.run_dir / runs.LOCK).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()
+            raise
+
+    def _build(self, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> None:
         torch.manual_seed(cfg.seed)
         if cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
@@ -97,12 +155,42 @@ class Trainer:
         self.engine = self._make_engine()
         self.step = 0
         self.leaves_sampled = 0
-        if not resume:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        self.metrics = MetricsLog(self.run_dir, fresh=not resume)
+        if self.read_only:
+            return
         if resume:
             self._load_latest()
+        else:
+            runs.prepare_new(self.run_dir, overwrite=overwrite)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.metrics = MetricsLog(self.run_dir, fresh=True)
+
+    @classmethod
+    def for_evaluation(cls, path: str | Path) -> tuple[Trainer, dict]:
+        """A trainer holding the weights of the checkpoint file at `path` (verified against its manifest when
+        one lies beside it), built from the config the checkpoint embeds. It reads only: no directory is
+        created, locked or written. Returns (trainer, the checkpoint's state)."""
+        state = ckpt.load_checkpoint(path)
+        saved = dict(state["config"])
+        saved["run_dir"] = None  # where the run was is irrelevant here (the file may have been copied out)
+        cfg = from_dict(TrainConfig, saved)
+        trainer = cls(cfg, _read_only=True)
+        trainer.model.load_state_dict(state["model"])
+        trainer.step, trainer.leaves_sampled = int(state["step"]), int(state.get("leaves_sampled", 0))
+        return trainer, state
+
+    def close(self) -> None:
+        """Release the run directory (its lock); the trainer must not write there afterwards."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -272,12 +360,14 @@ class Trainer:
 
     def _make_engine(self) -> HFRolloutEngine:
         g, env = self.cfg.generation, self.cfg.env
+        num_pages = self._num_pages()
+        self._check_cache_memory(num_pages)
         engine = HFRolloutEngine(
             self.model,
             self.policy.codec,
             lambda: make_env(env.name, **env.env),
             sampling=self._sampling(greedy=False),
-            num_pages=self._num_pages(),
+            num_pages=num_pages,
             page_size=g.page_size,
             decode_backend=self.backend,
             kv_dtype=self.policy.compute_dtype,
@@ -308,6 +398,28 @@ class Trainer:
             )
         return pages
 
+    def _check_cache_memory(self, num_pages: int) -> None:
+        """A KV cache the device cannot hold is a ConfigError before anything is allocated (not a failed
+        20 TB allocation)."""
+        g = self.cfg.generation
+        geometry = kv_geometry(self.model, self.policy.compute_dtype)
+        needed = num_pages * page_bytes(**geometry, page_size=g.page_size)
+        device = torch.device(self.policy.device)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            limit, where = free, f"{device} has {gib(free)} free"
+        else:
+            _, available = host_memory()
+            limit, where = available, f"this machine has {gib(available)} of memory available"
+        if needed > limit:
+            raise ConfigError(
+                "generation.num_pages",
+                f"the KV cache would take {gib(needed)} ({num_pages} pages x {g.page_size} tokens x "
+                f"{geometry['num_layers']} layers x {geometry['num_kv_heads']} kv heads x head_dim "
+                f"{geometry['head_dim']} x 2 (K, V) in {geometry['dtype']}), but {where}; lower "
+                "generation.num_pages or generation.page_size",
+            )
+
     @contextlib.contextmanager
     def _generating(self):
         """Generation runs in the compute dtype; a step that outgrows the KV cache names the setting
@@ -328,7 +440,10 @@ class Trainer:
     def evaluate(self, num_tasks: int | None = None) -> dict[str, float]:
         """Success on the held-out split, one episode per task: `eval/success` samples like training
         does, `eval/success_greedy` decodes greedily. Seeds are fixed, so evaluations compare."""
-        tasks = self.eval_tasks[: num_tasks or self.cfg.eval_tasks]
+        num_tasks = self.cfg.eval_tasks if num_tasks is None else num_tasks
+        if num_tasks < 1:
+            raise ConfigError("eval_tasks", f"must be >= 1, got {num_tasks}")
+        tasks = self.eval_tasks[:num_tasks]
         result = {"eval/tasks": len(tasks)}
         training_sampling = self.engine.sampling
         try:  # the training engine and its KV pool, with evaluation's decoding settings
@@ -347,6 +462,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop, checkpoints
     def fit(self, progress=None) -> list[dict]:
         """Train until cfg.steps; returns this call's metrics. Writes run_dir/metrics.png at the end."""
+        self._check_writable()
         history = []
         while self.step < self.cfg.steps:
             metrics = self.train_step()
@@ -361,7 +477,12 @@ class Trainer:
         self.metrics.plot(self.cfg.allocation.mode)
         return history
 
+    def _check_writable(self) -> None:
+        if self.read_only or self.lock is None or self.metrics is None:
+            raise RuntimeError("this trainer does not own a run directory (read-only, or closed): it cannot train")
+
     def save(self) -> Path:
+        self._check_writable()
         state = {
             "step": self.step,
             "leaves_sampled": self.leaves_sampled,
@@ -374,10 +495,19 @@ class Trainer:
         return ckpt.save_checkpoint(self.run_dir, self.step, state)
 
     def _load_latest(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
-            raise ConfigError(f"resume: {self.run_dir} has no checkpoint to resume from")
-        state = ckpt.load_checkpoint(path)
+        """Continue from the newest intact checkpoint; what was skipped (damaged checkpoints, a bad or missing
+        `latest`) is named in a warning, damaged files are moved aside (`*.corrupt`), and metrics.jsonl is
+        repaired and cut back to the checkpoint's step."""
+        path, state, skipped = ckpt.resumable_checkpoint(self.run_dir)
+        if skipped:
+            log.warning(
+                "resume: skipped %s; %s",
+                "; ".join(skipped),
+                f"resuming from {path.name}" if path is not None else "no intact checkpoint is left",
+            )
+        if path is None or state is None:
+            detail = f" (skipped: {'; '.join(skipped)})" if skipped else ""
+            raise ConfigError("resume", f"{self.run_dir} has no checkpoint to resume from{detail}")
         saved = state["config"]
         for key in ("seed", "model", "env", "allocation", "optim"):
             if saved[key] != to_dict(self.cfg)[key]:
@@ -389,7 +519,19 @@ class Trainer:
         self.predictor.load_state_dict(state["predictor"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.leaves_sampled = int(state["step"]), int(state["leaves_sampled"])
+        self._set_aside(path)
+        self.metrics = MetricsLog(self.run_dir, fresh=False)  # repairs a partial last line or a missing file
         self.metrics.truncate_after(self.step)  # rows after the checkpoint belong to steps that run again
+
+    def _set_aside(self, resumed: Path) -> None:
+        """Move checkpoints that fail verification to `<name>.corrupt` (kept, out of the way of pruning and of the
+        next resume) and point `latest` at the checkpoint the run resumed from."""
+        folder = resumed.parent
+        for other in folder.glob("step_*.pt"):
+            if other != resumed and ckpt.verify(other) is not None:
+                other.rename(other.with_name(other.name + ".corrupt"))
+                log.warning("resume: moved the damaged checkpoint %s aside to %s.corrupt", other.name, other.name)
+        ckpt._atomic_write(folder / ckpt.LATEST, lambda handle: handle.write(resumed.name.encode()))
 
 
 def _size(num_bytes: int) -> str:

@@ -113,7 +113,8 @@ def test_allocation_modes_build_their_pairs(mode, pair):
 def test_allocation_stage_overrides_and_options():
     allocation = _train("allocation.root_strategy=uniform", "allocation.prefix_strategy=active").allocation.build()
     assert (allocation.root_name, allocation.prefix_name) == ("uniform", "active")
-    assert _train("allocation.root_method=ranked").allocation.build().root.root_method == "ranked"
+    assert _train().allocation.build().root.root_method == "ranked"  # the fast exact solver by default
+    assert _train("allocation.root_method=dp").allocation.build().root.root_method == "dp"
     assert _train("allocation.mode=pcl", "allocation.pcl_count=8").allocation.build().root.count_per_prompt == 8
 
 

@@ -168,7 +168,7 @@ class AllocationConfig:
     expansion_rounds: int = 1
     eps: float = 0.02  # predictions are clipped to [eps, 1 - eps]
     pcl_count: int = 4  # bare rollouts per selected prompt of the root strategy `pcl`
-    root_method: str = "dp"  # exact solver of the root strategy `active`: "dp" or "ranked" (faster, as exact)
+    root_method: str = "ranked"  # exact solver of the root strategy `active`: "ranked" (fast) or "dp" (the oracle)
 
     def __post_init__(self):
         if self.candidates < 1 or self.roots < 1 or self.continuations_per_root < 0:

@@ -101,7 +101,8 @@ class PolicyUpdater:
         labels = torch.as_tensor(packed.labels[use], device=device)
         positions = torch.as_tensor(packed.label_pos[use], device=device)
         token_lp, entropy = self._token_logprobs(self.model, hidden, packed.num_tokens, rows, labels, positions)
-        old = torch.nan_to_num(torch.as_tensor(packed.old_logprobs, device=device), nan=0.0)
+        # the engine records every sampled token's logprob; the loss refuses a NaN where a token carries weight
+        old = torch.as_tensor(packed.old_logprobs, device=device)
         ref = None
         if self.reference is not None:
             with torch.no_grad():

@@ -25,6 +25,7 @@ TOY = [
     "allocation.m_max=4",
     "eval_tasks=8",
     "eval_every=0",
+    "eval_at_start=false",  # rows are training steps; test_cli_train_writes_run_directory covers the step-0 row
     "progress=false",
     "predictor.warmup_nodes=20",
     "env.tasks={num_train: 40, num_eval: 8}",

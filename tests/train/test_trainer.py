@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import TOY
 
 from trace_core.envs import make_env, make_task_source
 from trace_core.train.cli import main
@@ -14,24 +15,6 @@ from trace_core.train.config_loader import ConfigError, load_config, save_config
 from trace_core.train.expansion import prefix_budgets as _prefix_budgets
 from trace_core.train.expansion import round_shares as _round_shares
 from trace_core.train.trainer import Trainer
-
-TOY = [
-    "model.hidden_size=32",
-    "model.layers=1",
-    "model.heads=2",
-    "model.kv_heads=1",
-    "model.attention_backend=reference",
-    "allocation.candidates=4",
-    "allocation.roots=8",
-    "allocation.continuations_per_root=1",
-    "allocation.m_min=2",
-    "allocation.m_max=4",
-    "eval_tasks=8",
-    "eval_every=0",
-    "progress=false",
-    "predictor.warmup_nodes=20",
-    "env.tasks={num_train: 40, num_eval: 8}",
-]
 
 
 def toy(tmp_path, *extra):
@@ -43,9 +26,12 @@ def metrics(run_dir):
 
 
 def test_cli_train_writes_run_directory(tmp_path, capsys):
-    assert main(["train", *TOY, f"run_dir={tmp_path}", "steps=3", "checkpoint_every=2"]) == 0
+    assert main(["train", *TOY, f"run_dir={tmp_path}", "steps=3", "checkpoint_every=2", "eval_at_start=true"]) == 0
     rows = metrics(tmp_path)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    # step 0 evaluates the untrained policy (the paper's untrained-ReAct row) before any update
+    initial, rows = rows[0], rows[1:]
+    assert initial["leaves_sampled"] == 0 and 0 <= initial["eval/success"] <= 1 and "loss" not in initial
     last = rows[-1]
     assert last["leaves"] == 16 and last["leaves_sampled"] == 48  # equal budget: 8 roots x (1 + 1)
     assert 0 <= last["eval/success"] <= 1 and 0 <= last["effective_ratio"] <= 1
@@ -442,3 +428,46 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog, how
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_pcl_samples_m_times_1_plus_n_bare_rollouts_and_no_tree(tmp_path):
+    """PCL filters prompts toward p = 0.5 with a fixed group size and samples no continuation."""
+    trainer = Trainer(toy(tmp_path, "allocation.mode=pcl", "allocation.pcl_count=4", "steps=3"))
+    calls = _spy_expand(trainer)
+    for _ in range(3):
+        row = trainer.train_step()
+        # 8 x (1 + 1) = 16 bare rollouts in groups of 4: 4 prompts, every leaf a depth-1 chain's end
+        assert row["leaves"] == 16 and row["prompts"] == 4 and row["expansion_rounds_run"] == 0
+    assert calls == []
+
+
+def test_ablate_runs_the_stage_grid_and_the_budget_pairs(tmp_path):
+    out = tmp_path / "ablation"
+    argv = ["ablate", "--seeds", "0", "--budgets", "4x1", "4x3", "8x1", "--out", str(out), *TOY, "steps=2"]
+    assert main(argv) == 0
+    stages = json.loads((out / "ablation_stages.json").read_text())
+    assert list(stages) == ["uniform/uniform", "uniform/active", "active/uniform", "active/active"]
+    budgets = json.loads((out / "ablation_budgets.json").read_text())
+    assert {label: s["leaves_per_step"] for label, s in budgets.items()} == {
+        "M=4 N=1": 8.0,
+        "M=4 N=3": 16.0,
+        "M=8 N=1": 16.0,
+    }
+    for label in ("uniform_uniform", "active_active"):
+        saved = (out / "stages" / label / "seed0" / "config.yaml").read_text()
+        root, prefix = label.split("_")
+        assert f"root_strategy: {root}" in saved and f"prefix_strategy: {prefix}" in saved
+    assert (out / "ablation_stages.png").is_file() and (out / "ablation_budgets.md").is_file()
+
+
+def test_ablation_budgets_parse_and_default_to_the_papers_shape():
+    from trace_core.train.experiments import budget_variants, default_budgets, parse_budget
+
+    assert parse_budget("16x2") == (16, 2) and parse_budget(" 8X0 ") == (8, 0)
+    assert default_budgets(1024, 2) == [(512, 2), (512, 6), (1024, 2)]  # the paper's Table 2
+    assert default_budgets(32, 1) == [(16, 1), (16, 3), (32, 1)]
+    for bad in ("16", "0x2", "ax2", "16x-1"):
+        with pytest.raises(ConfigError, match="--budgets"):
+            parse_budget(bad)
+    with pytest.raises(ConfigError, match="repeated budgets"):
+        budget_variants([(4, 1), (4, 1)])

@@ -8,6 +8,9 @@ trace train --resume run_dir=DIR [key=value ...]
     continue the run in DIR from its newest intact checkpoint, with its saved config.yaml; only steps,
     eval_every, eval_tasks, checkpoint_every, progress and cpu_threads may change.
 trace compare [--config FILE] [--seeds 0 1 2] [--modes trace uniform random_tree] [--out DIR] [key=value ...]
+trace ablate [--config FILE] [--seeds 0 1 2] [--tables stages budgets] [--budgets 16x1 16x3 32x1] [--out DIR]
+    the paper's ablations at this config's scale: Stage 1 uniform|active x Stage 2 uniform|active, and (M, N)
+    budgets with TRACE; ablation_stages.md / ablation_budgets.md (+ .json, .png) under --out.
 trace eval RUN_DIR_OR_CHECKPOINT [--tasks N] [--write]
     held-out success of exactly that checkpoint (a run directory: its newest intact one); reads only,
     unless --write (appends the result to the run's metrics.jsonl).
@@ -87,26 +90,36 @@ def check_seeds_and_modes(seeds: list[int], modes: list[str]) -> None:
 
 def compare(cfg, seeds: list[int], modes: list[str], out: Path) -> dict:
     """Train every mode with every seed at the same budget; write a table and a plot under `out`."""
-    from trace_core.train.config import TrainConfig
-    from trace_core.train.config_loader import from_dict, to_dict
+    from trace_core.train.experiments import mode_variants, run_grid
     from trace_core.train.report import write_comparison
 
     check_seeds_and_modes(seeds, modes)
-    runs: dict[str, list[list[dict]]] = {mode: [] for mode in modes}
-    for mode in modes:
-        for seed in seeds:
-            run_cfg = from_dict(
-                TrainConfig,
-                {
-                    **to_dict(cfg),
-                    "seed": seed,
-                    "run_dir": str(out / mode / f"seed{seed}"),
-                    "allocation": {**to_dict(cfg.allocation), "mode": mode},
-                },
-            )
-            print(f"== {mode}, seed {seed}")
-            runs[mode].append(train(run_cfg))
+    runs = run_grid(out / "base_config.yaml", mode_variants(modes), seeds, out, train)
     return write_comparison(runs, cfg, out)
+
+
+def ablate(cfg, seeds: list[int], tables: list[str], budgets: list[tuple[int, int]] | None, out: Path) -> dict:
+    """The paper's ablations at this config's scale: `stages` (Table 1: Stage 1 uniform|active x Stage 2
+    uniform|active) and `budgets` (Table 2: (M, N) pairs with TRACE); a table and a plot per ablation."""
+    from trace_core.train.experiments import budget_variants, default_budgets, run_grid, stage_variants
+    from trace_core.train.report import write_comparison
+
+    a = cfg.allocation
+    budgets = budgets or default_budgets(a.roots, a.continuations_per_root)
+    grids = {"stages": stage_variants(), "budgets": budget_variants(budgets)}
+    result = {}
+    for table in tables:
+        runs = run_grid(out / "base_config.yaml", grids[table], seeds, out / table, train)
+        stage_budget = None if table == "stages" else "Budget: (M, N) as in each row, M x (1 + N) leaves per step"
+        result[table] = write_comparison(
+            runs,
+            cfg,
+            out,
+            name=f"ablation_{table}",
+            label="root/prefix" if table == "stages" else "budget",
+            budget=stage_budget,
+        )
+    return result
 
 
 def evaluate(target: Path, tasks: int | None, *, write: bool = False) -> dict:
@@ -163,24 +176,33 @@ def evaluate(target: Path, tasks: int | None, *, write: bool = False) -> dict:
     return result
 
 
-def _split_compare_args(args) -> tuple[list[int], list[str], list[str]]:
-    """--seeds / --modes take values up to the next flag, so `--seeds 0 1 steps=10` hands them the overrides
-    too: key=value items go back to the overrides; the seeds must be integers."""
+def _seeds(texts: list[str]) -> list[int]:
+    """--seeds values as integers (key=value items that followed them were handed back to the overrides)."""
     from trace_core.train.config_loader import ConfigError
 
-    overrides = [a for a in [*args.seeds, *args.modes] if "=" in a] + list(args.overrides)
     seeds = []
-    for text in (a for a in args.seeds if "=" not in a):
+    for text in texts:
         try:
             seeds.append(int(text))
         except ValueError:
             raise ConfigError("--seeds", f"expected integers, got {text!r}") from None
     if not seeds:
         raise ConfigError("--seeds", "give at least one seed")
-    modes = [a for a in args.modes if "=" not in a]
-    if not modes:
-        raise ConfigError("--modes", "give at least one mode")
-    return seeds, modes, overrides
+    return seeds
+
+
+def _grid_folder(out: Path | None, command: str) -> Path:
+    """--out (empty or new), or a fresh runs/<command>-<date>-<time>."""
+    from trace_core.train.config_loader import ConfigError
+    from trace_core.train.run_dir import contents, default_run_dir
+
+    if out is None:
+        out = default_run_dir(command, link_latest=False)
+    elif contents(out):
+        raise ConfigError("--out", f"{out} already holds files; choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{command} folder: {out}")
+    return out
 
 
 def _positive_int(text: str) -> int:
@@ -229,6 +251,25 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="an empty or new folder (default: a fresh runs/compare-<date>-<time>)"
     )
     p_cmp.add_argument("overrides", nargs="*")
+    p_abl = sub.add_parser(
+        "ablate",
+        help="the paper's ablations: Stage 1 x Stage 2 strategies (stages) and (M, N) budgets (budgets)",
+    )
+    p_abl.add_argument("--config", type=Path)
+    p_abl.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="distinct seeds >= 0")
+    p_abl.add_argument(
+        "--tables", nargs="+", choices=["stages", "budgets"], default=["stages", "budgets"], help="which ablations"
+    )
+    p_abl.add_argument(
+        "--budgets",
+        nargs="+",
+        default=None,
+        help="MxN pairs for the budget ablation (default: (M/2, N), (M/2, 3N), (M, N) of the config)",
+    )
+    p_abl.add_argument(
+        "--out", type=Path, default=None, help="an empty or new folder (default: a fresh runs/ablate-<date>-<time>)"
+    )
+    p_abl.add_argument("overrides", nargs="*")
     p_eval = sub.add_parser("eval", help="success rate of a checkpoint on the held-out split (reads only)")
     p_eval.add_argument(
         "checkpoint", type=Path, help="a checkpoint file (anywhere) or a run directory (its newest intact checkpoint)"
@@ -261,24 +302,29 @@ def main(argv: list[str] | None = None) -> int:
                     check_new(cfg.run_dir, overwrite=args.overwrite)  # at once, before the model is built
             print("config:\n  " + json.dumps(to_dict(cfg), indent=None))
             train(cfg, resume=args.resume, overwrite=args.overwrite)
-        elif args.command == "compare":
+        elif args.command in ("compare", "ablate"):
             from trace_core.train.config import TrainConfig
             from trace_core.train.config_loader import ConfigError, load_config, save_config
-            from trace_core.train.run_dir import contents, default_run_dir
+            from trace_core.train.experiments import parse_budget
 
-            seeds, modes, overrides = _split_compare_args(args)
+            nargs = [args.seeds, getattr(args, "modes", None) or [], getattr(args, "budgets", None) or []]
+            overrides = [a for values in nargs for a in values if "=" in a] + list(args.overrides)
+            seeds = _seeds([a for a in args.seeds if "=" not in a])
             cfg = load_config(TrainConfig, args.config, overrides)
-            check_seeds_and_modes(seeds, modes)
-            if args.out is None:
-                out = default_run_dir("compare", link_latest=False)
+            if args.command == "compare":
+                modes = [a for a in args.modes if "=" not in a]
+                if not modes:
+                    raise ConfigError("--modes", "give at least one mode")
+                check_seeds_and_modes(seeds, modes)
             else:
-                out = args.out
-                if contents(out):
-                    raise ConfigError("--out", f"{out} already holds files; choose an empty or new folder")
-                out.mkdir(parents=True, exist_ok=True)
-            print(f"comparison folder: {out}")
+                check_seeds_and_modes(seeds, ["trace"])
+                budgets = [parse_budget(a) for a in args.budgets or [] if "=" not in a] or None
+            out = _grid_folder(args.out, args.command)
             save_config(cfg, out / "base_config.yaml")
-            compare(cfg, seeds, modes, out)
+            if args.command == "compare":
+                compare(cfg, seeds, modes, out)
+            else:
+                ablate(cfg, seeds, args.tables, budgets, out)
         else:
             evaluate(args.checkpoint, args.tasks, write=args.write)
     except TraceError as err:

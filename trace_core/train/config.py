@@ -361,6 +361,7 @@ class TrainConfig:
     run_dir: str | None = None
     eval_every: int = 50  # steps; 0 = only at the end
     eval_tasks: int = 200
+    eval_at_start: bool = True  # evaluate the untrained policy (step 0) before the first step
     checkpoint_every: int = 10
     progress: bool = True  # live progress bar
     cpu_threads: int = 1  # torch CPU threads; tiny models run fastest on one. 0 = torch's default

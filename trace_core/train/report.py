@@ -8,11 +8,21 @@ from pathlib import Path
 import numpy as np
 
 
+def training_rows(history: list[dict]) -> list[dict]:
+    """The rows of training steps (not the step-0 evaluation or `trace eval --write` rows)."""
+    return [m for m in history if "effective_ratio" in m]
+
+
 def _summary(histories: list[list[dict]]) -> dict[str, float]:
     finals = [next((m["eval/success"] for m in reversed(h) if "eval/success" in m), np.nan) for h in histories]
+    initial = [
+        next((m["eval/success"] for m in h if m.get("step") == 0 and "eval/success" in m), np.nan) for h in histories
+    ]
+    histories = [training_rows(h) for h in histories]
     ratio = [np.mean([m["effective_ratio"] for m in h]) for h in histories]
     return {
         "seeds": len(histories),
+        "initial_eval_success": float(np.mean(initial)),
         "final_eval_success": float(np.mean(finals)),
         "final_eval_success_std": float(np.std(finals)),
         "effective_ratio": float(np.mean(ratio)),
@@ -26,21 +36,35 @@ def _summary(histories: list[list[dict]]) -> dict[str, float]:
     }
 
 
-def write_comparison(runs: dict[str, list[list[dict]]], cfg, out: Path) -> dict:
-    """runs[mode] = one metrics history per seed. Writes comparison.md / .json / .png under `out`."""
+def write_comparison(
+    runs: dict[str, list[list[dict]]],
+    cfg,
+    out: Path,
+    *,
+    name: str = "comparison",
+    label: str = "mode",
+    budget: str | None = None,
+) -> dict:
+    """runs[label] = one metrics history per seed. Writes <name>.md / .json / .png under `out`.
+    `budget`: the header's budget line (default: the config's; an ablation of budgets says they vary)."""
     summary = {mode: _summary(histories) for mode, histories in runs.items()}
-    lines = [
-        (
+    if budget is None:
+        budget = (
             f"Budget: {cfg.allocation.leaves_per_step} leaves per step ({cfg.allocation.roots} roots x "
-            f"(1 + {cfg.allocation.continuations_per_root})), {cfg.steps} steps, env {cfg.env.name}, model {cfg.model.name}."
-        ),
+            f"(1 + {cfg.allocation.continuations_per_root}))"
+        )
+    lines = [
+        f"{budget}, {cfg.steps} steps, env {cfg.env.name}, model {cfg.model.name}.",
         "",
-        "| mode | final eval success | effective ratio | leaves/step | generated tokens/step | leaf-path / packed tokens | s/step |",
-        "|---|---|---|---|---|---|---|",
+        (
+            f"| {label} | step-0 eval success | final eval success | effective ratio | leaves/step | generated tokens/step "
+            "| leaf-path / packed tokens | s/step |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode, s in summary.items():
         lines.append(
-            f"| {mode} | {s['final_eval_success']:.3f} ± {s['final_eval_success_std']:.3f} | "
+            f"| {mode} | {s['initial_eval_success']:.3f} | {s['final_eval_success']:.3f} ± {s['final_eval_success_std']:.3f} | "
             f"{s['effective_ratio']:.3f} ± {s['effective_ratio_std']:.3f} | {s['leaves_per_step']:.0f} | "
             f"{s['generated_tokens_per_step']:.0f} | {s['dedup_ratio']:.2f} | {s['seconds_per_step']:.2f} |"
         )
@@ -50,9 +74,9 @@ def write_comparison(runs: dict[str, list[list[dict]]], cfg, out: Path) -> dict:
     else:
         per_mode = ", ".join(f"{mode} {s['seeds']}" for mode, s in summary.items())
         lines.append(f"\n(mean ± std over the seeds of each mode: {per_mode})")
-    (out / "comparison.md").write_text("\n".join(lines) + "\n")
-    (out / "comparison.json").write_text(json.dumps(summary, indent=2))
-    plot_runs(runs, out / "comparison.png")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    plot_runs(runs, out / f"{name}.png")
     print("\n".join(lines))
     return summary
 
@@ -66,11 +90,15 @@ def plot_runs(runs: dict[str, list[list[dict]]], path: Path) -> None:
 
     fig, (ax_success, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4))
     for mode, histories in runs.items():
-        steps = [[m for m in h if "effective_ratio" in m] for h in histories]  # training rows (not `trace eval`'s)
+        steps = [training_rows(h) for h in histories]
         x = np.mean([[m["leaves_sampled"] for m in h] for h in steps], axis=0)
         ratio = np.mean([[m["effective_ratio"] for m in h] for h in steps], axis=0)
         ax_ratio.plot(x, ratio, label=mode)
-        evals = [[(m["leaves_sampled"], m["eval/success"]) for m in h if "eval/success" in m] for h in steps]
+        # the training run's own evaluations, step 0 (the untrained policy) included; not `trace eval --write` rows
+        evals = [
+            [(m["leaves_sampled"], m["eval/success"]) for m in h if "eval/success" in m and "eval/source" not in m]
+            for h in histories
+        ]
         if evals and evals[0]:
             ex = np.mean([[p[0] for p in e] for e in evals], axis=0)
             ey = np.mean([[p[1] for p in e] for e in evals], axis=0)

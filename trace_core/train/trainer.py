@@ -464,6 +464,10 @@ class Trainer:
         """Train until cfg.steps; returns this call's metrics. Writes run_dir/metrics.png at the end."""
         self._check_writable()
         history = []
+        if self.step == 0 and self.cfg.eval_at_start:  # the untrained policy: the paper's "untrained ReAct" row
+            row = {"step": 0, "leaves_sampled": 0, **self.evaluate()}
+            self.metrics.write(row, 0)
+            history.append(row)
         while self.step < self.cfg.steps:
             metrics = self.train_step()
             if (self.cfg.eval_every and self.step % self.cfg.eval_every == 0) or self.step == self.cfg.steps:

@@ -260,13 +260,33 @@ def test_answer_on_the_last_turn_still_counts(env):
 
 def test_f1_reward_option():
     task = {"question": "Who?", "golden_answers": ["Ossik Tarn of Velmora"]}
-    lenient = SearchQAEnv(BM25Retriever(CORPUS), reward="f1", f1_threshold=0.8)
+    lenient = SearchQAEnv(BM25Retriever(CORPUS), reward="f1_hit", f1_threshold=0.8)
     lenient.reset(task)
     step = lenient.step("<answer>Ossik Tarn, Velmora</answer>")
     assert step.reward == 1.0 and not step.info["em"] and step.info["f1"] == pytest.approx(6 / 7)
     strict = SearchQAEnv(BM25Retriever(CORPUS), reward="em")
     strict.reset(task)
     assert strict.step("<answer>Ossik Tarn, Velmora</answer>").reward == 0.0
+
+
+def test_qa_rewards_default_to_the_papers_criterion_and_report_all_three_metrics():
+    """The paper counts F1 >= 0.3 as correct and reports EM and F1: the default reward is that hit,
+    "f1" rewards the token F1 itself, and the last step's info always carries em, f1 and f1_hit."""
+    task = {"question": "Who?", "golden_answers": ["Ossik Tarn of Velmora"]}
+    answer = "<answer>Tarn clan members here</answer>"  # 1 of 4 answer tokens, 1 of 4 gold tokens: F1 = 0.25
+    steps = {}
+    for reward in (None, "f1", "em"):
+        env = SearchQAEnv(BM25Retriever(CORPUS), **({} if reward is None else {"reward": reward}))
+        env.reset(task)
+        steps[reward] = env.step(answer)
+    f1 = steps[None].info["f1"]
+    assert 0 < f1 < 0.3 and steps[None].reward == 0.0 and steps["f1"].reward == pytest.approx(f1)
+    assert all(set(s.info) >= {"em", "f1", "f1_hit"} and not s.info["f1_hit"] for s in steps.values())
+    env = SearchQAEnv(BM25Retriever(CORPUS))
+    env.reset(task)
+    hit = env.step("<answer>Tarn of Velmora</answer>")
+    assert hit.reward == 1.0 and hit.info["f1_hit"] and not hit.info["em"]
+    assert SearchQAEnv.eval_metrics == ("em", "f1", "f1_hit")
 
 
 def test_metrics():

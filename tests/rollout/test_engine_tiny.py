@@ -217,8 +217,11 @@ def test_episode_cut_at_max_turns_counts_as_failed(model):
         page_size=4,
         decode_backend="triton",
     )
-    (ep,) = run_rollout(engine, RolloutForest(), TASKS[:1], [1])
+    forest = RolloutForest()
+    out = engine.rollout(forest, engine.prefill(TASKS[:1]), [1])
+    (ep,) = episodes(forest, out)
     assert ep.num_turns == 2 and not ep.finished and ep.reward == 0.0
+    assert out.info == ({"turn": 2},)  # the env's info on the episode's last turn
 
 
 def test_private_prefix_ablation_matches_forking_but_recomputes(model):

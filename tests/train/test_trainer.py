@@ -471,3 +471,13 @@ def test_ablation_budgets_parse_and_default_to_the_papers_shape():
             parse_budget(bad)
     with pytest.raises(ConfigError, match="repeated budgets"):
         budget_variants([(4, 1), (4, 1)])
+
+
+def test_evaluation_reports_success_with_its_interval(tmp_path):
+    from trace_core.train.stats import wilson_interval
+
+    result = Trainer(toy(tmp_path, "steps=1")).evaluate()
+    for name in ("eval/success", "eval/success_greedy"):
+        k = round(result[name] * result["eval/tasks"])
+        assert (result[f"{name}_ci_low"], result[f"{name}_ci_high"]) == wilson_interval(k, result["eval/tasks"])
+        assert result[f"{name}_ci_low"] <= result[name] <= result[f"{name}_ci_high"]

@@ -77,6 +77,7 @@ class _Branch:
     turns: list[_Turn] = field(default_factory=list)
     reward: float | None = None
     finished: bool = False
+    final_info: Mapping[str, Any] = field(default_factory=dict)  # the env's info on the last turn
 
 
 class HFRolloutEngine:
@@ -299,7 +300,7 @@ class HFRolloutEngine:
             b.turns.append(_Turn(b.turn_tokens, b.turn_logprobs, list(obs), None))
             b.length += len(b.turn_tokens) + len(obs)
             if step.done or b.turn >= b.env.max_turns:
-                b.finished = bool(step.done)
+                b.finished, b.final_info = bool(step.done), dict(step.info)
                 b.reward = float(step.reward) if step.done and step.reward is not None else CUTOFF_REWARD
                 self.cache.release(b.kv_node)  # the last turn is never a branch point: its pages go back now
             else:
@@ -343,6 +344,7 @@ class HFRolloutEngine:
             nodes=np.asarray(nodes, dtype=np.int64),
             leaves=np.asarray(leaves, dtype=np.int64),
             finished=np.array([b.finished for b in branches], dtype=bool),
+            info=tuple(b.final_info for b in branches),
         )
 
     # ------------------------------------------------------------------ checks

@@ -90,11 +90,13 @@ class Generated:
     nodes     [n] every node it added, in the order added (roots, then each episode's turns)
     leaves    [k] each episode's final turn node, in request order
     finished  [k] bool: the env ended the episode (False: cut at env.max_turns, reward 0)
+    info      k mappings: the env's `Step.info` of each episode's last turn (answer metrics, end reason)
     """
 
     nodes: np.ndarray
     leaves: np.ndarray
     finished: np.ndarray
+    info: tuple[Mapping[str, Any], ...] = ()
 
 
 @runtime_checkable

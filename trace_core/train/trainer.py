@@ -45,6 +45,7 @@ from trace_core.train.expansion import Expansion, expand_prefixes
 from trace_core.train.metrics_log import MetricsLog
 from trace_core.train.policy_update import PolicyUpdater
 from trace_core.train.schedule import learning_rate
+from trace_core.train.stats import mean_interval
 
 log = logging.getLogger("trace_core.train.trainer")
 
@@ -439,12 +440,16 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, num_tasks: int | None = None) -> dict[str, float]:
         """Success on the held-out split, one episode per task: `eval/success` samples like training
-        does, `eval/success_greedy` decodes greedily. Seeds are fixed, so evaluations compare."""
+        does, `eval/success_greedy` decodes greedily, each with its 95% interval over the tasks
+        (`_ci_low` / `_ci_high`: Wilson for 0/1 rewards, else bootstrap). Metrics the env reports on
+        an episode's last turn (its `eval_metrics`, e.g. QA's em / f1 / f1_hit) are averaged too, an
+        episode without them counting 0. Seeds are fixed, so evaluations compare."""
         num_tasks = self.cfg.eval_tasks if num_tasks is None else num_tasks
         if num_tasks < 1:
             raise ConfigError("eval_tasks", f"must be >= 1, got {num_tasks}")
         tasks = self.eval_tasks[:num_tasks]
-        result = {"eval/tasks": len(tasks)}
+        result: dict[str, float] = {"eval/tasks": len(tasks)}
+        env_metrics = getattr(make_env(self.cfg.env.name, **self.cfg.env.env), "eval_metrics", ())
         training_sampling = self.engine.sampling
         try:  # the training engine and its KV pool, with evaluation's decoding settings
             for name, greedy in (("eval/success", False), ("eval/success_greedy", True)):
@@ -454,7 +459,12 @@ class Trainer:
                 with self._generating():
                     out = self.engine.rollout(forest, self.engine.prefill(tasks), [1] * len(tasks))
                 self.engine.release_all()
-                result[name] = float(forest.reward[out.leaves].mean())
+                rewards = forest.reward[out.leaves]
+                result[name] = float(rewards.mean())
+                result[f"{name}_ci_low"], result[f"{name}_ci_high"] = mean_interval(rewards)
+                for key in env_metrics:
+                    suffix = name.removeprefix("eval/success")  # "" or "_greedy"
+                    result[f"eval/{key}{suffix}"] = float(np.mean([float(i.get(key, 0.0)) for i in out.info]))
         finally:
             self.engine.sampling = training_sampling
         return result

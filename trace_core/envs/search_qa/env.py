@@ -17,8 +17,11 @@ other than a list of passages): "<information>Search failed: <reason></informati
 info["tool_error"] is set, episode goes on; the turn counts. `tool_timeout_s` None or inf: no limit.
 Turn limit: a turn that is not an answer, taken when `max_turns` turns are used up, ends the
 episode with reward 0 (info["end_reason"] == "turn_limit").
-Reward: "em" -> 1 if the normalised answer equals a normalised gold answer; "f1" -> 1 if the
-best token F1 against the gold answers is >= `f1_threshold`. info["f1"] and info["em"] hold both.
+Reward (`reward`): "f1_hit" (default, the paper's criterion) -> 1 if the best token F1 against the gold
+answers is >= `f1_threshold` (default 0.3, the paper's); "em" -> 1 if the normalised answer equals a
+normalised gold answer; "f1" -> the best token F1 itself, in [0, 1]. Whatever the reward, the final
+step's info holds all three metrics the paper reports: info["em"], info["f1"] and info["f1_hit"] (F1 >=
+0.3), and evaluation averages them (`eval_metrics`).
 
 The env is deterministic (stateless retrieval), so `restore(..., seed=...)` accepts a seed for
 protocol compatibility and it has no effect.
@@ -94,8 +97,14 @@ def render_passages(passages: list[Passage]) -> str:
     return "\n<information>" + "\n".join(lines) + "</information>\n"
 
 
+REWARDS = ("f1_hit", "em", "f1")
+PAPER_F1_THRESHOLD = 0.3  # the paper counts an answer with token F1 >= 0.3 as correct
+
+
 class SearchQAEnv:
     """Env protocol implementation for search-augmented QA (module docstring has the rules)."""
+
+    eval_metrics = ("em", "f1", "f1_hit")  # final-step info keys that evaluation averages
 
     def __init__(
         self,
@@ -103,8 +112,8 @@ class SearchQAEnv:
         *,
         top_k: int = 3,
         max_turns: int = 5,
-        reward: str = "em",
-        f1_threshold: float = 0.8,
+        reward: str = "f1_hit",
+        f1_threshold: float = PAPER_F1_THRESHOLD,
         on_invalid: str = "continue",
         tool_timeout_s: float | None = 10.0,
         prompt_template: str = DEFAULT_PROMPT,
@@ -116,7 +125,7 @@ class SearchQAEnv:
         self.retriever = retriever
         self.top_k = check_positive_int("top_k", top_k)
         self.max_turns = check_positive_int("max_turns", max_turns)
-        check_choice("reward", reward, ("em", "f1"))
+        check_choice("reward", reward, REWARDS)
         self.reward_mode = reward
         if not 0.0 < f1_threshold <= 1.0:
             raise EnvError("f1_threshold", f"f1_threshold must be in (0, 1], got {f1_threshold!r}")
@@ -206,6 +215,9 @@ class SearchQAEnv:
         info["answer"] = answer
         info["em"] = exact_match(answer, golds)
         info["f1"] = token_f1(answer, golds)
+        info["f1_hit"] = info["f1"] >= PAPER_F1_THRESHOLD
+        if self.reward_mode == "f1":
+            return self._finish(float(info["f1"]), "answer", info)
         correct = info["em"] if self.reward_mode == "em" else info["f1"] >= self.f1_threshold
         return self._finish(1.0 if correct else 0.0, "answer", info)
 

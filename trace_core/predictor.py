@@ -181,7 +181,11 @@ class _OnlineRegressor:
             loss.backward()
             self.optimizer.step()
             losses.append(loss.item())
-        return {"predictor/loss": float(np.mean(losses)), "predictor/replay_nodes": float(len(pool))}
+        return {
+            "predictor/loss": float(np.mean(losses)),
+            "predictor/replay_nodes": float(len(pool)),
+            "predictor/replay_max_age": float(len(self._replay) - 1),  # policy updates behind the newest features
+        }
 
     def state_dict(self) -> dict:
         # plain tensors and lists only, so torch.load(weights_only=True) can read a checkpoint

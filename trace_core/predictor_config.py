@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+PREDICTOR_BACKENDS = ("mlp_head", "encoder")
+
 
 @dataclass
 class PredictorConfig:
@@ -13,9 +15,17 @@ class PredictorConfig:
     weight_decay: float = 0.0
     updates_per_step: int = 16  # minibatch steps over the replay buffer after each training step
     batch_size: int = 256
-    replay_steps: int = 8  # nodes of this many recent steps are replayed
+    # nodes of this many recent steps are replayed. With the mlp_head backend a replayed node keeps the
+    # hidden state of the policy that generated it, so this also bounds how stale those features are:
+    # at most replay_steps - 1 policy updates old (logged as predictor/replay_max_age)
+    replay_steps: int = 8
     warmup_nodes: int = 256  # cold start: the trainer allocates uniformly until this many nodes were seen
     seed: int = 0
+    # "mlp_head": an MLP on the policy's own hidden state at the prefix's last token (from the engine);
+    # "encoder": a separate model (`encoder`, a model name like model.name, sharing the policy's
+    # tokenizer) reads the prefix tokens and is trained end to end with the head
+    backend: str = "mlp_head"
+    encoder: str = "tiny"
 
     def __post_init__(self):
         for name in ("hidden_dim", "updates_per_step", "batch_size", "replay_steps"):
@@ -23,8 +33,12 @@ class PredictorConfig:
                 raise ValueError(f"predictor.{name}: must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"predictor.lr: must be > 0, got {self.lr}")
+        if self.backend not in PREDICTOR_BACKENDS:
+            raise ValueError(f"predictor.backend: {self.backend!r} is not one of {', '.join(PREDICTOR_BACKENDS)}")
+        if not isinstance(self.encoder, str) or not self.encoder:
+            raise ValueError(f"predictor.encoder: must name a model (like model.name), got {self.encoder!r}")
         if self.warmup_nodes < 0:
             raise ValueError(f"predictor.warmup_nodes: must be >= 0, got {self.warmup_nodes}")
 
 
-__all__ = ["PredictorConfig"]
+__all__ = ["PREDICTOR_BACKENDS", "PredictorConfig"]

@@ -481,3 +481,21 @@ def test_evaluation_reports_success_with_its_interval(tmp_path):
         k = round(result[name] * result["eval/tasks"])
         assert (result[f"{name}_ci_low"], result[f"{name}_ci_high"]) == wilson_interval(k, result["eval/tasks"])
         assert result[f"{name}_ci_low"] <= result[name] <= result[f"{name}_ci_high"]
+
+
+def test_encoder_predictor_backend_trains_and_informs_the_allocation(tmp_path):
+    """predictor.backend=encoder: a separate tiny model reads the prefix tokens (the policy's tokenizer)."""
+    from trace_core.predictor import EncoderPredictor
+
+    trainer = Trainer(toy(tmp_path, "predictor.backend=encoder", "steps=3"))
+    assert isinstance(trainer.predictor, EncoderPredictor)
+    encoder = trainer.predictor.net.encoder
+    assert not any(p is q for p in encoder.parameters() for q in trainer.model.parameters())
+    rows = [trainer.train_step() for _ in range(3)]
+    assert trainer.predictor.nodes_seen > 0 and rows[-1]["predictor_informed"] == 1.0
+    assert math.isfinite(rows[-1]["predictor/loss"]) and rows[-1]["predictor/replay_max_age"] == 2.0
+
+
+def test_bad_predictor_backend_is_a_config_error(tmp_path, capsys):
+    assert main(["train", *TOY, f"run_dir={tmp_path / 'r'}", "predictor.backend=oracle-ish"]) == 2
+    assert "predictor.backend" in capsys.readouterr().err and not (tmp_path / "r").exists()

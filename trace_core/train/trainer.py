@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -33,7 +34,14 @@ from trace_core.allocation.objective import repeat_probability, root_mixed_proba
 from trace_core.envs import make_env, make_task_source
 from trace_core.forest import RolloutForest
 from trace_core.model.policy import build_policy
-from trace_core.predictor import MLPHeadPredictor, PrefixBatch, calibration, training_targets
+from trace_core.predictor import (
+    EncoderPredictor,
+    MLPHeadPredictor,
+    PrefixBatch,
+    SuccessPredictor,
+    calibration,
+    training_targets,
+)
 from trace_core.rollout import Generated, HFRolloutEngine, Prompts, SamplingParams
 from trace_core.rollout.kv_cache import CacheCapacityError, page_bytes
 from trace_core.rollout.paged_runner import kv_geometry
@@ -148,7 +156,7 @@ class Trainer:
                 f"allocation.candidates: {cfg.allocation.candidates} prompts per step, but the train "
                 f"split has only {len(self.train_tasks)} tasks"
             )
-        self.predictor = MLPHeadPredictor(self.model.config.hidden_size, cfg.predictor)
+        self.predictor = self._make_predictor()
         self.backend = None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend
         self.updater = PolicyUpdater(
             self.policy, cfg.optim, temperature=cfg.generation.temperature, backend=self.backend
@@ -270,13 +278,33 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ the predictor
+    def _make_predictor(self) -> SuccessPredictor:
+        """predictor.backend: an MLP head on the policy's hidden states, or a separate encoder model
+        (built like the policy from predictor.encoder, with the policy's tokenizer) reading the tokens."""
+        cfg = self.cfg.predictor
+        if cfg.backend == "mlp_head":
+            return MLPHeadPredictor(self.model.config.hidden_size, cfg)
+        model_cfg = dataclasses.replace(self.cfg.model, name=cfg.encoder, gradient_checkpointing=False)
+        encoder = build_policy(model_cfg, self.cfg.env.name, self.cfg.seed + 1)
+        if encoder.tokenizer.get_vocab() != self.policy.tokenizer.get_vocab():
+            raise ConfigError(
+                "predictor.encoder",
+                f"{cfg.encoder!r} has another tokenizer than the policy; it reads the policy's tokens",
+            )
+        base = getattr(encoder.model, "model", encoder.model)  # the transformer without its lm-head
+        return EncoderPredictor(base, cfg, pad_token_id=self.policy.tokenizer.pad_token_id or 0)
+
     def _predict_prompts(self, prompts: Prompts) -> np.ndarray:
-        """[B] Vhat of each prompt, from the hidden state the engine's prefill computed."""
+        """[B] Vhat of each prompt, from the hidden state the engine's prefill computed (mlp_head) or
+        the prompt tokens (encoder)."""
         return self.predictor.predict(
             PrefixBatch(
                 depth=torch.zeros(len(prompts), dtype=torch.long),
                 prefix_len=torch.as_tensor(prompts.lengths),
                 hidden=prompts.hidden,
+                token_ids=[np.asarray(t) for t in prompts.token_ids]
+                if self.cfg.predictor.backend == "encoder"
+                else None,
             )
         )
 
@@ -286,7 +314,14 @@ class Trainer:
             depth=torch.as_tensor(forest.depth[nodes], dtype=torch.long),
             prefix_len=torch.as_tensor(forest.path_lengths()[nodes]),
             hidden=self.engine.hidden_states(nodes),
+            token_ids=self._path_tokens(forest, nodes),
         )
+
+    def _path_tokens(self, forest: RolloutForest, nodes: np.ndarray) -> list[np.ndarray] | None:
+        """Each node's prefix tokens (root to node) when the predictor reads tokens (encoder), else None."""
+        if self.cfg.predictor.backend != "encoder":
+            return None
+        return [np.concatenate([forest.node_tokens(u) for u in forest.leaf_path(v)]) for v in nodes]
 
     def _predict_nodes(self, forest: RolloutForest, nodes: np.ndarray) -> np.ndarray:
         return self.predictor.predict(self._prefix_batch(forest, nodes))

@@ -86,10 +86,14 @@ def at_test_budget(command: str) -> list[str]:
     """A README command as argv, at a test budget: steps=N -> N // 50 (at least 1; 1 when unset), 8 eval
     tasks, no progress bar. Runs resumed with --resume only change what may change on resume."""
     argv = shlex.split(command)
-    if argv[:2] in (["trace", "train"], ["trace", "compare"]):
+    if argv[:2] in (["trace", "train"], ["trace", "compare"], ["trace", "ablate"]):
         steps = next((int(a.split("=")[1]) for a in argv if a.startswith("steps=")), None)
         argv = [a for a in argv if not a.startswith("steps=")]
         argv += [f"steps={max(1, (steps or 50) // 50)}", "eval_tasks=8", "progress=false"]
+        if argv[1] == "ablate" and "--seeds" in argv:  # 7 runs a seed: one seed is enough to run the grid
+            i = argv.index("--seeds")
+            rest = [a for a in argv[i + 1 :] if not a.isdigit()]
+            argv = [*argv[: i + 1], "0", *rest]
     elif argv[:2] == ["trace", "eval"]:
         argv += ["--tasks", "8"]
     return [str(TRACE), *argv[1:]]
@@ -116,7 +120,8 @@ def files(folder: Path) -> dict[str, str]:
 
 
 def check_runs(cwd: Path, expected_runs: int) -> dict[str, str]:
-    """Every train run under runs/ is whole: its metrics rows are 1..steps and its latest checkpoint verifies."""
+    """Every train run under runs/ is whole: its metrics rows are 0..steps (step 0 evaluates the untrained
+    policy) and its latest checkpoint verifies."""
     from trace_core.train import checkpoint as ckpt
 
     train_runs = [
@@ -126,21 +131,22 @@ def check_runs(cwd: Path, expected_runs: int) -> dict[str, str]:
     for run in train_runs:
         steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
         state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run), require_manifest=True)
-        assert steps == list(range(1, state["step"] + 1)) and state["step"] >= 1, run
+        assert steps == list(range(state["step"] + 1)) and state["step"] >= 1, run  # step 0: the untrained policy
     return files(cwd / "runs")
 
 
 def test_readme_commands_run(tmp_path):
-    """train, train uniform, --resume runs/latest, eval runs/latest (compare: in the slow test below)."""
-    done = run_commands(tmp_path, skip=("trace compare",))
-    assert len(done) == len([c for c in command_lines() if c.startswith("trace ") and "compare" not in c])
+    """train, train uniform, --resume runs/latest, eval runs/latest (compare, ablate: in the slow test below)."""
+    done = run_commands(tmp_path, skip=("trace compare", "trace ablate"))
+    grids = ("compare", "ablate")
+    assert len(done) == len([c for c in command_lines() if c.startswith("trace ") and not any(g in c for g in grids)])
     check_runs(tmp_path, expected_runs=2)
     evaluation = json.loads(done[-1].stdout.strip().splitlines()[-1])
     assert evaluation["step"] == 2  # the resumed run (runs/latest: the uniform one), at its new end
     assert (tmp_path / "runs" / "latest").resolve().name.startswith("uniform-")
 
 
-@pytest.mark.slow  # the whole sequence twice, `trace compare --seeds 0 1 2` (9 runs) included: a few minutes
+@pytest.mark.slow  # the whole sequence twice, `trace compare` (9 runs) and `trace ablate` (21 runs) included
 def test_readme_command_sequence_runs_twice_without_losing_anything(tmp_path):
     run_commands(tmp_path)
     first = check_runs(tmp_path, expected_runs=2)
@@ -149,6 +155,7 @@ def test_readme_command_sequence_runs_twice_without_losing_anything(tmp_path):
     assert all(second.get(name) == digest for name, digest in first.items())  # the first pass's files unchanged
     comparisons = sorted((tmp_path / "runs").glob("compare-*/comparison.md"))
     assert len(comparisons) == 2 and all("over 3 seeds" in p.read_text() for p in comparisons)
+    assert len(sorted((tmp_path / "runs").glob("ablate-*/ablation_stages.md"))) == 2
 
 
 @pytest.mark.parametrize("command", [c for c in command_lines() if c.startswith("bash scripts/")])

@@ -180,7 +180,7 @@ def test_comparison_table_says_the_real_number_of_seeds(tmp_path):
     history = [{**row, "eval/success": 0.25}]
     cfg = load_config(TrainConfig)
     write_comparison({"trace": [history, history], "uniform": [history, history]}, cfg, tmp_path)
-    assert "(mean ± std over 2 seeds)" in (tmp_path / "comparison.md").read_text()
+    assert "(mean ± std over 2 seeds;" in (tmp_path / "comparison.md").read_text()
     write_comparison({"trace": [history], "uniform": [history, history]}, cfg, tmp_path)
     assert "trace 1, uniform 2" in (tmp_path / "comparison.md").read_text()
 
@@ -213,5 +213,5 @@ def test_compare_takes_overrides_after_its_seeds(tmp_path):
     out = tmp_path / "cmp"
     done = trace("compare", "--modes", "uniform", "--seeds", "3", *TOY, "steps=1", "--out", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "(mean ± std over 1 seed)" in (out / "comparison.md").read_text()
+    assert "(mean ± std over 1 seed;" in (out / "comparison.md").read_text()
     assert (out / "uniform" / "seed3" / "config.yaml").is_file()

@@ -25,3 +25,61 @@ def test_bootstrap_is_deterministic_and_brackets_the_mean():
 def test_mean_interval_uses_wilson_for_binary_outcomes_only():
     assert mean_interval([1, 0, 1, 0, 1, 0, 1, 0, 1, 0]) == wilson_interval(5, 10)
     assert mean_interval([0.5, 1.0, 0.0]) == bootstrap_interval([0.5, 1.0, 0.0])
+
+
+def test_t_interval_and_curve_area_match_hand_computed_values():
+    from trace_core.train.stats import curve_area, t_interval
+
+    # mean 2, sample sd 1, n 3: 2 -+ 4.303 / sqrt(3)
+    assert t_interval([1.0, 2.0, 3.0]) == pytest.approx((2 - 2.48434, 2 + 2.48434), abs=1e-4)
+    low, high = t_interval([0.5])
+    assert low != low and high != high  # one seed: no interval
+    assert curve_area([0, 50, 100], [0.0, 0.5, 1.0]) == pytest.approx(0.5)
+    assert curve_area([0, 100, 250], [0.2, 0.2, 0.5]) == pytest.approx((0.2 * 100 + 0.35 * 150) / 250)
+
+
+def _history(successes, ratio):
+    """A run's metrics rows: evaluations at steps 0, 1, 2 and two training steps."""
+    rows = [{"step": 0, "leaves_sampled": 0, "eval/success": successes[0]}]
+    for step in (1, 2):
+        rows.append(
+            {
+                "step": step,
+                "leaves_sampled": 16 * step,
+                "effective_ratio": ratio,
+                "leaves": 16,
+                "generated_tokens": 100,
+                "dedup_ratio": 1.5,
+                "time/train": 0.1,
+                "eval/success": successes[step],
+            }
+        )
+    return rows
+
+
+def test_comparison_reports_intervals_and_paired_differences(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from trace_core.train.report import write_comparison
+
+    cfg = SimpleNamespace(
+        steps=2,
+        allocation=SimpleNamespace(leaves_per_step=16, roots=8, continuations_per_root=1),
+        env=SimpleNamespace(name="gridworld"),
+        model=SimpleNamespace(name="tiny"),
+    )
+    runs = {
+        "uniform": [_history([0.1, 0.2, 0.3], 0.3), _history([0.1, 0.1, 0.2], 0.4), _history([0.2, 0.2, 0.2], 0.2)],
+        "trace": [_history([0.1, 0.3, 0.5], 0.5), _history([0.1, 0.2, 0.3], 0.5), _history([0.2, 0.3, 0.4], 0.6)],
+    }
+    summary = write_comparison(runs, cfg, tmp_path)
+    assert summary["trace"]["final_eval_success"] == pytest.approx(0.4)
+    assert summary["trace"]["final_eval_success_ci"] == pytest.approx(
+        (0.4 - 4.303 * 0.1 / 3**0.5, 0.4 + 4.303 * 0.1 / 3**0.5), abs=1e-3
+    )
+    paired = json.loads((tmp_path / "comparison.json").read_text())["paired"]["trace"]
+    assert paired["final_eval_success"]["per_seed"] == pytest.approx([0.2, 0.1, 0.2])
+    assert paired["effective_ratio"]["mean"] == pytest.approx((0.2 + 0.1 + 0.4) / 3)
+    text = (tmp_path / "comparison.md").read_text()
+    assert "Paired differences to uniform" in text and "(mean ± std over 3 seeds" in text

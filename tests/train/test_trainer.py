@@ -499,3 +499,19 @@ def test_encoder_predictor_backend_trains_and_informs_the_allocation(tmp_path):
 def test_bad_predictor_backend_is_a_config_error(tmp_path, capsys):
     assert main(["train", *TOY, f"run_dir={tmp_path / 'r'}", "predictor.backend=oracle-ish"]) == 2
     assert "predictor.backend" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow  # spawns two training processes (each imports torch and builds its model)
+def test_parallel_seeds_give_the_sequential_results(tmp_path):
+    def untimed(out):
+        runs = {}
+        for path in sorted(out.glob("*/seed*/metrics.jsonl")):
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            runs[str(path.relative_to(out))] = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+        return runs
+
+    common = ["--seeds", "0", "1", "--modes", "trace", *TOY, "steps=2"]
+    assert main(["compare", "--out", str(tmp_path / "seq"), *common]) == 0
+    assert main(["compare", "--jobs", "2", "--out", str(tmp_path / "par"), *common]) == 0
+    sequential, parallel = untimed(tmp_path / "seq"), untimed(tmp_path / "par")
+    assert len(sequential) == 2 and sequential == parallel

@@ -88,17 +88,19 @@ def check_seeds_and_modes(seeds: list[int], modes: list[str]) -> None:
         )
 
 
-def compare(cfg, seeds: list[int], modes: list[str], out: Path) -> dict:
+def compare(cfg, seeds: list[int], modes: list[str], out: Path, *, jobs: int = 1) -> dict:
     """Train every mode with every seed at the same budget; write a table and a plot under `out`."""
     from trace_core.train.experiments import mode_variants, run_grid
     from trace_core.train.report import write_comparison
 
     check_seeds_and_modes(seeds, modes)
-    runs = run_grid(out / "base_config.yaml", mode_variants(modes), seeds, out, train)
+    runs = run_grid(out / "base_config.yaml", mode_variants(modes), seeds, out, train, jobs=jobs)
     return write_comparison(runs, cfg, out)
 
 
-def ablate(cfg, seeds: list[int], tables: list[str], budgets: list[tuple[int, int]] | None, out: Path) -> dict:
+def ablate(
+    cfg, seeds: list[int], tables: list[str], budgets: list[tuple[int, int]] | None, out: Path, *, jobs: int = 1
+) -> dict:
     """The paper's ablations at this config's scale: `stages` (Table 1: Stage 1 uniform|active x Stage 2
     uniform|active) and `budgets` (Table 2: (M, N) pairs with TRACE); a table and a plot per ablation."""
     from trace_core.train.experiments import budget_variants, default_budgets, run_grid, stage_variants
@@ -109,7 +111,7 @@ def ablate(cfg, seeds: list[int], tables: list[str], budgets: list[tuple[int, in
     grids = {"stages": stage_variants(), "budgets": budget_variants(budgets)}
     result = {}
     for table in tables:
-        runs = run_grid(out / "base_config.yaml", grids[table], seeds, out / table, train)
+        runs = run_grid(out / "base_config.yaml", grids[table], seeds, out / table, train, jobs=jobs)
         stage_budget = None if table == "stages" else "Budget: (M, N) as in each row, M x (1 + N) leaves per step"
         result[table] = write_comparison(
             runs,
@@ -250,6 +252,12 @@ def _parser() -> argparse.ArgumentParser:
     p_cmp.add_argument(
         "--out", type=Path, default=None, help="an empty or new folder (default: a fresh runs/compare-<date>-<time>)"
     )
+    p_cmp.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        help="runs trained at once, each in its own process (e.g. the number of cores; results equal --jobs 1)",
+    )
     p_cmp.add_argument("overrides", nargs="*")
     p_abl = sub.add_parser(
         "ablate",
@@ -268,6 +276,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p_abl.add_argument(
         "--out", type=Path, default=None, help="an empty or new folder (default: a fresh runs/ablate-<date>-<time>)"
+    )
+    p_abl.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        help="runs trained at once, each in its own process (e.g. the number of cores; results equal --jobs 1)",
     )
     p_abl.add_argument("overrides", nargs="*")
     p_eval = sub.add_parser("eval", help="success rate of a checkpoint on the held-out split (reads only)")
@@ -322,9 +336,9 @@ def main(argv: list[str] | None = None) -> int:
             out = _grid_folder(args.out, args.command)
             save_config(cfg, out / "base_config.yaml")
             if args.command == "compare":
-                compare(cfg, seeds, modes, out)
+                compare(cfg, seeds, modes, out, jobs=args.jobs)
             else:
-                ablate(cfg, seeds, args.tables, budgets, out)
+                ablate(cfg, seeds, args.tables, budgets, out, jobs=args.jobs)
         else:
             evaluate(args.checkpoint, args.tasks, write=args.write)
     except TraceError as err:

@@ -55,9 +55,13 @@ def run_grid(
     seeds: Sequence[int],
     out: Path,
     train: Callable,
+    *,
+    jobs: int = 1,
 ) -> dict[str, list[list[dict]]]:
     """Train every variant with every seed; run directories out/<variant>/seed<k>. Returns the metrics
-    histories per variant (one per seed, in seed order)."""
+    histories per variant (one per seed, in seed order). `jobs` > 1 trains that many runs at once in
+    separate processes (spawned; each run is a pure function of its config, so the results are the
+    sequential ones); `train` must then be a module-level function."""
     from trace_core.train.config import TrainConfig
     from trace_core.train.config_loader import load_config
 
@@ -66,12 +70,21 @@ def run_grid(
         return load_config(TrainConfig, base_config, [*overrides, f"seed={seed}", f"run_dir={run_dir}"])
 
     configs = {label: [config(label, o, seed) for seed in seeds] for label, o in variants.items()}  # fail early
-    runs: dict[str, list[list[dict]]] = {label: [] for label in variants}
-    for label, cfgs in configs.items():
-        for seed, cfg in zip(seeds, cfgs):
-            print(f"== {label}, seed {seed}")
-            runs[label].append(train(cfg))
-    return runs
+    if jobs < 1:
+        raise ConfigError("--jobs", f"must be >= 1, got {jobs}")
+    if jobs == 1:
+        runs: dict[str, list[list[dict]]] = {label: [] for label in variants}
+        for label, cfgs in configs.items():
+            for seed, cfg in zip(seeds, cfgs):
+                print(f"== {label}, seed {seed}")
+                runs[label].append(train(cfg))
+        return runs
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {label: [pool.submit(train, cfg) for cfg in cfgs] for label, cfgs in configs.items()}
+        return {label: [f.result() for f in fs] for label, fs in futures.items()}
 
 
 def _slug(label: str) -> str:

@@ -6,6 +6,7 @@ announced, and --help / config errors do not import torch."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -215,3 +216,64 @@ def test_compare_takes_overrides_after_its_seeds(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "(mean ± std over 1 seed;" in (out / "comparison.md").read_text()
     assert (out / "uniform" / "seed3" / "config.yaml").is_file()
+
+
+def test_trace_retriever_serve_is_the_search_r1_server(tmp_path):
+    """`trace retriever serve` runs envs/search_qa/server.py: a real server on a free port answers /retrieve."""
+    import json as _json
+    import socket
+    import time
+    import urllib.request
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "\n".join(
+            _json.dumps({"id": str(i), "contents": text})
+            for i, text in enumerate(["Ossik Tarn was born in Velmora.", "Velmora is a city in Dranthia."])
+        )
+    )
+    bad = trace("retriever", "serve", "--corpus", str(tmp_path / "missing.jsonl"))
+    assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trace_core.train.cli",
+            "retriever",
+            "serve",
+            "--corpus",
+            str(corpus),
+            "--port",
+            str(port),
+            "--quiet",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        body = _json.dumps({"queries": ["Where was Ossik Tarn born?"], "topk": 1, "return_scores": True}).encode()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/retrieve", data=body, headers={"Content-Type": "application/json"}
+                )
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    answer = _json.loads(response.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, (
+                    server.stderr.read() if server.poll() else ""
+                )
+                time.sleep(0.2)
+        (hits,) = answer["result"]
+        assert "Ossik Tarn" in hits[0]["document"]["contents"]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -11,6 +11,8 @@ trace compare [--config FILE] [--seeds 0 1 2] [--modes trace uniform random_tree
 trace ablate [--config FILE] [--seeds 0 1 2] [--tables stages budgets] [--budgets 16x1 16x3 32x1] [--out DIR]
     the paper's ablations at this config's scale: Stage 1 uniform|active x Stage 2 uniform|active, and (M, N)
     budgets with TRACE; ablation_stages.md / ablation_budgets.md (+ .json, .png) under --out.
+trace retriever serve --corpus FILE.jsonl [--host H] [--port P] [--topk K]
+    a BM25 index (bm25s) served over Search-R1's /retrieve protocol (envs/search_qa/server.py)
 trace eval RUN_DIR_OR_CHECKPOINT [--tasks N] [--write]
     held-out success of exactly that checkpoint (a run directory: its newest intact one); reads only,
     unless --write (appends the result to the run's metrics.jsonl).
@@ -284,6 +286,12 @@ def _parser() -> argparse.ArgumentParser:
         help="runs trained at once, each in its own process (e.g. the number of cores; results equal --jobs 1)",
     )
     p_abl.add_argument("overrides", nargs="*")
+    p_ret = sub.add_parser(
+        "retriever",
+        help="serve a BM25 index over Search-R1's /retrieve protocol: trace retriever serve --corpus FILE",
+    )
+    p_ret.add_argument("action", choices=["serve"])
+    p_ret.add_argument("rest", nargs=argparse.REMAINDER, help="--corpus FILE [--host H] [--port P] [--topk K]")
     p_eval = sub.add_parser("eval", help="success rate of a checkpoint on the held-out split (reads only)")
     p_eval.add_argument(
         "checkpoint", type=Path, help="a checkpoint file (anywhere) or a run directory (its newest intact checkpoint)"
@@ -303,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "retriever":
+            from trace_core.envs.search_qa.server import main as serve
+
+            return serve(args.rest)
         if args.command == "train":
             from trace_core.train.config import TrainConfig, resume_config
             from trace_core.train.config_loader import load_config, to_dict

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PREDICTOR_BACKENDS = ("mlp_head", "encoder")
+PREDICTOR_BACKENDS = ("mlp_head", "encoder", "oracle")
 
 
 @dataclass
@@ -24,11 +24,15 @@ class PredictorConfig:
     # "mlp_head": an MLP on the policy's own hidden state at the prefix's last token (from the engine);
     # "encoder": a separate model (`encoder`, a model name like model.name, sharing the policy's
     # tokenizer) reads the prefix tokens and is trained end to end with the head
+    # "oracle" (analysis only, never a default): Vhat = the mean reward of `oracle_samples` extra episodes
+    # from each prompt / prefix, sampled by the engine outside the step's budget and never trained on;
+    # shows what the allocation buys when its predictions are right
     backend: str = "mlp_head"
     encoder: str = "tiny"
+    oracle_samples: int = 8
 
     def __post_init__(self):
-        for name in ("hidden_dim", "updates_per_step", "batch_size", "replay_steps"):
+        for name in ("hidden_dim", "updates_per_step", "batch_size", "replay_steps", "oracle_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"predictor.{name}: must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -205,6 +205,7 @@ def test_turn_mapping_calls_results_and_next_user_turn(tasks):
         step = env.step("done")
     # turn 0 matched the ground truth; turn 1 has calls in the ground truth and none here
     assert step.done and step.reward == 0.0 and step.info["turns_passed"] == 1
+    assert step.info["turn_pass_rate"] == 1 / 4 and env.eval_metrics == ("turn_pass_rate",)
     assert step.info["error_type"] == "multi_turn:empty_turn_model_response"
     with pytest.raises(EpisodeStateError):
         env.step("[ls()]")

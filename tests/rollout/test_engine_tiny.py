@@ -274,3 +274,50 @@ def test_episodes_whose_turn_ends_in_the_same_round_step_together(model):
     assert [e.token_ids for e in batched] == [e.token_ids for e in plain]
     assert [e.reward for e in batched] == [e.reward for e in plain]
     assert calls == [5, 5, 5]  # 3 turns; every branch's turn ends in the same round (3 greedy tokens)
+
+
+class CoinEnv(CounterEnv):
+    """Two turns; the episode succeeds with probability p, drawn from the env's seeded randomness."""
+
+    def __init__(self, p: float):
+        super().__init__(max_turns=2)
+        self.p = p
+
+    def step(self, action):
+        out = super().step(action)
+        if out.done:
+            return type(out)("", True, float(self.rng.random() < self.p), out.info)
+        return out
+
+
+@pytest.mark.slow  # 2 x 1,200 sampled episodes
+@pytest.mark.parametrize("p", [0.2, 0.7])
+def test_oracle_success_rates_converge_to_the_known_rate_and_leave_training_sampling_alone(model, p):
+    def engine():
+        return HFRolloutEngine(
+            model,
+            CharCodec(VOCAB),
+            lambda: CoinEnv(p),
+            num_pages=4096,
+            page_size=4,
+            sampling=SamplingParams(temperature=1.0, max_tokens=2),
+            decode_backend="cpu",  # hundreds of branches: the interpreted kernel would take minutes
+            seed=4,
+        )
+
+    plain, probed = engine(), engine()
+    forest, probed_forest = RolloutForest(vocab_size=VOCAB), RolloutForest(vocab_size=VOCAB)
+    prompts = probed.prefill(TASKS)
+    rates = probed.success_rates(prompts=prompts, samples=300)
+    assert rates.shape == (2,) and np.abs(rates - p).max() < 0.09  # binomial sd at n=300: <= 0.029
+    bare = probed.rollout(probed_forest, prompts, [2, 2])
+    turn1 = bare.nodes[probed_forest.depth[bare.nodes] == 1]
+    node_rates = probed.success_rates(forest=probed_forest, nodes=turn1, samples=300)
+    assert np.abs(node_rates - p).max() < 0.09
+    assert probed.oracle_tokens == 2 * 300 * 4 + 4 * 300 * 2 and probed.generated_tokens == 4 * 4
+    # the probing sampled from its own streams: the training rollouts are those of an engine that never probed
+    reference = plain.rollout(forest, plain.prefill(TASKS), [2, 2])
+    assert [forest.leaf_sequence(u).token_ids.tolist() for u in reference.leaves] == [
+        probed_forest.leaf_sequence(u).token_ids.tolist() for u in bare.leaves
+    ]
+    assert forest.reward[reference.leaves].tolist() == probed_forest.reward[bare.leaves].tolist()

@@ -515,3 +515,13 @@ def test_parallel_seeds_give_the_sequential_results(tmp_path):
     assert main(["compare", "--jobs", "2", "--out", str(tmp_path / "par"), *common]) == 0
     sequential, parallel = untimed(tmp_path / "seq"), untimed(tmp_path / "par")
     assert len(sequential) == 2 and sequential == parallel
+
+
+def test_oracle_predictor_informs_the_allocation_from_step_one_outside_the_budget(tmp_path):
+    """predictor.backend=oracle (analysis): Monte-Carlo predictions from extra episodes, no cold start,
+    the same leaves per step, its sampling reported apart (oracle_tokens)."""
+    trainer = Trainer(toy(tmp_path, "predictor.backend=oracle", "predictor.oracle_samples=4", "steps=2"))
+    rows = [trainer.train_step() for _ in range(2)]
+    assert [r["predictor_informed"] for r in rows] == [1.0, 1.0] and all(r["leaves"] == 16 for r in rows)
+    assert all(r["oracle_tokens"] > r["generated_tokens"] > 0 for r in rows)
+    assert all("predictor/brier" in r for r in rows) and trainer.predictor.nodes_seen > 0

@@ -118,6 +118,7 @@ class HFRolloutEngine:
         self.codec, self.env_factory = codec, env_factory
         self.vocab_size = int(model.config.vocab_size)
         self._generator = torch.Generator(device=self.runner.device)
+        self._oracle_generator = torch.Generator(device=self.runner.device)
         self.reseed(seed)
         self._prompts: list[tuple[_Prefix, int, list[int]]] = []  # prefilled: (prefix, prompt_id, tokens)
         self._forest: RolloutForest | None = None  # the forest the retained nodes belong to
@@ -125,6 +126,7 @@ class HFRolloutEngine:
         self._anchors: dict[int, _Prefix] = {}  # forest node -> retained prefix (roots and non-final turns)
         self._retained: list[int] = []  # KV node handles held until release_all
         self.generated_tokens = 0
+        self.oracle_tokens = 0  # sampled by success_rates (analysis; outside every budget)
 
     # ------------------------------------------------------------------ public API
     def prefill(self, tasks: Sequence[Mapping[str, Any]], prompt_ids: Sequence[int] | None = None) -> Prompts:
@@ -194,6 +196,43 @@ class HFRolloutEngine:
                 branches.append(self._new_branch(start, node, -1))
         return self._generate(branches)
 
+    def success_rates(
+        self,
+        *,
+        samples: int,
+        prompts: Prompts | None = None,
+        forest: RolloutForest | None = None,
+        nodes: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Monte-Carlo P(reward = 1) from each prompt (`prompts`) or each root / turn node this engine wrote
+        (`forest`, `nodes`): the mean reward of `samples` fresh episodes from it. For analysis (the oracle
+        predictor): the episodes enter no forest, their tokens count in `oracle_tokens`, not
+        `generated_tokens`, and they draw from sampling and env-seed streams of their own, so the
+        training rollouts sample exactly what they would have without them."""
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples: must be an integer >= 1, got {samples!r}")
+        if (prompts is None) == (nodes is None):
+            raise ValueError("success_rates: give prompts, or forest and nodes")
+        if prompts is not None:
+            starts = [(self._prompts[h][0], h) for h in prompts.handles]
+        else:
+            assert forest is not None
+            self._bind(forest)
+            starts = []
+            for i, node in enumerate(np.asarray(nodes, dtype=np.int64).reshape(-1)):
+                if int(node) not in self._anchors:
+                    raise ValueError(f"nodes[{i}]: node {int(node)} is not a root or non-final turn this engine wrote")
+                starts.append((self._anchors[int(node)], -1))
+        streams = (self._generator, self._seeds, self.generated_tokens)
+        self._generator, self._seeds = self._oracle_generator, self._oracle_seeds
+        try:
+            branches = [self._new_branch(prefix, -1, handle) for prefix, handle in starts for _ in range(samples)]
+            rewards = self._generate(branches, write=False)
+        finally:
+            self.oracle_tokens += self.generated_tokens - streams[2]
+            self._generator, self._seeds, self.generated_tokens = streams
+        return rewards.reshape(len(starts), samples).mean(axis=1) if starts else np.zeros(0)
+
     def hidden_states(self, nodes: Sequence[int]) -> torch.Tensor:
         rows = []
         for node in np.asarray(nodes, dtype=np.int64).reshape(-1):
@@ -215,6 +254,9 @@ class HFRolloutEngine:
         # prompts are reset from their own stream: prefilling a candidate the allocation then drops
         # must not shift the seeds of the rollouts that run
         self._reset_seeds = np.random.default_rng([int(seed), 1])
+        # the oracle's Monte-Carlo episodes (success_rates) sample from streams of their own
+        self._oracle_generator.manual_seed(int(np.random.default_rng([int(seed), 2]).integers(2**62)))
+        self._oracle_seeds = np.random.default_rng([int(seed), 3])
 
     def release_all(self) -> None:
         for node in self._retained:
@@ -251,7 +293,9 @@ class HFRolloutEngine:
             first_hidden=start.hidden,
         )
 
-    def _generate(self, branches: list[_Branch]) -> Generated:
+    def _generate(self, branches: list[_Branch], *, write: bool = True):
+        """Run every branch to the end of its episode; write them into the forest (-> Generated), or with
+        write=False only return their rewards [k]."""
         generating: list[_Branch] = []
         ended: list[_Branch] = []
         if branches:
@@ -264,6 +308,8 @@ class HFRolloutEngine:
             batch, generating = generating, []
             hidden = self.runner.decode([b.kv_node for b in batch], [b.pending for b in batch])
             self._sample_into(batch, hidden, generating, ended)
+        if not write:
+            return np.array([b.reward for b in branches], dtype=np.float64)
         return self._write(branches)
 
     def _params(self, turn: int) -> SamplingParams:

@@ -211,7 +211,9 @@ class Trainer:
         cfg, _a, timer = self.cfg, self.cfg.allocation, PhaseTimer()
         rng = np.random.default_rng([cfg.seed, self.step])  # a pure function of (seed, step): resumable
         self.engine.reseed(int(rng.integers(2**62)))
-        informed = self.allocation.uses_predictor and self.predictor.ready
+        oracle = self.cfg.predictor.backend == "oracle"  # analysis: Monte-Carlo predictions, no cold start
+        informed = self.allocation.uses_predictor and (oracle or self.predictor.ready)
+        oracle_before = self.engine.oracle_tokens
         allocation = self.allocation if informed else self.allocation.cold()  # cold start: step 1 of the method
         alloc_rng = np.random.default_rng([cfg.seed, self.step, 1])  # the strategies' own stream (random anchors)
         forest = RolloutForest(vocab_size=self.model.get_input_embeddings().num_embeddings)
@@ -239,6 +241,8 @@ class Trainer:
         self.leaves_sampled += int(forest.leaves.size)
         metrics.update(self._rollout_metrics(forest, bare, counts, expansion, generated_tokens, informed))
         metrics.update({f"time/{k}": s for k, s in timer.seconds.items()})
+        if oracle:
+            metrics["oracle_tokens"] = self.engine.oracle_tokens - oracle_before  # outside the budget
         return metrics
 
     def _candidates(self, rng: np.random.Generator) -> list:
@@ -282,7 +286,7 @@ class Trainer:
         """predictor.backend: an MLP head on the policy's hidden states, or a separate encoder model
         (built like the policy from predictor.encoder, with the policy's tokenizer) reading the tokens."""
         cfg = self.cfg.predictor
-        if cfg.backend == "mlp_head":
+        if cfg.backend in ("mlp_head", "oracle"):  # the oracle still trains a head, for its calibration numbers
             return MLPHeadPredictor(self.model.config.hidden_size, cfg)
         model_cfg = dataclasses.replace(self.cfg.model, name=cfg.encoder, gradient_checkpointing=False)
         encoder = build_policy(model_cfg, self.cfg.env.name, self.cfg.seed + 1)
@@ -295,8 +299,11 @@ class Trainer:
         return EncoderPredictor(base, cfg, pad_token_id=self.policy.tokenizer.pad_token_id or 0)
 
     def _predict_prompts(self, prompts: Prompts) -> np.ndarray:
-        """[B] Vhat of each prompt, from the hidden state the engine's prefill computed (mlp_head) or
-        the prompt tokens (encoder)."""
+        """[B] Vhat of each prompt, from the hidden state the engine's prefill computed (mlp_head), the
+        prompt tokens (encoder), or extra episodes (oracle)."""
+        if self.cfg.predictor.backend == "oracle":
+            with self._generating():
+                return self.engine.success_rates(prompts=prompts, samples=self.cfg.predictor.oracle_samples)
         return self.predictor.predict(
             PrefixBatch(
                 depth=torch.zeros(len(prompts), dtype=torch.long),
@@ -324,6 +331,8 @@ class Trainer:
         return [np.concatenate([forest.node_tokens(u) for u in forest.leaf_path(v)]) for v in nodes]
 
     def _predict_nodes(self, forest: RolloutForest, nodes: np.ndarray) -> np.ndarray:
+        if self.cfg.predictor.backend == "oracle":
+            return self.engine.success_rates(forest=forest, nodes=nodes, samples=self.cfg.predictor.oracle_samples)
         return self.predictor.predict(self._prefix_batch(forest, nodes))
 
     def _predictor_targets(self, forest: RolloutForest) -> tuple[PrefixBatch, np.ndarray, np.ndarray]:

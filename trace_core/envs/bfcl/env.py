@@ -26,7 +26,8 @@ generations in all (end_reason "turn_limit").
 
 Reward: 1 if BFCL's multi-turn checker passes (checker.py: after every user turn with ground truth,
 the simulator states equal the ground truth's and its call results are among the model's), else 0.
-info["error_type"] says why it failed, info["turns_passed"] / info["turns_checked"] how far it got.
+info["error_type"] says why it failed, info["turns_passed"] / info["turns_checked"] how far it got
+(the checker stops at the first failing turn) and info["turn_pass_rate"] their ratio (an eval metric).
 
 Prompt and observation formats. The codec wraps the prompt in the chat template as one user
 message and appends observations as plain text, and it has no tool-template support, so the env
@@ -145,6 +146,9 @@ class BFCLEnv:
     on_malformed         "observe" or "end_turn"
     max_result_chars     cut each call result to this many characters in the observation (None: whole)
     """
+
+    # info keys the trainer's evaluation averages (an episode cut by a limit counts 0)
+    eval_metrics = ("turn_pass_rate",)
 
     def __init__(
         self,
@@ -288,6 +292,7 @@ class BFCLEnv:
             error_type=result.error_type,
             turns_passed=result.turns_passed,
             turns_checked=result.turns_checked,
+            turn_pass_rate=result.turns_passed / max(1, result.turns_checked),
         )
         if not result.valid:
             info["error_message"] = result.message

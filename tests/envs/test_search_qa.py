@@ -488,3 +488,39 @@ def test_fanoutqa_shipped_dev_set():
         return
     tasks = load_fanoutqa_dev()
     assert len(tasks) > 100 and all(t["golden_answers"][0] for t in tasks)
+
+
+class _BatchingRetriever:
+    """BM25 with a search_many that records each call (the Search-R1 HTTP client's shape)."""
+
+    def __init__(self, fail=False):
+        self.bm25, self.calls, self.fail = BM25Retriever(CORPUS), [], fail
+
+    def search(self, query, k):
+        return self.bm25.search(query, k)
+
+    def search_many(self, queries, k):
+        self.calls.append(list(queries))
+        if self.fail:
+            raise ConnectionError("server down")
+        return [self.bm25.search(q, k) for q in queries]
+
+
+def test_a_rounds_searches_go_to_the_retriever_together():
+    from trace_core.envs.base import step_all
+
+    retriever = _BatchingRetriever()
+    envs, alone = [SearchQAEnv(retriever) for _ in range(4)], [SearchQAEnv(BM25Retriever(CORPUS)) for _ in range(4)]
+    for env in envs + alone:
+        env.reset(TASK)
+    actions = ["<search> Ossik Tarn </search>", "<answer>Dranthia</answer>", "no tags", "<search> Velmora </search>"]
+    steps = step_all(envs, actions)
+    assert retriever.calls == [["Ossik Tarn", "Velmora"]]  # one call for the round, answers and invalid turns excluded
+    assert [s.observation for s in steps] == [env.step(a).observation for env, a in zip(alone, actions)]
+    assert steps[0].info["retrieved_ids"] and steps[1].done
+    failing = _BatchingRetriever(fail=True)
+    envs = [SearchQAEnv(failing) for _ in range(2)]
+    for env in envs:
+        env.reset(TASK)
+    steps = step_all(envs, ["<search> a </search>", "<search> b </search>"])
+    assert all("Search failed: ConnectionError" in s.observation and not s.done for s in steps)

@@ -29,7 +29,7 @@ protocol compatibility and it has no effect.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trace_core.envs.base import (
@@ -139,6 +139,7 @@ class SearchQAEnv:
             raise EnvError("prompt_template", "prompt_template must contain the placeholder {question}")
         self.prompt_template = prompt_template
         self._task: dict[str, Any] | None = None
+        self._prefetched: tuple[str, Any] | None = None  # (query, its search outcome), set by step_batch
 
     # --- protocol ---------------------------------------------------------------------------
     def reset(self, task: Mapping[str, Any], *, seed: int | None = None) -> str:
@@ -171,6 +172,36 @@ class SearchQAEnv:
         self.searches.append(argument)
         return Step(self._search(argument, info), False, None, info)
 
+    @staticmethod
+    def step_batch(envs: Sequence[SearchQAEnv], actions: Sequence[str]) -> list[Step]:
+        """One decode round's turns (the engine calls this through `envs.base.step_all`): when the envs
+        share a retriever with `search_many` (the Search-R1 HTTP client), every search of the round goes
+        out in one call -- one request to the server -- under one tool timeout, with the same timeout
+        and error handling as a single search; the rest of each step is `step`'s."""
+        retriever = envs[0].retriever if envs else None
+        many = getattr(retriever, "search_many", None)
+        if many is not None and all(env.retriever is retriever for env in envs):
+            wanted = {i: q for i, (env, a) in enumerate(zip(envs, actions)) if (q := env._search_query(a)) is not None}
+            if wanted:
+                queries = list(wanted.values())
+                try:
+                    results, seconds = call_with_timeout(many, queries, envs[0].top_k, timeout_s=envs[0].tool_timeout_s)
+                    if not isinstance(results, list) or len(results) != len(queries):
+                        raise ValueError(f"search_many returned {type(results).__name__} for {len(queries)} queries")
+                    outcomes: list[Any] = [(r, seconds) for r in results]
+                except Exception as exc:  # the whole round's searches failed alike
+                    outcomes = [exc] * len(queries)
+                for i, outcome in zip(wanted, outcomes):
+                    envs[i]._prefetched = (wanted[i], outcome)
+        return [env.step(action) for env, action in zip(envs, actions)]
+
+    def _search_query(self, action: str) -> str | None:
+        """The query `step(action)` would send to the retriever now, or None (answer, invalid, turn limit)."""
+        if self._task is None or self.done or self.turn + 1 >= self.max_turns:
+            return None
+        kind, argument, _ = parse_search_action(action)
+        return argument if kind == "search" else None
+
     def snapshot(self) -> dict[str, Any]:
         if self._task is None:
             raise EpisodeStateError("SearchQAEnv: nothing to snapshot before reset")
@@ -192,16 +223,21 @@ class SearchQAEnv:
 
     # --- helpers ----------------------------------------------------------------------------
     def _search(self, query: str, info: dict[str, Any]) -> str:
-        try:
-            passages, seconds = call_with_timeout(
-                self.retriever.search, query, self.top_k, timeout_s=self.tool_timeout_s
-            )
-        except ToolTimeout:
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == query:
+            outcome = prefetched[1]  # fetched with the round's other searches (step_batch)
+        else:
+            try:
+                outcome = call_with_timeout(self.retriever.search, query, self.top_k, timeout_s=self.tool_timeout_s)
+            except Exception as exc:  # ToolTimeout, and ToolError (a SystemExit inside the tool), included
+                outcome = exc
+        if isinstance(outcome, ToolTimeout):
             info["tool_error"] = f"timeout after {self.tool_timeout_s} s"
             return f"\n<information>Search failed: timed out after {self.tool_timeout_s} s.</information>\n"
-        except Exception as exc:  # ToolError (a SystemExit inside the tool) included
-            info["tool_error"] = f"{type(exc).__name__}: {exc}"
-            return f"\n<information>Search failed: {type(exc).__name__}.</information>\n"
+        if isinstance(outcome, Exception):
+            info["tool_error"] = f"{type(outcome).__name__}: {outcome}"
+            return f"\n<information>Search failed: {type(outcome).__name__}.</information>\n"
+        passages, seconds = outcome
         info["tool_seconds"] = seconds
         passages, problem = _checked_passages(passages)
         if problem is not None:

@@ -307,7 +307,7 @@ class OptimConfig:
     eps_low: float = 0.2
     eps_high: float = 0.28
     kl_coef: float = 0.0  # > 0 keeps a frozen copy of the initial policy as the reference
-    entropy_coef: float = 0.01  # bonus on the policy entropy at model tokens (keeps a tiny model exploring)
+    entropy_coef: float = 0.0  # bonus on the policy entropy at model tokens (ours; the paper has none)
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     advantage: str = "tree_grpo"  # a registered estimator: tree_grpo, segment, grpo (trace_core.advantage)
     epochs: int = 1  # optimizer passes over each step's forest (> 1: the clipped ratio keeps them close)

@@ -9,7 +9,7 @@
 #                 machines; GPU users set e.g. TORCH_SPEC="torch==2.13.0 --index-url <cuda index>")
 #   VERL_SPEC     pip requirement for verl           (default: verl==0.9.1, the version tested)
 #
-# Then: "$VENV/bin/python" -m pytest tests/integrations/verl -q
+# Then: "$VENV/bin/python" -m pytest tests/integrations/verl_integration -q
 # On a GPU cluster also install verl's rollout server (vllm or sglang) into this venv, in the versions
 # verl's own documentation pairs with it.
 set -euo pipefail

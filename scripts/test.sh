@@ -13,7 +13,7 @@ EXTRAS="${EXTRAS:-test}" source "$REPO_ROOT/scripts/setup_env.sh"
 
 cd "$REPO_ROOT"
 set +e
-"$VENV_PY" -m pytest -n "${PYTEST_WORKERS:-auto}" --dist loadfile "$@"
+"$VENV_PY" -m pytest -n "${PYTEST_WORKERS:-auto}" --dist loadfile --durations=15 "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected (or selected) nothing; never let that pass as green.

@@ -78,7 +78,8 @@ def test_comparison_reports_intervals_and_paired_differences(tmp_path):
     assert summary["trace"]["final_eval_success_ci"] == pytest.approx(
         (0.4 - 4.303 * 0.1 / 3**0.5, 0.4 + 4.303 * 0.1 / 3**0.5), abs=1e-3
     )
-    paired = json.loads((tmp_path / "comparison.json").read_text())["paired"]["trace"]
+    assert set(json.loads((tmp_path / "comparison.json").read_text())) == {"uniform", "trace"}
+    paired = json.loads((tmp_path / "comparison_paired.json").read_text())["trace"]
     assert paired["final_eval_success"]["per_seed"] == pytest.approx([0.2, 0.1, 0.2])
     assert paired["effective_ratio"]["mean"] == pytest.approx((0.2 + 0.1 + 0.4) / 3)
     text = (tmp_path / "comparison.md").read_text()

@@ -79,7 +79,7 @@ def write_comparison(
     baseline: str | None = "uniform",
 ) -> dict:
     """runs[label] = one metrics history per seed (the same seeds for every label). Writes <name>.md / .json /
-    .png under `out`: per label the mean and 95% interval over seeds of final held-out success, the success
+    .png (and <name>_paired.json) under `out`: per label the mean and 95% interval over seeds of final held-out success, the success
     curve's area, the effective ratio and generated tokens, and the paired differences to `baseline` (when it
     is one of the labels). `budget`: the header's budget line (default: the config's)."""
     summary = {mode: _summary(histories) for mode, histories in runs.items()}
@@ -125,7 +125,9 @@ def write_comparison(
                 cells.append(f"{d[key]['mean']:+.3f}" + ("" if np.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"))
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{name}.json").write_text(json.dumps({"summary": summary, "paired": differences}, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    if differences:
+        (out / f"{name}_paired.json").write_text(json.dumps(differences, indent=2))
     plot_runs(runs, out / f"{name}.png")
     print("\n".join(lines))
     return summary

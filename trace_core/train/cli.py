@@ -219,6 +219,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _grid_parser(sub, command: str, help_text: str) -> argparse.ArgumentParser:
+    """A grid command (compare, ablate): a base config, seeds, an output folder, parallel runs, overrides."""
+    parser = sub.add_parser(command, help=help_text)
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="distinct seeds >= 0")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"an empty or new folder (default: a fresh runs/{command}-<date>-<time>)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        help="runs trained at once, each in its own process (e.g. the number of cores; results equal --jobs 1)",
+    )
+    parser.add_argument("overrides", nargs="*")
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trace", description="TRACE: tree rollout allocation for agent RL")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -242,31 +260,16 @@ def _parser() -> argparse.ArgumentParser:
         "checkpoints/ and tensorboard/ (nothing else; a directory with other files is refused)",
     )
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3 allocation.mode=uniform")
-    p_cmp = sub.add_parser("compare", help="TRACE vs baselines at equal budget over several seeds")
-    p_cmp.add_argument("--config", type=Path)
-    p_cmp.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="distinct seeds >= 0")
+    p_cmp = _grid_parser(sub, "compare", "TRACE vs baselines at equal budget over several seeds")
     p_cmp.add_argument(
         "--modes",
         nargs="+",
         default=["trace", "uniform", "random_tree"],
         help=f"distinct registered allocation modes (built in: {BUILT_IN_MODES}; plugins add more)",
     )
-    p_cmp.add_argument(
-        "--out", type=Path, default=None, help="an empty or new folder (default: a fresh runs/compare-<date>-<time>)"
+    p_abl = _grid_parser(
+        sub, "ablate", "the paper's ablations: Stage 1 x Stage 2 strategies (stages) and (M, N) budgets (budgets)"
     )
-    p_cmp.add_argument(
-        "--jobs",
-        type=_positive_int,
-        default=1,
-        help="runs trained at once, each in its own process (e.g. the number of cores; results equal --jobs 1)",
-    )
-    p_cmp.add_argument("overrides", nargs="*")
-    p_abl = sub.add_parser(
-        "ablate",
-        help="the paper's ablations: Stage 1 x Stage 2 strategies (stages) and (M, N) budgets (budgets)",
-    )
-    p_abl.add_argument("--config", type=Path)
-    p_abl.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="distinct seeds >= 0")
     p_abl.add_argument(
         "--tables", nargs="+", choices=["stages", "budgets"], default=["stages", "budgets"], help="which ablations"
     )
@@ -276,16 +279,6 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="MxN pairs for the budget ablation (default: (M/2, N), (M/2, 3N), (M, N) of the config)",
     )
-    p_abl.add_argument(
-        "--out", type=Path, default=None, help="an empty or new folder (default: a fresh runs/ablate-<date>-<time>)"
-    )
-    p_abl.add_argument(
-        "--jobs",
-        type=_positive_int,
-        default=1,
-        help="runs trained at once, each in its own process (e.g. the number of cores; results equal --jobs 1)",
-    )
-    p_abl.add_argument("overrides", nargs="*")
     p_ret = sub.add_parser(
         "retriever",
         help="serve a BM25 index over Search-R1's /retrieve protocol: trace retriever serve --corpus FILE",

@@ -107,7 +107,9 @@ class PolicyUpdater:
         if self.reference is not None:
             with torch.no_grad():
                 ref_hidden = tree_forward(self.reference, packed, backend=self.backend)
-                ref, _ = self._token_logprobs(self.reference, ref_hidden, packed.num_tokens, rows, labels, positions)
+                ref, _ = self._token_logprobs(
+                    self.reference, ref_hidden, packed.num_tokens, rows, labels, positions, entropy=False
+                )
         loss, metrics = packed_policy_loss(
             token_lp,
             old,
@@ -124,14 +126,16 @@ class PolicyUpdater:
         metrics["entropy"] = token_entropy.detach()
         return loss - self.cfg.entropy_coef * token_entropy, metrics
 
-    def _token_logprobs(self, model, hidden, num_tokens, rows, labels, positions):
-        """[N] logprob of each labelled packed token (0 elsewhere), and [N] per-row entropies."""
+    def _token_logprobs(self, model, hidden, num_tokens, rows, labels, positions, *, entropy: bool = True):
+        """[N] logprob of each labelled packed token (0 elsewhere), and [N] per-row entropies (None when
+        `entropy` is False: the reference model's KL term needs none)."""
         weight = model.get_output_embeddings().weight  # under autocast the op takes both in the compute dtype
-        pair_lp, entropy = linear_logprob(
-            hidden, weight, rows, labels, temperature=self.temperature, backend=self.backend, return_entropy=True
+        out = linear_logprob(
+            hidden, weight, rows, labels, temperature=self.temperature, backend=self.backend, return_entropy=entropy
         )
+        pair_lp, row_entropy = out if entropy else (out, None)
         token_lp = torch.zeros(num_tokens, device=hidden.device, dtype=pair_lp.dtype).index_copy(0, positions, pair_lp)
-        return token_lp, entropy
+        return token_lp, row_entropy
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "grad_scaler": self.scaler.state_dict()}

@@ -148,7 +148,8 @@ class Trainer:
         try:
             source = make_task_source(cfg.env.name, **cfg.env.tasks)
             self.train_tasks, self.eval_tasks = source.tasks("train"), source.tasks("eval")
-            make_env(cfg.env.name, **cfg.env.env)  # fail now on bad env options, not mid-step
+            probe = make_env(cfg.env.name, **cfg.env.env)  # fail now on bad env options, not mid-step
+            self.env_metrics = tuple(getattr(probe, "eval_metrics", ()))  # what evaluate averages
         except (ValueError, TypeError) as err:
             raise ConfigError(f"env: {err}") from None
         if len(self.train_tasks) < cfg.allocation.candidates:
@@ -493,7 +494,6 @@ class Trainer:
             raise ConfigError("eval_tasks", f"must be >= 1, got {num_tasks}")
         tasks = self.eval_tasks[:num_tasks]
         result: dict[str, float] = {"eval/tasks": len(tasks)}
-        env_metrics = getattr(make_env(self.cfg.env.name, **self.cfg.env.env), "eval_metrics", ())
         training_sampling = self.engine.sampling
         try:  # the training engine and its KV pool, with evaluation's decoding settings
             for name, greedy in (("eval/success", False), ("eval/success_greedy", True)):
@@ -506,7 +506,7 @@ class Trainer:
                 rewards = forest.reward[out.leaves]
                 result[name] = float(rewards.mean())
                 result[f"{name}_ci_low"], result[f"{name}_ci_high"] = mean_interval(rewards)
-                for key in env_metrics:
+                for key in self.env_metrics:
                     suffix = name.removeprefix("eval/success")  # "" or "_greedy"
                     result[f"eval/{key}{suffix}"] = float(np.mean([float(i.get(key, 0.0)) for i in out.info]))
         finally:

@@ -280,3 +280,18 @@ def test_greedy_policy_reads_the_observation():
     assert greedy_action("level 2 turns 7 goal 2 north 1 east wall south") == "north"
     assert greedy_action("goal 1 north 3 east hole east") == "north"
     assert greedy_action("goal 2 west wall west hole north") == "south"
+
+
+def test_reference_success_is_the_exact_success_of_the_scripted_policies():
+    """GridTaskSource.reference_success (drawn in the plots): the random-direction policy's exact success equals
+    its Monte-Carlo rate through the env; the optimal policy beats it; both are probabilities."""
+    from trace_core.envs.gridworld import GridTaskSource
+    from trace_core.envs.gridworld.policies import random_policy, rollout_success_rate
+
+    source = GridTaskSource(num_train=4, num_eval=30, levels=[0, 1])
+    tasks = source.tasks("eval")
+    levels = source.reference_success(tasks)
+    assert set(levels) == {"random policy", "optimal policy"}
+    monte_carlo = rollout_success_rate(tasks, random_policy, episodes_per_task=200, seed=1)
+    assert levels["random policy"] == pytest.approx(monte_carlo, abs=0.03)
+    assert 0 < levels["random policy"] < levels["optimal policy"] <= 1

@@ -164,6 +164,9 @@ def test_help_and_config_errors_import_no_heavy_module(argv):
         (["--seeds", "-1", "2"], "--seeds: -1: seeds must be in [0, 2**32 - 1]"),
         (["--seeds", "0", "--modes", "trace", "trace"], "--modes: trace given more than once"),
         (["--seeds", "0", "--modes", "best"], "--modes: 'best' not registered"),
+        (["--seeds", "0", "--modes", "best+oracle"], "--modes: 'best+oracle' not registered"),
+        (["--seeds", "3-1"], "--seeds: range '3-1' is empty"),
+        (["--seeds", "0-2", "1"], "--seeds: 1 given more than once"),
     ],
 )
 def test_compare_refuses_repeated_or_negative_seeds_and_modes(tmp_path, args, message):
@@ -181,7 +184,7 @@ def test_comparison_table_says_the_real_number_of_seeds(tmp_path):
     history = [{**row, "eval/success": 0.25}]
     cfg = load_config(TrainConfig)
     write_comparison({"trace": [history, history], "uniform": [history, history]}, cfg, tmp_path)
-    assert "(mean ± std over 2 seeds;" in (tmp_path / "comparison.md").read_text()
+    assert "Mean over 2 seeds;" in (tmp_path / "comparison.md").read_text()
     write_comparison({"trace": [history], "uniform": [history, history]}, cfg, tmp_path)
     assert "trace 1, uniform 2" in (tmp_path / "comparison.md").read_text()
 
@@ -214,7 +217,7 @@ def test_compare_takes_overrides_after_its_seeds(tmp_path):
     out = tmp_path / "cmp"
     done = trace("compare", "--modes", "uniform", "--seeds", "3", *TOY, "steps=1", "--out", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "(mean ± std over 1 seed;" in (out / "comparison.md").read_text()
+    assert "Mean over 1 seed;" in (out / "comparison.md").read_text()
     assert (out / "uniform" / "seed3" / "config.yaml").is_file()
 
 
@@ -277,3 +280,19 @@ def test_trace_retriever_serve_is_the_search_r1_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_seed_ranges_expand_inclusively():
+    from trace_core.train.cli import _seeds
+
+    assert _seeds(["0-3", "7", "10 - 11"]) == [0, 1, 2, 3, 7, 10, 11]
+
+
+def test_jobs_auto_is_the_usable_cores():
+    import os
+
+    from trace_core.train.cli import _jobs
+
+    assert _jobs("auto") == len(os.sched_getaffinity(0)) >= 1 and _jobs("3") == 3
+    with pytest.raises(Exception, match="positive integer"):
+        _jobs("0")

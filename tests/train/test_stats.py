@@ -83,4 +83,42 @@ def test_comparison_reports_intervals_and_paired_differences(tmp_path):
     assert paired["final_eval_success"]["per_seed"] == pytest.approx([0.2, 0.1, 0.2])
     assert paired["effective_ratio"]["mean"] == pytest.approx((0.2 + 0.1 + 0.4) / 3)
     text = (tmp_path / "comparison.md").read_text()
-    assert "Paired differences to uniform" in text and "(mean ± std over 3 seeds" in text
+    assert "Paired differences to uniform" in text and "Mean over 3 seeds;" in text
+
+
+def test_moving_average_and_calibration_windows_match_hand_computed_values():
+    import math
+
+    from trace_core.train.report import _thirds, smooth
+
+    assert smooth([1, 2, 3, 4, 5], 3).tolist() == pytest.approx([1.5, 2.0, 3.0, 4.0, 4.5])  # edges: fewer points
+    assert smooth([1, float("nan"), 3], 3).tolist() == pytest.approx([1.0, 2.0, 3.0])  # a NaN is skipped
+    assert smooth([4, 8], 1).tolist() == [4, 8]
+    steps = [{"predictor/auc_mixed": v} for v in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)] + [{}]  # last step: none logged
+    assert _thirds(steps, "auc_mixed") == pytest.approx([0.6, 0.85, 1.0])  # windows of 3, 2, 2 steps
+    assert all(math.isnan(v) for v in _thirds(steps, "head_auc_mixed"))
+
+
+def test_a_comparison_reports_the_predictors_calibration_and_the_oracles_extra_tokens(tmp_path):
+    from types import SimpleNamespace
+
+    from trace_core.train.report import write_comparison
+
+    cfg = SimpleNamespace(
+        steps=3,
+        allocation=SimpleNamespace(leaves_per_step=16, roots=8, continuations_per_root=1),
+        env=SimpleNamespace(name="gridworld"),
+        model=SimpleNamespace(name="tiny"),
+    )
+    plain = _history([0.1, 0.2, 0.3], 0.3)
+    oracle = [
+        {**row, "predictor/auc_mixed": 0.9, "predictor/brier": 0.1, "oracle_tokens": 500} if "leaves" in row else row
+        for row in _history([0.1, 0.3, 0.5], 0.5)
+    ]
+    summary = write_comparison({"uniform": [plain], "trace+oracle": [oracle]}, cfg, tmp_path)
+    assert summary["trace+oracle"]["oracle_tokens_per_step"] == 500 and summary["uniform"]["oracle_tokens_per_step"] == 0
+    text = (tmp_path / "comparison.md").read_text()
+    assert "trace+oracle 500 tokens per step" in text
+    # two training steps in three windows: the last window is empty
+    assert "| trace+oracle | 0.90 / 0.90 / - | - / - / - | 0.10 / 0.10 / - |" in text
+    assert "| uniform | 0.90" not in text and "\n| uniform | - / -" not in text  # no predictions: no row

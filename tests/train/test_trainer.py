@@ -32,6 +32,8 @@ def test_cli_train_writes_run_directory(tmp_path, capsys):
     # step 0 evaluates the untrained policy (the paper's untrained-ReAct row) before any update
     initial, rows = rows[0], rows[1:]
     assert initial["leaves_sampled"] == 0 and 0 <= initial["eval/success"] <= 1 and "loss" not in initial
+    # ... beside the scripted policies' exact success on the same eval tasks (the plot's reference lines)
+    assert 0 < initial["reference/random policy"] < initial["reference/optimal policy"] <= 1
     last = rows[-1]
     assert last["leaves"] == 16 and last["leaves_sampled"] == 48  # equal budget: 8 roots x (1 + 1)
     assert 0 <= last["eval/success"] <= 1 and 0 <= last["effective_ratio"] <= 1
@@ -502,6 +504,21 @@ def test_bad_predictor_backend_is_a_config_error(tmp_path, capsys):
 
 
 @pytest.mark.slow  # spawns two training processes (each imports torch and builds its model)
+def test_trace_report_rebuilds_a_comparison_from_its_runs(tmp_path):
+    """`trace report DIR` reads the runs (labels from grid.json, so trace+oracle keeps its name) and writes the
+    same table `trace compare` wrote; a folder without runs is a clear error."""
+    out = tmp_path / "cmp"
+    common = ["--seeds", "0-1", "--modes", "uniform", "trace+oracle", *TOY, "steps=2", "predictor.oracle_samples=2"]
+    assert main(["compare", "--out", str(out), *common]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["trace_oracle", "uniform"]
+    written = (out / "comparison.md").read_text()
+    assert "| trace+oracle |" in written and "Mean over 2 seeds;" in written
+    (out / "comparison.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "comparison.md").read_text() == written
+    assert main(["report", str(tmp_path)]) == 2  # no runs there
+
+
 def test_parallel_seeds_give_the_sequential_results(tmp_path):
     def untimed(out):
         runs = {}
@@ -520,8 +537,16 @@ def test_parallel_seeds_give_the_sequential_results(tmp_path):
 def test_oracle_predictor_informs_the_allocation_from_step_one_outside_the_budget(tmp_path):
     """predictor.backend=oracle (analysis): Monte-Carlo predictions from extra episodes, no cold start,
     the same leaves per step, its sampling reported apart (oracle_tokens)."""
-    trainer = Trainer(toy(tmp_path, "predictor.backend=oracle", "predictor.oracle_samples=4", "steps=2"))
+    trainer = Trainer(
+        toy(tmp_path, "predictor.backend=oracle", "predictor.oracle_samples=4", "steps=3", "predictor.warmup_nodes=9999")
+    )
     rows = [trainer.train_step() for _ in range(2)]
     assert [r["predictor_informed"] for r in rows] == [1.0, 1.0] and all(r["leaves"] == 16 for r in rows)
     assert all(r["oracle_tokens"] > r["generated_tokens"] > 0 for r in rows)
     assert all("predictor/brier" in r for r in rows) and trainer.predictor.nodes_seen > 0
+    # the learned head is not ready (cold start), so it is not scored yet ...
+    assert not any("predictor/head_brier" in r for r in rows)
+    trainer.predictor.nodes_seen = trainer.predictor.config.warmup_nodes  # ... and is once it is
+    row = trainer.train_step()
+    assert {"predictor/head_brier", "predictor/head_brier_constant", "predictor/head_auc_mixed"} <= row.keys()
+    assert row["predictor/head_brier"] != row["predictor/brier"]  # scored on its own predictions, not the oracle's

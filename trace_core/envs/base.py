@@ -103,6 +103,10 @@ class TaskSource(Protocol):
     def tasks(self, split: str) -> list[dict[str, Any]]:
         """All task records of `split`, each a JSON-serialisable dict accepted by the env's `reset`."""
 
+    # Optional: `reference_success(tasks) -> {"random policy": p, ...}`, the success of scripted policies on
+    # `tasks` (exact or Monte Carlo). The trainer logs it with the step-0 evaluation (`reference/<name>`) and
+    # the plots draw it, so a reader sees what "learned something" means on this env.
+
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
     """Raise EnvError naming `name` unless `value` is one of `choices`."""

@@ -7,7 +7,13 @@ trace train [--config FILE] [--overwrite] [key=value ...]
 trace train --resume run_dir=DIR [key=value ...]
     continue the run in DIR from its newest intact checkpoint, with its saved config.yaml; only steps,
     eval_every, eval_tasks, checkpoint_every, progress and cpu_threads may change.
-trace compare [--config FILE] [--seeds 0 1 2] [--modes trace uniform random_tree] [--out DIR] [key=value ...]
+trace compare [--config FILE] [--seeds 0-5] [--modes uniform random_tree trace trace+oracle] [--jobs N] [--out DIR]
+              [key=value ...]
+    every mode with every seed at the same budget (`<mode>+oracle`: Monte-Carlo predictions, outside the
+    budget); comparison.md (means, 95% intervals, paired differences to uniform, predictor calibration),
+    comparison.json, comparison_paired.json, comparison.png under --out.
+trace report DIR [--name comparison] [--baseline uniform]
+    rebuild those files from the runs in a compare/ablate folder (it only reads the runs).
 trace ablate [--config FILE] [--seeds 0 1 2] [--tables stages budgets] [--budgets 16x1 16x3 32x1] [--out DIR]
     the paper's ablations at this config's scale: Stage 1 uniform|active x Stage 2 uniform|active, and (M, N)
     budgets with TRACE; ablation_stages.md / ablation_budgets.md (+ .json, .png) under --out.
@@ -26,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -82,11 +90,14 @@ def check_seeds_and_modes(seeds: list[int], modes: list[str]) -> None:
                 flag,
                 f"{', '.join(repeated)} given more than once; each is one run, and a repeat would be averaged as another",
             )
-    unknown = [mode for mode in modes if mode not in available_modes()]  # before the first run, not after it
+    from trace_core.train.experiments import split_mode
+
+    unknown = [mode for mode in modes if split_mode(mode)[0] not in available_modes()]  # before the first run
     if unknown:
         raise ConfigError(
             "--modes",
-            f"{', '.join(map(repr, unknown))} not registered; registered modes: {', '.join(available_modes())}",
+            f"{', '.join(map(repr, unknown))} not registered; registered modes: {', '.join(available_modes())} "
+            "(each may end in +oracle: the mode with predictor.backend=oracle)",
         )
 
 
@@ -124,6 +135,22 @@ def ablate(
             budget=stage_budget,
         )
     return result
+
+
+def report(folder: Path, *, name: str = "comparison", baseline: str = "uniform") -> dict:
+    """Rebuild the table and plot of a grid folder from its runs (`trace report`)."""
+    from trace_core.train.config import TrainConfig
+    from trace_core.train.config_loader import ConfigError, load_config
+    from trace_core.train.experiments import load_grid
+    from trace_core.train.report import write_comparison
+
+    if not folder.is_dir():
+        raise ConfigError("report", f"{folder} is not a folder")
+    base = next((p for p in (folder / "base_config.yaml", folder.parent / "base_config.yaml") if p.is_file()), None)
+    if base is None:
+        raise ConfigError("report", f"no base_config.yaml in {folder} or its parent: is it a compare/ablate folder?")
+    runs = load_grid(folder)
+    return write_comparison(runs, load_config(TrainConfig, base, []), folder, name=name, baseline=baseline)
 
 
 def evaluate(target: Path, tasks: int | None, *, write: bool = False) -> dict:
@@ -186,10 +213,14 @@ def _seeds(texts: list[str]) -> list[int]:
 
     seeds = []
     for text in texts:
+        span = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)  # "0-5": seeds 0 to 5 inclusive
         try:
-            seeds.append(int(text))
+            low, high = (int(span.group(1)), int(span.group(2))) if span else (int(text), int(text))
         except ValueError:
-            raise ConfigError("--seeds", f"expected integers, got {text!r}") from None
+            raise ConfigError("--seeds", f"expected integers or ranges like 0-5, got {text!r}") from None
+        if high < low:
+            raise ConfigError("--seeds", f"range {text!r} is empty (its end is below its start)")
+        seeds.extend(range(low, high + 1))
     if not seeds:
         raise ConfigError("--seeds", "give at least one seed")
     return seeds
@@ -219,19 +250,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _jobs(text: str) -> int:
+    """--jobs: a positive integer, or "auto" for the CPU cores available to this process."""
+    if text == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return _positive_int(text)
+
+
 def _grid_parser(sub, command: str, help_text: str) -> argparse.ArgumentParser:
     """A grid command (compare, ablate): a base config, seeds, an output folder, parallel runs, overrides."""
     parser = sub.add_parser(command, help=help_text)
     parser.add_argument("--config", type=Path)
-    parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="distinct seeds >= 0")
+    parser.add_argument(
+        "--seeds", nargs="+", default=["0", "1", "2"], help="distinct seeds >= 0, or ranges: 0-5 is 0 1 2 3 4 5"
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help=f"an empty or new folder (default: a fresh runs/{command}-<date>-<time>)"
     )
     parser.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=_jobs,
         default=1,
-        help="runs trained at once, each in its own process (e.g. the number of cores; results equal --jobs 1)",
+        help="runs trained at once, each in its own process; 'auto' = the cores this process may use "
+        "(results equal --jobs 1)",
     )
     parser.add_argument("overrides", nargs="*")
     return parser
@@ -265,7 +306,8 @@ def _parser() -> argparse.ArgumentParser:
         "--modes",
         nargs="+",
         default=["trace", "uniform", "random_tree"],
-        help=f"distinct registered allocation modes (built in: {BUILT_IN_MODES}; plugins add more)",
+        help=f"distinct registered allocation modes (built in: {BUILT_IN_MODES}; plugins add more); <mode>+oracle "
+        "runs the mode with Monte-Carlo predictions (predictor.backend=oracle, outside the budget)",
     )
     p_abl = _grid_parser(
         sub, "ablate", "the paper's ablations: Stage 1 x Stage 2 strategies (stages) and (M, N) budgets (budgets)"
@@ -279,6 +321,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="MxN pairs for the budget ablation (default: (M/2, N), (M/2, 3N), (M, N) of the config)",
     )
+    p_rep = sub.add_parser(
+        "report",
+        help="rebuild a compare/ablate folder's table, statistics and plot from its runs' metrics.jsonl",
+        description="Reads DIR/<variant>/seed<k>/metrics.jsonl (labels from DIR/grid.json when present) and "
+        "rewrites DIR/<name>.md, .json, .png and <name>_paired.json; the runs themselves are only read.",
+    )
+    p_rep.add_argument("folder", type=Path)
+    p_rep.add_argument("--name", default="comparison", help="file name stem of the table and plot")
+    p_rep.add_argument("--baseline", default="uniform", help="the variant the paired differences are taken against")
     p_ret = sub.add_parser(
         "retriever",
         help="serve a BM25 index over Search-R1's /retrieve protocol: trace retriever serve --corpus FILE",
@@ -344,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                 compare(cfg, seeds, modes, out, jobs=args.jobs)
             else:
                 ablate(cfg, seeds, args.tables, budgets, out, jobs=args.jobs)
+        elif args.command == "report":
+            report(args.folder, name=args.name, baseline=args.baseline)
         else:
             evaluate(args.checkpoint, args.tasks, write=args.write)
     except TraceError as err:

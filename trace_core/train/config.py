@@ -298,7 +298,7 @@ class GenerationConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 1e-3  # 3e-3 collapsed the tiny policy onto unconditioned moves (README: "The main job")
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up (trace_core/train/schedule.py)
     warmup_steps: int = 0  # linear warm-up from lr / warmup_steps
     min_lr_ratio: float = 0.0  # floor of the cosine / linear decay, as a fraction of lr

@@ -14,8 +14,25 @@ from trace_core.train.config_loader import ConfigError
 STAGE_STRATEGIES = ("uniform", "active")  # Stage 1 x Stage 2: the paper's Table 1
 
 
+ORACLE_SUFFIX = "+oracle"  # `trace compare --modes trace+oracle`: the mode with Monte-Carlo predictions
+
+
+def split_mode(label: str) -> tuple[str, bool]:
+    """ "trace+oracle" -> ("trace", True); "uniform" -> ("uniform", False)."""
+    if label.endswith(ORACLE_SUFFIX):
+        return label[: -len(ORACLE_SUFFIX)], True
+    return label, False
+
+
 def mode_variants(modes: Sequence[str]) -> dict[str, list[str]]:
-    return {mode: [f"allocation.mode={mode}"] for mode in modes}
+    """One variant per label: a registered allocation mode, or `<mode>+oracle` for that mode with
+    predictor.backend=oracle (its predictions estimated by extra rollouts outside the budget: the ceiling
+    of what the allocation buys when the predictions are right)."""
+    variants = {}
+    for label in modes:
+        mode, oracle = split_mode(label)
+        variants[label] = [f"allocation.mode={mode}"] + (["predictor.backend=oracle"] if oracle else [])
+    return variants
 
 
 def stage_variants() -> dict[str, list[str]]:
@@ -70,6 +87,7 @@ def run_grid(
         return load_config(TrainConfig, base_config, [*overrides, f"seed={seed}", f"run_dir={run_dir}"])
 
     configs = {label: [config(label, o, seed) for seed in seeds] for label, o in variants.items()}  # fail early
+    write_grid_manifest(out, variants, seeds)
     if jobs < 1:
         raise ConfigError("--jobs", f"must be >= 1, got {jobs}")
     if jobs == 1:
@@ -89,3 +107,45 @@ def run_grid(
 
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+
+
+GRID_MANIFEST = "grid.json"
+
+
+def write_grid_manifest(out: Path, variants: Mapping[str, Sequence[str]], seeds: Sequence[int]) -> None:
+    """out/grid.json: each variant's label, folder and overrides, and the seeds, so `trace report` can rebuild
+    the tables from the run folders (labels like "trace+oracle" do not survive as folder names)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "seeds": list(seeds),
+        "variants": [{"label": label, "folder": _slug(label), "overrides": list(o)} for label, o in variants.items()],
+    }
+    (out / GRID_MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def load_grid(out: Path) -> dict[str, list[list[dict]]]:
+    """The metrics histories of a grid folder: runs[label] = one history per seed, in seed order. Reads
+    out/grid.json when present, else takes every sub-folder holding seed<k>/metrics.jsonl (its name as label)."""
+    import json
+
+    from trace_core.train.metrics_log import read_rows
+
+    manifest = out / GRID_MANIFEST
+    if manifest.is_file():
+        grid = json.loads(manifest.read_text())
+        folders = {v["label"]: out / v["folder"] for v in grid["variants"]}
+        seeds = list(grid["seeds"])
+    else:
+        folders = {p.name: p for p in sorted(out.iterdir()) if p.is_dir() and any(p.glob("seed*/metrics.jsonl"))}
+        seeds = sorted({int(p.parent.name[4:]) for f in folders.values() for p in f.glob("seed*/metrics.jsonl")})
+    if not folders:
+        raise ConfigError("report", f"{out} holds no runs (no <variant>/seed<k>/metrics.jsonl)")
+    runs: dict[str, list[list[dict]]] = {}
+    for label, folder in folders.items():
+        missing = [seed for seed in seeds if not (folder / f"seed{seed}" / "metrics.jsonl").is_file()]
+        if missing:
+            raise ConfigError("report", f"{folder} lacks the runs of seed(s) {missing}")
+        runs[label] = [read_rows(folder / f"seed{seed}" / "metrics.jsonl") for seed in seeds]
+    return runs

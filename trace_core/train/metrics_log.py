@@ -63,7 +63,7 @@ class MetricsLog:
             self._tensorboard.flush()
 
     def rows(self) -> list[dict]:
-        return [row for line in self.path.read_text().splitlines() if (row := _row(line)) is not None]
+        return read_rows(self.path)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows of steps after `step` (a resumed run runs them again)."""
@@ -77,12 +77,19 @@ class MetricsLog:
             self._tensorboard.close()
             self._tensorboard = None
 
-    def plot(self, label: str) -> None:
+    def plot(self, label: str, *, seed: int) -> None:
+        """metrics.png of this one run (`label`: its allocation, `seed`: its seed)."""
         from trace_core.train.report import plot_runs
 
         rows = self.rows()
         if rows:
-            plot_runs({label: [rows]}, self.path.with_name("metrics.png"))
+            title = f"one run: {label}, seed {seed}; per-step curves: raw (faint) and moving average"
+            plot_runs({label: [rows]}, self.path.with_name("metrics.png"), title=title)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl file (unreadable lines skipped), without opening it for writing."""
+    return [row for line in Path(path).read_text().splitlines() if (row := _row(line)) is not None]
 
 
 def _row(line: str) -> dict | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,21 @@ def _per_seed(history: list[dict]) -> dict[str, float]:
         "success_area": curve_area([m["leaves_sampled"] for m in evals], [m["eval/success"] for m in evals]),
         "effective_ratio": float(np.mean([m["effective_ratio"] for m in steps])),
         "generated_tokens_per_step": float(np.mean([m["generated_tokens"] for m in steps])),
+        "oracle_tokens_per_step": float(np.mean([m.get("oracle_tokens", 0) for m in steps])),  # outside the budget
+        **{f"predictor_{key}_{i + 1}": value for key in CALIBRATION for i, value in enumerate(_thirds(steps, key))},
     }
+
+
+CALIBRATION = ("auc_mixed", "head_auc_mixed", "brier", "brier_constant")  # predictor/<key>, when logged
+THIRDS = 3  # the calibration table splits training into this many equal windows of steps
+
+
+def _thirds(steps: list[dict], key: str) -> list[float]:
+    """Mean of predictor/<key> over each third of the training steps (NaN where no step of it logged it)."""
+    values = np.array([float(m.get(f"predictor/{key}", np.nan)) for m in steps])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a window without the metric: NaN
+        return [float(np.nanmean(part)) if part.size else np.nan for part in np.array_split(values, THIRDS)]
 
 
 def _summary(histories: list[list[dict]]) -> dict:
@@ -38,6 +53,7 @@ def _summary(histories: list[list[dict]]) -> dict:
     for key in seeds[0]:
         values = np.array([s[key] for s in seeds], dtype=np.float64)
         out[key] = float(np.nanmean(values)) if not np.isnan(values).all() else np.nan
+        out[f"{key}_seeds"] = int(np.sum(~np.isnan(values)))  # seeds that had it (AUC needs both classes)
         out[f"{key}_std"] = float(np.nanstd(values, ddof=1)) if np.sum(~np.isnan(values)) > 1 else np.nan
         out[f"{key}_ci"] = t_interval(values)
     steps = [m for h in histories for m in training_rows(h)]
@@ -105,10 +121,22 @@ def write_comparison(
         )
     counts = sorted({s["seeds"] for s in summary.values()})
     if len(counts) == 1:
-        lines.append(f"\n(mean ± std over {counts[0]} seed{'s' if counts[0] != 1 else ''}; brackets: 95% t-interval)")
+        seeds = f"{counts[0]} seed{'s' if counts[0] != 1 else ''}"
     else:
-        per_mode = ", ".join(f"{mode} {s['seeds']}" for mode, s in summary.items())
-        lines.append(f"\n(mean ± std over the seeds of each mode: {per_mode}; brackets: 95% t-interval)")
+        seeds = "the seeds of each row: " + ", ".join(f"{mode} {s['seeds']}" for mode, s in summary.items())
+    lines.append(
+        f"\nMean over {seeds}; brackets: 95% t-interval over seeds (none with one seed; sample std in {name}.json). "
+        "Effective ratio and tokens: per-step means over training. Success curve area: the area under held-out "
+        "success against leaves sampled, step 0 included, divided by the leaves (a mean success over training)."
+    )
+    oracle = {mode: s for mode, s in summary.items() if s["oracle_tokens_per_step"] > 0}
+    if oracle:
+        lines.append(
+            "Oracle rows also generated "
+            + ", ".join(f"{mode} {s['oracle_tokens_per_step']:.0f}" for mode, s in oracle.items())
+            + " tokens per step for their Monte-Carlo predictions, outside the budget and never trained on."
+        )
+    lines += _calibration_table(summary, label)
     differences = paired_differences(summary, baseline) if baseline in summary else {}
     if differences:
         lines += [
@@ -124,38 +152,147 @@ def write_comparison(
                 low, high = d[key]["ci"]
                 cells.append(f"{d[key]['mean']:+.3f}" + ("" if np.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"))
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    written = [out / f"{name}.md", out / f"{name}.json", out / f"{name}.png"]
+    written[0].write_text("\n".join(lines) + "\n")
+    written[1].write_text(json.dumps(summary, indent=2))
     if differences:
-        (out / f"{name}_paired.json").write_text(json.dumps(differences, indent=2))
-    plot_runs(runs, out / f"{name}.png")
+        written.append(out / f"{name}_paired.json")
+        written[-1].write_text(json.dumps(differences, indent=2))
+    plot_runs(runs, written[2])
     print("\n".join(lines))
+    print("\nwrote " + ", ".join(str(p) for p in written))
     return summary
 
 
-def plot_runs(runs: dict[str, list[list[dict]]], path: Path) -> None:
-    """Held-out success and effective ratio against leaves sampled; runs[label] = histories (seeds)."""
+def _calibration_table(summary: dict, label: str) -> list[str]:
+    """Markdown lines: the predictor's AUC of "subtree turns out mixed" and Brier score per third of training,
+    for the rows whose predictions were logged (informed steps of predictor-driven modes)."""
+    rows = [
+        (mode, s)
+        for mode, s in summary.items()
+        if not np.isnan(s.get("predictor_auc_mixed_1", np.nan)) or not np.isnan(s.get("predictor_auc_mixed_3", np.nan))
+    ]
+    if not rows:
+        return []
+
+    def cell(s: dict, key: str) -> str:
+        values = [s.get(f"predictor_{key}_{i + 1}", np.nan) for i in range(THIRDS)]
+        return " / ".join("-" if np.isnan(v) else f"{v:.2f}" for v in values)
+
+    lines = [
+        "",
+        (
+            "Predictor calibration per third of training (first / middle / last), mean over seeds: AUC with which the "
+            "predicted contrast ranks the roots and anchors whose subtree turned out mixed (0.5 = chance); Brier score "
+            "of Vhat against the subtree success rate, and of the best constant. Oracle rows: the Monte-Carlo "
+            "predictions, and the learned head's AUC on the same nodes."
+        ),
+        "",
+        f"| {label} | AUC | learned head's AUC (oracle rows) | Brier | Brier of a constant |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, s in rows:
+        lines.append(
+            f"| {mode} | {cell(s, 'auc_mixed')} | {cell(s, 'head_auc_mixed')} | {cell(s, 'brier')} "
+            f"| {cell(s, 'brier_constant')} |"
+        )
+    return lines
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Centered moving average of a 1-D series (NaN-aware: NaNs are skipped); `window` points wide."""
+    values = np.asarray(values, dtype=np.float64)
+    if window <= 1 or values.size == 0:
+        return values
+    ok = ~np.isnan(values)
+    kernel = np.ones(window)
+    total = np.convolve(np.where(ok, values, 0.0), kernel, mode="same")
+    count = np.convolve(ok.astype(np.float64), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _series(histories: list[list[dict]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(leaves sampled [S], per-step mean over seeds [S]) of a training metric; NaN where a step lacks it."""
+    steps = [training_rows(h) for h in histories]
+    length = min(len(h) for h in steps)
+    x = np.mean([[m["leaves_sampled"] for m in h[:length]] for h in steps], axis=0)
+    y = np.array([[float(m.get(key, np.nan)) for m in h[:length]] for h in steps])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a step no seed logged it: NaN, drawn as a gap
+        return x, np.nanmean(y, axis=0) if y.size else y
+
+
+def reference_levels(runs: dict[str, list[list[dict]]]) -> dict[str, float]:
+    """`reference/<policy>` values the runs logged with their step-0 evaluation (same eval tasks in every run)."""
+    for histories in runs.values():
+        for history in histories:
+            for row in history:
+                levels = {k.removeprefix("reference/"): v for k, v in row.items() if k.startswith("reference/")}
+                if levels:
+                    return levels
+    return {}
+
+
+def plot_runs(runs: dict[str, list[list[dict]]], path: Path, *, title: str | None = None) -> None:
+    """Held-out success, effective ratio and (when logged) the predictor's AUC against leaves sampled.
+
+    runs[label] = one metrics history per seed. Success: the mean over seeds at each evaluation, step 0
+    included, with a 95% t-interval band when there are several seeds, and the scripted policies' levels the
+    env reports (dashed). Per-step metrics: the raw per-step mean faint, a moving average solid. `title`
+    says what the figure is (default: the number of seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_success, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, histories in runs.items():
-        steps = [training_rows(h) for h in histories]
-        x = np.mean([[m["leaves_sampled"] for m in h] for h in steps], axis=0)
-        ratio = np.mean([[m["effective_ratio"] for m in h] for h in steps], axis=0)
-        ax_ratio.plot(x, ratio, label=mode)
-        evals = [[(m["leaves_sampled"], m["eval/success"]) for m in eval_rows(h)] for h in histories]
-        if evals and evals[0]:
-            ex = np.mean([[p[0] for p in e] for e in evals], axis=0)
-            ey = np.mean([[p[1] for p in e] for e in evals], axis=0)
-            ax_success.plot(ex, ey, marker="o", label=mode)
-    ax_success.set(xlabel="leaves sampled", ylabel="held-out success", title="success (mean over seeds)")
-    ax_ratio.set(xlabel="leaves sampled", ylabel="effective ratio", title="prompts with mixed outcomes")
-    for ax in (ax_success, ax_ratio):
+    has_auc = any("predictor/auc_mixed" in m for hs in runs.values() for h in hs for m in h)
+    fig, axes = plt.subplots(1, 3 if has_auc else 2, figsize=(16 if has_auc else 11, 4.2))
+    ax_success, ax_ratio = axes[0], axes[1]
+    seeds = sorted({len(h) for h in runs.values()})
+    for index, (label, histories) in enumerate(runs.items()):
+        color = f"C{index}"
+        evals = [eval_rows(h) for h in histories]
+        length = min(len(e) for e in evals)
+        if length:
+            ex = np.mean([[m["leaves_sampled"] for m in e[:length]] for e in evals], axis=0)
+            ey = np.array([[m["eval/success"] for m in e[:length]] for e in evals])
+            ax_success.plot(ex, ey.mean(axis=0), marker="o", color=color, label=label)
+            if len(histories) > 1:
+                bands = np.array([t_interval(ey[:, j]) for j in range(length)])
+                ax_success.fill_between(ex, bands[:, 0], bands[:, 1], color=color, alpha=0.15)
+        x, ratio = _series(histories, "effective_ratio")
+        window = max(len(x) // 20, 1)
+        ax_ratio.plot(x, ratio, color=color, alpha=0.2, linewidth=0.8)
+        ax_ratio.plot(x, smooth(ratio, window), color=color, label=label)
+        if has_auc:
+            x, value = _series(histories, "predictor/auc_mixed")
+            if not np.isnan(value).all():
+                axes[2].plot(x, value, color=color, alpha=0.2, linewidth=0.8)
+                axes[2].plot(x, smooth(value, window), color=color, label=label)
+            x, head = _series(histories, "predictor/head_auc_mixed")
+            if not np.isnan(head).all():
+                axes[2].plot(x, smooth(head, window), color=color, linestyle=":", label=f"{label}: learned head")
+    for index, (name, level) in enumerate(reference_levels(runs).items()):
+        ax_success.axhline(level, color="gray", linestyle=["--", ":", "-."][index % 3], linewidth=1, label=name)
+    many = "s" if seeds != [1] else ""
+    ax_success.set(
+        xlabel="leaves sampled",
+        ylabel="held-out success",
+        ylim=(0, 1),
+        title="held-out success" + (" (band: 95% t-interval)" if seeds != [1] else ""),
+    )
+    ax_ratio.set(xlabel="leaves sampled", ylabel="effective ratio", ylim=(0, 1), title="prompts with mixed outcomes")
+    if has_auc:
+        axes[2].axhline(0.5, color="gray", linestyle="--", linewidth=1)
+        axes[2].set(
+            xlabel="leaves sampled", ylabel="AUC", ylim=(0, 1), title='predictor: AUC of "subtree turns out mixed"'
+        )
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
+    counts = ", ".join(map(str, seeds))
+    fig.suptitle(title or f"mean over {counts} seed{many} per curve; per-step curves: raw (faint) and moving average")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -150,6 +150,7 @@ class Trainer:
             self.train_tasks, self.eval_tasks = source.tasks("train"), source.tasks("eval")
             probe = make_env(cfg.env.name, **cfg.env.env)  # fail now on bad env options, not mid-step
             self.env_metrics = tuple(getattr(probe, "eval_metrics", ()))  # what evaluate averages
+            self._reference_success = getattr(source, "reference_success", None)  # optional (envs/base.py)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"env: {err}") from None
         if len(self.train_tasks) < cfg.allocation.candidates:
@@ -232,9 +233,11 @@ class Trainer:
             expansion = self._expand(forest, bare, allocation, counts, informed, alloc_rng)  # Stage 2
         generated_tokens = self.engine.generated_tokens - tokens_before
         predictor_batch = self._predictor_targets(forest)  # rewards -> subtree success rates
+        head = self._head_calibration(forest, prompts, counts, expansion) if oracle and self.predictor.ready else {}
         self.engine.release_all()
 
         metrics = self._calibration(forest, prompts, v, counts, expansion) if informed else {}
+        metrics.update(head)
         with timer("train"):
             metrics.update(self._update_policy(forest))  # advantages -> packed loss -> step
             metrics.update(self._update_predictor(*predictor_batch))
@@ -305,6 +308,10 @@ class Trainer:
         if self.cfg.predictor.backend == "oracle":
             with self._generating():
                 return self.engine.success_rates(prompts=prompts, samples=self.cfg.predictor.oracle_samples)
+        return self._learned_prompt_predictions(prompts)
+
+    def _learned_prompt_predictions(self, prompts: Prompts) -> np.ndarray:
+        """[B] the trained predictor's Vhat of each prompt (never the oracle)."""
         return self.predictor.predict(
             PrefixBatch(
                 depth=torch.zeros(len(prompts), dtype=torch.long),
@@ -360,6 +367,17 @@ class Trainer:
         rates, leaves, mixed = forest.subtree_success_rates(), forest.subtree_leaf_counts(), forest.is_mixed()
         cal = calibration(pred.value, rates[pred.nodes], leaves[pred.nodes], mixed[pred.nodes], pred.contrast)
         return {f"predictor/{k}": x for k, x in cal.items()}
+
+    def _head_calibration(self, forest, prompts: Prompts, counts, expansion: Expansion) -> dict[str, float]:
+        """Oracle runs: the learned predictor's calibration on the same roots and anchors the oracle predicted
+        (`predictor/head_*`), so one run shows how much the learned predictor loses against the oracle. The
+        anchors are the ones the oracle's allocation picked."""
+        v = self._learned_prompt_predictions(prompts)
+        anchors = expansion.anchors
+        predicted = self.predictor.predict(self._prefix_batch(forest, anchors)) if anchors.size else anchors * 0.0
+        learned = dataclasses.replace(expansion, predicted=np.asarray(predicted, dtype=np.float64))
+        cal = self._calibration(forest, prompts, v, counts, learned)
+        return {k.replace("predictor/", "predictor/head_"): x for k, x in cal.items()}
 
     # ------------------------------------------------------------------ the policy
     def _update_policy(self, forest: RolloutForest) -> dict[str, float]:
@@ -513,13 +531,21 @@ class Trainer:
             self.engine.sampling = training_sampling
         return result
 
+    def reference_levels(self, num_tasks: int | None = None) -> dict[str, float]:
+        """`reference/<policy>`: scripted policies' success on the tasks `evaluate` uses, when the env's task
+        source knows them (the grid world: the random-direction and the optimal policy, exactly)."""
+        if self._reference_success is None:
+            return {}
+        tasks = self.eval_tasks[: self.cfg.eval_tasks if num_tasks is None else num_tasks]
+        return {f"reference/{name}": value for name, value in self._reference_success(tasks).items()}
+
     # ------------------------------------------------------------------ the loop, checkpoints
     def fit(self, progress=None) -> list[dict]:
         """Train until cfg.steps; returns this call's metrics. Writes run_dir/metrics.png at the end."""
         self._check_writable()
         history = []
         if self.step == 0 and self.cfg.eval_at_start:  # the untrained policy: the paper's "untrained ReAct" row
-            row = {"step": 0, "leaves_sampled": 0, **self.evaluate()}
+            row = {"step": 0, "leaves_sampled": 0, **self.evaluate(), **self.reference_levels()}
             self.metrics.write(row, 0)
             history.append(row)
         while self.step < self.cfg.steps:
@@ -532,8 +558,14 @@ class Trainer:
                 progress(metrics)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self.save()
-        self.metrics.plot(self.cfg.allocation.mode)
+        self.metrics.plot(self._run_label(), seed=self.cfg.seed)
         return history
+
+    def _run_label(self) -> str:
+        """The plot's name for this run: the mode, or root/prefix when a stage was picked; +oracle."""
+        a = self.cfg.allocation
+        label = a.mode if a.root_strategy is None and a.prefix_strategy is None else self.allocation.describe()
+        return label + ("+oracle" if self.cfg.predictor.backend == "oracle" else "")
 
     def _check_writable(self) -> None:
         if self.read_only or self.lock is None or self.metrics is None:

@@ -216,3 +216,13 @@ class GridTaskSource:
     def tasks(self, split: str) -> list[dict[str, Any]]:
         check_split(split)
         return generate_grid_tasks(self.num[split], split=split, seed=self.seed, levels=self.levels)
+
+    def reference_success(self, tasks: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """Exact mean success on `tasks` of the random-direction policy (each move uniform over the four) and
+        of the map-aware optimal policy (an upper bound for a policy that sees only the observation)."""
+        from trace_core.envs.gridworld.policies import exact_success_rate
+
+        return {
+            name: float(np.mean([exact_success_rate(task, policy) for task in tasks]))
+            for name, policy in (("random policy", "random"), ("optimal policy", "optimal"))
+        }

@@ -116,7 +116,9 @@ def test_a_comparison_reports_the_predictors_calibration_and_the_oracles_extra_t
         for row in _history([0.1, 0.3, 0.5], 0.5)
     ]
     summary = write_comparison({"uniform": [plain], "trace+oracle": [oracle]}, cfg, tmp_path)
-    assert summary["trace+oracle"]["oracle_tokens_per_step"] == 500 and summary["uniform"]["oracle_tokens_per_step"] == 0
+    assert (
+        summary["trace+oracle"]["oracle_tokens_per_step"] == 500 and summary["uniform"]["oracle_tokens_per_step"] == 0
+    )
     text = (tmp_path / "comparison.md").read_text()
     assert "trace+oracle 500 tokens per step" in text
     # two training steps in three windows: the last window is empty

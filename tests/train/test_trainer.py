@@ -538,7 +538,9 @@ def test_oracle_predictor_informs_the_allocation_from_step_one_outside_the_budge
     """predictor.backend=oracle (analysis): Monte-Carlo predictions from extra episodes, no cold start,
     the same leaves per step, its sampling reported apart (oracle_tokens)."""
     trainer = Trainer(
-        toy(tmp_path, "predictor.backend=oracle", "predictor.oracle_samples=4", "steps=3", "predictor.warmup_nodes=9999")
+        toy(
+            tmp_path, "predictor.backend=oracle", "predictor.oracle_samples=4", "steps=3", "predictor.warmup_nodes=9999"
+        )
     )
     rows = [trainer.train_step() for _ in range(2)]
     assert [r["predictor_informed"] for r in rows] == [1.0, 1.0] and all(r["leaves"] == 16 for r in rows)

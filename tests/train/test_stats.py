@@ -112,7 +112,15 @@ def test_a_comparison_reports_the_predictors_calibration_and_the_oracles_extra_t
     )
     plain = _history([0.1, 0.2, 0.3], 0.3)
     oracle = [
-        {**row, "predictor/auc_mixed": 0.9, "predictor/brier": 0.1, "oracle_tokens": 500} if "leaves" in row else row
+        {
+            **row,
+            "predictor/auc_mixed": 0.9,
+            "predictor/brier": 0.1,
+            "predictor/brier_constant": 0.2,
+            "oracle_tokens": 500,
+        }
+        if "leaves" in row
+        else row
         for row in _history([0.1, 0.3, 0.5], 0.5)
     ]
     summary = write_comparison({"uniform": [plain], "trace+oracle": [oracle]}, cfg, tmp_path)
@@ -122,5 +130,5 @@ def test_a_comparison_reports_the_predictors_calibration_and_the_oracles_extra_t
     text = (tmp_path / "comparison.md").read_text()
     assert "trace+oracle 500 tokens per step" in text
     # two training steps in three windows: the last window is empty
-    assert "| trace+oracle | 0.90 / 0.90 / - | - / - / - | 0.10 / 0.10 / - |" in text
+    assert "| trace+oracle | 0.90 / 0.90 / - | 0.50 / 0.50 / - | - / - / - | - / - / - |" in text  # skill 1 - 0.1/0.2
     assert "| uniform | 0.90" not in text and "\n| uniform | - / -" not in text  # no predictions: no row

@@ -34,7 +34,8 @@ def _per_seed(history: list[dict]) -> dict[str, float]:
     }
 
 
-CALIBRATION = ("auc_mixed", "head_auc_mixed", "brier", "brier_constant")  # predictor/<key>, when logged
+# predictor/<key>, when logged (head_*: the learned head scored on an oracle run's nodes)
+CALIBRATION = ("auc_mixed", "head_auc_mixed", "brier", "brier_constant", "head_brier", "head_brier_constant")
 THIRDS = 3  # the calibration table splits training into this many equal windows of steps
 
 
@@ -167,34 +168,38 @@ def write_comparison(
 def _calibration_table(summary: dict, label: str) -> list[str]:
     """Markdown lines: the predictor's AUC of "subtree turns out mixed" and Brier score per third of training,
     for the rows whose predictions were logged (informed steps of predictor-driven modes)."""
-    rows = [
-        (mode, s)
-        for mode, s in summary.items()
-        if not np.isnan(s.get("predictor_auc_mixed_1", np.nan)) or not np.isnan(s.get("predictor_auc_mixed_3", np.nan))
-    ]
-    if not rows:
-        return []
 
-    def cell(s: dict, key: str) -> str:
-        values = [s.get(f"predictor_{key}_{i + 1}", np.nan) for i in range(THIRDS)]
+    def thirds(s: dict, key: str) -> np.ndarray:
+        return np.array([s.get(f"predictor_{key}_{i + 1}", np.nan) for i in range(THIRDS)], dtype=np.float64)
+
+    def cell(values: np.ndarray) -> str:
         return " / ".join("-" if np.isnan(v) else f"{v:.2f}" for v in values)
 
+    def skill(s: dict, prefix: str = "") -> np.ndarray:  # Brier skill score: 1 - Brier / Brier of the constant
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return 1.0 - thirds(s, f"{prefix}brier") / thirds(s, f"{prefix}brier_constant")
+
+    rows = [(mode, s) for mode, s in summary.items() if not np.isnan(thirds(s, "brier")).all()]
+    if not rows:
+        return []
     lines = [
         "",
         (
-            "Predictor calibration per third of training (first / middle / last), mean over seeds: AUC with which the "
-            "predicted contrast ranks the roots and anchors whose subtree turned out mixed (0.5 = chance); Brier score "
-            "of Vhat against the subtree success rate, and of the best constant. Oracle rows: the Monte-Carlo "
-            "predictions, and the learned head's AUC on the same nodes."
+            "Predictor calibration per third of training (first / middle / last), mean over seeds. AUC: how well the "
+            "predicted contrast ranks the roots and anchors whose subtree turned out mixed (0.5 = chance; it also "
+            "rewards what the allocation knows without the predictor, e.g. that a prompt with more rollouts is more "
+            "often mixed). Brier skill: 1 - Brier score of Vhat against the subtree success rates / Brier score of "
+            "the best constant for that step (0 = no better than knowing the step's mean success). Oracle rows: the "
+            "Monte-Carlo predictions, and the learned head scored on the same nodes."
         ),
         "",
-        f"| {label} | AUC | learned head's AUC (oracle rows) | Brier | Brier of a constant |",
+        f"| {label} | AUC | Brier skill | learned head's AUC (oracle rows) | learned head's Brier skill (oracle rows) |",
         "|---|---|---|---|---|",
     ]
     for mode, s in rows:
         lines.append(
-            f"| {mode} | {cell(s, 'auc_mixed')} | {cell(s, 'head_auc_mixed')} | {cell(s, 'brier')} "
-            f"| {cell(s, 'brier_constant')} |"
+            f"| {mode} | {cell(thirds(s, 'auc_mixed'))} | {cell(skill(s))} | {cell(thirds(s, 'head_auc_mixed'))} "
+            f"| {cell(skill(s, 'head_'))} |"
         )
     return lines
 

@@ -504,7 +504,7 @@ def test_bad_predictor_backend_is_a_config_error(tmp_path, capsys):
 
 
 @pytest.mark.slow  # spawns two training processes (each imports torch and builds its model)
-def test_trace_report_rebuilds_a_comparison_from_its_runs(tmp_path):
+def test_trace_report_rebuilds_a_comparison_from_its_runs(tmp_path, capsys):
     """`trace report DIR` reads the runs (labels from grid.json, so trace+oracle keeps its name) and writes the
     same table `trace compare` wrote; a folder without runs is a clear error."""
     out = tmp_path / "cmp"
@@ -517,6 +517,13 @@ def test_trace_report_rebuilds_a_comparison_from_its_runs(tmp_path):
     assert main(["report", str(out)]) == 0
     assert (out / "comparison.md").read_text() == written
     assert main(["report", str(tmp_path)]) == 2  # no runs there
+    # a run still training (here: cut back to step 1) is left out and named; differences pair by seed
+    metrics_file = out / "trace_oracle" / "seed0" / "metrics.jsonl"
+    metrics_file.write_text(metrics_file.read_text().splitlines()[0] + "\n")
+    assert main(["report", str(out)]) == 0
+    assert f"left out): {metrics_file.parent}" in capsys.readouterr().out
+    paired = json.loads((out / "comparison_paired.json").read_text())
+    assert paired["trace+oracle"]["seeds"] == [1] and "uniform 2, trace+oracle 1" in (out / "comparison.md").read_text()
 
 
 def test_parallel_seeds_give_the_sequential_results(tmp_path):

@@ -149,8 +149,11 @@ def report(folder: Path, *, name: str = "comparison", baseline: str = "uniform")
     base = next((p for p in (folder / "base_config.yaml", folder.parent / "base_config.yaml") if p.is_file()), None)
     if base is None:
         raise ConfigError("report", f"no base_config.yaml in {folder} or its parent: is it a compare/ablate folder?")
-    runs = load_grid(folder)
-    return write_comparison(runs, load_config(TrainConfig, base, []), folder, name=name, baseline=baseline)
+    cfg = load_config(TrainConfig, base, [])
+    runs, seeds, missing = load_grid(folder, cfg.steps)
+    if missing:
+        print(f"not finished (left out): {', '.join(missing)}")
+    return write_comparison(runs, cfg, folder, name=name, baseline=baseline, seeds=seeds)
 
 
 def evaluate(target: Path, tasks: int | None, *, write: bool = False) -> dict:
@@ -325,7 +328,8 @@ def _parser() -> argparse.ArgumentParser:
         "report",
         help="rebuild a compare/ablate folder's table, statistics and plot from its runs' metrics.jsonl",
         description="Reads DIR/<variant>/seed<k>/metrics.jsonl (labels from DIR/grid.json when present) and "
-        "rewrites DIR/<name>.md, .json, .png and <name>_paired.json; the runs themselves are only read.",
+        "rewrites DIR/<name>.md, .json, .png and <name>_paired.json; the runs themselves are only read. Runs not "
+        "at the config's last step (still training, or stopped) are left out and named; differences pair by seed.",
     )
     p_rep.add_argument("folder", type=Path)
     p_rep.add_argument("--name", default="comparison", help="file name stem of the table and plot")

@@ -125,9 +125,10 @@ def write_grid_manifest(out: Path, variants: Mapping[str, Sequence[str]], seeds:
     (out / GRID_MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
-def load_grid(out: Path) -> dict[str, list[list[dict]]]:
-    """The metrics histories of a grid folder: runs[label] = one history per seed, in seed order. Reads
-    out/grid.json when present, else takes every sub-folder holding seed<k>/metrics.jsonl (its name as label)."""
+def load_grid(out: Path, steps: int) -> tuple[dict[str, list[list[dict]]], dict[str, list[int]], list[str]]:
+    """The finished runs of a grid folder: (runs[label] = one metrics history per seed, seeds[label] = those
+    seeds, missing = the run folders not there or not at `steps` yet). Reads out/grid.json when present, else
+    takes every sub-folder holding seed<k>/metrics.jsonl (its name as label)."""
     import json
 
     from trace_core.train.metrics_log import read_rows
@@ -140,12 +141,18 @@ def load_grid(out: Path) -> dict[str, list[list[dict]]]:
     else:
         folders = {p.name: p for p in sorted(out.iterdir()) if p.is_dir() and any(p.glob("seed*/metrics.jsonl"))}
         seeds = sorted({int(p.parent.name[4:]) for f in folders.values() for p in f.glob("seed*/metrics.jsonl")})
-    if not folders:
-        raise ConfigError("report", f"{out} holds no runs (no <variant>/seed<k>/metrics.jsonl)")
     runs: dict[str, list[list[dict]]] = {}
+    ran: dict[str, list[int]] = {}
+    missing: list[str] = []
     for label, folder in folders.items():
-        missing = [seed for seed in seeds if not (folder / f"seed{seed}" / "metrics.jsonl").is_file()]
-        if missing:
-            raise ConfigError("report", f"{folder} lacks the runs of seed(s) {missing}")
-        runs[label] = [read_rows(folder / f"seed{seed}" / "metrics.jsonl") for seed in seeds]
-    return runs
+        for seed in seeds:
+            path = folder / f"seed{seed}" / "metrics.jsonl"
+            rows = read_rows(path) if path.is_file() else []
+            if not any(row.get("step") == steps and "effective_ratio" in row for row in rows):
+                missing.append(str(path.parent))
+                continue
+            runs.setdefault(label, []).append(rows)
+            ran.setdefault(label, []).append(seed)
+    if not runs:
+        raise ConfigError("report", f"{out} holds no finished run (<variant>/seed<k>/metrics.jsonl at step {steps})")
+    return runs, ran, missing

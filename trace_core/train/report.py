@@ -65,16 +65,28 @@ def _summary(histories: list[list[dict]]) -> dict:
 
 
 def paired_differences(summary: dict, baseline: str) -> dict[str, dict[str, dict]]:
-    """Per variant: the per-seed difference to `baseline` (same seeds, in order) of final success, success
-    area and effective ratio, with its mean and 95% t-interval."""
-    base = summary[baseline]["per_seed"]
+    """Per variant: the per-seed difference to `baseline` of final success, success area and effective ratio,
+    with its mean and 95% t-interval. Seeds pair by their ids when the summary has them (`seed_ids`: only the
+    seeds both rows ran), else by position when both rows have the same number of seeds."""
+    base = summary[baseline]
     out: dict[str, dict[str, dict]] = {}
     for variant, s in summary.items():
-        if variant == baseline or s["seeds"] != summary[baseline]["seeds"]:
+        if variant == baseline:
             continue
-        out[variant] = {}
+        if "seed_ids" in s and "seed_ids" in base:
+            common = [seed for seed in s["seed_ids"] if seed in base["seed_ids"]]
+            pairs = [
+                (s["per_seed"][s["seed_ids"].index(k)], base["per_seed"][base["seed_ids"].index(k)]) for k in common
+            ]
+        elif s["seeds"] == base["seeds"]:
+            common, pairs = list(range(s["seeds"])), list(zip(s["per_seed"], base["per_seed"]))
+        else:
+            continue
+        if not pairs:
+            continue
+        out[variant] = {"seeds": common}
         for key in ("final_eval_success", "success_area", "effective_ratio"):
-            diff = [a[key] - b[key] for a, b in zip(s["per_seed"], base)]
+            diff = [a[key] - b[key] for a, b in pairs]
             out[variant][key] = {"per_seed": diff, "mean": float(np.mean(diff)), "ci": t_interval(diff)}
     return out
 
@@ -94,12 +106,15 @@ def write_comparison(
     label: str = "mode",
     budget: str | None = None,
     baseline: str | None = "uniform",
+    seeds: dict[str, list[int]] | None = None,
 ) -> dict:
     """runs[label] = one metrics history per seed (the same seeds for every label). Writes <name>.md / .json /
     .png (and <name>_paired.json) under `out`: per label the mean and 95% interval over seeds of final held-out success, the success
     curve's area, the effective ratio and generated tokens, and the paired differences to `baseline` (when it
     is one of the labels). `budget`: the header's budget line (default: the config's)."""
     summary = {mode: _summary(histories) for mode, histories in runs.items()}
+    for mode, ids in (seeds or {}).items():  # which seeds each row ran (pairs differences by seed)
+        summary[mode]["seed_ids"] = list(ids)
     if budget is None:
         budget = (
             f"Budget: {cfg.allocation.leaves_per_step} leaves per step ({cfg.allocation.roots} roots x "
@@ -144,11 +159,11 @@ def write_comparison(
             "",
             f"Paired differences to {baseline} (same seeds), mean [95% t-interval]:",
             "",
-            f"| {label} | final success | success curve area | effective ratio |",
-            "|---|---|---|---|",
+            f"| {label} | seeds | final success | success curve area | effective ratio |",
+            "|---|---|---|---|---|",
         ]
         for variant, d in differences.items():
-            cells = []
+            cells = [str(len(d["seeds"]))]
             for key in ("final_eval_success", "success_area", "effective_ratio"):
                 low, high = d[key]["ci"]
                 cells.append(f"{d[key]['mean']:+.3f}" + ("" if np.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"))

@@ -106,3 +106,17 @@ def test_a_checkpoint_of_other_adapters_is_refused_whole():
     with pytest.raises(ConfigError, match="not this model's adapters"):
         load_trainable_state_dict(model, tiny_causal_lm("qwen3", layers=1).state_dict())  # a full checkpoint
     assert all(torch.equal(v, trainable_state_dict(model)[k]) for k, v in kept.items())  # nothing half-loaded
+
+
+def test_lora_with_gradient_checkpointing_trains_the_same(tmp_path):
+    plain = Trainer(toy(tmp_path / "a", "steps=2"))
+    plain.fit()
+    checkpointed = Trainer(toy(tmp_path / "b", "steps=2", "model.gradient_checkpointing=true"))
+    checkpointed.fit()
+    adapters = {n: p for n, p in plain.model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in adapters.items() if "lora_B" in n)  # it trained
+    for name, param in checkpointed.model.named_parameters():
+        if name in adapters:
+            torch.testing.assert_close(param, adapters[name], rtol=1e-5, atol=1e-6, msg=name)
+    plain.close()
+    checkpointed.close()

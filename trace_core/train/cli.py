@@ -6,7 +6,7 @@ trace train [--config FILE] [--overwrite] [key=value ...]
     the run's own files in it: config.yaml, metrics.jsonl, metrics.png, checkpoints/, tensorboard/, wandb/).
 trace train --resume run_dir=DIR [key=value ...]
     continue the run in DIR from its newest intact checkpoint, with its saved config.yaml; only steps,
-    eval_every, eval_tasks, checkpoint_every, progress and cpu_threads may change.
+    eval_every, eval_tasks, checkpoint_every, progress, cpu_threads and logging.* may change.
 trace compare [--config FILE] [--seeds 0 1 2] [--modes trace uniform random_tree] [--out DIR] [key=value ...]
 trace ablate [--config FILE] [--seeds 0 1 2] [--tables stages budgets] [--budgets 16x1 16x3 32x1] [--out DIR]
     the paper's ablations at this config's scale: Stage 1 uniform|active x Stage 2 uniform|active, and (M, N)
@@ -255,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run named by run_dir=DIR from its newest intact checkpoint, with the run's own "
-        "config.yaml; only steps, eval_every, eval_tasks, checkpoint_every, progress, cpu_threads may change",
+        "config.yaml; only steps, eval_every, eval_tasks, checkpoint_every, progress, cpu_threads, logging.* may change",
     )
     p_train.add_argument(
         "--overwrite",

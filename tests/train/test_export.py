@@ -70,7 +70,10 @@ def test_export_loads_with_automodel_and_gives_the_trained_logits(full_run, tmp_
         assert torch.equal(want, got[name]), name
     torch.testing.assert_close(logits(exported), logits(trainer.model), rtol=0, atol=1e-6)
     text = "<bos> level 1 goal north <eot>"
-    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == trainer.policy.tokenizer(text)["input_ids"]
+    tokenizer, trained_tokenizer = AutoTokenizer.from_pretrained(out), trainer.policy.tokenizer
+    assert tokenizer(text)["input_ids"] == trained_tokenizer(text)["input_ids"]
+    assert tokenizer.get_vocab() == trained_tokenizer.get_vocab()
+    assert tokenizer.all_special_tokens == trained_tokenizer.all_special_tokens  # <pad> <unk> <bos> <eos> <eot>
 
     # a fresh process with transformers alone (no trace_core: nothing of ours registered) loads it the same
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

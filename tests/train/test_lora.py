@@ -120,3 +120,27 @@ def test_lora_with_gradient_checkpointing_trains_the_same(tmp_path):
             torch.testing.assert_close(param, adapters[name], rtol=1e-5, atol=1e-6, msg=name)
     plain.close()
     checkpointed.close()
+
+
+def test_a_run_from_before_model_lora_and_logging_resumes(tmp_path):
+    """Checkpoints and config.yaml written before the model.lora / logging sections existed still resume."""
+    import yaml
+
+    from trace_core.train import checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    cfg = [*TOY, f"run_dir={run_dir}", "checkpoint_every=1"]
+    with Trainer(load_config(TrainConfig, None, [*cfg, "steps=1"])) as trainer:
+        trainer.fit()
+    path = ckpt.latest_checkpoint(run_dir)
+    state = ckpt.load_checkpoint(path)
+    for config in (state["config"], saved := yaml.safe_load((run_dir / "config.yaml").read_text())):
+        del config["model"]["lora"], config["logging"]
+    ckpt.save_checkpoint(run_dir, 1, state)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    from trace_core.train.config import resume_config
+
+    with Trainer(resume_config(None, [f"run_dir={run_dir}", "steps=2"]), resume=True) as trainer:
+        assert trainer.step == 1
+        trainer.fit()
+        assert trainer.step == 2

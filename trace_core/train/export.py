@@ -26,8 +26,13 @@ log = logging.getLogger("trace_core.train.export")
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # what an earlier export leaves (one of them): --overwrite replaces such a folder and nothing else
 EXPORT_MARKERS = ("config.json", "adapter_config.json", "trace_export.json")
-# settings that do not change the weights: no KV cache to speak of, and the CPU, wherever the run trained
-LOAD_OVERRIDES = {"model": {"device": "cpu", "attention_backend": "auto"}, "generation": {"num_pages": 1}}
+# settings that do not change the weights: the CPU wherever the run trained, no KV cache to speak of, and no
+# frozen reference copy of the policy (kl_coef > 0 would hold the model twice)
+LOAD_OVERRIDES = {
+    "model": {"device": "cpu", "attention_backend": "auto"},
+    "generation": {"num_pages": 1},
+    "optim": {"kl_coef": 0.0},
+}
 
 
 def export(

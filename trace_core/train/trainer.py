@@ -570,7 +570,8 @@ class Trainer:
         if path is None or state is None:
             detail = f" (skipped: {'; '.join(skipped)})" if skipped else ""
             raise ConfigError("resume", f"{self.run_dir} has no checkpoint to resume from{detail}")
-        saved = state["config"]
+        # rebuilt like config.yaml is on --resume: keys added since the run started (model.lora, ...) take defaults
+        saved = to_dict(from_dict(TrainConfig, {**state["config"], "run_dir": None}))
         for key in ("seed", "model", "env", "allocation", "optim"):
             if saved[key] != to_dict(self.cfg)[key]:
                 raise ConfigError(

@@ -144,3 +144,23 @@ def test_a_local_directory_model_stops_at_its_generation_eos(tmp_path):
     policy = build_policy(ModelConfig(name=str(folder), device="cpu"), "gridworld", 0)
     ids = policy.tokenizer.convert_tokens_to_ids([EOS, EOT])
     assert policy.stop_token_ids == tuple(ids)
+
+
+def test_an_encoder_that_is_not_a_model_names_predictor_encoder(tmp_path, capsys, offline_cache):
+    run_dir = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                *TOY,
+                f"run_dir={run_dir}",
+                "steps=1",
+                "predictor.backend=encoder",
+                "predictor.encoder=org/absent",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error: predictor.encoder: 'org/absent' is not in the local Hugging Face cache")
+    assert not run_dir.exists()

@@ -291,9 +291,12 @@ class Trainer:
         cfg = self.cfg.predictor
         if cfg.backend in ("mlp_head", "oracle"):  # the oracle still trains a head, for its calibration numbers
             return MLPHeadPredictor(self.model.config.hidden_size, cfg)
-        model_cfg = dataclasses.replace(
-            self.cfg.model, name=cfg.encoder, gradient_checkpointing=False, lora=LoraConfig()
-        )
+        try:  # the encoder is a model name like model.name (a Hub id is checked here); it trains whole, no LoRA
+            model_cfg = dataclasses.replace(
+                self.cfg.model, name=cfg.encoder, gradient_checkpointing=False, lora=LoraConfig()
+            )
+        except ConfigError as err:
+            raise ConfigError("predictor.encoder", err.detail) from None
         encoder = build_policy(model_cfg, self.cfg.env.name, self.cfg.seed + 1)
         if encoder.tokenizer.get_vocab() != self.policy.tokenizer.get_vocab():
             raise ConfigError(

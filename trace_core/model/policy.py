@@ -6,7 +6,6 @@ import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -128,20 +127,11 @@ def build_policy(cfg: ModelConfig, env_name: str, seed: int) -> Policy:
 
     if cfg.name in MODELS:
         model, tokenizer, stop = MODELS.get(cfg.name)(cfg, env_name, seed, dtype)
-    else:
-        path = Path(cfg.name)
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                "model.name",
-                f"{cfg.name!r} is neither a registered model "
-                f"({', '.join(MODELS.names())}) nor a model directory with a config.json "
-                "(no model hub is used)",
-            )
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    else:  # a Hub id or a local directory (trace_core/model/hub.py: supported families, offline handling)
+        from trace_core.model.hub import generation_stop_ids, load_pretrained
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        stop = ()
+        model, tokenizer = load_pretrained(cfg.name, dtype)
+        stop = generation_stop_ids(model)
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise ConfigError(
@@ -156,6 +146,10 @@ def build_policy(cfg: ModelConfig, env_name: str, seed: int) -> Policy:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:  # after checkpointing is set on the base model; the adapters' layers inherit it
+        from trace_core.model.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora)
     codec = HFTextCodec(tokenizer, chat_template=cfg.chat_template)
     return Policy(
         model=model.to(device), tokenizer=tokenizer, codec=codec, stop_token_ids=stop, compute_dtype=compute_dtype

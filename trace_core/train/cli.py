@@ -3,10 +3,10 @@
 trace train [--config FILE] [--overwrite] [key=value ...]
     a new run (default: the embedded CPU job) in run_dir; without run_dir a fresh runs/<mode>-<date>-<time>
     (runs/latest points at it). A run_dir that holds anything is refused unless --overwrite (which deletes
-    the run's own files in it: config.yaml, metrics.jsonl, metrics.png, checkpoints/, tensorboard/).
+    the run's own files in it: config.yaml, metrics.jsonl, metrics.png, checkpoints/, tensorboard/, wandb/).
 trace train --resume run_dir=DIR [key=value ...]
     continue the run in DIR from its newest intact checkpoint, with its saved config.yaml; only steps,
-    eval_every, eval_tasks, checkpoint_every, progress and cpu_threads may change.
+    eval_every, eval_tasks, checkpoint_every, progress, cpu_threads and logging.* may change.
 trace compare [--config FILE] [--seeds 0-5] [--modes uniform random_tree trace trace+oracle] [--jobs N] [--out DIR]
               [key=value ...]
     every mode with every seed at the same budget (`<mode>+oracle`: Monte-Carlo predictions, outside the
@@ -22,6 +22,10 @@ trace retriever serve --corpus FILE.jsonl [--host H] [--port P] [--topk K]
 trace eval RUN_DIR_OR_CHECKPOINT [--tasks N] [--write]
     held-out success of exactly that checkpoint (a run directory: its newest intact one); reads only,
     unless --write (appends the result to the run's metrics.jsonl).
+trace export RUN_DIR OUT_DIR [--step N] [--merge-lora] [--dtype auto|float32|bfloat16|float16] [--overwrite]
+    the run's policy (newest intact checkpoint, or step N) in Hugging Face format (save_pretrained + tokenizer)
+    for AutoModelForCausalLM and vLLM; a LoRA run writes its adapters, or with --merge-lora the merged model.
+    OUT_DIR must be empty or new (--overwrite replaces an earlier export); the run directory is only read.
 
 Heavy modules (torch, transformers, the trainer) are imported only by the command that needs them, so
 `trace --help` and config errors come back at once.
@@ -295,13 +299,13 @@ def _parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run named by run_dir=DIR from its newest intact checkpoint, with the run's own "
-        "config.yaml; only steps, eval_every, eval_tasks, checkpoint_every, progress, cpu_threads may change",
+        "config.yaml; only steps, eval_every, eval_tasks, checkpoint_every, progress, cpu_threads, logging.* may change",
     )
     p_train.add_argument(
         "--overwrite",
         action="store_true",
         help="start over in a run_dir that holds a run: deletes its config.yaml, metrics.jsonl, metrics.png, "
-        "checkpoints/ and tensorboard/ (nothing else; a directory with other files is refused)",
+        "checkpoints/, tensorboard/ and wandb/ (nothing else; a directory with other files is refused)",
     )
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3 allocation.mode=uniform")
     p_cmp = _grid_parser(sub, "compare", "TRACE vs baselines at equal budget over several seeds")
@@ -352,6 +356,25 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also append the result to the run's metrics.jsonl (default: write nothing)",
     )
+    p_exp = sub.add_parser(
+        "export",
+        help="write a run's policy in Hugging Face format (AutoModelForCausalLM, vLLM); reads the run only",
+    )
+    p_exp.add_argument("run_dir", type=Path, help="a run directory")
+    p_exp.add_argument("out_dir", type=Path, help="an empty or new folder")
+    p_exp.add_argument(
+        "--step", type=int, default=None, help="the checkpoint of this step (default: the newest intact)"
+    )
+    p_exp.add_argument(
+        "--merge-lora", action="store_true", help="a LoRA run: merge the adapters into the weights (default: adapters)"
+    )
+    p_exp.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="dtype of the saved weights (auto: the run's model.dtype)",
+    )
+    p_exp.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
     return parser
 
 
@@ -401,6 +424,18 @@ def main(argv: list[str] | None = None) -> int:
                 ablate(cfg, seeds, args.tables, budgets, out, jobs=args.jobs)
         elif args.command == "report":
             report(args.folder, name=args.name, baseline=args.baseline)
+        elif args.command == "export":
+            from trace_core.train.export import export
+
+            record = export(
+                args.run_dir,
+                args.out_dir,
+                step=args.step,
+                merge_lora=args.merge_lora,
+                overwrite=args.overwrite,
+                dtype=args.dtype,
+            )
+            print(f"exported step {record['step']} ({record['content']}) of {args.run_dir} to {args.out_dir}")
         else:
             evaluate(args.checkpoint, args.tasks, write=args.write)
     except TraceError as err:

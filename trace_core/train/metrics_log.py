@@ -1,11 +1,13 @@
 """Where a run's metrics go: metrics.jsonl (one JSON object per step or evaluation), TensorBoard
-events when `tensorboard` is installed, and metrics.png drawn from the jsonl at the end of a run."""
+events when `tensorboard` is installed, Weights & Biases when `logging.wandb_project` is set
+(trace_core/train/wandb_log.py, rank 0 only), and metrics.png drawn from the jsonl at the end of a run."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -14,15 +16,21 @@ log = logging.getLogger("trace_core.train.metrics_log")
 
 class MetricsLog:
     """fresh=True starts an empty metrics.jsonl; fresh=False (resume) keeps it, repairing what a crash can
-    leave: a missing file is recreated empty, a partial or unreadable line is dropped (each with a warning)."""
+    leave: a missing file is recreated empty, a partial or unreadable line is dropped (each with a warning).
+    logging_cfg: the run's LoggingConfig (W&B settings); None or no wandb_project: no W&B."""
 
-    def __init__(self, run_dir: Path, *, fresh: bool):
+    def __init__(self, run_dir: Path, *, fresh: bool, logging_cfg: Any = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         if fresh:
             self.path.write_text("")
         else:
             self.repair()
         self._tensorboard = _tensorboard_writer(Path(run_dir) / "tensorboard")
+        self._wandb = None
+        if logging_cfg is not None and logging_cfg.wandb_project is not None:
+            from trace_core.train.wandb_log import wandb_run
+
+            self._wandb = wandb_run(logging_cfg, Path(run_dir), _saved_config(Path(run_dir)))
 
     def repair(self) -> list[str]:
         """Make metrics.jsonl whole lines of JSON objects again; returns the warnings it gave."""
@@ -61,6 +69,10 @@ class MetricsLog:
                 if isinstance(value, (int, float, np.floating, np.integer)) and key != "step":
                     self._tensorboard.add_scalar(key, float(value), step)
             self._tensorboard.flush()
+        if self._wandb is not None:
+            from trace_core.train.wandb_log import log_row
+
+            log_row(self._wandb, metrics, step)
 
     def rows(self) -> list[dict]:
         return read_rows(self.path)
@@ -76,6 +88,9 @@ class MetricsLog:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def plot(self, label: str, *, seed: int) -> None:
         """metrics.png of this one run (`label`: its allocation, `seed`: its seed)."""
@@ -98,6 +113,14 @@ def _row(line: str) -> dict | None:
     except ValueError:
         return None
     return row if isinstance(row, dict) else None
+
+
+def _saved_config(run_dir: Path) -> dict | None:
+    """The run's config.yaml as a mapping (what W&B shows as the run's config), None when absent."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
 def _plain(value):

@@ -30,7 +30,9 @@ class PolicyUpdater:
         self.policy, self.model, self.cfg = policy, policy.model, optim
         self.temperature = temperature or 1.0  # greedy sampling records untempered logprobs
         self.backend = backend
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        # the trainable parameters only: with LoRA the frozen base weights get no optimizer state (all of them otherwise)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
         # float16 compute over fp32 master weights: scale the loss so small gradients do not flush
         # to zero in fp16 (bf16 has fp32's range and needs none); a step with inf/nan grads is skipped
         self.scaler = torch.amp.GradScaler(

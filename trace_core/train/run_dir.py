@@ -1,6 +1,6 @@
 """A run directory belongs to one run, and to one trainer at a time.
 
-    run_dir/config.yaml, metrics.jsonl, metrics.png, checkpoints/, tensorboard/   the run's own files
+    run_dir/config.yaml, metrics.jsonl, metrics.png, checkpoints/, tensorboard/, wandb/   the run's own files
     run_dir/.lock                                                                 held (flock) by the trainer
 
 - `check_path(run_dir)` (config time, touches nothing): run_dir names a directory that is not the current
@@ -30,8 +30,8 @@ LOCK = ".lock"
 LATEST_LINK = "latest"  # runs/latest -> the newest run started with a default name
 # what --overwrite may delete: a run's own files (the trainer writes nothing else)
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.png")
-RUN_FOLDERS = ("checkpoints", "tensorboard")
-OVERWRITE_DELETES = "config.yaml, metrics.jsonl, metrics.png, checkpoints/ and tensorboard/"
+RUN_FOLDERS = ("checkpoints", "tensorboard", "wandb")
+OVERWRITE_DELETES = "config.yaml, metrics.jsonl, metrics.png, checkpoints/, tensorboard/ and wandb/"
 
 
 def check_path(value: str) -> None:

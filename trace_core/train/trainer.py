@@ -33,6 +33,7 @@ from trace_core.allocation import Allocation
 from trace_core.allocation.objective import repeat_probability, root_mixed_probability
 from trace_core.envs import make_env, make_task_source
 from trace_core.forest import RolloutForest
+from trace_core.model.lora import load_trainable_state_dict, trainable_state_dict
 from trace_core.model.policy import build_policy
 from trace_core.predictor import (
     EncoderPredictor,
@@ -47,8 +48,8 @@ from trace_core.rollout.kv_cache import CacheCapacityError, page_bytes
 from trace_core.rollout.paged_runner import kv_geometry
 from trace_core.train import checkpoint as ckpt
 from trace_core.train import run_dir as runs
-from trace_core.train.config import TrainConfig, gib, host_memory
-from trace_core.train.config_loader import ConfigError, from_dict, save_config, to_dict
+from trace_core.train.config import LoraConfig, TrainConfig, gib, host_memory
+from trace_core.train.config_loader import ConfigError, from_dict, merge, save_config, to_dict
 from trace_core.train.expansion import Expansion, expand_prefixes
 from trace_core.train.metrics_log import MetricsLog
 from trace_core.train.policy_update import PolicyUpdater
@@ -173,19 +174,20 @@ class Trainer:
         else:
             runs.prepare_new(self.run_dir, overwrite=overwrite)
             save_config(cfg, self.run_dir / "config.yaml")
-            self.metrics = MetricsLog(self.run_dir, fresh=True)
+            self.metrics = MetricsLog(self.run_dir, fresh=True, logging_cfg=cfg.logging)
 
     @classmethod
-    def for_evaluation(cls, path: str | Path) -> tuple[Trainer, dict]:
+    def for_evaluation(cls, path: str | Path, *, overrides: dict | None = None) -> tuple[Trainer, dict]:
         """A trainer holding the weights of the checkpoint file at `path` (verified against its manifest when
-        one lies beside it), built from the config the checkpoint embeds. It reads only: no directory is
-        created, locked or written. Returns (trainer, the checkpoint's state)."""
+        one lies beside it), built from the config the checkpoint embeds (with `overrides`, a nested mapping of
+        settings that do not change the weights, e.g. a smaller KV cache for `trace export`). It reads only: no
+        directory is created, locked or written. Returns (trainer, the checkpoint's state)."""
         state = ckpt.load_checkpoint(path)
-        saved = dict(state["config"])
+        saved = merge(dict(state["config"]), overrides or {})
         saved["run_dir"] = None  # where the run was is irrelevant here (the file may have been copied out)
         cfg = from_dict(TrainConfig, saved)
         trainer = cls(cfg, _read_only=True)
-        trainer.model.load_state_dict(state["model"])
+        load_trainable_state_dict(trainer.model, state["model"])
         trainer.step, trainer.leaves_sampled = int(state["step"]), int(state.get("leaves_sampled", 0))
         return trainer, state
 
@@ -292,7 +294,12 @@ class Trainer:
         cfg = self.cfg.predictor
         if cfg.backend in ("mlp_head", "oracle"):  # the oracle still trains a head, for its calibration numbers
             return MLPHeadPredictor(self.model.config.hidden_size, cfg)
-        model_cfg = dataclasses.replace(self.cfg.model, name=cfg.encoder, gradient_checkpointing=False)
+        try:  # the encoder is a model name like model.name (a Hub id is checked here); it trains whole, no LoRA
+            model_cfg = dataclasses.replace(
+                self.cfg.model, name=cfg.encoder, gradient_checkpointing=False, lora=LoraConfig()
+            )
+        except ConfigError as err:
+            raise ConfigError("predictor.encoder", err.detail) from None
         encoder = build_policy(model_cfg, self.cfg.env.name, self.cfg.seed + 1)
         if encoder.tokenizer.get_vocab() != self.policy.tokenizer.get_vocab():
             raise ConfigError(
@@ -577,7 +584,7 @@ class Trainer:
             "step": self.step,
             "leaves_sampled": self.leaves_sampled,
             "config": to_dict(self.cfg),
-            "model": self.model.state_dict(),
+            "model": trainable_state_dict(self.model),  # LoRA: the adapters only
             **self.updater.state_dict(),
             "predictor": self.predictor.state_dict(),
             "rng": ckpt.rng_state(),
@@ -598,19 +605,22 @@ class Trainer:
         if path is None or state is None:
             detail = f" (skipped: {'; '.join(skipped)})" if skipped else ""
             raise ConfigError("resume", f"{self.run_dir} has no checkpoint to resume from{detail}")
-        saved = state["config"]
+        # rebuilt like config.yaml is on --resume: keys added since the run started (model.lora, ...) take defaults
+        saved = to_dict(from_dict(TrainConfig, {**state["config"], "run_dir": None}))
         for key in ("seed", "model", "env", "allocation", "optim"):
             if saved[key] != to_dict(self.cfg)[key]:
                 raise ConfigError(
                     f"resume: {key} differs from the run's saved config.yaml; resume with the same config"
                 )
-        self.model.load_state_dict(state["model"])
+        load_trainable_state_dict(self.model, state["model"])
         self.updater.load_state_dict(state)
         self.predictor.load_state_dict(state["predictor"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.leaves_sampled = int(state["step"]), int(state["leaves_sampled"])
         self._set_aside(path)
-        self.metrics = MetricsLog(self.run_dir, fresh=False)  # repairs a partial last line or a missing file
+        self.metrics = MetricsLog(
+            self.run_dir, fresh=False, logging_cfg=self.cfg.logging
+        )  # repairs a partial last line or a missing file
         self.metrics.truncate_after(self.step)  # rows after the checkpoint belong to steps that run again
 
     def _set_aside(self, resumed: Path) -> None:

@@ -46,14 +46,18 @@ def test_env_satisfies_protocol_and_is_registered():
 @pytest.mark.parametrize(
     "text,expected",
     [
+        ("e3", ("lookup", "e3")),
         ("lookup e3", ("lookup", "e3")),
-        ("  Answer E7 \n", ("answer", "e7")),
-        ("lookup e0<eot>", ("lookup", "e0")),
-        ("<eot> answer e2 left 1", ("answer", "e2")),
+        ("  Answer E7 \n", ("answer", None)),
+        ("answer", ("answer", None)),
+        ("E0<eot>", ("lookup", "e0")),
+        ("<eot> e2 left 1", ("lookup", "e2")),
         ("", None),
         ("lookup", None),
         ("lookup e8", None),
-        ("e3 lookup", None),
+        ("e8", None),
+        ("left", None),
+        ("e3 lookup", ("lookup", "e3")),
         ("search e3", None),
     ],
 )
@@ -66,29 +70,31 @@ def test_action_parser_policy(text, expected):
 def test_following_the_chain_wins_and_observations_are_short_words():
     env = MultiHopEnv()
     assert env.reset(TASK, seed=0) == "level 1 turns 4 left 2 e3"
-    step = env.step("lookup e3")
+    step = env.step("e3")
     assert (step.observation, step.done, step.info["result"]) == ("left 1 e7", False, "found")
-    step = env.step("lookup e7 left 0")  # words after the entity are ignored, and reported
+    step = env.step("e7 left 0")  # words after the action are ignored, and reported
     assert step.observation == "left 0 e1" and step.info["ignored_text"] == "left 0"
-    step = env.step("answer e1")
+    step = env.step("answer e5")  # the answer is the entity held; a word after it is ignored
     assert step.done and step.reward == 1.0 and step.observation == "" and step.info["end_reason"] == "correct"
+    assert step.info["answer"] == "e1" and step.info["ignored_text"] == "e5"
     with pytest.raises(EpisodeStateError):
-        env.step("answer e1")
+        env.step("answer")
 
 
 def test_wrong_answers_distractors_and_missing_facts():
     env = MultiHopEnv()
     env.reset(TASK, seed=0)
-    step = env.step("answer e7")  # an entity on the chain, one hop short
-    assert step.done and step.reward == 0.0 and step.info["end_reason"] == "wrong"
+    env.step("lookup e3")
+    step = env.step("answer")  # holding e7, one hop short
+    assert step.done and step.reward == 0.0 and step.info["end_reason"] == "wrong" and step.info["answer"] == "e7"
     env.reset(TASK, seed=0)
     env.step("lookup e3"), env.step("lookup e7")
     step = env.step("lookup e1")  # one hop too many: a distractor fact, the count stays at 0
     assert step.observation == "left 0 e5"
-    step = env.step("answer e5")
-    assert step.reward == 0.0
+    step = env.step("answer")
+    assert step.reward == 0.0 and step.info["answer"] == "e5"
     env.reset(TASK, seed=0)
-    step = env.step("lookup e4")  # nothing known about e4: the count does not move
+    step = env.step("e4")  # nothing known about e4: the count does not move
     assert step.observation == "none left 2 e4" and step.info["result"] == "none"
 
 
@@ -97,14 +103,14 @@ def test_turn_limit_and_invalid_actions():
     env.reset(TASK, seed=0)
     step = env.step("jump e3")
     assert step.observation == "invalid left 2 e3" and not step.done and "invalid_reason" in step.info
-    step = env.step("lookup e3")  # an invalid action draws no randomness and moves nothing
+    step = env.step("e3")  # an invalid action draws no randomness and moves nothing
     assert step.observation == "left 1 e7"
     env.step("lookup e7")
     step = env.step("lookup e1")  # fourth turn, not an answer: the limit ends the episode
     assert step.done and step.reward == 0.0 and step.info["end_reason"] == "turn_limit"
     env = MultiHopEnv(on_invalid="end")
     env.reset(TASK, seed=0)
-    step = env.step("answer")
+    step = env.step("lookup")
     assert step.done and step.reward == 0.0 and step.info["end_reason"] == "invalid_action"
     env = MultiHopEnv(max_turns=2)  # the env's cap lowers the task's limit
     env.reset(TASK, seed=0)
@@ -266,14 +272,14 @@ def test_generator_is_seeded_graded_and_splits_are_disjoint():
 
 
 def test_reactive_policy_reads_the_observation():
-    assert reactive_action("level 2 turns 5 left 3 e4") == "lookup e4"
-    assert reactive_action("fail left 1 e6") == "lookup e6"
-    assert reactive_action("left 0 e2") == "answer e2"
+    assert reactive_action("level 2 turns 5 left 3 e4") == "e4"
+    assert reactive_action("fail left 1 e6") == "e6"
+    assert reactive_action("left 0 e2") == "answer"
 
 
 def test_tiny_model_and_engine_play_episodes_end_to_end():
-    """model.name=tiny builds the env's word tokenizer; the engine plays two-token turns through the env,
-    and an episode is rewarded exactly when its last action answers the task's answer."""
+    """model.name=tiny builds the env's word tokenizer; the engine plays one-word turns through the env,
+    and an episode is rewarded exactly when it answers holding the task's answer."""
     from trace_core.forest import RolloutForest
     from trace_core.model.policy import build_policy
     from trace_core.rollout import HFRolloutEngine, SamplingParams
@@ -286,17 +292,17 @@ def test_tiny_model_and_engine_play_episodes_end_to_end():
     for task in tasks:  # every prompt word is one known token
         ids = tok(env.reset(task, seed=0), add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id not in ids and len(ids) == 7
-    answer_id = tok.convert_tokens_to_ids("answer")
+    # random-init logits are flat: lean towards the level-0 chain's words so episodes end both ways
+    tasks = [{**TASK, "level": 0, "hops": 1, "max_turns": 3, "answer": "e7"}] * 6
     bias = torch.zeros(len(tok))
-    bias[answer_id] = 3.0  # random-init logits are flat; lean towards answering so episodes end both ways
-    for task in tasks:
-        bias[tok.convert_tokens_to_ids(task["answer"])] = 1.5
+    for word in ("answer", "e3"):
+        bias[tok.convert_tokens_to_ids(word)] = 2.0
     policy.model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
     engine = HFRolloutEngine(
         policy.model,
         policy.codec,
         MultiHopEnv,
-        sampling=SamplingParams(temperature=1.0, max_tokens=2, stop_token_ids=policy.stop_token_ids),
+        sampling=SamplingParams(temperature=1.0, max_tokens=1, stop_token_ids=policy.stop_token_ids),
         num_pages=256,
         page_size=16,
         decode_backend="cpu",
@@ -312,7 +318,44 @@ def test_tiny_model_and_engine_play_episodes_end_to_end():
         task = tasks[int(forest.prompt_id[leaf])]
         assert (reward == 1.0) == (info["end_reason"] == "correct")
         if info["end_reason"] in ("correct", "wrong"):
-            assert (info["action"] == f"answer {task['answer']}") == (reward == 1.0)
+            assert info["action"] == "answer" and (info["answer"] == task["answer"]) == (reward == 1.0)
         seq = forest.leaf_sequence(leaf)
         model_tokens = int(np.asarray(seq.loss_mask).sum())
-        assert model_tokens <= 2 * task["max_turns"]  # at most two tokens a turn
+        assert model_tokens <= task["max_turns"]  # one token a turn
+
+
+def test_every_multihop_word_is_one_known_token():
+    from trace_core.model.word_tokenizer import word_tokenizer_for
+
+    tok = word_tokenizer_for("multihop")
+    env = MultiHopEnv(max_turns=12)
+    texts = []
+    for task in generate_hop_tasks(40, seed=0):
+        texts.append(env.reset({**task, "noise": 0.5, "max_turns": 6}, seed=0))
+        texts += [env.step(a).observation for a in (task["start"], "jump", "e0", "e1", "e2")]
+    assert any(t.startswith("fail") for t in texts) and any(t.startswith("invalid") for t in texts)
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(text.split()) and tok.unk_token_id not in ids, text
+    actions = ["answer", *(f"e{i}" for i in range(8))]
+    assert all(len(tok(a, add_special_tokens=False)["input_ids"]) == 1 for a in actions)
+    assert len(tok) == 27  # one-word actions from a small vocabulary: a random-init policy explores it
+
+
+def test_word_tokenizers_by_env_name(monkeypatch):
+    from trace_core.model import word_tokenizer as wt
+    from trace_core.model.policy import load_tiny
+    from trace_core.train.config import ModelConfig
+    from trace_core.train.config_loader import ConfigError
+
+    assert wt.word_tokenizer_for("search_qa") is None
+    with pytest.raises(ConfigError, match="needs an env with a built-in word tokenizer"):
+        load_tiny(ModelConfig(), "search_qa", 0, torch.float32)
+    with pytest.raises(EnvError, match="env_name"):
+        wt.register_word_tokenizer("gridworld", wt.multihop_tokenizer)
+    monkeypatch.setattr(wt, "WORD_TOKENIZERS", dict(wt.WORD_TOKENIZERS))
+    wt.register_word_tokenizer("my_env", lambda: wt.build_word_tokenizer(["go", "stop"]))
+    model, tok, stop = load_tiny(ModelConfig(), "my_env", 0, torch.float32)
+    assert len(tok) == 7 and model.config.vocab_size == 7 and stop == (tok.convert_tokens_to_ids(wt.EOT),)
+    model, tok, _ = load_tiny(ModelConfig(), "multihop", 0, torch.float32)
+    assert model.config.vocab_size == len(tok) == 27

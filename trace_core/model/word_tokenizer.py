@@ -62,10 +62,12 @@ def gridworld_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def multihop_words() -> tuple[str, ...]:
-    from trace_core.envs.multihop.tasks import ACTIONS, ENTITIES, LEVELS, MAX_TURNS
+    """Entities, "answer" and the observation words; not "lookup": the model's actions are one word
+    (an entity to look up, or "answer"), and every word it can emit outside them is invalid."""
+    from trace_core.envs.multihop.tasks import ENTITIES, LEVELS, MAX_TURNS
 
     digits = (str(i) for i in range(max(MAX_TURNS, max(LEVELS)) + 1))
-    return (*ACTIONS, *ENTITIES, "left", "fail", "none", "invalid", "level", "turns", *digits)
+    return ("answer", *ENTITIES, "left", "fail", "none", "invalid", "level", "turns", *digits)
 
 
 def multihop_tokenizer() -> PreTrainedTokenizerFast:

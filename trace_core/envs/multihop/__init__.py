@@ -8,8 +8,8 @@
                that tell how well a trained policy does
 
 The trainer builds it by name through `trace_core.envs.make_env("multihop", ...)`; a tiny model
-(model.name=tiny) gets its word tokenizer, and its actions take two tokens
-(generation.max_tokens_per_turn=2).
+(model.name=tiny) gets its word tokenizer; an action is one word, so the default
+generation.max_tokens_per_turn=1 fits.
 """
 
 from trace_core.envs.multihop.env import MultiHopEnv

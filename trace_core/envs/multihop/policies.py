@@ -1,12 +1,14 @@
 """Scripted multi-hop policies and success probabilities (anchors for training).
 
 - `optimal_policy`: knows the knowledge base and follows the chain: looks up the entity it holds
-  until the question's hops are followed (retrying after a tool failure), then answers it. The
-  observation-only `reactive_action` ("left 0 X" -> answer X, else look up X) plays the same moves.
-- `random_policy`: a uniformly random valid action (lookup or answer, any entity e0..e7).
+  until the question's hops are followed (retrying after a tool failure), then answers. The
+  observation-only `reactive_action` ("left 0 X" -> answer, else look up X) plays the same moves.
+- `random_policy`: a uniformly random valid action ("answer", or a lookup of any entity e0..e7:
+  nine actions).
 - `exact_success_rate(task, "optimal")`: P(at least `hops` of the `max_turns - 1` lookups succeed),
-  binomial in the tool's failure rate (`success_from`: the same from any turn prefix); `rollout_success_rate`: Monte Carlo through the env itself,
-  so tests check the env's transitions against it.
+  binomial in the tool's failure rate (`success_from`: the same from any turn prefix);
+  `rollout_success_rate`: Monte Carlo through the env itself, so tests check the env's transitions
+  against it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from math import comb
 import numpy as np
 
 from trace_core.envs.multihop.env import MultiHopEnv
-from trace_core.envs.multihop.tasks import ACTIONS, ENTITIES, LEVELS, generate_hop_tasks, parse_hop_task
+from trace_core.envs.multihop.tasks import ENTITIES, LEVELS, generate_hop_tasks, parse_hop_task
 
 Policy = Callable[[MultiHopEnv, str, np.random.Generator], str]
 
@@ -38,14 +40,14 @@ def exact_success_rate(task: Mapping, policy: str = "optimal") -> float:
 
 
 def reactive_action(observation: str) -> str:
-    """Observation-only: "... left 0 X" -> "answer X", "... left H X" -> "lookup X"."""
+    """Observation-only: "... left 0 X" -> "answer", "... left H X" -> "lookup X"."""
     words = observation.split()
     left, entity = words[-2], words[-1]
-    return f"{'answer' if left == '0' else 'lookup'} {entity}"
+    return "answer" if left == "0" else entity
 
 
 def optimal_policy(env: MultiHopEnv, observation: str, rng: np.random.Generator) -> str:
-    return f"{'answer' if env.left == 0 else 'lookup'} {env.entity}"
+    return "answer" if env.left == 0 else env.entity
 
 
 def reactive_policy(env: MultiHopEnv, observation: str, rng: np.random.Generator) -> str:
@@ -53,7 +55,8 @@ def reactive_policy(env: MultiHopEnv, observation: str, rng: np.random.Generator
 
 
 def random_policy(env: MultiHopEnv, observation: str, rng: np.random.Generator) -> str:
-    return f"{ACTIONS[int(rng.integers(len(ACTIONS)))]} {ENTITIES[int(rng.integers(len(ENTITIES)))]}"
+    i = int(rng.integers(len(ENTITIES) + 1))
+    return "answer" if i == len(ENTITIES) else ENTITIES[i]
 
 
 POLICIES: dict[str, Policy] = {"random": random_policy, "optimal": optimal_policy, "reactive": reactive_policy}

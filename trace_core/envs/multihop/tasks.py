@@ -30,7 +30,7 @@ from trace_core.envs.base import EnvError, check_positive_int, check_split, requ
 
 NUM_ENTITIES = 8
 ENTITIES = tuple(f"e{i}" for i in range(NUM_ENTITIES))
-ACTIONS = ("lookup", "answer")
+ACTION_WORDS = ("answer", "lookup")  # an action is an entity (a lookup) or "answer"; "lookup eK" = "eK"
 
 
 @dataclass(frozen=True)

@@ -13,4 +13,5 @@ register_env(
     "trace_core.envs.search_qa.sources:make_search_qa_env",
     "trace_core.envs.search_qa.sources:QATaskSource",
 )
+register_env("multihop", "trace_core.envs.multihop.env:MultiHopEnv", "trace_core.envs.multihop.tasks:HopTaskSource")
 register_env("bfcl", "trace_core.envs.bfcl.env:BFCLEnv", "trace_core.envs.bfcl.data:BFCLTaskSource")

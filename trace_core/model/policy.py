@@ -71,17 +71,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_tiny(cfg: ModelConfig, env_name: str, seed: int, dtype: torch.dtype):
-    """model.name=tiny: a random-init model sized for the env's word tokenizer (the grid world's)."""
-    if env_name != "gridworld":
+    """model.name=tiny: a random-init model sized for the env's word tokenizer (WORD_TOKENIZERS)."""
+    from trace_core.model.tiny import build_tiny_model
+    from trace_core.model.word_tokenizer import EOT, WORD_TOKENIZERS, word_tokenizer_for
+
+    tokenizer = word_tokenizer_for(env_name)
+    if tokenizer is None:
         raise ConfigError(
             "model.name",
-            f"'tiny' needs an env with a built-in word tokenizer (gridworld), got "
-            f"env.name={env_name!r}; use model.name=smollm2 or a model directory",
+            f"'tiny' needs an env with a built-in word tokenizer ({', '.join(sorted(WORD_TOKENIZERS))}), got "
+            f"env.name={env_name!r}; use model.name=smollm2 or a model directory (or register_word_tokenizer)",
         )
-    from trace_core.model.tiny import build_tiny_model
-    from trace_core.model.word_tokenizer import EOT, gridworld_tokenizer
-
-    tokenizer = gridworld_tokenizer()
     model = build_tiny_model(
         tokenizer,
         seed=seed,

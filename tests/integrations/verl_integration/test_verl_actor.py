@@ -122,3 +122,38 @@ def test_switch_builds_the_config_and_bad_values_name_the_field(actor_config):
     fused.use_fused_kernels = True  # TrainingWorker copies actor_rollout_ref.model.use_fused_kernels here
     with pytest.raises(ValueError, match="actor_rollout_ref.model.use_fused_kernels=false"):
         check_shared_prefix_config(fused)
+
+
+def test_unsupported_micro_batches_fall_back_to_verls_forward():
+    """`_blocker` names why a micro-batch takes verl's own forward (None: the packed one)."""
+    from types import SimpleNamespace
+
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    from trace_core.integrations.verl.actor import SharedPrefixFSDPEngine
+
+    engine = SharedPrefixFSDPEngine.__new__(SharedPrefixFSDPEngine)  # _blocker reads model_config only
+    engine.model_config = SimpleNamespace(hf_config=SimpleNamespace())
+
+    def nested(rows):
+        return torch.nested.as_nested_tensor([torch.tensor(r) for r in rows], layout=torch.jagged)
+
+    def micro_batch(positions, temperature=1.0, **meta):
+        td = TensorDict({"input_ids": nested([[5, 6, 7], [5, 8]]), "position_ids": nested(positions)}, batch_size=[2])
+        if isinstance(temperature, torch.Tensor):
+            td["temperature"] = temperature
+        else:
+            tu.assign_non_tensor(td, temperature=temperature)
+        tu.assign_non_tensor(td, **meta)
+        return td
+
+    assert engine._blocker(micro_batch([[0, 1, 2], [0, 1]])) is None
+    assert engine._blocker(micro_batch([[0, 1, 2], [0, 1]], temperature=torch.tensor([0.7, 0.7]))) is None
+    assert "position ids" in engine._blocker(micro_batch([[0, 1, 2], [3, 4]]))  # e.g. a continued row
+    assert "per-row temperatures" in engine._blocker(micro_batch([[0, 1, 2], [0, 1]], torch.tensor([1.0, 0.5])))
+    assert "calculate_sum_pi_squared" in engine._blocker(
+        micro_batch([[0, 1, 2], [0, 1]], calculate_sum_pi_squared=True)
+    )
+    engine.model_config = SimpleNamespace(hf_config=SimpleNamespace(final_logit_softcapping=30.0))
+    assert "soft-capping" in engine._blocker(micro_batch([[0, 1, 2], [0, 1]]))

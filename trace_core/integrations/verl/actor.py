@@ -29,7 +29,7 @@ Outputs differ from verl's only where nothing reads them: log-probs and entropie
 the response tokens alone (prompt positions hold 0; verl's loss and `no_padding_2_padding` read the
 response slice). Unsupported inputs fall back to verl's forward for that micro-batch, saying why once:
 multimodal inputs, 3-D (mrope) or non-contiguous position ids, per-row temperatures, top-k
-distillation, `calculate_sum_pi_squared`.
+distillation, `calculate_sum_pi_squared`, logit soft-capping or scaling in the model.
 """
 
 from __future__ import annotations
@@ -215,6 +215,14 @@ class SharedPrefixFSDPEngine(FSDPEngineWithLMHead):
 
     def _blocker(self, micro_batch) -> str | None:
         """Why this micro-batch cannot take the packed forward, or None."""
+        hf_config = getattr(self.model_config, "hf_config", None)
+        text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        if getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None) not in (
+            None,
+            1,
+            1.0,
+        ):
+            return "logit soft-capping or scaling (the packed scoring reads raw lm_head logits)"
         if "multi_modal_inputs" in micro_batch:
             return "multimodal inputs"
         if tu.get_non_tensor_data(data=micro_batch, key="distillation_use_topk", default=False):

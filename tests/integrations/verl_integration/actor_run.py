@@ -1,12 +1,13 @@
 """Run verl's real actor (ActorRolloutRefWorker, FSDP2, world size 1, gloo) on CPU, twice: verl's
 own engine and the shared-prefix one, on the same batch; save both results for test_verl_actor.py.
 
-    python actor_run.py OUT_DIR [--dynamic-bsz | --fixed-bsz]
+    python actor_run.py OUT_DIR [--dynamic-bsz | --fixed-bsz] [--world 2]
 
 A separate process because verl's platform, process group and engine registry are per process:
 the CPU platform (cpu_platform.py) must be in place before verl first asks for a device. Per
 engine it saves compute_log_prob's response log-probs and entropies, then one update_actor step's
-gradients, parameters, metrics and the number of packed forwards.
+gradients, parameters, metrics and the number of packed forwards (--world 2: two data-parallel
+ranks over gloo, each with half the rows; actor_results_rank<r>.pt per rank).
 """
 
 from __future__ import annotations
@@ -117,8 +118,9 @@ def make_batch(seed: int = 0):
     return batch[torch.randperm(rows, generator=g)]  # verl's batches are not sorted by group
 
 
-def run_engine(cfg, batch, advantages, old_log_probs=None):
-    """old_log_probs: the update's (both engines get verl's); None: this engine's compute_log_prob."""
+def run_engine(cfg, batch, advantages, old_log_probs=None, world: int = 1):
+    """old_log_probs: the update's (both engines get verl's); None: this engine's compute_log_prob.
+    batch: this rank's rows; world: data-parallel ranks (the update's global batch is world x rows)."""
     from verl.utils import tensordict_utils as tu
     from verl.workers.engine_workers import ActorRolloutRefWorker
     from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
@@ -147,8 +149,8 @@ def run_engine(cfg, batch, advantages, old_log_probs=None):
     tu.assign_non_tensor(
         td,
         calculate_entropy=False,
-        global_batch_size=len(batch),
-        mini_batch_size=len(batch),
+        global_batch_size=world * len(batch),
+        mini_batch_size=world * len(batch),
         epochs=1,
         seed=0,
         dataloader_kwargs={"shuffle": False},
@@ -165,31 +167,54 @@ def run_engine(cfg, batch, advantages, old_log_probs=None):
         "params": after,
         "metrics": {k: v for k, v in metrics.items() if k in ("actor/pg_loss", "grad_norm")},
         "shared_prefix_calls": getattr(engine, "shared_prefix_calls", 0),
+        "micro_batch_counts": list(getattr(engine, "micro_batch_counts", [])),
         "seconds": time.time() - start,
     }
 
 
-def main(out_dir: str, dynamic_bsz: bool) -> None:
-    os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT", "29533")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    model_dir = tiny_model_dir(os.path.join(out_dir, "tiny_llama"))
-    batch = make_batch()
-    advantages = torch.randn(batch.batch["responses"].shape, generator=torch.Generator().manual_seed(1))
-    results = {}
-    # verl's own engine first: the shared-prefix config's import registers our engine for this process
-    results["verl"] = run_engine(verl_config(model_dir, shared_prefix=None, dynamic_bsz=dynamic_bsz), batch, advantages)
-    for name, switch in (("shared_prefix", True), ("off", False)):  # "off": our engine, switch off
-        cfg = verl_config(model_dir, shared_prefix=switch, dynamic_bsz=dynamic_bsz)
-        results[name] = run_engine(cfg, batch, advantages, old_log_probs=results["verl"]["log_probs"])
-    results["response_mask"] = batch.batch["response_mask"]
-    torch.save(results, os.path.join(out_dir, "actor_results.pt"))
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
+def run_rank(rank: int, out_dir: str, dynamic_bsz: bool, world: int, port: str) -> None:
+    """One data-parallel rank: verl's engine, ours, ours switched off, on this rank's rows."""
     sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(os.path.dirname(HERE)))]  # cpu_platform; this checkout
     from cpu_platform import use_cpu_platform
 
     use_cpu_platform()  # before verl first asks for a device
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    main(sys.argv[1], dynamic_bsz="--fixed-bsz" not in sys.argv[2:])
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model_dir = os.path.join(out_dir, "tiny_llama")
+    if rank == 0:
+        tiny_model_dir(model_dir)
+    dist.barrier()
+    batch = make_batch()
+    advantages = torch.randn(batch.batch["responses"].shape, generator=torch.Generator().manual_seed(1))
+    if world > 1:
+        # rank 0 the longest rows, rank 1 the shortest: their token budgets give different micro-batch
+        # counts, which the ranks must even out (FSDP runs collectives per forward)
+        order = torch.argsort(batch.batch["attention_mask"].sum(1), descending=True, stable=True)
+        mine = order.reshape(world, -1)[rank]
+        batch, advantages = batch[mine], advantages[mine]
+    results = {}
+    # verl's own engine first: the shared-prefix config's import registers our engine for this process
+    cfg = verl_config(model_dir, shared_prefix=None, dynamic_bsz=dynamic_bsz)
+    results["verl"] = run_engine(cfg, batch, advantages, world=world)
+    for name, switch in (("shared_prefix", True), ("off", False)):  # "off": our engine, switch off
+        cfg = verl_config(model_dir, shared_prefix=switch, dynamic_bsz=dynamic_bsz)
+        results[name] = run_engine(cfg, batch, advantages, old_log_probs=results["verl"]["log_probs"], world=world)
+    results["response_mask"] = batch.batch["response_mask"]
+    torch.save(results, os.path.join(out_dir, f"actor_results_rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def main(out_dir: str, dynamic_bsz: bool, world: int) -> None:
+    port = os.environ.get("MASTER_PORT", "29533")
+    if world == 1:
+        run_rank(0, out_dir, dynamic_bsz, 1, port)
+    else:
+        import torch.multiprocessing as mp
+
+        mp.spawn(run_rank, args=(out_dir, dynamic_bsz, world, port), nprocs=world, join=True)
+
+
+if __name__ == "__main__":
+    args = sys.argv[2:]
+    world = int(args[args.index("--world") + 1]) if "--world" in args else 1
+    main(sys.argv[1], dynamic_bsz="--fixed-bsz" not in args, world=world)

@@ -22,21 +22,28 @@ pytest.importorskip("verl", reason="verl is not installed (make its venv with sc
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module", params=["dynamic", "fixed"])
-def results(request, tmp_path_factory):
-    """Both engines' outputs; `dynamic`: verl's use_dynamic_bsz (token budget), `fixed`: rows per micro-batch."""
+RUNS = {  # actor_run.py's arguments
+    "dynamic": ["--dynamic-bsz"],  # verl's use_dynamic_bsz: a token budget per micro-batch
+    "fixed": ["--fixed-bsz"],  # micro_batch_size_per_gpu rows
+    "dp2": ["--dynamic-bsz", "--world", "2"],  # 2 data-parallel ranks (gloo), half the rows each
+}
+
+
+@pytest.fixture(scope="module", params=list(RUNS))
+def ranks(request, tmp_path_factory):
+    """Per rank: the engines' outputs (verl's, shared_prefix, off)."""
     out = tmp_path_factory.mktemp(f"actor_{request.param}")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), MASTER_PORT=str(_free_port()))
-    flag = "--dynamic-bsz" if request.param == "dynamic" else "--fixed-bsz"
     run = subprocess.run(
-        [sys.executable, os.path.join(HERE, "actor_run.py"), str(out), flag],
+        [sys.executable, os.path.join(HERE, "actor_run.py"), str(out), *RUNS[request.param]],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    return torch.load(out / "actor_results.pt", weights_only=False)
+    world = 2 if "--world" in RUNS[request.param] else 1
+    return [torch.load(out / f"actor_results_rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def _free_port() -> int:
@@ -47,7 +54,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_engines_are_verls_and_ours(results):
+def test_engines_are_verls_and_ours(ranks):
+    for results in ranks:
+        _engines_are_verls_and_ours(results)
+
+
+def _engines_are_verls_and_ours(results):
     assert results["verl"]["engine"] == "FSDPEngineWithLMHead"  # verl's own, before our import registered ours
     assert results["shared_prefix"]["engine"] == results["off"]["engine"] == "SharedPrefixFSDPEngine"
     # micro-batches of compute_log_prob and of the update took the packed forward (no fallback)
@@ -55,14 +67,24 @@ def test_engines_are_verls_and_ours(results):
     assert results["off"]["shared_prefix_calls"] == 0
 
 
-def test_switch_off_is_exactly_verl(results):
+def test_switch_off_is_exactly_verl(ranks):
+    for results in ranks:
+        _switch_off_is_exactly_verl(results)
+
+
+def _switch_off_is_exactly_verl(results):
     verl, off = results["verl"], results["off"]
     assert torch.equal(off["log_probs"], verl["log_probs"]) and torch.equal(off["entropy"], verl["entropy"])
     for name, param in verl["params"].items():
         assert torch.equal(off["params"][name], param), name
 
 
-def test_compute_log_prob_equals_verl(results):
+def test_compute_log_prob_equals_verl(ranks):
+    for results in ranks:
+        _compute_log_prob_equals_verl(results)
+
+
+def _compute_log_prob_equals_verl(results):
     mask = results["response_mask"].bool()
     verl, ours = results["verl"], results["shared_prefix"]
     assert (verl["log_probs"][mask] < 0).all() and (verl["entropy"][mask] > 0).all()
@@ -70,7 +92,24 @@ def test_compute_log_prob_equals_verl(results):
     torch.testing.assert_close(ours["entropy"][mask], verl["entropy"][mask], rtol=0, atol=1e-5)
 
 
-def test_training_step_equals_verl(results):
+def test_training_step_equals_verl(ranks):
+    for results in ranks:
+        _training_step_equals_verl(results)
+    for results in ranks[1:]:  # FSDP's shards make one model: every rank's full parameters agree
+        for name, param in ranks[0]["shared_prefix"]["params"].items():
+            assert torch.equal(results["shared_prefix"]["params"][name], param), name
+
+
+def test_ranks_run_the_same_number_of_micro_batches(ranks):
+    runs = [[run for _, run in results["shared_prefix"]["micro_batch_counts"]] for results in ranks]
+    assert all(r == runs[0] for r in runs) and len(runs[0]) == 2  # compute_log_prob, update_actor
+    if len(ranks) > 1:
+        # the short rows' rank needed fewer micro-batches for its budget and split its own to match
+        local = [[n for n, _ in results["shared_prefix"]["micro_batch_counts"]] for results in ranks]
+        assert any(mine < run for mine, run in zip(local[1], runs[1]))
+
+
+def _training_step_equals_verl(results):
     verl, ours = results["verl"], results["shared_prefix"]
     for metric in ("actor/pg_loss", "grad_norm"):  # verl's own metrics of the step
         torch.testing.assert_close(

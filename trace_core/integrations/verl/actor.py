@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -80,6 +81,9 @@ class SharedPrefixFSDPEngine(FSDPEngineWithLMHead):
         super().__init__(*args, **kwargs)
         self.shared_prefix = bool(getattr(self.engine_config, "shared_prefix", False))
         self.shared_prefix_calls = 0  # packed forwards run (the fallback does not count)
+        # (micro-batches the budget gave this rank, micro-batches run) of the last calls: ranks run
+        # the largest count, so a rank may split its own further
+        self.micro_batch_counts: deque[tuple[int, int]] = deque(maxlen=16)
         self._fallback_warned = False
         if self.shared_prefix:
             check_shared_prefix_config(self.engine_config)
@@ -138,7 +142,8 @@ class SharedPrefixFSDPEngine(FSDPEngineWithLMHead):
             rows_per_batch = int(tu.get_non_tensor_data(data=data, key="micro_batch_size_per_gpu", default=None))
             max_tokens = rows_per_batch * max(len(r) for r in rows)
         batches = group_preserving_micro_batches(rows, max_tokens=max_tokens)
-        count = torch.tensor([len(batches)], device=get_device_id())
+        local = len(batches)
+        count = torch.tensor([local], device=get_device_id())
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX, group=self.get_data_parallel_group())
         if int(count.item()) > len(batches):
             if int(count.item()) > len(rows):
@@ -148,6 +153,7 @@ class SharedPrefixFSDPEngine(FSDPEngineWithLMHead):
                     "(max_token_len_per_gpu / micro_batch_size_per_gpu) or the batch size"
                 )
             batches = group_preserving_micro_batches(rows, max_tokens=max_tokens, count=int(count.item()))
+        self.micro_batch_counts.append((local, len(batches)))
         return batches
 
     # -- forward ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Run verl's real actor (ActorRolloutRefWorker, FSDP2, world size 1, gloo) on CPU, twice: verl's
 own engine and the shared-prefix one, on the same batch; save both results for test_verl_actor.py.
 
-    python actor_run.py OUT_DIR [--dynamic-bsz | --fixed-bsz] [--world 2]
+    python actor_run.py OUT_DIR [--dynamic-bsz | --fixed-bsz] [--world 2] [--arch llama | qwen3-untied]
 
 A separate process because verl's platform, process group and engine registry are per process:
 the CPU platform (cpu_platform.py) must be in place before verl first asks for a device. Per
@@ -29,13 +29,19 @@ VOCAB = 25  # the gridworld tokenizer's
 LR = 1.0
 
 
-def tiny_model_dir(path: str) -> str:
-    from trace_core.model.tiny import build_tiny_model
+def tiny_model_dir(path: str, arch: str) -> str:
+    """A tiny random-init model (gridworld tokenizer) saved for verl: "llama" (tied embeddings: verl's
+    FSDP2 keeps the lm_head in the root unit) or "qwen3-untied" (its own FSDP2 unit, resharded after
+    forward, as in Qwen3-8B)."""
+    from trace_core.model.loading import model_from_config
+    from trace_core.model.tiny import tiny_model_config
     from trace_core.model.word_tokenizer import gridworld_tokenizer
 
     tokenizer = gridworld_tokenizer()
+    config = tiny_model_config(tokenizer, arch=arch.split("-")[0])
+    config.tie_word_embeddings = not arch.endswith("-untied")
     tokenizer.save_pretrained(path)
-    build_tiny_model(tokenizer, seed=0).save_pretrained(path)
+    model_from_config(config, seed=0).save_pretrained(path)
     return path
 
 
@@ -172,7 +178,7 @@ def run_engine(cfg, batch, advantages, old_log_probs=None, world: int = 1):
     }
 
 
-def run_rank(rank: int, out_dir: str, dynamic_bsz: bool, world: int, port: str) -> None:
+def run_rank(rank: int, out_dir: str, dynamic_bsz: bool, world: int, port: str, arch: str) -> None:
     """One data-parallel rank: verl's engine, ours, ours switched off, on this rank's rows."""
     sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(os.path.dirname(HERE)))]  # cpu_platform; this checkout
     from cpu_platform import use_cpu_platform
@@ -180,9 +186,9 @@ def run_rank(rank: int, out_dir: str, dynamic_bsz: bool, world: int, port: str) 
     use_cpu_platform()  # before verl first asks for a device
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model_dir = os.path.join(out_dir, "tiny_llama")
+    model_dir = os.path.join(out_dir, "tiny_model")
     if rank == 0:
-        tiny_model_dir(model_dir)
+        tiny_model_dir(model_dir, arch)
     dist.barrier()
     batch = make_batch()
     advantages = torch.randn(batch.batch["responses"].shape, generator=torch.Generator().manual_seed(1))
@@ -204,17 +210,18 @@ def run_rank(rank: int, out_dir: str, dynamic_bsz: bool, world: int, port: str) 
     dist.destroy_process_group()
 
 
-def main(out_dir: str, dynamic_bsz: bool, world: int) -> None:
+def main(out_dir: str, dynamic_bsz: bool, world: int, arch: str) -> None:
     port = os.environ.get("MASTER_PORT", "29533")
     if world == 1:
-        run_rank(0, out_dir, dynamic_bsz, 1, port)
+        run_rank(0, out_dir, dynamic_bsz, 1, port, arch)
     else:
         import torch.multiprocessing as mp
 
-        mp.spawn(run_rank, args=(out_dir, dynamic_bsz, world, port), nprocs=world, join=True)
+        mp.spawn(run_rank, args=(out_dir, dynamic_bsz, world, port, arch), nprocs=world, join=True)
 
 
 if __name__ == "__main__":
     args = sys.argv[2:]
     world = int(args[args.index("--world") + 1]) if "--world" in args else 1
-    main(sys.argv[1], dynamic_bsz="--fixed-bsz" not in args, world=world)
+    arch = args[args.index("--arch") + 1] if "--arch" in args else "llama"
+    main(sys.argv[1], dynamic_bsz="--fixed-bsz" not in args, world=world, arch=arch)

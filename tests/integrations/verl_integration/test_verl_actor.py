@@ -23,9 +23,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 RUNS = {  # actor_run.py's arguments
-    "dynamic": ["--dynamic-bsz"],  # verl's use_dynamic_bsz: a token budget per micro-batch
-    "fixed": ["--fixed-bsz"],  # micro_batch_size_per_gpu rows
-    "dp2": ["--dynamic-bsz", "--world", "2"],  # 2 data-parallel ranks (gloo), half the rows each
+    # Llama, tied embeddings (verl's FSDP2 keeps the lm_head in the root unit); verl's
+    # use_dynamic_bsz: a token budget per micro-batch
+    "dynamic": ["--dynamic-bsz", "--arch", "llama"],
+    # Qwen3, untied: the lm_head is an FSDP2 unit of its own, resharded after forward;
+    # micro_batch_size_per_gpu rows per micro-batch
+    "fixed": ["--fixed-bsz", "--arch", "qwen3-untied"],
+    "dp2": ["--dynamic-bsz", "--world", "2", "--arch", "qwen3-untied"],  # 2 data-parallel ranks, half the rows each
 }
 
 

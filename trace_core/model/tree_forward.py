@@ -215,34 +215,49 @@ def tree_forward_with_head(
     model: torch.nn.Module, packed: Any, head_fn: Callable, *, backend: str | None = None
 ) -> Any:
     """Run the causal LM's own forward over a packed tree, its lm_head computing
-    `head_fn(hidden [T, hidden_size], lm_head)` instead of logits; returns that result.
+    `head_fn(hidden [T, hidden_size], lm_head)` instead of logits; returns that result (a tensor or
+    a tuple of tensors).
 
     The call goes through `model` as given, so wrappers do their part: DDP prepares its gradient
     synchronisation, FSDP2 gathers each module's parameters, and `head_fn` runs inside the
-    lm_head's own call, where its weight is whole. Accepts what `tree_forward` accepts (a causal LM).
+    lm_head's own call, where its weight is whole. The result leaves the lm_head as its output (the
+    tensors flattened into one [1, N, 1] "logits" tensor) and comes back from the model's output:
+    an FSDP2 unit around the lm_head (verl wraps it in one of its own, resharded after forward)
+    re-gathers its weight for the backward only when the gradient flows through its output.
+    Accepts what `tree_forward` accepts (a causal LM).
     """
     hf_model = transformers_model(model)
     head = hf_model.get_output_embeddings()
     if head is None:
         raise ValueError("model: has no output embeddings (lm_head); pass a causal LM, not its base model")
     kwargs = _packed_kwargs(hf_model, packed, backend)
-    results = []
+    layout: dict[str, Any] = {}  # how the result was flattened: its tensors' shapes, tuple or not
 
     def scoring_forward(hidden: torch.Tensor) -> torch.Tensor:  # [1, T, H] from the model's forward
-        results.append(head_fn(hidden[0], head))
-        return hidden.new_zeros(*hidden.shape[:-1], 1)  # stands in for the logits nobody reads
+        result = head_fn(hidden[0], head)
+        parts = list(result) if isinstance(result, tuple) else [result]
+        layout.update(shapes=[part.shape for part in parts], is_tuple=isinstance(result, tuple))
+        return torch.cat([part.reshape(1, -1, 1) for part in parts], dim=1)  # a new tensor, not a view
 
     previous = head.__dict__.get("forward")  # an instance-level forward (e.g. TRL's fp32 head) comes back after
     head.forward = scoring_forward
     try:
         with tree_attention_mode(hf_model), _checkpoint_replays_in_tree_mode(hf_model):
-            _eager(model)(**kwargs)
+            output = _eager(model)(**kwargs)
     finally:
         if previous is None:
             del head.forward
         else:
             head.forward = previous
-    return results[-1]
+    flat = (output.logits if hasattr(output, "logits") else output[0]).reshape(-1)
+    sizes = [shape.numel() for shape in layout["shapes"]]
+    if flat.numel() != sum(sizes):
+        raise RuntimeError(
+            f"model: its forward changed the lm_head's output ({sum(sizes)} values in, {flat.numel()} out); "
+            "tree_forward_with_head needs a causal LM that returns its lm_head's output as its logits"
+        )
+    parts = [chunk.reshape(shape) for chunk, shape in zip(flat.split(sizes), layout["shapes"], strict=True)]
+    return tuple(parts) if layout["is_tuple"] else parts[0]
 
 
 def tree_forward(model: torch.nn.Module, packed: Any, *, backend: str | None = None) -> torch.Tensor:

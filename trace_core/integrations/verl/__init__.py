@@ -8,8 +8,13 @@
 - `agent_loop`: the `trace_agent` agent loop: Stage 1, bare rollouts turn by turn through verl's LLM
   client with a trace-rl env, Stage 2 continuations from turn prefixes; one leaf per batch row.
 - `rows`: a forest leaf as a verl row.
+- `actor`: `SharedPrefixFSDPEngine`, verl's FSDP2 actor engine with the logprob and training forwards
+  through `shared_prefix_logprobs` (switch: `fsdp_config.shared_prefix=true`); `micro_batches`: its
+  group-preserving micro-batches (numpy only).
+- `main`: the `run_ppo` entry point (`python -m trace_core.integrations.verl.main`), `TraceTaskRunner` and
+  the presets in `config/`; `data`: Search-R1 rows as verl dataset rows for the `search_qa` env.
 
-Importing this package does not import verl; `agent_loop` and `client` do.
+Importing this package does not import verl; `agent_loop`, `client`, `actor` and `main` do.
 """
 
 from trace_core.integrations.verl.advantage import (

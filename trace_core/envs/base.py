@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from trace_core.errors import TraceError
 
 
@@ -148,3 +150,44 @@ def check_seed(seed: Any) -> int | None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise EnvError("seed", f"seed must be None or an integer >= 0, got {seed!r}")
     return seed
+
+
+class TurnEpisode:
+    """Bookkeeping shared by the embedded turn-based envs (grid world, multihop): the turn counter, the end of
+    an episode, and the random stream that `snapshot` carries and `restore` resumes or reseeds. A subclass
+    sets `turn`, `max_turns`, `done`, `reward`, `_rng` in reset/restore and defines `_require_reset()`
+    (its parsed task, or EpisodeStateError before the first reset)."""
+
+    turn: int
+    max_turns: int
+    done: bool
+    reward: float | None
+    _rng: np.random.Generator
+
+    def _require_reset(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def turns_left(self) -> int:
+        return self.max_turns - self.turn
+
+    def _require_running(self) -> Any:
+        task = self._require_reset()
+        if self.done:
+            raise EpisodeStateError(
+                f"{type(self).__name__}: the episode is over; reset or restore before stepping again"
+            )
+        return task
+
+    def _finish(self, reward: float, reason: str, info: dict[str, Any]) -> Step:
+        self.done, self.reward = True, reward
+        info["end_reason"] = reason
+        return Step("", True, reward, info)
+
+    def _restore_rng(self, state: Any, seed: int | None) -> None:
+        """Continue the snapshot's random stream (seed None), or start a fresh one from `seed`."""
+        if seed is None:
+            self._rng = np.random.default_rng()
+            self._rng.bit_generator.state = state
+        else:
+            self._rng = np.random.default_rng(seed)

@@ -34,6 +34,7 @@ from trace_core.envs.base import (
     EnvError,
     EpisodeStateError,
     Step,
+    TurnEpisode,
     check_choice,
     check_positive_int,
     check_seed,
@@ -77,7 +78,7 @@ def render_prompt(layout: GridLayout) -> str:
     return f"level {layout.level} turns {layout.max_turns} " + render_observation(layout, layout.start)
 
 
-class GridWorldEnv:
+class GridWorldEnv(TurnEpisode):
     """Env protocol implementation; one episode at a time, resumable at any turn.
 
     max_turns  cap on any task's turn limit; after `reset` it holds the current task's limit
@@ -159,33 +160,14 @@ class GridWorldEnv:
         self.max_turns = snapshot["max_turns"]
         self.position = tuple(snapshot["position"])
         self.turn, self.done, self.reward = snapshot["turn"], snapshot["done"], snapshot["reward"]
-        if seed is None:
-            self._rng = np.random.default_rng()
-            self._rng.bit_generator.state = snapshot["rng"]
-        else:
-            self._rng = np.random.default_rng(seed)
+        self._restore_rng(snapshot["rng"], seed)
 
     # --- helpers ----------------------------------------------------------------------------
     @property
     def layout(self) -> GridLayout:
         return self._require_reset()
 
-    @property
-    def turns_left(self) -> int:
-        return self.max_turns - self.turn
-
     def _require_reset(self) -> GridLayout:
         if self._layout is None:
             raise EpisodeStateError("GridWorldEnv: call reset(task) (or restore) before using the env")
         return self._layout
-
-    def _require_running(self) -> GridLayout:
-        layout = self._require_reset()
-        if self.done:
-            raise EpisodeStateError("GridWorldEnv: the episode is over; reset or restore before stepping again")
-        return layout
-
-    def _finish(self, reward: float, reason: str, info: dict[str, Any]) -> Step:
-        self.done, self.reward = True, reward
-        info["end_reason"] = reason
-        return Step("", True, reward, info)

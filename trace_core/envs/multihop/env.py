@@ -50,6 +50,7 @@ from trace_core.envs.base import (
     EnvError,
     EpisodeStateError,
     Step,
+    TurnEpisode,
     check_choice,
     check_positive_int,
     check_seed,
@@ -88,7 +89,7 @@ def render_prompt(task: HopTask) -> str:
     return f"level {task.level} turns {task.max_turns} " + render_state(task.hops, task.start)
 
 
-class MultiHopEnv:
+class MultiHopEnv(TurnEpisode):
     """Env protocol implementation; one episode at a time, resumable at any turn.
 
     max_turns  cap on any task's turn limit; after `reset` it holds the current task's limit
@@ -175,33 +176,14 @@ class MultiHopEnv:
         self.max_turns = snapshot["max_turns"]
         self.left, self.entity = snapshot["left"], snapshot["entity"]
         self.turn, self.done, self.reward = snapshot["turn"], snapshot["done"], snapshot["reward"]
-        if seed is None:
-            self._rng = np.random.default_rng()
-            self._rng.bit_generator.state = snapshot["rng"]
-        else:
-            self._rng = np.random.default_rng(seed)
+        self._restore_rng(snapshot["rng"], seed)
 
     # --- helpers ----------------------------------------------------------------------------
     @property
     def task(self) -> HopTask:
         return self._require_reset()
 
-    @property
-    def turns_left(self) -> int:
-        return self.max_turns - self.turn
-
     def _require_reset(self) -> HopTask:
         if self._task is None:
             raise EpisodeStateError("MultiHopEnv: call reset(task) (or restore) before using the env")
         return self._task
-
-    def _require_running(self) -> HopTask:
-        task = self._require_reset()
-        if self.done:
-            raise EpisodeStateError("MultiHopEnv: the episode is over; reset or restore before stepping again")
-        return task
-
-    def _finish(self, reward: float, reason: str, info: dict[str, Any]) -> Step:
-        self.done, self.reward = True, reward
-        info["end_reason"] = reason
-        return Step("", True, reward, info)

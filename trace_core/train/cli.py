@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,19 +52,37 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 
 def train(cfg, *, resume: bool = False, overwrite: bool = False) -> list[dict]:
+    """Train (or resume) one run. Under torchrun every process runs this; rank 0 alone prints (and writes)."""
     from trace_core.train.trainer import Trainer
 
-    with Trainer(cfg, resume=resume, overwrite=overwrite) as trainer:
-        print(f"run directory: {trainer.run_dir}  (config.yaml, metrics.jsonl, checkpoints/)")
-        if trainer.step >= trainer.cfg.steps:
-            print(f"the run is at step {trainer.step} of {trainer.cfg.steps}: nothing to do (raise steps= to go on)")
-        bar, update = _progress_bar(trainer.cfg.steps, trainer.step, trainer.cfg.progress)
-        with bar:
-            history = trainer.fit(progress=update)
-    if history:
+    try:
+        with Trainer(cfg, resume=resume, overwrite=overwrite) as trainer:
+            main = trainer.world.is_main
+            if main:
+                where = f"{trainer.run_dir}  (config.yaml, metrics.jsonl, checkpoints/)"
+                ranks = f", {trainer.world.size} processes" if trainer.world.distributed else ""
+                print(f"run directory: {where}{ranks}")
+                if trainer.step >= trainer.cfg.steps:
+                    print(
+                        f"the run is at step {trainer.step} of {trainer.cfg.steps}: nothing to do (raise steps= to go on)"
+                    )
+            bar, update = _progress_bar(trainer.cfg.steps, trainer.step, trainer.cfg.progress and main)
+            with bar:
+                history = trainer.fit(progress=update)
+    finally:
+        _leave_process_group()
+    if history and main:
         last = history[-1]
         print("final: " + ", ".join(f"{k}={last[k]:.3f}" for k in SHOWN if k in last))
     return history
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: destroy the process group the trainer created (a clean exit, no NCCL warning)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_seeds_and_modes(seeds: list[int], modes: list[str]) -> None:
@@ -319,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = load_config(TrainConfig, args.config, args.overrides)
                 if cfg.run_dir is not None:
                     check_new(cfg.run_dir, overwrite=args.overwrite)  # at once, before the model is built
-            print("config:\n  " + json.dumps(to_dict(cfg), indent=None))
+            if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 prints
+                print("config:\n  " + json.dumps(to_dict(cfg), indent=None))
             train(cfg, resume=args.resume, overwrite=args.overwrite)
         elif args.command in ("compare", "ablate"):
             from trace_core.train.config import TrainConfig

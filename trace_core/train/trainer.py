@@ -768,6 +768,7 @@ class Trainer:
         repaired and cut back to the checkpoint's step."""
         if self.world.distributed:
             return self._load_latest_sharded()
+        dist_checkpoint.check_world_size(self.run_dir, 1)  # a run of several processes: say so first
         path, state, skipped = ckpt.resumable_checkpoint(self.run_dir)
         if skipped:
             log.warning(
@@ -776,7 +777,6 @@ class Trainer:
                 f"resuming from {path.name}" if path is not None else "no intact checkpoint is left",
             )
         if path is None or state is None:
-            dist_checkpoint.check_world_size(self.run_dir, 1)  # a run of several processes: say so
             detail = f" (skipped: {'; '.join(skipped)})" if skipped else ""
             raise ConfigError("resume", f"{self.run_dir} has no checkpoint to resume from{detail}")
         saved = state["config"]

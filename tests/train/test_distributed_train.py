@@ -147,3 +147,11 @@ def test_killed_two_rank_run_resumes_exactly_and_refuses_another_world_size(tmp_
     assert_same_run(resumed, one_process, steps=[3, 4])  # = the uninterrupted run (itself = one process)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # step 3's row of the killed run was cut, then rewritten
+
+    # `trace eval` reads the sharded checkpoint whole, in one process without a process group
+    from trace_core.train.trainer import Trainer
+
+    trainer, state = Trainer.for_evaluation(run_dir / "checkpoints" / f"step_{STEPS:08d}")
+    assert state["step"] == STEPS
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, resumed["params"][name], rtol=0, atol=0, msg=name)

@@ -149,13 +149,18 @@ def evaluate(target: Path, tasks: int | None, *, write: bool = False) -> dict:
     """Held-out success of exactly the checkpoint `target` names (a file anywhere, or a run directory's newest
     intact checkpoint). Reads only; `write` appends the result as a row of the run's metrics.jsonl."""
     from trace_core.train import checkpoint as ckpt
+    from trace_core.train import dist_checkpoint
     from trace_core.train import run_dir as runs
     from trace_core.train.config_loader import ConfigError
     from trace_core.train.trainer import Trainer
 
     run_dir: Path | None
-    if target.is_dir():
+    if dist_checkpoint.is_checkpoint_dir(target):  # one sharded checkpoint of a multi-process run
+        path, run_dir = target, target.parent.parent
+    elif target.is_dir():
         path, _, skipped = ckpt.resumable_checkpoint(target)
+        if path is None:  # a multi-process run: its newest intact sharded checkpoint
+            path, _, skipped = dist_checkpoint.resumable(target)
         if path is None:
             detail = f" (skipped: {'; '.join(skipped)})" if skipped else ""
             raise ConfigError("eval", f"{target} has no intact checkpoint to evaluate{detail}")

@@ -93,6 +93,11 @@ def prune(folder: Path, *, keep: int, current: Path) -> None:
         ckpt.manifest_path(old).unlink(missing_ok=True)
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether `path` is one sharded checkpoint (checkpoints/step_N/ with its manifest beside it)."""
+    return _step(Path(path)) is not None and ckpt.manifest_path(Path(path)).is_file()
+
+
 def _step(path: Path) -> int | None:
     match = STEP_DIR.match(path.name)
     return int(match.group(1)) if match and path.is_dir() else None
@@ -184,3 +189,21 @@ def load(
     ckpt.set_rng_state(torch.load(path / _rank_file(world.rank), weights_only=True)["rng"])
     trainer_state = torch.load(path / "trainer.pt", weights_only=True)
     return path, trainer_state, skipped
+
+
+def read_trainer_state(path: Path) -> dict:
+    """trainer.pt of the sharded checkpoint directory `path` (step, config, predictor), its files verified."""
+    from trace_core.train.checkpoint import CheckpointError
+
+    manifest, why = verify(path)
+    if manifest is None:
+        raise CheckpointError(str(path), why)
+    return torch.load(path / "trainer.pt", weights_only=True)
+
+
+def load_full_model(path: Path, model: torch.nn.Module) -> None:
+    """The policy weights of a sharded checkpoint, read whole into an unwrapped `model` in one process (no process
+    group: `trace eval`, export)."""
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict(state["model"])

@@ -241,13 +241,18 @@ class Trainer:
     def for_evaluation(cls, path: str | Path) -> tuple[Trainer, dict]:
         """A trainer holding the weights of the checkpoint file at `path` (verified against its manifest when
         one lies beside it), built from the config the checkpoint embeds. It reads only: no directory is
-        created, locked or written. Returns (trainer, the checkpoint's state)."""
-        state = ckpt.load_checkpoint(path)
+        created, locked or written. Returns (trainer, the checkpoint's state). A sharded checkpoint (the
+        directory a multi-process run writes) is read whole into one process, without a process group."""
+        sharded = Path(path).is_dir()
+        state = dist_checkpoint.read_trainer_state(Path(path)) if sharded else ckpt.load_checkpoint(path)
         saved = dict(state["config"])
         saved["run_dir"] = None  # where the run was is irrelevant here (the file may have been copied out)
         cfg = from_dict(TrainConfig, saved)
         trainer = cls(cfg, _read_only=True)
-        trainer.model.load_state_dict(state["model"])
+        if sharded:
+            dist_checkpoint.load_full_model(Path(path), trainer.model)
+        else:
+            trainer.model.load_state_dict(state["model"])
         trainer.step, trainer.leaves_sampled = int(state["step"]), int(state.get("leaves_sampled", 0))
         return trainer, state
 

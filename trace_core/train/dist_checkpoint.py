@@ -26,8 +26,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from trace_core.train import checkpoint as ckpt
 from trace_core.train.config_loader import ConfigError
@@ -51,6 +49,9 @@ def save(
     keep: int = 2,
 ) -> Path:
     """Write the step's sharded checkpoint (a collective: every rank calls it). model: the DDP / FSDP2 module."""
+    import torch.distributed.checkpoint as dcp  # here: one-process runs never import it
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     folder = Path(run_dir) / "checkpoints"
     name = f"step_{step:08d}"
     tmp = folder / f".{name}.tmp"
@@ -175,6 +176,9 @@ def load(
 ) -> tuple[Path, dict, list[str]]:
     """Load the newest intact sharded checkpoint into `model` (the DDP / FSDP2 module) and `optimizer`, and this
     rank's RNG state (a collective). Returns (path, the trainer state of trainer.pt, what was skipped)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     choice = world.broadcast(resumable(run_dir) if world.is_main else None)  # every rank loads the same one
     path, manifest, skipped = choice
     if path is None:
@@ -204,6 +208,8 @@ def read_trainer_state(path: Path) -> dict:
 def load_full_model(path: Path, model: torch.nn.Module) -> None:
     """The policy weights of a sharded checkpoint, read whole into an unwrapped `model` in one process (no process
     group: `trace eval`, export)."""
+    import torch.distributed.checkpoint as dcp
+
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
     model.load_state_dict(state["model"])

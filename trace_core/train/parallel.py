@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from trace_core.train.config import DistributedConfig
 from trace_core.train.distributed import World
@@ -67,6 +66,8 @@ class RolloutWeights:
     def refresh(self, sharded: torch.nn.Module, version: int) -> None:
         if version == self.version:
             return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
         with torch.no_grad():
             for name, tensor in self.model.state_dict().items():

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trace_core.advantage import compute_advantages
 from trace_core.forest import ROLE_MODEL, RolloutForest
 from trace_core.train.config import TrainConfig
 from trace_core.train.config_loader import load_config
+from trace_core.train.distributed import teardown
 
 FIXED = ["generation.sampling_streams=episode", "progress=false", "eval_at_start=false", "eval_every=0"]
 AGREE = ("leaves", "generated_tokens", "success_leaves", "success_bare", "prompts")
@@ -81,8 +81,7 @@ def worker(rank: int, procs: int, port: int, overrides: list[str], steps: int, r
         if rank == 0:
             torch.save({"rows": rows[1:], "peaks": peaks, "device": str(trainer.policy.device)}, out)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown()
 
 
 def run_procs(procs: int, overrides: list[str], steps: int, folder: Path) -> dict:

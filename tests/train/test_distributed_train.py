@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from trace_core.train.config import TrainConfig
 from trace_core.train.config_loader import ConfigError, load_config
+from trace_core.train.distributed import teardown
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")]
 
@@ -95,8 +96,7 @@ def worker(rank: int, port: int, overrides: list[str], out: str, resume: bool, k
         if rank == 0:
             torch.save(result, out)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown()
 
 
 def spawn(tmp_path, overrides, name, *, resume=False, kill_after=None) -> dict | None:

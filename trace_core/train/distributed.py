@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,3 +214,17 @@ class AnchorExchange:
     def expanded(self, anchors: np.ndarray, nodes: np.ndarray) -> None:
         """Record the keys of the nodes this round wrote (its anchors' indices are the last gather's)."""
         self.order.add_expansion(self.forest, anchors, self._index, nodes)
+
+
+def teardown() -> None:
+    """Leave the process group at the end of a run (a no-op without one).
+
+    All ranks meet at a barrier first (gloo's barrier waits for every earlier collective), then wait a moment
+    with the GIL released: gloo's worker threads may still be dropping the Python references of finished work,
+    and the group's destructor joins them while holding the GIL, which deadlocks if one of them still needs it
+    (pytorch/pytorch#56297; seen here as a rank hanging in ~ProcessGroupGloo after its last all_gather)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    time.sleep(0.2)
+    dist.destroy_process_group()

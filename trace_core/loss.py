@@ -52,24 +52,35 @@ class PackedLossWeights:
         return adv_pos, adv_neg, kl_weight
 
 
-def leaf_weights(forest: RolloutForest, packed: PackedTree, loss_agg: str = "token-mean") -> np.ndarray:
+def leaf_weights(
+    forest: RolloutForest, packed: PackedTree, loss_agg: str = "token-mean", *, total: float | None = None
+) -> np.ndarray:
     """[n] aggregation weight w_l of each leaf (0 elsewhere).
 
     token-mean:           1 / (model tokens summed over all leaf paths)
     seq-mean-token-mean:  1 / (number of leaves * model tokens on the leaf's own path)
-    """
+
+    total: the denominator's count over the whole step when `forest` is one rank's part of it (model tokens for
+    token-mean, leaves with model tokens for seq-mean-token-mean; `loss_denominator` of every rank, summed)."""
     if loss_agg not in LOSS_AGGREGATIONS:
         raise ForestError("loss_agg", f"unknown aggregation {loss_agg!r}; choose one of {LOSS_AGGREGATIONS}")
     model_tokens_per_leaf = _model_tokens_per_leaf(packed)
-    if model_tokens_per_leaf.sum() == 0:
+    if (model_tokens_per_leaf.sum() if total is None else total) == 0:
         raise ForestError("forest", "no leaf path has a model token: there is nothing to train on")
     weights = np.zeros(forest.num_nodes)
     if loss_agg == "token-mean":
-        weights[packed.leaf_nodes] = 1.0 / model_tokens_per_leaf.sum()
+        weights[packed.leaf_nodes] = 1.0 / (model_tokens_per_leaf.sum() if total is None else total)
     else:
         has_tokens = model_tokens_per_leaf > 0
-        weights[packed.leaf_nodes[has_tokens]] = 1.0 / (has_tokens.sum() * model_tokens_per_leaf[has_tokens])
+        leaves = has_tokens.sum() if total is None else total
+        weights[packed.leaf_nodes[has_tokens]] = 1.0 / (leaves * model_tokens_per_leaf[has_tokens])
     return weights
+
+
+def loss_denominator(packed: PackedTree, loss_agg: str = "token-mean") -> int:
+    """This packed forest's share of the loss's denominator (see `leaf_weights`'s total)."""
+    tokens = _model_tokens_per_leaf(packed)
+    return int(tokens.sum()) if loss_agg == "token-mean" else int((tokens > 0).sum())
 
 
 def packed_loss_weights(

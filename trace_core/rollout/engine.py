@@ -18,6 +18,14 @@ Prompts are prefilled once (`prefill`); every rollout of a prompt forks its KV n
 copy's env is restored from the prompt's snapshot with its own seed. The hidden state at the last
 token of every prompt and turn prefix is kept for the predictor (`hidden_states`), so nothing is
 recomputed to predict. Everything retained stays until `release_all()`.
+
+Sampling streams (`streams`). "batch" (the default): every sequence of a decode batch samples from one
+torch.Generator and env seeds come from one stream, in batch order, so an episode's randomness depends on
+which other episodes share the process. "episode": each episode samples from a generator of its own and
+gets its env seed from the same key, derived from (the reseed value, the prompt id, the rollout's index
+at its prompt, and for a continuation its anchor's key and index there); an episode then samples the same
+tokens whichever process runs it and whatever else is in its batch, which is what lets N processes that
+split a step's prompts reproduce one process (trace_core/train/distributed.py).
 """
 
 from __future__ import annotations
@@ -34,9 +42,10 @@ from trace_core.forest import RolloutForest
 from trace_core.model.codec import TextCodec
 from trace_core.rollout.paged_runner import HFPagedRunner
 from trace_core.rollout.protocol import Generated, Prompts, SamplingParams
-from trace_core.rollout.sampling import sample_tokens
+from trace_core.rollout.sampling import sample_tokens, sample_tokens_per_row
 
 DEFAULT_SAMPLING = SamplingParams()
+STREAMS = ("batch", "episode")
 CUTOFF_REWARD = 0.0  # an episode the env did not end (cut at env.max_turns) counts as failed
 
 
@@ -49,6 +58,8 @@ class _Prefix:
     snapshot: Any  # env state at its end
     length: int  # tokens from the prompt's first to the prefix's last
     turn: int  # turns in the prefix (0 for a prompt)
+    key: tuple[int, ...] = ()  # "episode" streams: (prompt id, rollout index, turn, continuation index, ...)
+    started: int = 0  # "episode" streams: branches started from this prefix so far (the next one's index)
 
 
 @dataclass
@@ -78,6 +89,8 @@ class _Branch:
     reward: float | None = None
     finished: bool = False
     final_info: Mapping[str, Any] = field(default_factory=dict)  # the env's info on the last turn
+    key: tuple[int, ...] = ()  # "episode" streams: what seeds this episode
+    generator: torch.Generator | None = None  # "episode" streams: this episode's sampling stream
 
 
 class HFRolloutEngine:
@@ -92,6 +105,7 @@ class HFRolloutEngine:
     kv_dtype       dtype of the KV cache; None = the parameter dtype (fp32 master weights under
                    autocast: the compute dtype, and call the engine inside the autocast)
     seed           seeds sampling and the env seeds
+    streams        "batch" (one sampling stream per process) or "episode" (one per episode; module doc)
     """
 
     def __init__(
@@ -106,7 +120,11 @@ class HFRolloutEngine:
         decode_backend: str | None = None,
         kv_dtype: torch.dtype | None = None,
         seed: int = 0,
+        streams: str = "batch",
     ):
+        if streams not in STREAMS:
+            raise ValueError(f"streams: must be one of {STREAMS}, got {streams!r}")
+        self.streams = streams
         self.sampling = [sampling] if isinstance(sampling, SamplingParams) else list(sampling)
         if not self.sampling or not all(isinstance(p, SamplingParams) for p in self.sampling):
             raise ValueError("sampling: must be a SamplingParams or a non-empty sequence of them")
@@ -136,7 +154,11 @@ class HFRolloutEngine:
         encoded, snapshots = [], []
         for i, task in enumerate(tasks):
             env = self.env_factory()
-            prompt = self.codec.encode_prompt(env.reset(task, seed=self._fresh_seed(self._reset_seeds)))
+            if self.streams == "episode":  # keyed by the prompt id, not by its place in this process's batch
+                reset_seed = self._keyed_seeds(1, (prompt_ids[i],))[1]
+            else:
+                reset_seed = self._fresh_seed(self._reset_seeds)
+            prompt = self.codec.encode_prompt(env.reset(task, seed=reset_seed))
             self._check_tokens(prompt, "prompt (codec.encode_prompt)")
             if not prompt:
                 raise ValueError(f"tasks[{i}]: the prompt encodes to no tokens (codec.encode_prompt)")
@@ -148,7 +170,7 @@ class HFRolloutEngine:
         handles = []
         for kv, tokens, snapshot, h, pid in zip(kv_nodes, encoded, snapshots, hidden, prompt_ids):
             handles.append(len(self._prompts))
-            self._prompts.append((_Prefix(kv, h.clone(), snapshot, len(tokens), 0), pid, tokens))
+            self._prompts.append((_Prefix(kv, h.clone(), snapshot, len(tokens), 0, key=(pid,)), pid, tokens))
         return Prompts(
             prompt_ids=np.asarray(prompt_ids, dtype=np.int64),
             token_ids=encoded,
@@ -193,7 +215,7 @@ class HFRolloutEngine:
                     start = _Prefix(
                         kv, self.runner.extend([kv], [tokens])[0], prefix.snapshot, prefix.length, prefix.turn
                     )
-                branches.append(self._new_branch(start, node, -1))
+                branches.append(self._new_branch(start, node, -1, key_from=prefix))
         return self._generate(branches)
 
     def success_rates(
@@ -226,7 +248,9 @@ class HFRolloutEngine:
         streams = (self._generator, self._seeds, self.generated_tokens)
         self._generator, self._seeds = self._oracle_generator, self._oracle_seeds
         try:
-            branches = [self._new_branch(prefix, -1, handle) for prefix, handle in starts for _ in range(samples)]
+            branches = [
+                self._new_branch(prefix, -1, handle, keyed=False) for prefix, handle in starts for _ in range(samples)
+            ]
             rewards = self._generate(branches, write=False)
         finally:
             self.oracle_tokens += self.generated_tokens - streams[2]
@@ -250,6 +274,7 @@ class HFRolloutEngine:
         """Restart the sampling and env-seed streams from `seed` (a trainer reseeds every step, so a
         resumed run samples exactly what the uninterrupted run did)."""
         self._generator.manual_seed(int(seed))
+        self._stream_seed = int(seed)  # "episode" streams derive every episode's seeds from it and the key
         self._seeds = np.random.default_rng(int(seed))
         # prompts are reset from their own stream: prefilling a candidate the allocation then drops
         # must not shift the seeds of the rollouts that run
@@ -279,10 +304,26 @@ class HFRolloutEngine:
             raise ValueError("forest: this engine holds nodes of another forest; call release_all() first")
         self._forest = forest
 
-    def _new_branch(self, start: _Prefix, parent: int | None, prompt: int) -> _Branch:
+    def _new_branch(
+        self, start: _Prefix, parent: int | None, prompt: int, *, keyed: bool = True, key_from: _Prefix | None = None
+    ) -> _Branch:
+        """A branch from `start`. With "episode" streams (and `keyed`: the oracle's episodes are not, so they
+        never shift the training episodes' indices) its key is its start's key and the start's next index
+        (`key_from`: the prefix whose key and count to use, when `start` is a private copy of it)."""
         env = self.env_factory()
-        env.restore(start.snapshot, seed=self._fresh_seed())
+        key, generator = (), None
+        if keyed and self.streams == "episode":
+            origin = key_from or start
+            key = (*origin.key, origin.started)
+            origin.started += 1
+            torch_seed, env_seed = self._keyed_seeds(2, key)
+            generator = torch.Generator(device=self.runner.device).manual_seed(torch_seed)
+        else:
+            env_seed = self._fresh_seed()
+        env.restore(start.snapshot, seed=env_seed)
         return _Branch(
+            key=key,
+            generator=generator,
             env=env,
             start=start,
             parent=parent,
@@ -319,7 +360,11 @@ class HFRolloutEngine:
         params = [self._params(b.turn) for b in batch]
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-        tokens, logprobs = sample_tokens(self.runner.logits(hidden), temperature, top_p, self._generator)
+        logits = self.runner.logits(hidden)
+        if batch and batch[0].generator is not None:  # "episode" streams (a batch never mixes the two kinds)
+            tokens, logprobs = sample_tokens_per_row(logits, temperature, top_p, [b.generator for b in batch])
+        else:
+            tokens, logprobs = sample_tokens(logits, temperature, top_p, self._generator)
         for b, p, tok, lp in zip(batch, params, tokens.tolist(), logprobs.tolist()):
             b.pending = tok
             b.turn_tokens.append(tok)
@@ -355,7 +400,7 @@ class HFRolloutEngine:
             return
         hidden = self.runner.extend([b.kv_node for b, _, _ in extend], [toks for _, toks, _ in extend])
         for (b, _, snapshot), h in zip(extend, hidden):
-            b.turns[-1].prefix = _Prefix(b.kv_node, h.clone(), snapshot, b.length, b.turn)
+            b.turns[-1].prefix = _Prefix(b.kv_node, h.clone(), snapshot, b.length, b.turn, key=(*b.key, b.turn))
             self._retained.append(b.kv_node)  # the handle from fork now keeps the turn node for expansion
             b.kv_node = self.cache.fork(b.kv_node)
             b.turn += 1
@@ -394,6 +439,12 @@ class HFRolloutEngine:
         )
 
     # ------------------------------------------------------------------ checks
+    def _keyed_seeds(self, kind: int, key: tuple[int, ...]) -> tuple[int, int]:
+        """(torch seed, env seed) of an "episode" stream: a pure function of the reseed value, the kind
+        (1: a prompt's reset, 2: an episode) and the key, whichever process or batch the episode is in."""
+        state = np.random.SeedSequence([self._stream_seed, kind, len(key), *map(int, key)]).generate_state(2, np.uint64)
+        return int(state[0] >> np.uint64(1)), int(state[1] % np.uint64(2**31 - 1))
+
     def _fresh_seed(self, stream: np.random.Generator | None = None) -> int:
         return int((stream or self._seeds).integers(0, 2**31 - 1))
 

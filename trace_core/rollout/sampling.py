@@ -31,3 +31,17 @@ def sample_tokens(
             sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         tokens = torch.where(greedy.to(logits.device), tokens, sampled)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+def sample_tokens_per_row(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generators: list[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_tokens` with row b drawing from generators[b] (the engine's "episode" streams): a row's token
+    depends only on its own logits and stream, not on the other rows of the batch. Same shapes and returns."""
+    rows = [
+        sample_tokens(logits[b : b + 1], temperature[b : b + 1], top_p[b : b + 1], generator)
+        for b, generator in enumerate(generators)
+    ]
+    if not rows:
+        return sample_tokens(logits, temperature, top_p, None)
+    return torch.cat([t for t, _ in rows]), torch.cat([lp for _, lp in rows])

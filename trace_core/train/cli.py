@@ -63,19 +63,36 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 
 def train(cfg, *, resume: bool = False, overwrite: bool = False) -> list[dict]:
+    """Train (or resume) one run. Under torchrun every process runs this; rank 0 alone prints (and writes)."""
     from trace_core.train.trainer import Trainer
 
-    with Trainer(cfg, resume=resume, overwrite=overwrite) as trainer:
-        print(f"run directory: {trainer.run_dir}  (config.yaml, metrics.jsonl, checkpoints/)")
-        if trainer.step >= trainer.cfg.steps:
-            print(f"the run is at step {trainer.step} of {trainer.cfg.steps}: nothing to do (raise steps= to go on)")
-        bar, update = _progress_bar(trainer.cfg.steps, trainer.step, trainer.cfg.progress)
-        with bar:
-            history = trainer.fit(progress=update)
-    if history:
+    try:
+        with Trainer(cfg, resume=resume, overwrite=overwrite) as trainer:
+            main = trainer.world.is_main
+            if main:
+                where = f"{trainer.run_dir}  (config.yaml, metrics.jsonl, checkpoints/)"
+                ranks = f", {trainer.world.size} processes" if trainer.world.distributed else ""
+                print(f"run directory: {where}{ranks}")
+                if trainer.step >= trainer.cfg.steps:
+                    print(
+                        f"the run is at step {trainer.step} of {trainer.cfg.steps}: nothing to do (raise steps= to go on)"
+                    )
+            bar, update = _progress_bar(trainer.cfg.steps, trainer.step, trainer.cfg.progress and main)
+            with bar:
+                history = trainer.fit(progress=update)
+    finally:
+        _leave_process_group()
+    if history and main:
         last = history[-1]
         print("final: " + ", ".join(f"{k}={last[k]:.3f}" for k in SHOWN if k in last))
     return history
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group the trainer created (a clean exit, no warning)."""
+    from trace_core.train.distributed import teardown
+
+    teardown()
 
 
 def check_seeds_and_modes(seeds: list[int], modes: list[str]) -> None:
@@ -164,13 +181,18 @@ def evaluate(target: Path, tasks: int | None, *, write: bool = False) -> dict:
     """Held-out success of exactly the checkpoint `target` names (a file anywhere, or a run directory's newest
     intact checkpoint). Reads only; `write` appends the result as a row of the run's metrics.jsonl."""
     from trace_core.train import checkpoint as ckpt
+    from trace_core.train import dist_checkpoint
     from trace_core.train import run_dir as runs
     from trace_core.train.config_loader import ConfigError
     from trace_core.train.trainer import Trainer
 
     run_dir: Path | None
-    if target.is_dir():
+    if dist_checkpoint.is_checkpoint_dir(target):  # one sharded checkpoint of a multi-process run
+        path, run_dir = target, target.parent.parent
+    elif target.is_dir():
         path, _, skipped = ckpt.resumable_checkpoint(target)
+        if path is None:  # a multi-process run: its newest intact sharded checkpoint
+            path, _, skipped = dist_checkpoint.resumable(target)
         if path is None:
             detail = f" (skipped: {'; '.join(skipped)})" if skipped else ""
             raise ConfigError("eval", f"{target} has no intact checkpoint to evaluate{detail}")
@@ -397,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = load_config(TrainConfig, args.config, args.overrides)
                 if cfg.run_dir is not None:
                     check_new(cfg.run_dir, overwrite=args.overwrite)  # at once, before the model is built
-            print("config:\n  " + json.dumps(to_dict(cfg), indent=None))
+            if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 prints
+                print("config:\n  " + json.dumps(to_dict(cfg), indent=None))
             train(cfg, resume=args.resume, overwrite=args.overwrite)
         elif args.command in ("compare", "ablate"):
             from trace_core.train.config import TrainConfig

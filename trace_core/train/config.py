@@ -301,9 +301,15 @@ class GenerationConfig:
     num_pages: int | Literal["auto"] = 8192  # KV cache pages; "auto" (CUDA): kv_memory_fraction of free memory
     page_size: int = 16
     kv_memory_fraction: float = 0.3  # share of the GPU memory free at start-up that "auto" gives the cache
+    # "batch": one sampling stream per process (one process: today's numbers); "episode": one per episode, keyed by
+    # (step, prompt, rollout, turn, continuation), so N processes splitting a step sample what one process does
+    # (trace_core/rollout/engine.py). "auto": batch on one process, episode under torchrun (which needs it)
+    sampling_streams: Literal["auto", "batch", "episode"] = "auto"
 
     def __post_init__(self):
         _check_finite(self)
+        if self.sampling_streams not in ("auto", "batch", "episode"):
+            raise ConfigError("sampling_streams", f"must be auto, batch or episode, got {self.sampling_streams!r}")
         t = self.temperature
         if t < 0:
             raise ConfigError("temperature", f"must be >= 0 (0 = greedy), got {t}")
@@ -382,6 +388,46 @@ class OptimConfig:
         _check_registered(ADVANTAGES, self.advantage, "advantage")
 
 
+def launch_world_size() -> int:
+    """Processes of this run: WORLD_SIZE as torchrun sets it (1 without torchrun)."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        raise ConfigError(
+            "WORLD_SIZE", f"must be an integer (torchrun sets it), got {os.environ['WORLD_SIZE']!r}"
+        ) from None
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process training under torchrun (README "Multi-GPU and multi-node"); one process ignores it.
+
+    strategy         ddp: every rank holds the whole model, gradients are all-reduced (small models);
+                     fsdp2: `fully_shard` per decoder layer and the root, parameters / gradients / optimizer state
+                     sharded over the ranks (large models), mixed precision matching model.dtype
+    rollout_weights  fsdp2 only: the engine generates from a full, unsharded copy of the policy on every rank,
+                     refreshed from the shards once per step (one all-gather). full: the copy in the parameters'
+                     dtype (exactly what one process samples from; + one full model per rank, e.g. 4 B/param with
+                     fp32 master weights); compute_dtype: the copy in model.dtype (2 B/param under bf16; samples
+                     from bf16 weights rather than autocast over fp32 ones). ddp needs no copy: its weights are whole
+    backend          torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo, nccl
+    """
+
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    rollout_weights: Literal["full", "compute_dtype"] = "full"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    def __post_init__(self):
+        choices = {
+            "strategy": ("ddp", "fsdp2"),
+            "rollout_weights": ("full", "compute_dtype"),
+            "backend": ("auto", "gloo", "nccl"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
 @dataclass
 class TrainConfig:
     # user modules (import paths or .py files) imported before any other key is read, so their register
@@ -404,6 +450,7 @@ class TrainConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     predictor: PredictorConfig = field(default_factory=lambda: PredictorConfig(hidden_dim=64, warmup_nodes=1000))
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         try:  # already loaded by load_config; a TrainConfig built in code loads them here
@@ -435,6 +482,32 @@ class TrainConfig:
         if self.eval_tasks < 1:
             raise ConfigError("eval_tasks", f"must be >= 1, got {self.eval_tasks}")
         self.check_kv_cache()
+        self.check_world_size(launch_world_size())
+
+    @property
+    def sampling_streams(self) -> str:
+        """generation.sampling_streams with "auto" resolved for this launch."""
+        streams = self.generation.sampling_streams
+        return streams if streams != "auto" else ("episode" if launch_world_size() > 1 else "batch")
+
+    def check_world_size(self, world: int) -> None:
+        """What a run over `world` processes needs: every rank gets at least one candidate prompt, and episodes
+        sample from their own streams (with "batch" streams N processes would not sample what one does)."""
+        if world <= 1:
+            return
+        if self.allocation.candidates < world:
+            raise ConfigError(
+                "allocation.candidates",
+                f"{self.allocation.candidates} prompts per step cannot be split over {world} processes "
+                "(each rank generates the trees of its own prompts); raise allocation.candidates to at least "
+                f"{world} or launch fewer processes",
+            )
+        if self.generation.sampling_streams == "batch":
+            raise ConfigError(
+                "generation.sampling_streams",
+                f"'batch' draws one stream per process, so {world} processes would not sample what one process "
+                "does; use 'episode' (or 'auto') in a multi-process run",
+            )
 
     def check_kv_cache(self) -> None:
         """When the model's shape is known here (the tiny model) and it runs on the CPU (or "auto"), a KV cache

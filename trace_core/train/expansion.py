@@ -5,6 +5,10 @@ Round 1 branches from the bare rollouts' turn prefixes (their non-final turns). 
 branch point; a round with no new prefix anywhere branches from every prefix so far, so the step
 still samples its full budget. Each prompt's continuation budget (m_i * N) is split evenly over the
 rounds, the first rounds taking the remainder.
+
+Over several ranks (`exchange`, trace_core/train/distributed.py) each rank holds the trees of its own prompts;
+whether a round has anchors, the prefix strategy and the budget moved between prompts are decided on every
+rank's anchors together, in the order one process would hold them, so the step samples what one process does.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def expand_prefixes(
     predict: Callable[[np.ndarray], np.ndarray],
     allocate: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray],
     expand: Callable[[np.ndarray, np.ndarray], Generated],
+    exchange=None,
 ) -> Expansion:
     """Run Stage 2 on `forest` (which holds the bare rollouts `bare`).
 
@@ -52,21 +57,29 @@ def expand_prefixes(
     predict(nodes)    [A] Vhat of anchor nodes
     allocate(p, r, group, budget_per_group) -> [A] continuations per anchor (the prefix strategy)
     expand(anchors, counts) -> what the engine added
+    exchange          several ranks: a distributed.AnchorExchange (None: one process)
     """
     out = Expansion()
     fresh = bare.nodes
     for share in round_shares(budget, rounds):
         anchors = turn_prefixes(forest, fresh)
-        if not anchors.size:
+        if not (anchors.size if exchange is None else exchange.any(anchors)):
             anchors = turn_prefixes(forest, np.arange(forest.num_nodes))
-        if not anchors.size:
+        if not (anchors.size if exchange is None else exchange.any(anchors)):
             break
         outcome = forest.reward[forest.episode_leaf(anchors)]
         predicted = predict(anchors)
         group = forest.prompt_id[anchors]
-        round_budget, moved = prefix_budgets(share, group)
-        counts = allocate(predicted, outcome, group, round_budget)
+        if exchange is None:
+            round_budget, moved = prefix_budgets(share, group)
+            counts = allocate(predicted, outcome, group, round_budget)
+        else:  # the whole round's anchors on every rank; this rank's counts are its anchors' share
+            all_predicted, all_outcome, all_group, mine = exchange.gather(anchors, predicted, outcome, group)
+            round_budget, moved = prefix_budgets(share, all_group)
+            counts = np.asarray(allocate(all_predicted, all_outcome, all_group, round_budget))[mine]
         fresh = expand(anchors, counts).nodes
+        if exchange is not None:
+            exchange.expanded(anchors, fresh)
         out.add(anchors, predicted, outcome, moved)
     return out
 

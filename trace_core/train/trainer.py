@@ -12,6 +12,10 @@ metrics.jsonl and atomic, checksummed checkpoints, and is locked for the trainer
 a directory that holds anything (`overwrite=True` deletes the run files first), `resume=True` continues a run
 exactly where its newest intact checkpoint left it, and `Trainer.for_evaluation` loads a checkpoint without
 touching any directory.
+
+Under torchrun (several processes) the step's prompts are split over the ranks and everything the allocation
+needs is exchanged so N ranks do what one process does (trace_core/train/distributed.py); rank 0 owns the run
+directory, and checkpoints are sharded (trace_core/train/dist_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from trace_core.allocation.objective import repeat_probability, root_mixed_proba
 from trace_core.envs import make_env, make_task_source
 from trace_core.forest import RolloutForest
 from trace_core.model.lora import load_trainable_state_dict, trainable_state_dict
-from trace_core.model.policy import build_policy
+from trace_core.model.policy import build_policy, resolve_device
 from trace_core.predictor import (
     EncoderPredictor,
     MLPHeadPredictor,
@@ -47,6 +51,7 @@ from trace_core.rollout import Generated, HFRolloutEngine, Prompts, SamplingPara
 from trace_core.rollout.kv_cache import CacheCapacityError, page_bytes
 from trace_core.rollout.paged_runner import kv_geometry
 from trace_core.train import checkpoint as ckpt
+from trace_core.train import dist_checkpoint, distributed, parallel
 from trace_core.train import run_dir as runs
 from trace_core.train.config import LoraConfig, TrainConfig, gib, host_memory
 from trace_core.train.config_loader import ConfigError, from_dict, merge, save_config, to_dict
@@ -108,9 +113,17 @@ class Trainer:
         self.lock: runs.RunLock | None = None
         self.metrics: MetricsLog | None = None
         created = False
+        self.world = (
+            distributed.SINGLE
+            if _read_only
+            else distributed.setup(cfg.distributed.backend, resolve_device(cfg.model.device).type)
+        )
         if _read_only:
             self.cfg = cfg
             self.run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+        elif self.world.distributed:
+            cfg.check_world_size(self.world.size)
+            created = self._open_run_dir_shared(cfg, resume=resume, overwrite=overwrite)
         else:
             if resume and overwrite:
                 raise ConfigError("--overwrite", "--resume continues a run and --overwrite deletes one: pick one")
@@ -129,6 +142,7 @@ class Trainer:
             self.run_dir = Path(cfg.run_dir)
             created = created or not self.run_dir.exists()
             self.lock = runs.acquire(self.run_dir)  # held until close(): a second trainer here fails now
+        cfg = self.cfg
         try:
             self._build(cfg, resume=resume, overwrite=overwrite)
         except BaseException:
@@ -138,6 +152,41 @@ class Trainer:
                 with contextlib.suppress(OSError):
                     self.run_dir.rmdir()
             raise
+
+    def _open_run_dir_shared(self, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> bool:
+        """Several ranks: rank 0 checks, creates and locks the run directory as one process does; every rank
+        learns its path (a fresh default name is rank 0's) or rank 0's error. Returns whether it was created."""
+        error, created = None, False
+        if self.world.is_main:
+            try:
+                if resume and overwrite:
+                    raise ConfigError("--overwrite", "--resume continues a run and --overwrite deletes one: pick one")
+                if cfg.run_dir is None:
+                    if resume:
+                        raise ConfigError("run_dir", "resume: name the run to continue, e.g. run_dir=runs/latest")
+                    cfg = copy.copy(cfg)
+                    cfg.run_dir = str(runs.default_run_dir(cfg.allocation.mode))
+                    created = True
+                elif not resume:
+                    runs.check_new(cfg.run_dir, overwrite=overwrite)
+                elif not (Path(cfg.run_dir) / "config.yaml").is_file():
+                    raise ConfigError(
+                        "resume", f"{cfg.run_dir} is not a run directory (no config.yaml); nothing to resume"
+                    )
+                created = created or not Path(cfg.run_dir).exists()
+                self.lock = runs.acquire(cfg.run_dir)
+            except ConfigError as err:
+                error = err
+        shared = self.world.broadcast((cfg.run_dir, None if error is None else (error.field, error.detail)))
+        if error is not None:
+            raise error
+        if shared[1] is not None:
+            raise ConfigError(*shared[1])
+        if cfg.run_dir != shared[0]:
+            cfg = copy.copy(cfg)
+            cfg.run_dir = shared[0]
+        self.cfg, self.run_dir = cfg, Path(shared[0])
+        return created
 
     def _build(self, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> None:
         torch.manual_seed(cfg.seed)
@@ -159,10 +208,23 @@ class Trainer:
                 f"allocation.candidates: {cfg.allocation.candidates} prompts per step, but the train "
                 f"split has only {len(self.train_tasks)} tasks"
             )
-        self.predictor = self._make_predictor()
+        self.predictor = self._make_predictor()  # replicated: every rank trains it on the same gathered batch
         self.backend = None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend
+        self.rollout_weights: parallel.RolloutWeights | None = None
+        wrap = None
+        if self.world.distributed:
+            d = cfg.distributed
+            if d.strategy == "fsdp2":  # the engine's full copy, made before the model is sharded in place
+                dtype = self.policy.compute_dtype if d.rollout_weights == "compute_dtype" else None
+                self.rollout_weights = parallel.RolloutWeights(self.model, dtype)
+            wrap = lambda model: parallel.wrap(model, d, self.world, self.policy.compute_dtype)
         self.updater = PolicyUpdater(
-            self.policy, cfg.optim, temperature=cfg.generation.temperature, backend=self.backend
+            self.policy,
+            cfg.optim,
+            temperature=cfg.generation.temperature,
+            backend=self.backend,
+            world=self.world,
+            wrap=wrap,
         )
         self.engine = self._make_engine()
         self.step = 0
@@ -171,23 +233,29 @@ class Trainer:
             return
         if resume:
             self._load_latest()
-        else:
+        elif self.world.is_main:
             runs.prepare_new(self.run_dir, overwrite=overwrite)
             save_config(cfg, self.run_dir / "config.yaml")
             self.metrics = MetricsLog(self.run_dir, fresh=True, logging_cfg=cfg.logging)
+        self.world.barrier()  # the other ranks write checkpoints there only once rank 0 has prepared it
 
     @classmethod
     def for_evaluation(cls, path: str | Path, *, overrides: dict | None = None) -> tuple[Trainer, dict]:
         """A trainer holding the weights of the checkpoint file at `path` (verified against its manifest when
         one lies beside it), built from the config the checkpoint embeds (with `overrides`, a nested mapping of
         settings that do not change the weights, e.g. a smaller KV cache for `trace export`). It reads only: no
-        directory is created, locked or written. Returns (trainer, the checkpoint's state)."""
-        state = ckpt.load_checkpoint(path)
+        directory is created, locked or written. Returns (trainer, the checkpoint's state). A sharded checkpoint
+        (the directory a multi-process run writes) is read whole into one process, without a process group."""
+        sharded = Path(path).is_dir()
+        state = dist_checkpoint.read_trainer_state(Path(path)) if sharded else ckpt.load_checkpoint(path)
         saved = merge(dict(state["config"]), overrides or {})
         saved["run_dir"] = None  # where the run was is irrelevant here (the file may have been copied out)
         cfg = from_dict(TrainConfig, saved)
         trainer = cls(cfg, _read_only=True)
-        load_trainable_state_dict(trainer.model, state["model"])
+        if sharded:
+            dist_checkpoint.load_full_model(Path(path), trainer.model)
+        else:
+            load_trainable_state_dict(trainer.model, state["model"])
         trainer.step, trainer.leaves_sampled = int(state["step"]), int(state.get("leaves_sampled", 0))
         return trainer, state
 
@@ -212,6 +280,8 @@ class Trainer:
     # ------------------------------------------------------------------ one training step
     def train_step(self) -> dict[str, float]:
         """One step of docs/method.md; returns its metrics."""
+        if self.world.distributed:
+            return self._train_step_sharded()
         cfg, _a, timer = self.cfg, self.cfg.allocation, PhaseTimer()
         rng = np.random.default_rng([cfg.seed, self.step])  # a pure function of (seed, step): resumable
         self.engine.reseed(int(rng.integers(2**62)))
@@ -251,6 +321,91 @@ class Trainer:
             metrics["oracle_tokens"] = self.engine.oracle_tokens - oracle_before  # outside the budget
         return metrics
 
+    def _train_step_sharded(self) -> dict[str, float]:
+        """`train_step` over several ranks (module doc of trace_core/train/distributed.py): the same global
+        candidates, allocation and budget as one process; each rank generates and trains on its own prompts."""
+        cfg, timer, world = self.cfg, PhaseTimer(), self.world
+        rng = np.random.default_rng([cfg.seed, self.step])
+        self.engine.reseed(int(rng.integers(2**62)))
+        oracle = self.cfg.predictor.backend == "oracle"
+        informed = self.allocation.uses_predictor and (oracle or self.predictor.ready)
+        oracle_before = self.engine.oracle_tokens
+        allocation = self.allocation if informed else self.allocation.cold()
+        alloc_rng = np.random.default_rng([cfg.seed, self.step, 1])
+        forest = RolloutForest(vocab_size=self.model.get_input_embeddings().num_embeddings)
+        tokens_before = self.engine.generated_tokens
+        self.model.eval()
+        self._refresh_rollout_weights()
+        candidates = self._candidates(rng)  # every rank draws the same B
+        lo, hi = distributed.shard(len(candidates), world)
+        with timer("rollout"), self._generating():
+            prompts = self.engine.prefill(candidates[lo:hi], prompt_ids=range(lo, hi))
+        with timer("predict"):
+            v_mine = self._predict_prompts(prompts) if informed else np.full(len(prompts), 0.5)
+            v = world.concat(v_mine)  # [B] in prompt order
+        counts = self._allocate_roots(allocation, v, alloc_rng)  # Stage 1 on the whole step, the same on every rank
+        order = distributed.NodeOrder()
+        with timer("rollout"), self._generating():
+            bare = self.engine.rollout(forest, prompts, counts[lo:hi])
+        order.add_bare(forest, bare.nodes)
+        with timer("expand"), self._generating():
+            expansion = self._expand(forest, bare, allocation, counts, informed, alloc_rng, order=order)
+        generated_tokens = self.engine.generated_tokens - tokens_before
+        predictor_batch = self._predictor_targets(forest, order)
+        self.engine.release_all()
+
+        metrics = self._calibration(forest, prompts, v_mine, counts[lo:hi], expansion) if informed else {}
+        with timer("train"):
+            update = self._update_policy(forest)
+            metrics.update(self._update_predictor(*predictor_batch))
+        sums = {
+            "leaves": int(forest.leaves.size),
+            "reward_leaves": float(forest.reward[forest.leaves].sum()),
+            "reward_bare": float(forest.reward[bare.leaves].sum()),
+            "bare": int(bare.leaves.size),
+            "mixed_roots": int(forest.is_mixed()[forest.roots].sum()),
+            "roots": int(forest.roots.size),
+            "generated_tokens": generated_tokens,
+            "oracle_tokens": self.engine.oracle_tokens - oracle_before,
+        }
+        local = {
+            **update,
+            **{f"sum/{k}": x for k, x in sums.items()},
+            **{f"time/{k}": x for k, x in timer.seconds.items()},
+        }
+        rules = {k: "sum" for k in local if k.startswith("sum/")}
+        rules.update({k: "max" for k in local if k.startswith("time/")})
+        rules.update(dict.fromkeys(("loss", "clip_fraction", "entropy", "sampler/ratio_abs_dev"), "sum"))
+        rules.update({"tokens_packed": "sum", "tokens_leaf_paths": "sum", "sampler/ratio_max_dev": "max"})
+        total = distributed.reduce_metrics(world, local, rules)
+        total["dedup_ratio"] = total["tokens_leaf_paths"] / max(total["tokens_packed"], 1)
+        self.step += 1
+        self.leaves_sampled += int(total["sum/leaves"])
+        metrics.update({k: x for k, x in total.items() if not k.startswith("sum/")})
+        metrics.update(
+            {
+                "step": self.step,
+                "leaves": int(total["sum/leaves"]),
+                "leaves_sampled": self.leaves_sampled,
+                "prompts": int((counts > 0).sum()),
+                "success_leaves": total["sum/reward_leaves"] / max(total["sum/leaves"], 1),
+                "success_bare": total["sum/reward_bare"] / max(total["sum/bare"], 1),
+                "effective_ratio": total["sum/mixed_roots"] / max(total["sum/roots"], 1),
+                "generated_tokens": int(total["sum/generated_tokens"]),
+                "predictor_informed": float(informed),
+                "continuation_budget_reassigned": expansion.reassigned,  # computed on the whole step
+                "expansion_rounds_run": expansion.rounds,
+            }
+        )
+        if oracle:
+            metrics["oracle_tokens"] = int(total["sum/oracle_tokens"])
+        return metrics
+
+    def _refresh_rollout_weights(self) -> None:
+        """FSDP2: bring the engine's full copy up to the current policy (a collective; no-op when current)."""
+        if self.rollout_weights is not None:
+            self.rollout_weights.refresh(self.updater.train_model, self.updater.version)
+
     def _candidates(self, rng: np.random.Generator) -> list:
         """B prompts drawn from the train split without replacement."""
         a = self.cfg.allocation
@@ -271,12 +426,15 @@ class Trainer:
         counts: np.ndarray,
         informed: bool,
         rng: np.random.Generator,
+        order: distributed.NodeOrder | None = None,
     ) -> Expansion:
-        """Stage 2: each prompt's m_i * N continuations over the anchors of its tree (train/expansion.py)."""
+        """Stage 2: each prompt's m_i * N continuations over the anchors of its tree (train/expansion.py).
+        Several ranks: `counts` [B] is the whole step's, each round's anchors are exchanged (`order`)."""
         a = self.cfg.allocation
         budget = allocation.continuation_budget(counts, a.continuations_per_root)
         if not budget.any():
             return Expansion()
+        exchange = None if order is None else distributed.AnchorExchange(self.world, order, forest)
         return expand_prefixes(
             forest,
             bare,
@@ -285,6 +443,7 @@ class Trainer:
             predict=lambda nodes: self._predict_nodes(forest, nodes) if informed else np.full(nodes.size, 0.5),
             allocate=lambda p, r, group, k: allocation.prefix(p, r, group, k, k_max=a.k_max, eps=a.eps, rng=rng),
             expand=lambda anchors, k: self.engine.expand(forest, anchors, k),
+            exchange=exchange,
         )
 
     # ------------------------------------------------------------------ the predictor
@@ -350,10 +509,25 @@ class Trainer:
             return self.engine.success_rates(forest=forest, nodes=nodes, samples=self.cfg.predictor.oracle_samples)
         return self.predictor.predict(self._prefix_batch(forest, nodes))
 
-    def _predictor_targets(self, forest: RolloutForest) -> tuple[PrefixBatch, np.ndarray, np.ndarray]:
-        """Every root and internal node: its inputs, subtree success rate [K] and leaves under it [K]."""
+    def _predictor_targets(
+        self, forest: RolloutForest, order: distributed.NodeOrder | None = None
+    ) -> tuple[PrefixBatch, np.ndarray, np.ndarray]:
+        """Every root and internal node: its inputs, subtree success rate [K] and leaves under it [K]. Several
+        ranks (`order`): every rank's nodes, in the order one process would hold them, on every rank."""
         nodes, targets, weights = training_targets(forest)
-        return self._prefix_batch(forest, nodes), targets, weights
+        batch = self._prefix_batch(forest, nodes)
+        if order is None:
+            return batch, targets, weights
+        payload = {"depth": batch.depth, "prefix_len": batch.prefix_len, "targets": targets, "weights": weights}
+        payload.update({k: getattr(batch, k) for k in ("hidden", "token_ids") if getattr(batch, k) is not None})
+        merged, _ = self.world.gather_sorted(order.of(nodes), payload)
+        whole = PrefixBatch(
+            depth=merged["depth"],
+            prefix_len=merged["prefix_len"],
+            hidden=merged.get("hidden"),
+            token_ids=merged.get("token_ids"),
+        )
+        return whole, merged["targets"], merged["weights"]
 
     def _update_predictor(self, batch: PrefixBatch, targets: np.ndarray, weights: np.ndarray) -> dict[str, float]:
         """Regress Vhat onto subtree success rates (docs/method.md step 5); never enters the policy loss."""
@@ -372,7 +546,10 @@ class Trainer:
             contrast=np.concatenate([contrast_roots, contrast_anchors]),
         )
         rates, leaves, mixed = forest.subtree_success_rates(), forest.subtree_leaf_counts(), forest.is_mixed()
-        cal = calibration(pred.value, rates[pred.nodes], leaves[pred.nodes], mixed[pred.nodes], pred.contrast)
+        inputs = (pred.value, rates[pred.nodes], leaves[pred.nodes], mixed[pred.nodes], pred.contrast)
+        if self.world.distributed:  # over every rank's predictions
+            inputs = tuple(self.world.concat(x) for x in inputs)
+        cal = calibration(*inputs)
         return {f"predictor/{k}": x for k, x in cal.items()}
 
     def _head_calibration(self, forest, prompts: Prompts, counts, expansion: Expansion) -> dict[str, float]:
@@ -398,6 +575,8 @@ class Trainer:
             warmup_steps=o.warmup_steps,
             min_lr_ratio=o.min_lr_ratio,
         )
+        if self.world.distributed and not forest.leaves.size:  # Stage 1 gave this rank's prompts no rollout
+            return self.updater.update(forest, np.zeros(forest.num_nodes), "leaf", lr)  # it still takes part
         advantages, kind = compute_advantages(forest, o.advantage)
         return self.updater.update(forest, advantages, kind, lr)
 
@@ -433,8 +612,9 @@ class Trainer:
         g, env = self.cfg.generation, self.cfg.env
         num_pages = self._num_pages()
         self._check_cache_memory(num_pages)
+        model = self.rollout_weights.model if self.rollout_weights is not None else self.model  # FSDP2: the copy
         engine = HFRolloutEngine(
-            self.model,
+            model,
             self.policy.codec,
             lambda: make_env(env.name, **env.env),
             sampling=self._sampling(greedy=False),
@@ -443,6 +623,7 @@ class Trainer:
             decode_backend=self.backend,
             kv_dtype=self.policy.compute_dtype,
             seed=self.cfg.seed,
+            streams=self.cfg.sampling_streams,
         )
         cache = engine.runner.cache
         log.info("KV cache: %d pages of %d tokens, %s", cache.num_pages, cache.page_size, _size(cache.nbytes))
@@ -520,20 +701,34 @@ class Trainer:
         tasks = self.eval_tasks[:num_tasks]
         result: dict[str, float] = {"eval/tasks": len(tasks)}
         training_sampling = self.engine.sampling
+        world = self.world
+        if world.distributed:  # each rank evaluates its share of the tasks; results are gathered in task order
+            self._refresh_rollout_weights()
+            lo, hi = distributed.shard(len(tasks), world)
+            tasks = tasks[lo:hi]
         try:  # the training engine and its KV pool, with evaluation's decoding settings
             for name, greedy in (("eval/success", False), ("eval/success_greedy", True)):
                 self.engine.sampling = [self._sampling(greedy)]
                 self.engine.reseed(self.cfg.seed + 7919)
                 forest = RolloutForest()
                 with self._generating():
-                    out = self.engine.rollout(forest, self.engine.prefill(tasks), [1] * len(tasks))
+                    prompts = (
+                        self.engine.prefill(tasks, prompt_ids=range(lo, hi))
+                        if world.distributed
+                        else self.engine.prefill(tasks)
+                    )
+                    out = self.engine.rollout(forest, prompts, [1] * len(tasks))
                 self.engine.release_all()
                 rewards = forest.reward[out.leaves]
+                infos = list(out.info)
+                if world.distributed:
+                    rewards = world.concat(rewards)
+                    infos = [info for part in world.all_gather(infos) for info in part]
                 result[name] = float(rewards.mean())
                 result[f"{name}_ci_low"], result[f"{name}_ci_high"] = mean_interval(rewards)
                 for key in self.env_metrics:
                     suffix = name.removeprefix("eval/success")  # "" or "_greedy"
-                    result[f"eval/{key}{suffix}"] = float(np.mean([float(i.get(key, 0.0)) for i in out.info]))
+                    result[f"eval/{key}{suffix}"] = float(np.mean([float(i.get(key, 0.0)) for i in infos]))
         finally:
             self.engine.sampling = training_sampling
         return result
@@ -553,19 +748,22 @@ class Trainer:
         history = []
         if self.step == 0 and self.cfg.eval_at_start:  # the untrained policy: the paper's "untrained ReAct" row
             row = {"step": 0, "leaves_sampled": 0, **self.evaluate(), **self.reference_levels()}
-            self.metrics.write(row, 0)
+            if self.metrics is not None:  # rank 0 writes
+                self.metrics.write(row, 0)
             history.append(row)
         while self.step < self.cfg.steps:
             metrics = self.train_step()
             if (self.cfg.eval_every and self.step % self.cfg.eval_every == 0) or self.step == self.cfg.steps:
                 metrics.update(self.evaluate())
-            self.metrics.write(metrics, self.step)
+            if self.metrics is not None:  # rank 0 writes
+                self.metrics.write(metrics, self.step)
             history.append(metrics)
             if progress is not None:
                 progress(metrics)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self.save()
-        self.metrics.plot(self._run_label(), seed=self.cfg.seed)
+        if self.metrics is not None:
+            self.metrics.plot(self._run_label(), seed=self.cfg.seed)
         return history
 
     def _run_label(self) -> str:
@@ -575,11 +773,28 @@ class Trainer:
         return label + ("+oracle" if self.cfg.predictor.backend == "oracle" else "")
 
     def _check_writable(self) -> None:
+        if not self.world.is_main and not self.read_only:  # other ranks write only their checkpoint shards
+            return
         if self.read_only or self.lock is None or self.metrics is None:
             raise RuntimeError("this trainer does not own a run directory (read-only, or closed): it cannot train")
 
     def save(self) -> Path:
         self._check_writable()
+        if self.world.distributed:  # sharded (torch.distributed.checkpoint); every rank takes part
+            return dist_checkpoint.save(
+                self.run_dir,
+                self.step,
+                self.world,
+                self.updater.train_model,
+                self.optimizer,
+                {
+                    "step": self.step,
+                    "leaves_sampled": self.leaves_sampled,
+                    "config": to_dict(self.cfg),
+                    "predictor": self.predictor.state_dict(),
+                    "grad_scaler": self.updater.scaler.state_dict(),
+                },
+            )
         state = {
             "step": self.step,
             "leaves_sampled": self.leaves_sampled,
@@ -595,6 +810,9 @@ class Trainer:
         """Continue from the newest intact checkpoint; what was skipped (damaged checkpoints, a bad or missing
         `latest`) is named in a warning, damaged files are moved aside (`*.corrupt`), and metrics.jsonl is
         repaired and cut back to the checkpoint's step."""
+        if self.world.distributed:
+            return self._load_latest_sharded()
+        dist_checkpoint.check_world_size(self.run_dir, 1)  # a run of several processes: say so first
         path, state, skipped = ckpt.resumable_checkpoint(self.run_dir)
         if skipped:
             log.warning(
@@ -622,6 +840,27 @@ class Trainer:
             self.run_dir, fresh=False, logging_cfg=self.cfg.logging
         )  # repairs a partial last line or a missing file
         self.metrics.truncate_after(self.step)  # rows after the checkpoint belong to steps that run again
+
+    def _load_latest_sharded(self) -> None:
+        """Several ranks: continue from the newest intact sharded checkpoint, written with this world size."""
+        path, state, skipped = dist_checkpoint.load(self.run_dir, self.world, self.updater.train_model, self.optimizer)
+        if skipped and self.world.is_main:
+            log.warning("resume: skipped %s; resuming from %s", "; ".join(skipped), path.name)
+        saved = state["config"]
+        for key in ("seed", "model", "env", "allocation", "optim"):
+            if saved[key] != to_dict(self.cfg)[key]:
+                raise ConfigError(
+                    f"resume: {key} differs from the run's saved config.yaml; resume with the same config"
+                )
+        self.predictor.load_state_dict(state["predictor"])
+        if state.get("grad_scaler"):
+            self.updater.scaler.load_state_dict(state["grad_scaler"])
+        self.step, self.leaves_sampled = int(state["step"]), int(state["leaves_sampled"])
+        self.updater.version = self.step  # the engine's FSDP2 copy still holds the initial weights: refresh it
+        if self.world.is_main:
+            dist_checkpoint.point_latest(path)
+            self.metrics = MetricsLog(self.run_dir, fresh=False)
+            self.metrics.truncate_after(self.step)
 
     def _set_aside(self, resumed: Path) -> None:
         """Move checkpoints that fail verification to `<name>.corrupt` (kept, out of the way of pruning and of the

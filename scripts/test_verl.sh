@@ -2,13 +2,15 @@
 # Make (or reuse) the verl venv (scripts/setup_verl_env.sh) and run the verl integration tests in it
 # (tests/integrations/verl_integration, docs/verl.md). Extra arguments go to pytest.
 #
-#   VENV   the verl venv (default: <repo>/.venv-verl); the setup script's other variables apply too
+#   VERL_VENV   the verl venv (default: <repo>/.venv-verl); the setup script's other variables apply too.
+#               Its own name, not VENV: a VENV exported for the main venv (scripts/setup_env.sh) must not
+#               turn that venv into the verl one (verl pins another transformers).
 #
 # In that venv every test must run: a skip means verl (or pyarrow) is missing, so it fails here.
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export VENV="${VENV:-$REPO_ROOT/.venv-verl}"
-bash "$REPO_ROOT/scripts/setup_verl_env.sh"
+VENV="${VERL_VENV:-$REPO_ROOT/.venv-verl}"
+VENV="$VENV" bash "$REPO_ROOT/scripts/setup_verl_env.sh"
 
 cd "$REPO_ROOT"
 log="$(mktemp)"

@@ -164,3 +164,13 @@ def test_fsdp2_equals_one_process_and_a_killed_run_resumes_exactly(tmp_path, one
     assert state["step"] == STEPS
     for name, value in trainer.model.state_dict().items():
         torch.testing.assert_close(value, resumed["params"][name], rtol=0, atol=0, msg=name)
+
+    # `trace export` of the 2-rank run: its newest sharded checkpoint, in Hugging Face format
+    from transformers import AutoModelForCausalLM
+
+    from trace_core.train.export import export
+
+    export(run_dir, tmp_path / "hf", step=None)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    for name, value in resumed["params"].items():
+        torch.testing.assert_close(exported[name], value, rtol=0, atol=0, msg=name)

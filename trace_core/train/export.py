@@ -126,15 +126,22 @@ def check_out_dir(run_dir: Path, out_dir: Path, *, overwrite: bool) -> None:
 def checkpoint_path(run_dir: Path, step: int | None) -> Path:
     """The checkpoint to export: the run's newest intact one, or the one saved at `step` (ConfigError naming
     --step with the steps that are there when there is none)."""
+    from trace_core.train import dist_checkpoint
+
     if step is None:
         path, _, skipped = ckpt.resumable_checkpoint(run_dir)
+        if path is None:  # a multi-process run: its newest intact sharded checkpoint (a directory)
+            path, _, sharded_skipped = dist_checkpoint.resumable(run_dir)
+            skipped += sharded_skipped
         if path is None:
             detail = f" (skipped: {'; '.join(skipped)})" if skipped else ""
             raise ConfigError("RUN_DIR", f"{run_dir} has no intact checkpoint to export{detail}")
         if skipped:
             log.warning("export: skipped %s; exporting %s", "; ".join(skipped), path.name)
         return path
-    saved = {ckpt.step_of(p): p for p in (run_dir / "checkpoints").glob("step_*.pt") if ckpt.step_of(p) is not None}
+    folder = run_dir / "checkpoints"
+    saved = {ckpt.step_of(p): p for p in folder.glob("step_*.pt") if ckpt.step_of(p) is not None}
+    saved.update({int(p.name[5:]): p for p in folder.glob("step_*") if dist_checkpoint.is_checkpoint_dir(p)})
     if step not in saved:
         have = ", ".join(map(str, sorted(saved))) or "none"
         raise ConfigError("--step", f"{run_dir} has no checkpoint of step {step} (checkpoints of steps: {have})")

@@ -153,16 +153,35 @@ def check_seed(seed: Any) -> int | None:
 
 
 class TurnEpisode:
-    """Bookkeeping shared by the embedded turn-based envs (grid world, multihop): the turn counter, the end of
-    an episode, and the random stream that `snapshot` carries and `restore` resumes or reseeds. A subclass
-    sets `turn`, `max_turns`, `done`, `reward`, `_rng` in reset/restore and defines `_require_reset()`
-    (its parsed task, or EpisodeStateError before the first reset)."""
+    """Bookkeeping shared by the embedded turn-based envs (grid world, multihop): the turn cap and the policy
+    for malformed actions, the turn counter, the end of an episode, and the random stream that `snapshot`
+    carries and `restore` resumes or reseeds. A subclass calls `_configure` in `__init__`, `_begin` in `reset`,
+    puts `_episode_state()` in its snapshot and calls `_restore_episode` first in `restore`, and defines
+    `_require_reset()` (its parsed task, or EpisodeStateError before the first reset)."""
 
+    turn_cap: int
+    on_invalid: str
     turn: int
     max_turns: int
     done: bool
     reward: float | None
     _rng: np.random.Generator
+
+    def _configure(self, max_turns: int, on_invalid: str) -> None:
+        """max_turns: cap on any task's turn limit; on_invalid: "continue" | "end" (INVALID_ACTION_POLICIES)."""
+        self.turn_cap = check_positive_int("max_turns", max_turns)
+        check_choice("on_invalid", on_invalid, INVALID_ACTION_POLICIES)
+        self.on_invalid = on_invalid
+        self.max_turns = self.turn_cap
+        self._rng = np.random.default_rng()
+
+    def _begin(self, task_max_turns: int, seed: int | None) -> None:
+        """A new episode: the task's turn limit (capped), a stream seeded by `seed`, no turn taken yet."""
+        self.max_turns = min(task_max_turns, self.turn_cap)
+        self._rng = np.random.default_rng(check_seed(seed))
+        self.turn = 0
+        self.done = False
+        self.reward = None
 
     def _require_reset(self) -> Any:
         raise NotImplementedError
@@ -184,10 +203,37 @@ class TurnEpisode:
         info["end_reason"] = reason
         return Step("", True, reward, info)
 
-    def _restore_rng(self, state: Any, seed: int | None) -> None:
-        """Continue the snapshot's random stream (seed None), or start a fresh one from `seed`."""
+    def _invalid(self, error: str | None, info: dict[str, Any], observation: str) -> Step:
+        """A malformed action: the episode ends (on_invalid "end") or the turn is used with no move and no
+        random draw, the observation prefixed by "invalid"."""
+        info["invalid_reason"] = error
+        if self.on_invalid == "end":
+            return self._finish(0.0, "invalid_action", info)
+        if self.turn >= self.max_turns:
+            return self._finish(0.0, "turn_limit", info)
+        return Step("invalid " + observation, False, None, info)
+
+    def _episode_state(self) -> dict[str, Any]:
+        """The snapshot entries every turn-based env has: turn limit, counter, end, reward, random stream."""
+        return {
+            "max_turns": self.max_turns,
+            "turn": self.turn,
+            "done": self.done,
+            "reward": self.reward,
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def _restore_episode(self, snapshot: Any, seed: int | None) -> None:
+        """Check that `snapshot` came from this env's `snapshot()`, then restore what `_episode_state` saved:
+        the snapshot's random stream continues (seed None), or a fresh one starts from `seed`."""
+        if not isinstance(snapshot, Mapping) or "task" not in snapshot or "rng" not in snapshot:
+            name = type(self).__name__
+            raise EnvError("snapshot", f"snapshot must be a value returned by {name}.snapshot()")
+        check_seed(seed)
+        self.max_turns = snapshot["max_turns"]
+        self.turn, self.done, self.reward = snapshot["turn"], snapshot["done"], snapshot["reward"]
         if seed is None:
             self._rng = np.random.default_rng()
-            self._rng.bit_generator.state = state
+            self._rng.bit_generator.state = snapshot["rng"]
         else:
             self._rng = np.random.default_rng(seed)

@@ -27,17 +27,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from trace_core.envs.base import (
-    INVALID_ACTION_POLICIES,
-    EnvError,
     EpisodeStateError,
     Step,
     TurnEpisode,
-    check_choice,
-    check_positive_int,
-    check_seed,
 )
 from trace_core.envs.gridworld.tasks import DIRECTIONS, MAX_TURNS, PERPENDICULAR, GridLayout, parse_grid_task
 
@@ -87,24 +80,16 @@ class GridWorldEnv(TurnEpisode):
     """
 
     def __init__(self, max_turns: int = MAX_TURNS, on_invalid: str = "continue"):
-        self.turn_cap = check_positive_int("max_turns", max_turns)
-        check_choice("on_invalid", on_invalid, INVALID_ACTION_POLICIES)
-        self.on_invalid = on_invalid
-        self.max_turns = self.turn_cap
+        self._configure(max_turns, on_invalid)
         self._layout: GridLayout | None = None
         self._task: dict[str, Any] | None = None
-        self._rng = np.random.default_rng()
 
     # --- protocol ---------------------------------------------------------------------------
     def reset(self, task: Mapping[str, Any], *, seed: int | None = None) -> str:
         self._layout = parse_grid_task(task)
         self._task = dict(task)
-        self.max_turns = min(self._layout.max_turns, self.turn_cap)
-        self._rng = np.random.default_rng(check_seed(seed))
+        self._begin(self._layout.max_turns, seed)
         self.position = self._layout.start
-        self.turn = 0
-        self.done = False
-        self.reward: float | None = None
         return render_prompt(self._layout)
 
     def step(self, action: str) -> Step:
@@ -116,12 +101,7 @@ class GridWorldEnv(TurnEpisode):
         if ignored:
             info["ignored_text"] = " ".join(ignored)
         if direction is None:
-            info["invalid_reason"] = error
-            if self.on_invalid == "end":
-                return self._finish(0.0, "invalid_action", info)
-            if self.turn >= self.max_turns:
-                return self._finish(0.0, "turn_limit", info)
-            return Step("invalid " + render_observation(layout, self.position), False, None, info)
+            return self._invalid(error, info, render_observation(layout, self.position))
 
         # One uniform draw per valid move, always, so the RNG stream depends only on the turn count.
         u = float(self._rng.random())
@@ -141,26 +121,13 @@ class GridWorldEnv(TurnEpisode):
 
     def snapshot(self) -> dict[str, Any]:
         self._require_reset()
-        return {
-            "task": dict(self._task),
-            "max_turns": self.max_turns,
-            "position": self.position,
-            "turn": self.turn,
-            "done": self.done,
-            "reward": self.reward,
-            "rng": self._rng.bit_generator.state,
-        }
+        return {"task": dict(self._task), "position": self.position, **self._episode_state()}
 
     def restore(self, snapshot: Any, *, seed: int | None = None) -> None:
-        if not isinstance(snapshot, Mapping) or "task" not in snapshot or "rng" not in snapshot:
-            raise EnvError("snapshot", "snapshot must be a value returned by GridWorldEnv.snapshot()")
-        check_seed(seed)
+        self._restore_episode(snapshot, seed)
         self._task = dict(snapshot["task"])
         self._layout = parse_grid_task(self._task)
-        self.max_turns = snapshot["max_turns"]
         self.position = tuple(snapshot["position"])
-        self.turn, self.done, self.reward = snapshot["turn"], snapshot["done"], snapshot["reward"]
-        self._restore_rng(snapshot["rng"], seed)
 
     # --- helpers ----------------------------------------------------------------------------
     @property

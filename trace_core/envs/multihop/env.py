@@ -43,17 +43,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from trace_core.envs.base import (
-    INVALID_ACTION_POLICIES,
-    EnvError,
     EpisodeStateError,
     Step,
     TurnEpisode,
-    check_choice,
-    check_positive_int,
-    check_seed,
 )
 from trace_core.envs.multihop.tasks import ENTITIES, MAX_TURNS, HopTask, parse_hop_task
 
@@ -98,24 +91,16 @@ class MultiHopEnv(TurnEpisode):
     """
 
     def __init__(self, max_turns: int = MAX_TURNS, on_invalid: str = "continue"):
-        self.turn_cap = check_positive_int("max_turns", max_turns)
-        check_choice("on_invalid", on_invalid, INVALID_ACTION_POLICIES)
-        self.on_invalid = on_invalid
-        self.max_turns = self.turn_cap
+        self._configure(max_turns, on_invalid)
         self._task: HopTask | None = None
         self._record: dict[str, Any] | None = None
-        self._rng = np.random.default_rng()
 
     # --- protocol ---------------------------------------------------------------------------
     def reset(self, task: Mapping[str, Any], *, seed: int | None = None) -> str:
         self._task = parse_hop_task(task)
         self._record = dict(task)
-        self.max_turns = min(self._task.max_turns, self.turn_cap)
-        self._rng = np.random.default_rng(check_seed(seed))
+        self._begin(self._task.max_turns, seed)
         self.left, self.entity = self._task.hops, self._task.start
-        self.turn = 0
-        self.done = False
-        self.reward: float | None = None
         return render_prompt(self._task)
 
     def step(self, action: str) -> Step:
@@ -124,12 +109,7 @@ class MultiHopEnv(TurnEpisode):
         parsed, error = parse_hop_action(action)
         info: dict[str, Any] = {"turn": self.turn, "action": None if parsed is None else parsed[0]}
         if parsed is None:
-            info["invalid_reason"] = error
-            if self.on_invalid == "end":
-                return self._finish(0.0, "invalid_action", info)
-            if self.turn >= self.max_turns:
-                return self._finish(0.0, "turn_limit", info)
-            return Step("invalid " + render_state(self.left, self.entity), False, None, info)
+            return self._invalid(error, info, render_state(self.left, self.entity))
         verb, entity = parsed
         words = _END_MARKER_RE.sub(" ", action.lower()).split()
         ignored = words[2 if words[0] == "lookup" else 1 :]
@@ -156,27 +136,13 @@ class MultiHopEnv(TurnEpisode):
 
     def snapshot(self) -> dict[str, Any]:
         self._require_reset()
-        return {
-            "task": dict(self._record),
-            "max_turns": self.max_turns,
-            "left": self.left,
-            "entity": self.entity,
-            "turn": self.turn,
-            "done": self.done,
-            "reward": self.reward,
-            "rng": self._rng.bit_generator.state,
-        }
+        return {"task": dict(self._record), "left": self.left, "entity": self.entity, **self._episode_state()}
 
     def restore(self, snapshot: Any, *, seed: int | None = None) -> None:
-        if not isinstance(snapshot, Mapping) or "task" not in snapshot or "rng" not in snapshot:
-            raise EnvError("snapshot", "snapshot must be a value returned by MultiHopEnv.snapshot()")
-        check_seed(seed)
+        self._restore_episode(snapshot, seed)
         self._record = dict(snapshot["task"])
         self._task = parse_hop_task(self._record)
-        self.max_turns = snapshot["max_turns"]
         self.left, self.entity = snapshot["left"], snapshot["entity"]
-        self.turn, self.done, self.reward = snapshot["turn"], snapshot["done"], snapshot["reward"]
-        self._restore_rng(snapshot["rng"], seed)
 
     # --- helpers ----------------------------------------------------------------------------
     @property

@@ -237,3 +237,23 @@ class TurnEpisode:
             self._rng.bit_generator.state = snapshot["rng"]
         else:
             self._rng = np.random.default_rng(seed)
+
+
+def scripted_success_rate(
+    env: Any, tasks: Sequence[Mapping[str, Any]], policy: Any, *, episodes_per_task: int = 1, seed: int = 0
+) -> float:
+    """Fraction of episodes that end with reward 1 when `policy(env, observation, rng) -> action` plays `tasks`
+    in `env`, each episode reset with a seed drawn from one stream seeded by `seed` (the embedded envs'
+    Monte-Carlo anchors: their `policies.rollout_success_rate`)."""
+    rng = np.random.default_rng(seed)
+    wins = total = 0
+    for task in tasks:
+        for _ in range(episodes_per_task):
+            obs = env.reset(task, seed=int(rng.integers(2**31)))
+            step = None
+            while step is None or not step.done:
+                step = env.step(policy(env, obs, rng))
+                obs = step.observation
+            wins += step.reward == 1.0
+            total += 1
+    return wins / total

@@ -17,6 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from trace_core.envs.base import scripted_success_rate
 from trace_core.envs.gridworld.env import GridWorldEnv
 from trace_core.envs.gridworld.tasks import DIRECTIONS, PERPENDICULAR, GridLayout, parse_grid_task
 
@@ -114,19 +115,7 @@ def rollout_success_rate(
     tasks: Sequence[Mapping], policy: Policy, *, episodes_per_task: int = 1, seed: int = 0
 ) -> float:
     """Fraction of episodes that end with reward 1 when `policy` plays `tasks` in the env."""
-    rng = np.random.default_rng(seed)
-    env = GridWorldEnv()
-    wins = total = 0
-    for _i, task in enumerate(tasks):
-        for _j in range(episodes_per_task):
-            obs = env.reset(task, seed=int(rng.integers(2**31)))
-            step = None
-            while step is None or not step.done:
-                step = env.step(policy(env, obs, rng))
-                obs = step.observation
-            wins += step.reward == 1.0
-            total += 1
-    return wins / total
+    return scripted_success_rate(GridWorldEnv(), tasks, policy, episodes_per_task=episodes_per_task, seed=seed)
 
 
 def anchor_rates(

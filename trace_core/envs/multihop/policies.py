@@ -18,6 +18,7 @@ from math import comb
 
 import numpy as np
 
+from trace_core.envs.base import scripted_success_rate
 from trace_core.envs.multihop.env import MultiHopEnv
 from trace_core.envs.multihop.tasks import ENTITIES, LEVELS, generate_hop_tasks, parse_hop_task
 
@@ -66,19 +67,7 @@ def rollout_success_rate(
     tasks: Sequence[Mapping], policy: Policy, *, episodes_per_task: int = 1, seed: int = 0
 ) -> float:
     """Fraction of episodes that end with reward 1 when `policy` plays `tasks` in the env."""
-    rng = np.random.default_rng(seed)
-    env = MultiHopEnv()
-    wins = total = 0
-    for task in tasks:
-        for _ in range(episodes_per_task):
-            obs = env.reset(task, seed=int(rng.integers(2**31)))
-            step = None
-            while step is None or not step.done:
-                step = env.step(policy(env, obs, rng))
-                obs = step.observation
-            wins += step.reward == 1.0
-            total += 1
-    return wins / total
+    return scripted_success_rate(MultiHopEnv(), tasks, policy, episodes_per_task=episodes_per_task, seed=seed)
 
 
 def anchor_rates(

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from run_helpers import TOY
 
 from trace_core.train.config import TrainConfig
 from trace_core.train.config_loader import ConfigError, load_config
@@ -27,21 +28,7 @@ WORLD = 2
 STEPS = 4
 # the toy run of tests/train/run_helpers.py, 4 steps; warmup_nodes=20 makes steps 3-4 predictor-informed
 CONFIG = [
-    "model.hidden_size=32",
-    "model.layers=1",
-    "model.heads=2",
-    "model.kv_heads=1",
-    "model.attention_backend=reference",
-    "allocation.candidates=4",
-    "allocation.roots=8",
-    "allocation.m_min=2",
-    "allocation.m_max=4",
-    "eval_tasks=8",
-    "eval_every=0",
-    "eval_at_start=false",
-    "progress=false",
-    "predictor.warmup_nodes=20",
-    "env.tasks={num_train: 40, num_eval: 8}",
+    *TOY,
     f"steps={STEPS}",
     "checkpoint_every=2",
     "generation.sampling_streams=episode",

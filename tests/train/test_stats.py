@@ -38,6 +38,18 @@ def test_t_interval_and_curve_area_match_hand_computed_values():
     assert curve_area([0, 100, 250], [0.2, 0.2, 0.5]) == pytest.approx((0.2 * 100 + 0.35 * 150) / 250)
 
 
+def _config(steps: int):
+    """The parts of a TrainConfig that write_comparison reads (its header line)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        steps=steps,
+        allocation=SimpleNamespace(leaves_per_step=16, roots=8, continuations_per_root=1),
+        env=SimpleNamespace(name="gridworld"),
+        model=SimpleNamespace(name="tiny"),
+    )
+
+
 def _history(successes, ratio):
     """A run's metrics rows: evaluations at steps 0, 1, 2 and two training steps."""
     rows = [{"step": 0, "leaves_sampled": 0, "eval/success": successes[0]}]
@@ -59,16 +71,10 @@ def _history(successes, ratio):
 
 def test_comparison_reports_intervals_and_paired_differences(tmp_path):
     import json
-    from types import SimpleNamespace
 
     from trace_core.train.report import write_comparison
 
-    cfg = SimpleNamespace(
-        steps=2,
-        allocation=SimpleNamespace(leaves_per_step=16, roots=8, continuations_per_root=1),
-        env=SimpleNamespace(name="gridworld"),
-        model=SimpleNamespace(name="tiny"),
-    )
+    cfg = _config(steps=2)
     runs = {
         "uniform": [_history([0.1, 0.2, 0.3], 0.3), _history([0.1, 0.1, 0.2], 0.4), _history([0.2, 0.2, 0.2], 0.2)],
         "trace": [_history([0.1, 0.3, 0.5], 0.5), _history([0.1, 0.2, 0.3], 0.5), _history([0.2, 0.3, 0.4], 0.6)],
@@ -100,16 +106,9 @@ def test_moving_average_and_calibration_windows_match_hand_computed_values():
 
 
 def test_a_comparison_reports_the_predictors_calibration_and_the_oracles_extra_tokens(tmp_path):
-    from types import SimpleNamespace
-
     from trace_core.train.report import write_comparison
 
-    cfg = SimpleNamespace(
-        steps=3,
-        allocation=SimpleNamespace(leaves_per_step=16, roots=8, continuations_per_root=1),
-        env=SimpleNamespace(name="gridworld"),
-        model=SimpleNamespace(name="tiny"),
-    )
+    cfg = _config(steps=3)
     plain = _history([0.1, 0.2, 0.3], 0.3)
     oracle = [
         {

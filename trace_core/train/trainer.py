@@ -125,23 +125,8 @@ class Trainer:
             cfg.check_world_size(self.world.size)
             created = self._open_run_dir_shared(cfg, resume=resume, overwrite=overwrite)
         else:
-            if resume and overwrite:
-                raise ConfigError("--overwrite", "--resume continues a run and --overwrite deletes one: pick one")
-            if cfg.run_dir is None:
-                if resume:
-                    raise ConfigError("run_dir", "resume: name the run to continue, e.g. run_dir=runs/latest")
-                path = runs.default_run_dir(cfg.allocation.mode)
-                created = True
-                cfg = copy.copy(cfg)
-                cfg.run_dir = str(path)
-            elif not resume:
-                runs.check_new(cfg.run_dir, overwrite=overwrite)  # before creating anything
-            elif not (Path(cfg.run_dir) / "config.yaml").is_file():
-                raise ConfigError("resume", f"{cfg.run_dir} is not a run directory (no config.yaml); nothing to resume")
-            self.cfg = cfg
-            self.run_dir = Path(cfg.run_dir)
-            created = created or not self.run_dir.exists()
-            self.lock = runs.acquire(self.run_dir)  # held until close(): a second trainer here fails now
+            self.cfg, created = self._claim_run_dir(cfg, resume=resume, overwrite=overwrite)
+            self.run_dir = Path(self.cfg.run_dir)
         cfg = self.cfg
         try:
             self._build(cfg, resume=resume, overwrite=overwrite)
@@ -153,28 +138,34 @@ class Trainer:
                     self.run_dir.rmdir()
             raise
 
+    def _claim_run_dir(self, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> tuple[TrainConfig, bool]:
+        """Check the run directory before creating anything (a new run's must be empty or new, a resumed one must
+        hold config.yaml; None names a fresh runs/<mode>-<date>-<time>), then create and lock it (held until
+        close(): a second trainer there fails now). Returns (cfg with its run_dir, whether it was created)."""
+        if resume and overwrite:
+            raise ConfigError("--overwrite", "--resume continues a run and --overwrite deletes one: pick one")
+        created = False
+        if cfg.run_dir is None:
+            if resume:
+                raise ConfigError("run_dir", "resume: name the run to continue, e.g. run_dir=runs/latest")
+            cfg = copy.copy(cfg)
+            cfg.run_dir = str(runs.default_run_dir(cfg.allocation.mode))
+            created = True
+        elif not resume:
+            runs.check_new(cfg.run_dir, overwrite=overwrite)
+        elif not (Path(cfg.run_dir) / "config.yaml").is_file():
+            raise ConfigError("resume", f"{cfg.run_dir} is not a run directory (no config.yaml); nothing to resume")
+        created = created or not Path(cfg.run_dir).exists()
+        self.lock = runs.acquire(cfg.run_dir)
+        return cfg, created
+
     def _open_run_dir_shared(self, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> bool:
         """Several ranks: rank 0 checks, creates and locks the run directory as one process does; every rank
         learns its path (a fresh default name is rank 0's) or rank 0's error. Returns whether it was created."""
         error, created = None, False
         if self.world.is_main:
             try:
-                if resume and overwrite:
-                    raise ConfigError("--overwrite", "--resume continues a run and --overwrite deletes one: pick one")
-                if cfg.run_dir is None:
-                    if resume:
-                        raise ConfigError("run_dir", "resume: name the run to continue, e.g. run_dir=runs/latest")
-                    cfg = copy.copy(cfg)
-                    cfg.run_dir = str(runs.default_run_dir(cfg.allocation.mode))
-                    created = True
-                elif not resume:
-                    runs.check_new(cfg.run_dir, overwrite=overwrite)
-                elif not (Path(cfg.run_dir) / "config.yaml").is_file():
-                    raise ConfigError(
-                        "resume", f"{cfg.run_dir} is not a run directory (no config.yaml); nothing to resume"
-                    )
-                created = created or not Path(cfg.run_dir).exists()
-                self.lock = runs.acquire(cfg.run_dir)
+                cfg, created = self._claim_run_dir(cfg, resume=resume, overwrite=overwrite)
             except ConfigError as err:
                 error = err
         shared = self.world.broadcast((cfg.run_dir, None if error is None else (error.field, error.detail)))

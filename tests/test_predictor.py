@@ -15,6 +15,7 @@ from trace_core.predictor import (
     PrefixBatch,
     auc,
     calibration,
+    hashed_ngrams,
     prefix_batch,
     training_targets,
 )
@@ -29,10 +30,12 @@ def synthetic_nodes(rng, k):
     hidden = rng.normal(size=(k, H)).astype(np.float32)
     p_true = 1 / (1 + np.exp(-3 * hidden[:, 0]))
     depth = rng.integers(0, 5, k)
+    tokens = [rng.integers(0, 50, rng.integers(5, 40)) for _ in range(k)]  # unrelated to the target
     batch = PrefixBatch(
         depth=torch.as_tensor(depth),
-        prefix_len=torch.as_tensor(rng.integers(5, 500, k)),
+        prefix_len=torch.as_tensor([t.size for t in tokens]),
         hidden=torch.as_tensor(hidden),
+        token_ids=tokens,
     )
     observed = rng.binomial(8, p_true) / 8.0
     return batch, p_true, observed
@@ -40,7 +43,8 @@ def synthetic_nodes(rng, k):
 
 def test_mlp_predictor_learns_a_synthetic_target():
     rng = np.random.default_rng(0)
-    predictor = MLPHeadPredictor(H, PredictorConfig(hidden_dim=32, lr=3e-3, updates_per_step=20, warmup_nodes=1000))
+    cfg = PredictorConfig(hidden_dim=32, lr=3e-3, updates_per_step=20, warmup_nodes=1000, ngram_buckets=0)
+    predictor = MLPHeadPredictor(H, cfg)  # the hidden state alone (the tokens here are noise)
     assert not predictor.ready
     for _ in range(15):
         batch, _, observed = synthetic_nodes(rng, 200)
@@ -119,9 +123,65 @@ def test_observe_rejects_bad_targets():
     with pytest.raises(ValueError, match="weights: must be finite"):
         p.observe(batch, observed, -np.ones(4))
     with pytest.raises(ValueError, match="hidden: the MLP head predictor needs"):
-        p.predict(PrefixBatch(depth=torch.ones(1), prefix_len=torch.ones(1)))
+        p.predict(PrefixBatch(depth=torch.ones(1), prefix_len=torch.ones(1), token_ids=[np.ones(2, np.int64)]))
+    with pytest.raises(ValueError, match="token_ids: the MLP head with predictor.ngram_buckets > 0 needs"):
+        p.predict(PrefixBatch(depth=torch.ones(1), prefix_len=torch.ones(1), hidden=torch.ones(1, H)))
     with pytest.raises(ValueError, match="predictor.batch_size: must be >= 1"):
         PredictorConfig(batch_size=0)
+    with pytest.raises(ValueError, match="predictor.ngram_buckets: must be >= 0"):
+        PredictorConfig(ngram_buckets=-1)
+    with pytest.raises(ValueError, match="predictor.ngram_order: must be >= 1"):
+        PredictorConfig(ngram_order=0)
+    with pytest.raises(ValueError, match="hidden_size: 0 .* needs n-gram features"):
+        MLPHeadPredictor(0, PredictorConfig(ngram_buckets=0))
+
+
+def test_hashed_ngrams_count_each_ngram_once_per_occurrence():
+    bag = hashed_ngrams(np.array([1, 2, 1, 2]), buckets=1 << 20, order=2)
+    # unigrams 1 (x2), 2 (x2); bigrams (1,2) (x2), (2,1) (x1): four distinct buckets at this size
+    assert sorted(np.expm1(bag[:, 1]).round().astype(int).tolist()) == [1, 2, 2, 2]
+    assert ((bag[:, 0] >= 0) & (bag[:, 0] < 1 << 20)).all() and bag[:, 0].dtype == np.float64
+    np.testing.assert_array_equal(bag, hashed_ngrams(np.array([1, 2, 1, 2]), buckets=1 << 20, order=2))
+    unigrams = hashed_ngrams(np.array([1, 2, 1, 2]), buckets=1 << 20, order=1)
+    assert np.expm1(unigrams[:, 1]).round().tolist() == [2, 2]
+    assert set(unigrams[:, 0]) < set(bag[:, 0])  # the unigram buckets do not depend on the order
+    assert hashed_ngrams(np.array([5]), buckets=7, order=3).shape == (1, 2)  # shorter than the order
+    assert hashed_ngrams(np.zeros(0, np.int64), buckets=7, order=2).shape == (0, 2)
+    small = hashed_ngrams(np.arange(100), buckets=7, order=2)
+    assert ((small[:, 0] >= 0) & (small[:, 0] < 7)).all() and np.expm1(small[:, 1]).round().sum() == 199
+
+
+@pytest.mark.parametrize("hidden_size", [0, H])
+def test_ngram_head_learns_what_only_token_order_tells(hidden_size):
+    """Success iff token 3 comes right before token 4: every prefix holds both tokens, so a bag of
+    single tokens cannot tell; the bigrams can. The hidden state (when given) is noise."""
+    rng = np.random.default_rng(5)
+
+    def data(k):
+        tokens, target = [], np.zeros(k)
+        for i in range(k):
+            body = list(rng.integers(5, 30, rng.integers(4, 12)))
+            pair = [3, 4] if rng.random() < 0.5 else [4, 3]
+            target[i] = pair == [3, 4]
+            cut = int(rng.integers(0, len(body) + 1))
+            tokens.append(np.array(body[:cut] + pair + body[cut:]))
+        batch = PrefixBatch(
+            depth=torch.ones(k, dtype=torch.long),
+            prefix_len=torch.as_tensor([t.size for t in tokens]),
+            hidden=torch.as_tensor(rng.normal(size=(k, hidden_size)), dtype=torch.float32),
+            token_ids=tokens,
+        )
+        return batch, target
+
+    def brier_after_training(order):
+        cfg = PredictorConfig(hidden_dim=32, lr=3e-3, updates_per_step=20, batch_size=128, ngram_order=order)
+        predictor = MLPHeadPredictor(hidden_size, cfg)
+        for _ in range(15):
+            predictor.observe(*data(128), np.ones(128))
+        test, target = data(500)
+        return np.mean((predictor.predict(test) - target) ** 2)
+
+    assert brier_after_training(2) < 0.05 < 0.2 < brier_after_training(1)  # the constant scores 0.25
 
 
 def test_prefix_batch_reads_the_last_prefix_token():

@@ -6,8 +6,12 @@ node, from a replay buffer of recent steps. It never enters the policy loss.
 
 Backends share one interface (`SuccessPredictor`):
 - `MLPHeadPredictor` (default): a small MLP on the policy's hidden state at the prefix's last token,
-  detached, plus features (turn depth, prefix length). The hidden states come from the packed
-  no-grad forward the trainer runs anyway, so a prediction costs one MLP call.
+  detached, plus features (turn depth, prefix length) and a bag of the prefix's hashed token n-grams
+  (fastText-style, `predictor.ngram_buckets`). The hidden states come from the packed no-grad forward
+  the trainer runs anyway, so a prediction costs one MLP call. The n-grams matter: the hidden state
+  moves with every policy update, so replayed nodes carry stale features, while a prefix's tokens mean
+  the same thing at every step (on the default job they lift the head's Brier skill from about 0 to
+  about 0.3; README, "TRACE vs the baselines").
 - `EncoderPredictor`: a separate small (HF) model reads the prefix tokens; trained end to end.
 
 Calibration is reported every step (`calibration`): Brier score against the constant predictor,
@@ -16,6 +20,7 @@ and the AUC with which the predicted contrast ranks "this node's subtree turned 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -35,15 +40,18 @@ class PrefixBatch:
     """K prefixes (forest nodes) to predict or learn from.
 
     hidden     [K, H] policy hidden state at each prefix's last token (MLP head backend)
-    token_ids  K arrays: each prefix's tokens root to node (encoder backend)
+    token_ids  K arrays: each prefix's tokens root to node (encoder backend; the MLP head's n-grams)
     depth      [K] turns in the prefix (0 for a prompt)
     prefix_len [K] tokens in the prefix
+    ngrams     K arrays of (bucket, log1p count) pairs [n_k, 2]: the hashed n-gram bag of each prefix,
+               made from token_ids once by the MLP head (`NgramHasher`) and kept in its replay instead
     """
 
     depth: torch.Tensor
     prefix_len: torch.Tensor
     hidden: torch.Tensor | None = None
     token_ids: list[np.ndarray] | None = None
+    ngrams: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return int(self.depth.shape[0])
@@ -54,6 +62,7 @@ class PrefixBatch:
             prefix_len=self.prefix_len[index],
             hidden=None if self.hidden is None else self.hidden[index],
             token_ids=None if self.token_ids is None else [self.token_ids[i] for i in index.tolist()],
+            ngrams=None if self.ngrams is None else [self.ngrams[i] for i in index.tolist()],
         )
 
     @staticmethod
@@ -62,12 +71,16 @@ class PrefixBatch:
             parts = [getattr(b, name) for b in batches]
             return None if any(p is None for p in parts) else torch.cat(parts)
 
-        tokens = [b.token_ids for b in batches]
+        def join(name):
+            parts = [getattr(b, name) for b in batches]
+            return None if any(p is None for p in parts) else [x for p in parts for x in p]
+
         return PrefixBatch(
             depth=cat("depth"),
             prefix_len=cat("prefix_len"),
             hidden=cat("hidden"),
-            token_ids=None if any(t is None for t in tokens) else [x for t in tokens for x in t],
+            token_ids=join("token_ids"),
+            ngrams=join("ngrams"),
         )
 
 
@@ -110,6 +123,7 @@ def training_targets(forest: RolloutForest) -> tuple[np.ndarray, np.ndarray, np.
 class SuccessPredictor(Protocol):
     config: PredictorConfig
     nodes_seen: int
+    reads_tokens: bool  # batches passed in must carry token_ids
 
     def predict(self, batch: PrefixBatch) -> np.ndarray:
         """[K] success probabilities in (0, 1)."""
@@ -127,6 +141,7 @@ class _OnlineRegressor:
     (an nn.Module) and `_logits(batch) -> [K]`."""
 
     net: nn.Module
+    reads_tokens = False  # the trainer attaches each prefix's token ids to the batches it passes
 
     def __init__(self, config: PredictorConfig):
         self.config = config
@@ -149,7 +164,11 @@ class _OnlineRegressor:
         if len(batch) == 0:
             return np.zeros(0)
         self.net.eval()
-        return torch.sigmoid(self._logits(batch)).double().cpu().numpy()
+        return torch.sigmoid(self._logits(self._prepare(batch))).double().cpu().numpy()
+
+    def _prepare(self, batch: PrefixBatch) -> PrefixBatch:
+        """A batch as this backend reads (and replays) it; called once per batch passed in."""
+        return batch
 
     def observe(self, batch: PrefixBatch, targets, weights) -> dict[str, float]:
         targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
@@ -163,7 +182,7 @@ class _OnlineRegressor:
         if not (torch.isfinite(weights).all() and (weights >= 0).all()):
             raise ValueError("weights: must be finite and >= 0")
         if len(batch):
-            self._replay.append((batch, targets, weights))
+            self._replay.append((self._prepare(batch), targets, weights))
             self.nodes_seen += len(batch)
         if not self._replay:
             return {"predictor/loss": float("nan")}
@@ -197,6 +216,7 @@ class _OnlineRegressor:
                 "targets": t,
                 "weights": w,
                 "token_ids": None if b.token_ids is None else [torch.as_tensor(x) for x in b.token_ids],
+                "ngrams": None if b.ngrams is None else [torch.as_tensor(x) for x in b.ngrams],
             }
             for b, t, w in self._replay
         ]
@@ -222,6 +242,7 @@ class _OnlineRegressor:
                         prefix_len=r["prefix_len"],
                         hidden=r["hidden"],
                         token_ids=None if r["token_ids"] is None else [t.numpy() for t in r["token_ids"]],
+                        ngrams=None if r.get("ngrams") is None else [t.numpy() for t in r["ngrams"]],
                     ),
                     r["targets"],
                     r["weights"],
@@ -237,29 +258,84 @@ def _features(batch: PrefixBatch) -> torch.Tensor:
     return torch.stack([torch.log1p(batch.depth.float()), torch.log1p(batch.prefix_len.float()) / 4.0], dim=1)
 
 
-class _MLPHead(nn.Module):
-    def __init__(self, input_dim: int, hidden_dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(input_dim)
-        self.mlp = nn.Sequential(nn.Linear(input_dim + 2, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 1))
+def hashed_ngrams(tokens: np.ndarray, buckets: int, order: int) -> np.ndarray:
+    """[n, 2] float64 (bucket, log1p count) of the hashed token n-grams (n = 1..order) of one prefix,
+    one row per distinct bucket: a fastText-style bag that reads the same at every training step."""
+    t = np.asarray(tokens, dtype=np.uint64).reshape(-1)
+    keys = []
+    with np.errstate(over="ignore"):  # hashing wraps around uint64 on purpose
+        for n in range(1, order + 1):
+            if t.size < n:
+                break
+            h = np.full(t.size - n + 1, np.uint64(n) * np.uint64(0x9E3779B97F4A7C15))
+            for j in range(n):
+                h = (h ^ t[j : t.size - n + 1 + j]) * np.uint64(0x100000001B3)
+            keys.append(h % np.uint64(buckets))
+    if not keys:
+        return np.zeros((0, 2))
+    ids, counts = np.unique(np.concatenate(keys), return_counts=True)
+    return np.stack([ids.astype(np.float64), np.log1p(counts)], axis=1)
 
-    def forward(self, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.cat([self.norm(hidden), features], dim=1)).squeeze(1)
+
+class _MLPHead(nn.Module):
+    """logit = MLP([LayerNorm(hidden), side features]) with the n-gram bag's embedding (a linear map of
+    its counts) added to the first layer's output."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, ngram_buckets: int = 0):
+        super().__init__()
+        self.norm = nn.LayerNorm(input_dim) if input_dim else nn.Identity()
+        self.mlp = nn.Sequential(nn.Linear(input_dim + 2, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 1))
+        self.ngrams = None
+        if ngram_buckets:  # initialised like a Linear over the bucket counts, not N(0, 1)
+            self.ngrams = nn.EmbeddingBag(ngram_buckets, hidden_dim, mode="sum")
+            nn.init.uniform_(self.ngrams.weight, -(ngram_buckets**-0.5), ngram_buckets**-0.5)
+
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor, ngrams: list[np.ndarray] | None = None):
+        x = self.mlp[0](torch.cat([self.norm(hidden), features], dim=1))
+        if self.ngrams is not None:
+            rows = np.concatenate(ngrams) if ngrams else np.zeros((0, 2))
+            offsets = np.cumsum([0] + [len(g) for g in ngrams[:-1]]) if ngrams else np.zeros(0)
+            device = x.device
+            x = x + self.ngrams(
+                torch.as_tensor(rows[:, 0], dtype=torch.long, device=device),
+                torch.as_tensor(offsets, dtype=torch.long, device=device),
+                per_sample_weights=torch.as_tensor(rows[:, 1], dtype=x.dtype, device=device),
+            )
+        return self.mlp[2](self.mlp[1](x)).squeeze(1)
 
 
 class MLPHeadPredictor(_OnlineRegressor):
-    """Default backend: MLP on the (detached) policy hidden state at the prefix's last token."""
+    """Default backend: MLP on the (detached) policy hidden state at the prefix's last token, the side
+    features and, with `ngram_buckets`, the prefix's hashed n-grams. hidden_size=0: no hidden state
+    (n-grams and side features only, for callers that have no hidden states, e.g. a rollout server)."""
 
     def __init__(self, hidden_size: int, config: PredictorConfig | None = None):
         super().__init__(config or PredictorConfig())
+        if hidden_size == 0 and not self.config.ngram_buckets:
+            raise ValueError("hidden_size: 0 (no hidden state) needs n-gram features (predictor.ngram_buckets > 0)")
         torch.manual_seed(self.config.seed)
-        self.net = _MLPHead(hidden_size, self.config.hidden_dim)
+        self.hidden_size = hidden_size
+        self.net = _MLPHead(hidden_size, self.config.hidden_dim, self.config.ngram_buckets)
+        self.reads_tokens = bool(self.config.ngram_buckets)
         self._make_optimizer()
 
+    def _prepare(self, batch: PrefixBatch) -> PrefixBatch:
+        """Hash the n-grams once (they are then replayed, not the tokens)."""
+        if not self.config.ngram_buckets or batch.ngrams is not None:
+            return batch
+        if batch.token_ids is None:
+            raise ValueError("token_ids: the MLP head with predictor.ngram_buckets > 0 needs the prefixes' tokens")
+        c = self.config
+        bags = [hashed_ngrams(t, c.ngram_buckets, c.ngram_order) for t in batch.token_ids]
+        return dataclasses.replace(batch, token_ids=None, ngrams=bags)
+
     def _logits(self, batch: PrefixBatch) -> torch.Tensor:
-        if batch.hidden is None:
+        hidden = batch.hidden
+        if hidden is None and self.hidden_size:
             raise ValueError("hidden: the MLP head predictor needs the policy hidden states of the prefixes")
-        return self.net(batch.hidden.float(), _features(batch))
+        if hidden is None:
+            hidden = torch.zeros(len(batch), 0)
+        return self.net(hidden.float(), _features(batch), batch.ngrams)
 
 
 class _EncoderHead(nn.Module):
@@ -272,6 +348,8 @@ class _EncoderHead(nn.Module):
 class EncoderPredictor(_OnlineRegressor):
     """Alternative backend: a separate small model (any HF model returning hidden states) reads the
     prefix tokens; its last-token hidden state feeds the MLP head. Trained end to end."""
+
+    reads_tokens = True
 
     def __init__(self, encoder: nn.Module, config: PredictorConfig | None = None, *, pad_token_id: int = 0):
         super().__init__(config or PredictorConfig())

@@ -30,6 +30,11 @@ class PredictorConfig:
     backend: str = "mlp_head"
     encoder: str = "tiny"
     oracle_samples: int = 8
+    # the MLP head's bag of hashed token n-grams of the prefix (1..ngram_order tokens long), added to the
+    # hidden state: features that, unlike the hidden state, do not go stale in the replay. 0 = off (the
+    # hidden state and side features only). The encoder backend reads the tokens itself and ignores them
+    ngram_buckets: int = 4096
+    ngram_order: int = 2
 
     def __post_init__(self):
         for name in ("hidden_dim", "updates_per_step", "batch_size", "replay_steps", "oracle_samples"):
@@ -41,6 +46,12 @@ class PredictorConfig:
             raise ValueError(f"predictor.backend: {self.backend!r} is not one of {', '.join(PREDICTOR_BACKENDS)}")
         if not isinstance(self.encoder, str) or not self.encoder:
             raise ValueError(f"predictor.encoder: must name a model (like model.name), got {self.encoder!r}")
+        if int(self.ngram_buckets) < 0:
+            raise ValueError(
+                f"predictor.ngram_buckets: must be >= 0 (0 = no n-gram features), got {self.ngram_buckets}"
+            )
+        if int(self.ngram_order) < 1:
+            raise ValueError(f"predictor.ngram_order: must be >= 1, got {self.ngram_order}")
         if self.warmup_nodes < 0:
             raise ValueError(f"predictor.warmup_nodes: must be >= 0, got {self.warmup_nodes}")
 

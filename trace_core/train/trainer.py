@@ -474,9 +474,7 @@ class Trainer:
                 depth=torch.zeros(len(prompts), dtype=torch.long),
                 prefix_len=torch.as_tensor(prompts.lengths),
                 hidden=prompts.hidden,
-                token_ids=[np.asarray(t) for t in prompts.token_ids]
-                if self.cfg.predictor.backend == "encoder"
-                else None,
+                token_ids=[np.asarray(t) for t in prompts.token_ids] if self.predictor.reads_tokens else None,
             )
         )
 
@@ -490,8 +488,8 @@ class Trainer:
         )
 
     def _path_tokens(self, forest: RolloutForest, nodes: np.ndarray) -> list[np.ndarray] | None:
-        """Each node's prefix tokens (root to node) when the predictor reads tokens (encoder), else None."""
-        if self.cfg.predictor.backend != "encoder":
+        """Each node's prefix tokens (root to node) when the predictor reads tokens (encoder, n-grams), else None."""
+        if not self.predictor.reads_tokens:
             return None
         return [np.concatenate([forest.node_tokens(u) for u in forest.leaf_path(v)]) for v in nodes]
 

@@ -17,6 +17,7 @@ from trace_core.predictor import (
     calibration,
     hashed_ngrams,
     prefix_batch,
+    token_predictor,
     training_targets,
 )
 from trace_core.synthetic_forest import synthetic_forest
@@ -134,6 +135,8 @@ def test_observe_rejects_bad_targets():
         PredictorConfig(ngram_order=0)
     with pytest.raises(ValueError, match="hidden_size: 0 .* needs n-gram features"):
         MLPHeadPredictor(0, PredictorConfig(ngram_buckets=0))
+    with pytest.raises(ValueError, match="predictor.ngram_buckets: the token predictor reads n-grams only"):
+        token_predictor(None, PredictorConfig(ngram_buckets=0))
 
 
 def test_hashed_ngrams_count_each_ngram_once_per_occurrence():

@@ -338,6 +338,16 @@ class MLPHeadPredictor(_OnlineRegressor):
         return self.net(hidden.float(), _features(batch), batch.ngrams)
 
 
+def token_predictor(tokenizer=None, config: PredictorConfig | None = None) -> MLPHeadPredictor:
+    """A predictor that reads the prefix's tokens only (hashed n-grams, depth, length): for callers that
+    have no policy hidden states, e.g. verl's agent loop (`+trace_agent.predictor=trace_core.predictor:
+    token_predictor`, called with the tokenizer, which it does not need)."""
+    config = config or PredictorConfig()
+    if not config.ngram_buckets:
+        raise ValueError("predictor.ngram_buckets: the token predictor reads n-grams only; it must be > 0")
+    return MLPHeadPredictor(0, config)
+
+
 class _EncoderHead(nn.Module):
     def __init__(self, encoder: nn.Module, hidden_size: int, hidden_dim: int):
         super().__init__()

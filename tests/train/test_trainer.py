@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from run_helpers import TOY
 
 from trace_core.envs import make_env, make_task_source
@@ -460,6 +461,29 @@ def test_ablate_runs_the_stage_grid_and_the_budget_pairs(tmp_path):
         root, prefix = label.split("_")
         assert f"root_strategy: {root}" in saved and f"prefix_strategy: {prefix}" in saved
     assert (out / "ablation_stages.png").is_file() and (out / "ablation_budgets.md").is_file()
+
+
+def test_ablate_predictor_table_pairs_each_head_with_the_hidden_state_only_one(tmp_path):
+    out = tmp_path / "ablation"
+    argv = ["ablate", "--seeds", "0", "--tables", "predictor", "--out", str(out), *TOY, "steps=2"]
+    assert main(argv) == 0
+    table = json.loads((out / "ablation_predictor.json").read_text())
+    assert list(table) == ["hidden state only", "hidden state + n-grams", "oracle"]
+    paired = json.loads((out / "ablation_predictor_paired.json").read_text())
+    assert set(paired) == {"hidden state + n-grams", "oracle"}  # differences to the hidden-state-only row
+    saved = {
+        label: yaml.safe_load((out / "predictor" / label / "seed0" / "config.yaml").read_text())
+        for label in ("hidden_state_only", "hidden_state_n-grams", "oracle")
+    }
+    assert {
+        k: (c["allocation"]["mode"], c["predictor"]["backend"], c["predictor"]["ngram_buckets"])
+        for k, c in saved.items()
+    } == {
+        "hidden_state_only": ("trace", "mlp_head", 0),
+        "hidden_state_n-grams": ("trace", "mlp_head", 4096),
+        "oracle": ("trace", "oracle", 4096),
+    }
+    assert not (out / "ablation_stages.md").exists()  # only the table asked for
 
 
 def test_ablation_budgets_parse_and_default_to_the_papers_shape():

@@ -14,9 +14,10 @@ trace compare [--config FILE] [--seeds 0-5] [--modes uniform random_tree trace t
     comparison.json, comparison_paired.json, comparison.png under --out.
 trace report DIR [--name comparison] [--baseline uniform]
     rebuild those files from the runs in a compare/ablate folder (it only reads the runs).
-trace ablate [--config FILE] [--seeds 0 1 2] [--tables stages budgets] [--budgets 16x1 16x3 32x1] [--out DIR]
+trace ablate [--config FILE] [--seeds 0 1 2] [--tables stages budgets predictor] [--budgets 16x1 16x3 32x1] [--out DIR]
     the paper's ablations at this config's scale: Stage 1 uniform|active x Stage 2 uniform|active, and (M, N)
-    budgets with TRACE; ablation_stages.md / ablation_budgets.md (+ .json, .png) under --out.
+    budgets with TRACE, and (--tables predictor) TRACE with and without the n-gram features and with the
+    oracle; ablation_stages.md / ablation_budgets.md / ablation_predictor.md (+ .json, .png) under --out.
 trace retriever serve --corpus FILE.jsonl [--host H] [--port P] [--topk K]
     a BM25 index (bm25s) served over Search-R1's /retrieve protocol (envs/search_qa/server.py)
 trace eval RUN_DIR_OR_CHECKPOINT [--tasks N] [--write]
@@ -136,24 +137,33 @@ def ablate(
     cfg, seeds: list[int], tables: list[str], budgets: list[tuple[int, int]] | None, out: Path, *, jobs: int = 1
 ) -> dict:
     """The paper's ablations at this config's scale: `stages` (Table 1: Stage 1 uniform|active x Stage 2
-    uniform|active) and `budgets` (Table 2: (M, N) pairs with TRACE); a table and a plot per ablation."""
-    from trace_core.train.experiments import budget_variants, default_budgets, run_grid, stage_variants
+    uniform|active) and `budgets` (Table 2: (M, N) pairs with TRACE); ours: `predictor` (TRACE with the
+    hidden-state-only head, the default head with n-grams, and oracle predictions); a table and a plot each."""
+    from trace_core.train.experiments import (
+        PREDICTOR_BASELINE,
+        budget_variants,
+        default_budgets,
+        predictor_variants,
+        run_grid,
+        stage_variants,
+    )
     from trace_core.train.report import write_comparison
 
     a = cfg.allocation
     budgets = budgets or default_budgets(a.roots, a.continuations_per_root)
-    grids = {"stages": stage_variants(), "budgets": budget_variants(budgets)}
+    grids = {"stages": stage_variants(), "budgets": budget_variants(budgets), "predictor": predictor_variants()}
+    labels = {"stages": "root/prefix", "budgets": "budget", "predictor": "TRACE's predictor"}
     result = {}
     for table in tables:
         runs = run_grid(out / "base_config.yaml", grids[table], seeds, out / table, train, jobs=jobs)
-        stage_budget = None if table == "stages" else "Budget: (M, N) as in each row, M x (1 + N) leaves per step"
         result[table] = write_comparison(
             runs,
             cfg,
             out,
             name=f"ablation_{table}",
-            label="root/prefix" if table == "stages" else "budget",
-            budget=stage_budget,
+            label=labels[table],
+            budget="Budget: (M, N) as in each row, M x (1 + N) leaves per step" if table == "budgets" else None,
+            baseline=PREDICTOR_BASELINE if table == "predictor" else "uniform",
         )
     return result
 
@@ -342,7 +352,11 @@ def _parser() -> argparse.ArgumentParser:
         sub, "ablate", "the paper's ablations: Stage 1 x Stage 2 strategies (stages) and (M, N) budgets (budgets)"
     )
     p_abl.add_argument(
-        "--tables", nargs="+", choices=["stages", "budgets"], default=["stages", "budgets"], help="which ablations"
+        "--tables",
+        nargs="+",
+        choices=["stages", "budgets", "predictor"],
+        default=["stages", "budgets"],
+        help="which ablations (predictor: TRACE's head with and without n-grams, and the oracle; not run by default)",
     )
     p_abl.add_argument(
         "--budgets",

@@ -44,6 +44,20 @@ def stage_variants() -> dict[str, list[str]]:
     }
 
 
+PREDICTOR_BASELINE = "hidden state only"  # the predictor table's paired differences are to this row
+
+
+def predictor_variants() -> dict[str, list[str]]:
+    """TRACE with each predictor: the default head (policy hidden state + hashed token n-grams), the
+    hidden-state-only head (predictor.ngram_buckets=0), and Monte-Carlo oracle predictions (the ceiling)."""
+    trace = ["allocation.mode=trace"]
+    return {
+        PREDICTOR_BASELINE: trace + ["predictor.ngram_buckets=0"],
+        "hidden state + n-grams": trace,
+        "oracle": trace + ["predictor.backend=oracle"],
+    }
+
+
 def default_budgets(roots: int, continuations_per_root: int) -> list[tuple[int, int]]:
     """Table 2's shape around the configured (M, N): (M/2, N), (M/2, 3N), (M, N) -- the paper's (512, 2),
     (512, 6), (1024, 2) when (M, N) = (1024, 2)."""

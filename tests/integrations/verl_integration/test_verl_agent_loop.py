@@ -152,3 +152,43 @@ def test_advantages_of_the_generated_tree(generated):
     for i in range(len(out)):
         row = data.batch["advantages"][i][out.batch["response_mask"][i].bool()]
         assert torch.allclose(row, torch.tensor(expected[i], dtype=row.dtype))
+
+
+def test_a_token_predictor_learns_in_the_loop_and_then_informs_the_allocation(model_dir, tmp_path, monkeypatch):
+    """`predictor=module:fn` builds a token-reading predictor in the worker: step 1 allocates cold and
+    trains it on the tree's nodes, step 2 (once it is ready) allocates with its predictions."""
+    from trace_core.integrations.verl.agent_loop import _COORDINATORS
+
+    (tmp_path / "loop_predictor.py").write_text(
+        "from trace_core.predictor import PredictorConfig, token_predictor\n"
+        "def quick(tokenizer):\n"
+        "    return token_predictor(tokenizer, PredictorConfig(hidden_dim=16, warmup_nodes=1))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tokenizer = gridworld_tokenizer()
+    config = verl_config(
+        model_dir,
+        continuations_per_root=N_CONT,
+        max_tokens_per_turn=6,
+        stop_token_ids=f"[{tokenizer.convert_tokens_to_ids(EOT)}]",
+        predictor="loop_predictor:quick",
+        seed=0,
+    )
+    model = build_tiny_model(tokenizer, seed=0)
+    tasks = make_task_source("gridworld").tasks("train")[:PROMPTS]
+
+    async def run():
+        client = PagedTreeLLMClient(model, num_pages=512, max_tokens=6, decode_backend="cpu", seed=0)
+        worker = AgentLoopWorker(config, llm_client=client)
+        seen = []
+        for _ in range(2):
+            out = await worker.generate_sequences(gen_batch(tasks))
+            (coordinator,) = _COORDINATORS[asyncio.get_running_loop()].values()
+            seen.append((coordinator.predictor.nodes_seen, dict(coordinator.last_metrics), len(out)))
+        return seen
+
+    torch.manual_seed(0)
+    (nodes_1, metrics_1, rows_1), (nodes_2, metrics_2, rows_2) = asyncio.run(run())
+    assert rows_1 == rows_2 == PROMPTS * N_REPEAT
+    assert metrics_1["trace/predictor_informed"] == 0.0 and nodes_1 > 0
+    assert metrics_2["trace/predictor_informed"] == 1.0 and nodes_2 > nodes_1

@@ -22,9 +22,10 @@ for them and hands every row one leaf:
    prompt), `trace_leaf` (its forest node), `trace_bare` (a bare rollout, or a continuation).
 
 The predictor: verl's rollout servers expose no hidden states, so the loop uses a predictor that reads
-prefix tokens (trace-rl's `EncoderPredictor`, a separate small model) built by the `predictor` factory
-named in the config, trained online in the worker on each step's subtree success rates. Without one
-the loop allocates uniformly (TRACE's cold start) every step.
+prefix tokens, built by the `predictor` factory named in the config (`fn(tokenizer)`) and trained online
+in the worker on each step's subtree success rates: `trace_core.predictor:token_predictor` (the MLP head
+on hashed token n-grams, cheap) or one returning an `EncoderPredictor` (a separate small model). Without
+one the loop allocates uniformly (TRACE's cold start) every step.
 
 Config: the trainer config's `trace_agent` section (add it with `+trace_agent.key=value`), see
 `TraceLoopConfig`. Each row's task record (what the env's `reset` takes) is the dataset's
@@ -76,7 +77,9 @@ class TraceLoopConfig:
     stop_token_ids: list = field(default_factory=list)  # end a turn (besides the tokenizer's EOS)
     chat_template: bool = False  # wrap the env's prompt as one user message
     observation_template: str = "{observation}"
-    predictor: str | None = None  # "module:function", called as fn(tokenizer) -> an EncoderPredictor-like object
+    predictor: str | None = (
+        None  # "module:function", fn(tokenizer) -> a predictor reading tokens, e.g. trace_core.predictor:token_predictor
+    )
     seed: int = 0
 
     @classmethod

@@ -1,9 +1,11 @@
 """The correctness checks a benchmark runs before it times anything (a wrong kernel is never timed)."""
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,3 +35,21 @@ def test_linear_logprob_bench_refuses_a_wrong_op(monkeypatch):
     )
     with pytest.raises(AssertionError, match="linear_logprob is wrong"):
         bench.check_fused(hidden, weight, labels)
+
+
+def test_predictor_bench_replays_the_trainers_own_predictions(tmp_path):
+    """Replaying a recorded run with the run's own predictor config gives, step by step, the Brier scores the
+    trainer logged: the bench scores variants on exactly the trainer's protocol (predict, then learn)."""
+    sys.path.insert(0, str(Path(__file__).parent / "train"))
+    from run_helpers import TOY
+
+    bench = load_bench("bench_predictor")
+    steps, hidden_size, rows = bench.record([*TOY, "predictor.warmup_nodes=0"], seed=0, steps=5, with_metrics=True)
+    logged = [row["predictor/brier"] for row in rows if "predictor/brier" in row]
+    assert len(steps) == len(logged) == 5
+    config = bench.load_config(bench.TrainConfig, overrides=[*TOY, "predictor.warmup_nodes=0"]).predictor
+    scores = bench.replay(steps, bench.MLPHeadPredictor(hidden_size, config))
+    np.testing.assert_allclose(scores[:, 0], logged, rtol=1e-6)
+    other = bench.replay(steps, bench.MLPHeadPredictor(hidden_size, dataclasses.replace(config, ngram_buckets=0)))
+    assert not np.allclose(other[:, 0], logged)  # a different head scores differently on the same nodes
+    np.testing.assert_allclose(other[:, 1], scores[:, 1])  # against the same constant

@@ -231,3 +231,23 @@ def test_a_plugin_file_registers_strategies_the_config_names(tmp_path):
         ROOT_STRATEGIES.unregister("test_plugin_roots")
         MODES.unregister("test_plugin_roots_mode")
         ADVANTAGES.unregister("test_plugin_roots_adv")
+
+
+def test_setting_one_key_of_a_section_keeps_that_sections_defaults(tmp_path):
+    """TrainConfig builds its predictor section with its own arguments (hidden_dim=64, warmup_nodes=1000);
+    setting another predictor key, on the command line or in a file, must not reset those to the
+    PredictorConfig class defaults."""
+    from trace_core.predictor_config import PredictorConfig
+    from trace_core.train.config import TrainConfig
+
+    default = TrainConfig().predictor
+    assert (default.hidden_dim, default.warmup_nodes) != (PredictorConfig().hidden_dim, PredictorConfig().warmup_nodes)
+    for cfg in (
+        load_config(TrainConfig, overrides=["predictor.backend=oracle"]),
+        load_config(TrainConfig, overrides=["predictor.ngram_buckets=0"]),
+    ):
+        assert (cfg.predictor.hidden_dim, cfg.predictor.warmup_nodes) == (default.hidden_dim, default.warmup_nodes)
+    path = tmp_path / "run.yaml"
+    path.write_text("predictor:\n  lr: 0.01\n  hidden_dim: 32\n")
+    cfg = load_config(TrainConfig, path)
+    assert (cfg.predictor.lr, cfg.predictor.hidden_dim, cfg.predictor.warmup_nodes) == (0.01, 32, default.warmup_nodes)

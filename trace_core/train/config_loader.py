@@ -113,9 +113,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
                 f.metadata["load_first"](kwargs[f.name])
             except TraceError as err:
                 raise ConfigError(f"{prefix}{err.field or f.name}", err.detail) from None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs.update(
         {
-            name: _convert(data[name], hints[name], f"{prefix}{name}")
+            name: _convert(_section_defaults(fields[name], data[name]), hints[name], f"{prefix}{name}")
             for name in names
             if name in data and name not in kwargs
         }
@@ -127,6 +128,16 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix}{err.field}" if err.field else section, err.detail) from None
     except (TypeError, ValueError) as err:  # __post_init__ checks of the dataclass itself
         raise ConfigError(section, str(err)) from None
+
+
+def _section_defaults(f: dataclasses.Field, value: Any) -> Any:
+    """A partial mapping for a dataclass section whose default is built with its own arguments (e.g.
+    `predictor = PredictorConfig(hidden_dim=64)`): those defaults under the given keys, so that setting one
+    key (`predictor.lr=...`) keeps the section's other defaults instead of the dataclass's."""
+    if not (isinstance(value, dict) and f.default_factory is not dataclasses.MISSING):
+        return value
+    default = f.default_factory()
+    return merge(to_dict(default), value) if dataclasses.is_dataclass(default) else value
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -69,8 +69,9 @@ def gen_batch(tasks) -> DataProto:
     )
 
 
-@pytest.fixture(scope="module")
-def generated(model_dir):
+def tiny_loop(model_dir, **trace):
+    """(verl config with the trace_agent loop, the tiny model, PROMPTS train tasks, a worker factory). Call
+    the factory inside the running event loop: verl builds the worker's loops there."""
     tokenizer = gridworld_tokenizer()
     config = verl_config(
         model_dir,
@@ -78,13 +79,24 @@ def generated(model_dir):
         max_tokens_per_turn=6,
         stop_token_ids=f"[{tokenizer.convert_tokens_to_ids(EOT)}]",
         seed=0,
+        **trace,
     )
     model = build_tiny_model(tokenizer, seed=0)
     tasks = make_task_source("gridworld").tasks("train")[:PROMPTS]
 
-    async def run():  # the worker and its loops are built inside the running event loop
+    def worker():
         client = PagedTreeLLMClient(model, num_pages=512, max_tokens=6, decode_backend="cpu", seed=0)
-        worker = AgentLoopWorker(config, llm_client=client)
+        return AgentLoopWorker(config, llm_client=client), client
+
+    return model, tasks, worker
+
+
+@pytest.fixture(scope="module")
+def generated(model_dir):
+    model, tasks, new_worker = tiny_loop(model_dir)
+
+    async def run():
+        worker, client = new_worker()
         out = await worker.generate_sequences(gen_batch(tasks))
         return out, client
 
@@ -165,21 +177,10 @@ def test_a_token_predictor_learns_in_the_loop_and_then_informs_the_allocation(mo
         "    return token_predictor(tokenizer, PredictorConfig(hidden_dim=16, warmup_nodes=1))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    tokenizer = gridworld_tokenizer()
-    config = verl_config(
-        model_dir,
-        continuations_per_root=N_CONT,
-        max_tokens_per_turn=6,
-        stop_token_ids=f"[{tokenizer.convert_tokens_to_ids(EOT)}]",
-        predictor="loop_predictor:quick",
-        seed=0,
-    )
-    model = build_tiny_model(tokenizer, seed=0)
-    tasks = make_task_source("gridworld").tasks("train")[:PROMPTS]
+    _, tasks, new_worker = tiny_loop(model_dir, predictor="loop_predictor:quick")
 
     async def run():
-        client = PagedTreeLLMClient(model, num_pages=512, max_tokens=6, decode_backend="cpu", seed=0)
-        worker = AgentLoopWorker(config, llm_client=client)
+        worker, _ = new_worker()
         seen = []
         for _ in range(2):
             out = await worker.generate_sequences(gen_batch(tasks))

@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -520,6 +521,34 @@ def test_encoder_predictor_backend_trains_and_informs_the_allocation(tmp_path):
     rows = [trainer.train_step() for _ in range(3)]
     assert trainer.predictor.nodes_seen > 0 and rows[-1]["predictor_informed"] == 1.0
     assert math.isfinite(rows[-1]["predictor/loss"]) and rows[-1]["predictor/replay_max_age"] == 2.0
+
+
+@pytest.mark.parametrize("buckets", [0, 64])
+def test_the_mlp_head_reads_the_prefixes_tokens_only_with_ngram_features(tmp_path, buckets):
+    """predictor.ngram_buckets > 0: the trainer hands the head every prefix's tokens (root to node, as the
+    forest holds them) and the head replays their hashed n-gram bags, not the tokens; 0: no tokens at all."""
+    from trace_core.predictor import hashed_ngrams
+
+    trainer = Trainer(toy(tmp_path, f"predictor.ngram_buckets={buckets}", "steps=2"))
+    seen = []
+    observe = trainer.predictor.observe
+    trainer.predictor.observe = lambda batch, *a: seen.append(batch) or observe(batch, *a)
+    forests = []
+    update = trainer._update_policy
+    trainer._update_policy = lambda forest: forests.append(forest) or update(forest)
+    trainer.train_step()
+    (batch,), (forest,) = seen, forests
+    (replayed, _, _) = trainer.predictor._replay[0]
+    if not buckets:
+        assert batch.token_ids is None and replayed.ngrams is None
+        return
+    nodes = np.flatnonzero(forest.num_children > 0)  # what the predictor learns from, in order
+    assert len(batch.token_ids) == nodes.size
+    for tokens, u in zip(batch.token_ids, nodes):
+        np.testing.assert_array_equal(tokens, np.concatenate([forest.node_tokens(v) for v in forest.leaf_path(u)]))
+    assert replayed.token_ids is None
+    for bag, tokens in zip(replayed.ngrams, batch.token_ids):
+        np.testing.assert_array_equal(bag, hashed_ngrams(tokens, 64, 2))
 
 
 def test_bad_predictor_backend_is_a_config_error(tmp_path, capsys):

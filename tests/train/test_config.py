@@ -247,6 +247,8 @@ def test_setting_one_key_of_a_section_keeps_that_sections_defaults(tmp_path):
         load_config(TrainConfig, overrides=["predictor.ngram_buckets=0"]),
     ):
         assert (cfg.predictor.hidden_dim, cfg.predictor.warmup_nodes) == (default.hidden_dim, default.warmup_nodes)
+    # a section built by its class (env) resolves its derived keys again from the given ones
+    assert load_config(TrainConfig, overrides=["env.name=multihop"]).env.tasks == {}
     path = tmp_path / "run.yaml"
     path.write_text("predictor:\n  lr: 0.01\n  hidden_dim: 32\n")
     cfg = load_config(TrainConfig, path)

@@ -137,7 +137,13 @@ def _section_defaults(f: dataclasses.Field, value: Any) -> Any:
     if not (isinstance(value, dict) and f.default_factory is not dataclasses.MISSING):
         return value
     default = f.default_factory()
-    return merge(to_dict(default), value) if dataclasses.is_dataclass(default) else value
+    if not dataclasses.is_dataclass(default):
+        return value
+    # only the keys the factory sets apart from the class's own defaults: a key the section resolves from
+    # others (env.tasks from env.name) must be resolved again from the given ones, not copied
+    plain = to_dict(type(default)())
+    own = {k: v for k, v in to_dict(default).items() if plain.get(k) != v}
+    return merge(own, value)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ Backends share one interface (`SuccessPredictor`):
   the trainer runs anyway, so a prediction costs one MLP call. The n-grams matter: the hidden state
   moves with every policy update, so replayed nodes carry stale features, while a prefix's tokens mean
   the same thing at every step (on the default job they lift the head's Brier skill from about 0 to
-  about 0.3; README, "TRACE vs the baselines").
+  0.16-0.19; README, "TRACE vs the baselines").
 - `EncoderPredictor`: a separate small (HF) model reads the prefix tokens; trained end to end.
 
 Calibration is reported every step (`calibration`): Brier score against the constant predictor,

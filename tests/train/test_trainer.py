@@ -451,6 +451,8 @@ def test_ablate_runs_the_stage_grid_and_the_budget_pairs(tmp_path):
     assert main(argv) == 0
     stages = json.loads((out / "ablation_stages.json").read_text())
     assert list(stages) == ["uniform/uniform", "uniform/active", "active/uniform", "active/active"]
+    paired = json.loads((out / "ablation_stages_paired.json").read_text())
+    assert set(paired) == {"uniform/active", "active/uniform", "active/active"}  # each against uniform/uniform
     budgets = json.loads((out / "ablation_budgets.json").read_text())
     assert {label: s["leaves_per_step"] for label, s in budgets.items()} == {
         "M=4 N=1": 8.0,

@@ -163,7 +163,7 @@ def ablate(
             name=f"ablation_{table}",
             label=labels[table],
             budget="Budget: (M, N) as in each row, M x (1 + N) leaves per step" if table == "budgets" else None,
-            baseline=PREDICTOR_BASELINE if table == "predictor" else "uniform",
+            baseline={"stages": "uniform/uniform", "predictor": PREDICTOR_BASELINE}.get(table),
         )
     return result
 

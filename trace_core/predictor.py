@@ -295,12 +295,13 @@ class _MLPHead(nn.Module):
         if self.ngrams is not None:
             rows = np.concatenate(ngrams) if ngrams else np.zeros((0, 2))
             offsets = np.cumsum([0] + [len(g) for g in ngrams[:-1]]) if ngrams else np.zeros(0)
-            device = x.device
-            x = x + self.ngrams(
+            device, weight = x.device, self.ngrams.weight
+            bag = self.ngrams(  # in the table's dtype: under autocast x may be bf16 while the table is fp32
                 torch.as_tensor(rows[:, 0], dtype=torch.long, device=device),
                 torch.as_tensor(offsets, dtype=torch.long, device=device),
-                per_sample_weights=torch.as_tensor(rows[:, 1], dtype=x.dtype, device=device),
+                per_sample_weights=torch.as_tensor(rows[:, 1], dtype=weight.dtype, device=device),
             )
+            x = x + bag.to(x.dtype)
         return self.mlp[2](self.mlp[1](x)).squeeze(1)
 
 

@@ -8,7 +8,7 @@ with a fresh seed so the continuation's environment randomness is resampled.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -237,6 +237,26 @@ class TurnEpisode:
             self._rng.bit_generator.state = snapshot["rng"]
         else:
             self._rng = np.random.default_rng(seed)
+
+
+def round_robin_tasks(
+    num_tasks: int,
+    split: str,
+    levels: Sequence[int],
+    rng: np.random.Generator,
+    draw: Callable[[np.random.Generator, int], dict[str, Any]],
+    split_of: Callable[[Mapping[str, Any]], str],
+    id_prefix: str,
+) -> list[dict[str, Any]]:
+    """`num_tasks` tasks of `split` for a leveled task generator: levels in round-robin order, each task
+    drawn by `draw(rng, level)` until one falls in `split` (`split_of`), ids `<id_prefix>-<k>`."""
+    tasks: list[dict[str, Any]] = []
+    while len(tasks) < num_tasks:
+        task = draw(rng, levels[len(tasks) % len(levels)])
+        if split_of(task) == split:
+            task["id"] = f"{id_prefix}-{len(tasks)}"
+            tasks.append(task)
+    return tasks
 
 
 def scripted_success_rate(

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from trace_core.envs.base import EnvError, check_positive_int, check_split, require_field
+from trace_core.envs.base import EnvError, check_positive_int, check_split, require_field, round_robin_tasks
 
 DIRECTIONS = ("north", "south", "east", "west")
 MOVES = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
@@ -191,14 +191,7 @@ def generate_grid_tasks(
     if not levels or any(level not in LEVELS for level in levels):
         raise EnvError("levels", f"levels must be a non-empty subset of {sorted(LEVELS)}, got {list(levels)}")
     rng = np.random.default_rng([seed, 0x6A1D])
-    tasks: list[dict[str, Any]] = []
-    while len(tasks) < num_tasks:
-        level = levels[len(tasks) % len(levels)]
-        task = _random_task(rng, level)
-        if split_of(task) == split:
-            task["id"] = f"grid-{split}-s{seed}-{len(tasks)}"
-            tasks.append(task)
-    return tasks
+    return round_robin_tasks(num_tasks, split, levels, rng, _random_task, split_of, f"grid-{split}-s{seed}")
 
 
 class GridTaskSource:

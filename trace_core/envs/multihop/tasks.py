@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from trace_core.envs.base import EnvError, check_positive_int, check_split, require_field
+from trace_core.envs.base import EnvError, check_positive_int, check_split, require_field, round_robin_tasks
 
 NUM_ENTITIES = 8
 ENTITIES = tuple(f"e{i}" for i in range(NUM_ENTITIES))
@@ -162,14 +162,7 @@ def generate_hop_tasks(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise EnvError("seed", f"seed must be an integer >= 0, got {seed!r}")
     rng = np.random.default_rng([seed, 0x40B5])
-    tasks: list[dict[str, Any]] = []
-    while len(tasks) < num_tasks:
-        level = levels[len(tasks) % len(levels)]
-        task = _random_task(rng, level)
-        if split_of(task) == split:
-            task["id"] = f"hop-{split}-s{seed}-{len(tasks)}"
-            tasks.append(task)
-    return tasks
+    return round_robin_tasks(num_tasks, split, levels, rng, _random_task, split_of, f"hop-{split}-s{seed}")
 
 
 class HopTaskSource:

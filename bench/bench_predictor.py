@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from trace_core.predictor import MLPHeadPredictor, PrefixBatch, training_targets
+from trace_core.predictor import MLPHeadPredictor, PrefixBatch, prefix_tokens, training_targets
 from trace_core.predictor_config import PredictorConfig
 from trace_core.train.config import TrainConfig
 from trace_core.train.config_loader import load_config
@@ -68,7 +68,7 @@ class RecordingTrainer(Trainer):
     def _predictor_targets(self, forest, order=None):
         batch, targets, weights = super()._predictor_targets(forest, order)
         nodes, _, _ = training_targets(forest)
-        tokens = [np.concatenate([forest.node_tokens(u) for u in forest.leaf_path(v)]) for v in nodes]
+        tokens = prefix_tokens(forest, nodes)  # every variant may read them, whatever the run's own head does
         kept = PrefixBatch(depth=batch.depth, prefix_len=batch.prefix_len, hidden=batch.hidden, token_ids=tokens)
         self._recording = RecordedStep(kept, np.asarray(targets), np.asarray(weights))
         self._recorded_nodes = nodes

@@ -44,7 +44,7 @@ class PrefixBatch:
     depth      [K] turns in the prefix (0 for a prompt)
     prefix_len [K] tokens in the prefix
     ngrams     K arrays of (bucket, log1p count) pairs [n_k, 2]: the hashed n-gram bag of each prefix,
-               made from token_ids once by the MLP head (`NgramHasher`) and kept in its replay instead
+               made from token_ids once by the MLP head (`hashed_ngrams`) and kept in its replay instead
     """
 
     depth: torch.Tensor
@@ -100,15 +100,18 @@ def prefix_batch(
         raise ForestError("nodes", "some nodes belong to trees that were not packed")
     if hidden is not None and hidden.shape[0] != packed.num_tokens:
         raise ForestError("hidden", f"has {hidden.shape[0]} rows, expected {packed.num_tokens} packed tokens")
-    tokens = None
-    if with_tokens:
-        tokens = [np.concatenate([forest.node_tokens(u) for u in forest.leaf_path(v)]) for v in nodes]
+    tokens = prefix_tokens(forest, nodes) if with_tokens else None
     return PrefixBatch(
         depth=torch.as_tensor(forest.depth[nodes], dtype=torch.long),
         prefix_len=torch.as_tensor(packed.position_ids[rows] + 1, dtype=torch.long),
         hidden=None if hidden is None else hidden[torch.as_tensor(rows, device=hidden.device)].detach().float().cpu(),
         token_ids=tokens,
     )
+
+
+def prefix_tokens(forest: RolloutForest, nodes) -> list[np.ndarray]:
+    """Each node's prefix: its tree's tokens from the root through the node (what the predictor reads)."""
+    return [np.concatenate([forest.node_tokens(u) for u in forest.leaf_path(v)]) for v in nodes]
 
 
 def training_targets(forest: RolloutForest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -45,6 +45,7 @@ from trace_core.predictor import (
     PrefixBatch,
     SuccessPredictor,
     calibration,
+    prefix_tokens,
     training_targets,
 )
 from trace_core.rollout import Generated, HFRolloutEngine, Prompts, SamplingParams
@@ -491,7 +492,7 @@ class Trainer:
         """Each node's prefix tokens (root to node) when the predictor reads tokens (encoder, n-grams), else None."""
         if not self.predictor.reads_tokens:
             return None
-        return [np.concatenate([forest.node_tokens(u) for u in forest.leaf_path(v)]) for v in nodes]
+        return prefix_tokens(forest, nodes)
 
     def _predict_nodes(self, forest: RolloutForest, nodes: np.ndarray) -> np.ndarray:
         if self.cfg.predictor.backend == "oracle":

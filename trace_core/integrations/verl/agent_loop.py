@@ -77,9 +77,8 @@ class TraceLoopConfig:
     stop_token_ids: list = field(default_factory=list)  # end a turn (besides the tokenizer's EOS)
     chat_template: bool = False  # wrap the env's prompt as one user message
     observation_template: str = "{observation}"
-    predictor: str | None = (
-        None  # "module:function", fn(tokenizer) -> a predictor reading tokens, e.g. trace_core.predictor:token_predictor
-    )
+    # "module:function", fn(tokenizer) -> a predictor reading tokens, e.g. trace_core.predictor:token_predictor
+    predictor: str | None = None
     seed: int = 0
 
     @classmethod
